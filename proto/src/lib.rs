@@ -20,15 +20,23 @@
 //! * [`hash`], [`store_path`]: nix32/base16 hashes and validated store paths.
 //! * [`nar`]: a streaming NAR parser that finds the end of an archive and hashes it on the fly.
 //! * [`derivation`]: `.drv` (ATerm) parsing and the `BasicDerivation` sent to builders.
+//! * [`path_info`], [`build_result`], [`derived_path`]: values both protocols carry.
+//! * [`serve`] and [`worker`]: the two protocols' handshakes, requests and replies, client
+//!   and server side.
 
+pub mod build_result;
 pub mod derivation;
+pub mod derived_path;
 pub mod error;
 pub mod hash;
 pub mod limits;
 pub mod nar;
+pub mod path_info;
+pub mod serve;
 pub mod store_path;
 pub mod version;
 pub mod wire;
+pub mod worker;
 
 pub use error::{Incompatible, Malformed, Misbehaved, ProtoError};
 pub use limits::Limits;

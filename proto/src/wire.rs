@@ -68,6 +68,11 @@ pub const fn padding(len: u64) -> u64 {
     (8 - len % 8) % 8
 }
 
+/// [`padding`] for in-memory lengths.
+pub const fn padding_usize(len: usize) -> usize {
+    (8 - len % 8) % 8
+}
+
 /// Reads wire values from a byte slice that may end early.
 #[derive(Debug)]
 pub struct WireReader<'a> {
@@ -159,7 +164,7 @@ impl<'a> WireReader<'a> {
                 kind: Malformed::TooLong { len, max },
             })
         })?;
-        let pad = padding(len) as usize;
+        let pad = padding_usize(n);
         let avail = self.buf.len() - self.pos;
         if avail < n + pad {
             return Err(ReadError::Incomplete {
@@ -259,10 +264,9 @@ pub trait WireWrite: BufMut {
 
     /// A length-prefixed byte string with zero padding to a multiple of 8.
     fn put_bytes_padded(&mut self, data: &[u8]) {
-        let len = data.len() as u64;
-        self.put_u64_le(len);
+        self.put_u64_le(data.len() as u64);
         self.put_slice(data);
-        self.put_bytes(0, padding(len) as usize);
+        self.put_bytes(0, padding_usize(data.len()));
     }
 
     /// A string (same layout as bytes).
@@ -341,7 +345,8 @@ mod tests {
     fn huge_length_is_refused_before_allocation() {
         let mut buf = Vec::new();
         buf.put_word(1 << 63);
-        let e = try_decode(&buf, &L, |r| r.read_bytes("s").map(<[u8]>::to_vec)).expect_err("too long");
+        let e =
+            try_decode(&buf, &L, |r| r.read_bytes("s").map(<[u8]>::to_vec)).expect_err("too long");
         assert!(matches!(
             e,
             ProtoError::Malformed {
