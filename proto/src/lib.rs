@@ -30,6 +30,7 @@ pub mod derived_path;
 pub mod error;
 pub mod hash;
 pub mod limits;
+pub mod log;
 pub mod nar;
 pub mod path_info;
 pub mod serve;
