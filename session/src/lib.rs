@@ -1,1 +1,29 @@
-//! placeholder
+//! # nixmux-session: one Nix protocol conversation over a byte pipe
+//!
+//! A session is one running `nix-store --serve --write` ([`ServeSession`]) or
+//! `nix-daemon --stdio` ([`WorkerSession`]), reached through any `AsyncRead` + `AsyncWrite`
+//! pair: an SSH channel, a child process's pipes ([`process`]), a Unix socket. The codecs come
+//! from `nixmux-proto`; this crate only moves bytes, enforces timeouts and tracks whether the
+//! session can still be trusted.
+//!
+//! ## Rules every operation follows
+//! * One operation at a time (`&mut self`). An operation that fails fatally, or whose future
+//!   is dropped before it finishes, leaves the session *poisoned*: [`ServeSession::is_usable`]
+//!   and [`WorkerSession::is_usable`] turn false and every later call fails with
+//!   [`SessionError::Poisoned`]. A pool must then discard it (closing the pipe makes the remote
+//!   Nix stop whatever it was doing).
+//! * Every wait for bytes has a timeout ([`SessionConfig::io_timeout`]), except waits for build
+//!   results, which have [`SessionConfig::build_timeout`] (builds can be silent for hours).
+//! * NARs stream through in bounded chunks, never held whole, and are hashed on the way.
+//! * Worker log frames go to a callback that must not block.
+
+mod conn;
+mod error;
+pub mod process;
+mod serve;
+mod worker;
+
+pub use conn::{BoxReader, BoxWriter, RemoteDiagnostics, SessionConfig};
+pub use error::SessionError;
+pub use serve::{NarSummary, ServeSession, Upload};
+pub use worker::{LogFn, WorkerConfig, WorkerSession};

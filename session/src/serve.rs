@@ -1,0 +1,399 @@
+//! A serve-protocol session (`nix-store --serve --write`).
+//!
+//! Any failure here is fatal to the session: the serve protocol has no error frame, a server
+//! that fails prints to stderr and exits. [`crate::SessionConfig::diagnostics`] supplies that
+//! stderr text for the error.
+
+use std::collections::BTreeSet;
+
+use nixmux_proto::build_result::BuildResult;
+use nixmux_proto::derivation::BasicDerivation;
+use nixmux_proto::derived_path::DerivedPath;
+use nixmux_proto::hash::Hash;
+use nixmux_proto::path_info::PathInfo;
+use nixmux_proto::serve::{self, BuildOptions, ExportItem, ExportTrailer, Request};
+use nixmux_proto::store_path::{StoreDir, StorePath};
+use nixmux_proto::{ProtoError, ProtocolVersion};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::conn::{BoxReader, BoxWriter, Conn, SessionConfig};
+use crate::error::SessionError;
+
+/// One NAR to upload: its metadata and a reader of exactly `info.nar_size` bytes.
+pub struct Upload<'a> {
+    /// Metadata (path, hash, size, references...).
+    pub info: PathInfo,
+    /// The NAR bytes.
+    pub nar: &'a mut (dyn AsyncRead + Unpin + Send),
+}
+
+/// A downloaded NAR's size and hash, as computed while streaming.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NarSummary {
+    /// Bytes.
+    pub nar_size: u64,
+    /// SHA-256.
+    pub nar_hash: Hash,
+}
+
+/// An established serve session.
+pub struct ServeSession {
+    conn: Conn,
+    version: ProtocolVersion,
+    dir: StoreDir,
+}
+
+impl std::fmt::Debug for ServeSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeSession")
+            .field("version", &self.version)
+            .field("usable", &self.conn.is_usable())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServeSession {
+    /// Performs the handshake over a fresh pipe to `nix-store --serve --write`.
+    pub async fn handshake(
+        reader: BoxReader,
+        writer: BoxWriter,
+        dir: StoreDir,
+        config: SessionConfig,
+    ) -> Result<Self, SessionError> {
+        let mut conn = Conn::new(reader, writer, config);
+        serve::write_client_hello(&mut conn.wbuf, serve::OUR_VERSION);
+        conn.flush("serve handshake").await?;
+        let version = conn
+            .read("serve handshake", |r| {
+                serve::read_server_hello(r, serve::OUR_VERSION)
+            })
+            .await?;
+        Ok(ServeSession { conn, version, dir })
+    }
+
+    /// The negotiated version.
+    pub fn version(&self) -> ProtocolVersion {
+        self.version
+    }
+
+    /// The store directory paths are printed with.
+    pub fn store_dir(&self) -> &StoreDir {
+        &self.dir
+    }
+
+    /// Whether another operation may be started (no earlier failure, nothing cancelled
+    /// half-way).
+    pub fn is_usable(&self) -> bool {
+        self.conn.is_usable()
+    }
+
+    /// Bytes received and sent so far.
+    pub fn byte_counts(&self) -> (u64, u64) {
+        (self.conn.bytes_in, self.conn.bytes_out)
+    }
+
+    /// Ends the session cleanly: the server exits when it reads EOF where a command would be.
+    pub async fn close(mut self) {
+        self.conn.shutdown().await;
+    }
+
+    async fn send(&mut self, req: &Request, during: &'static str) -> Result<(), SessionError> {
+        req.check_supported(self.version)
+            .map_err(|e| match e {
+                ProtoError::Incompatible(i) => SessionError::Unsupported(i),
+                other => SessionError::Protocol {
+                    during,
+                    source: other,
+                },
+            })?;
+        req.write(&mut self.conn.wbuf, &self.dir, self.version);
+        self.conn.flush(during).await
+    }
+
+    /// `QueryValidPaths`: which of `paths` are valid on the remote. With `substitute`, the
+    /// remote first tries its substituters (`builders-use-substitutes`); `lock` adds temporary
+    /// GC roots for the life of the session.
+    pub async fn query_valid_paths(
+        &mut self,
+        paths: &BTreeSet<StorePath>,
+        lock: bool,
+        substitute: bool,
+    ) -> Result<BTreeSet<StorePath>, SessionError> {
+        self.conn.begin()?;
+        let r = async {
+            const DURING: &str = "serve QueryValidPaths";
+            self.send(
+                &Request::QueryValidPaths {
+                    lock,
+                    substitute,
+                    paths: paths.clone(),
+                },
+                DURING,
+            )
+            .await?;
+            let dir = self.dir.clone();
+            self.conn
+                .read(DURING, |r| serve::read_path_set(r, &dir))
+                .await
+        }
+        .await;
+        self.conn.end(r)
+    }
+
+    /// `QueryPathInfos`: metadata of the valid ones among `paths` (invalid ones are omitted).
+    pub async fn query_path_infos(
+        &mut self,
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<Vec<PathInfo>, SessionError> {
+        self.conn.begin()?;
+        let r = async {
+            const DURING: &str = "serve QueryPathInfos";
+            self.send(
+                &Request::QueryPathInfos {
+                    paths: paths.clone(),
+                },
+                DURING,
+            )
+            .await?;
+            let dir = self.dir.clone();
+            self.conn
+                .read(DURING, |r| serve::read_path_infos(r, &dir))
+                .await
+        }
+        .await;
+        self.conn.end(r)
+    }
+
+    /// `QueryClosure`: the closure of `paths`.
+    pub async fn query_closure(
+        &mut self,
+        paths: &BTreeSet<StorePath>,
+        include_outputs: bool,
+    ) -> Result<BTreeSet<StorePath>, SessionError> {
+        self.conn.begin()?;
+        let r = async {
+            const DURING: &str = "serve QueryClosure";
+            self.send(
+                &Request::QueryClosure {
+                    include_outputs,
+                    paths: paths.clone(),
+                },
+                DURING,
+            )
+            .await?;
+            let dir = self.dir.clone();
+            self.conn
+                .read(DURING, |r| serve::read_path_set(r, &dir))
+                .await
+        }
+        .await;
+        self.conn.end(r)
+    }
+
+    /// `DumpStorePath`: streams the NAR of `path` into `sink`. An invalid path kills the
+    /// server (its stderr says why).
+    pub async fn dump_store_path(
+        &mut self,
+        path: &StorePath,
+        sink: &mut (dyn AsyncWrite + Unpin + Send),
+    ) -> Result<NarSummary, SessionError> {
+        self.conn.begin()?;
+        let r = async {
+            const DURING: &str = "serve DumpStorePath";
+            self.send(&Request::DumpStorePath { path: path.clone() }, DURING)
+                .await?;
+            let (nar_size, nar_hash) = self.conn.read_nar(sink, DURING).await?;
+            Ok(NarSummary { nar_size, nar_hash })
+        }
+        .await;
+        self.conn.end(r)
+    }
+
+    /// `AddToStoreNar` for several paths, pipelined: every header and NAR is sent without
+    /// waiting for the previous acknowledgement, then the acknowledgements are read. The
+    /// server handles commands strictly in order, so this saves one round trip per path.
+    /// Paths must be given dependencies first.
+    pub async fn add_to_store_nars(
+        &mut self,
+        uploads: &mut [Upload<'_>],
+    ) -> Result<(), SessionError> {
+        self.conn.begin()?;
+        let r = self.add_to_store_nars_inner(uploads).await;
+        self.conn.end(r)
+    }
+
+    async fn add_to_store_nars_inner(
+        &mut self,
+        uploads: &mut [Upload<'_>],
+    ) -> Result<(), SessionError> {
+        const DURING: &str = "serve AddToStoreNar";
+        if self.version < serve::ADD_TO_STORE_NAR {
+            return Err(SessionError::Unsupported(
+                nixmux_proto::Incompatible::OperationUnsupported {
+                    op: "serve AddToStoreNar",
+                    needs: serve::ADD_TO_STORE_NAR,
+                    negotiated: self.version,
+                },
+            ));
+        }
+        for up in uploads.iter_mut() {
+            if up.info.nar_size == 0 {
+                return Err(SessionError::Source(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a NAR is never empty (narSize 0)",
+                )));
+            }
+            Request::AddToStoreNar {
+                info: up.info.clone(),
+            }
+            .write(&mut self.conn.wbuf, &self.dir, self.version);
+            self.conn.flush(DURING).await?;
+            let len = up.info.nar_size;
+            self.conn.copy_exact(up.nar, len, DURING).await?;
+        }
+        self.conn.flush_writer(DURING).await?;
+        for _ in uploads.iter() {
+            self.conn
+                .read(DURING, |r| serve::read_ack(r, "AddToStoreNar"))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// `ImportPaths`: one export stream carrying several paths (dependencies first). The
+    /// server imports without checking signatures.
+    pub async fn import_paths(
+        &mut self,
+        uploads: &mut [(ExportTrailer, &mut (dyn AsyncRead + Unpin + Send), u64)],
+    ) -> Result<(), SessionError> {
+        self.conn.begin()?;
+        let r = async {
+            const DURING: &str = "serve ImportPaths";
+            self.send(&Request::ImportPaths, DURING).await?;
+            for (trailer, nar, size) in uploads.iter_mut() {
+                serve::write_export_item(&mut self.conn.wbuf, ExportItem::Path);
+                self.conn.flush(DURING).await?;
+                self.conn.copy_exact(*nar, *size, DURING).await?;
+                serve::write_export_entry(&mut self.conn.wbuf, &self.dir, trailer);
+            }
+            serve::write_export_item(&mut self.conn.wbuf, ExportItem::End);
+            self.conn.flush(DURING).await?;
+            self.conn
+                .read(DURING, |r| serve::read_ack(r, "ImportPaths"))
+                .await
+        }
+        .await;
+        self.conn.end(r)
+    }
+
+    /// `ExportPaths`: the NARs of `paths` come back in one stream, dependencies first. Each
+    /// NAR is written to the sink `sink_for(i)` returns for the i-th path.
+    pub async fn export_paths<S>(
+        &mut self,
+        paths: &BTreeSet<StorePath>,
+        mut sink_for: impl FnMut(usize) -> S,
+    ) -> Result<Vec<(ExportTrailer, NarSummary)>, SessionError>
+    where
+        S: AsyncWrite + Unpin + Send,
+    {
+        self.conn.begin()?;
+        let r = async {
+            const DURING: &str = "serve ExportPaths";
+            self.send(
+                &Request::ExportPaths {
+                    paths: paths.clone(),
+                },
+                DURING,
+            )
+            .await?;
+            let mut out = Vec::new();
+            loop {
+                match self.conn.read(DURING, serve::read_export_item).await? {
+                    ExportItem::End => return Ok(out),
+                    ExportItem::Path => {
+                        if out.len() >= paths.len() {
+                            return Err(SessionError::Protocol {
+                                during: DURING,
+                                source: ProtoError::from(nixmux_proto::Misbehaved::Inconsistent(
+                                    "more paths exported than requested".into(),
+                                )),
+                            });
+                        }
+                        let mut sink = sink_for(out.len());
+                        let (nar_size, nar_hash) = self.conn.read_nar(&mut sink, DURING).await?;
+                        let dir = self.dir.clone();
+                        let trailer = self
+                            .conn
+                            .read(DURING, |r| serve::read_export_trailer(r, &dir))
+                            .await?;
+                        out.push((trailer, NarSummary { nar_size, nar_hash }));
+                    }
+                }
+            }
+        }
+        .await;
+        self.conn.end(r)
+    }
+
+    /// `BuildPaths`: builds derivations whose `.drv` closures are valid on the remote.
+    pub async fn build_paths(
+        &mut self,
+        paths: &[DerivedPath],
+        options: &BuildOptions,
+    ) -> Result<BuildResult, SessionError> {
+        self.conn.begin()?;
+        let r = async {
+            const DURING: &str = "serve BuildPaths";
+            self.send(
+                &Request::BuildPaths {
+                    paths: paths.to_vec(),
+                    options: *options,
+                },
+                DURING,
+            )
+            .await?;
+            let t = self.conn.config.build_timeout;
+            self.conn
+                .read_with(DURING, t, serve::read_build_paths_reply)
+                .await
+        }
+        .await;
+        self.conn.end(r)
+    }
+
+    /// `BuildDerivation`: builds `drv` (inputs must already be valid remotely; `input_srcs`
+    /// must hold the whole input closure). The remote's log goes to its stderr.
+    pub async fn build_derivation(
+        &mut self,
+        drv_path: &StorePath,
+        drv: &BasicDerivation,
+        options: &BuildOptions,
+    ) -> Result<BuildResult, SessionError> {
+        self.conn.begin()?;
+        let r = async {
+            const DURING: &str = "serve BuildDerivation";
+            self.send(
+                &Request::BuildDerivation {
+                    drv_path: drv_path.clone(),
+                    drv: drv.clone(),
+                    options: *options,
+                },
+                DURING,
+            )
+            .await?;
+            let t = self.conn.config.build_timeout;
+            let dir = self.dir.clone();
+            let v = self.version;
+            self.conn
+                .read_with(DURING, t, |r| serve::read_build_result(r, &dir, v))
+                .await
+        }
+        .await;
+        self.conn.end(r)
+    }
+
+    /// Marks the session unusable (e.g. the caller saw the remote misbehave).
+    pub fn poison(&mut self) {
+        self.conn.poison();
+    }
+}

@@ -1,0 +1,873 @@
+//! A worker-protocol session (`nix-daemon --stdio`, or a daemon socket).
+//!
+//! A `STDERR_ERROR` fails the operation only ([`SessionError::Remote`]); the session stays
+//! usable. Log frames that arrive during an operation are handed to the caller's log callback,
+//! which must not block (the mux layer forwards them into a bounded channel that drops when
+//! full, so a slow log reader never stalls the protocol).
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use nixmux_proto::build_result::BuildResult;
+use nixmux_proto::derivation::BasicDerivation;
+use nixmux_proto::derived_path::DerivedPath;
+use nixmux_proto::log::LogEvent;
+use nixmux_proto::path_info::PathInfo;
+use nixmux_proto::store_path::{StoreDir, StorePath};
+use nixmux_proto::wire::WireWrite;
+use nixmux_proto::worker::{
+    self, BuildMode, ClientOptions, DaemonInfo, DrvOutputId, Missing, Negotiated, Op,
+    Realisation, Request, StderrMsg,
+};
+use nixmux_proto::{Misbehaved, ProtoError, ProtocolVersion};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+
+use crate::conn::{BoxReader, BoxWriter, Conn, ReadHalf, SessionConfig, WRITE_CHUNK};
+use crate::error::SessionError;
+use crate::serve::{NarSummary, Upload};
+
+/// A log callback. It is called from inside the protocol loop, so it must return quickly.
+pub type LogFn<'a> = &'a mut (dyn FnMut(LogEvent) + Send);
+
+/// Worker-protocol specific settings.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Version we announce. 1.38 (default) negotiates features, which costs one more round
+    /// trip in the handshake; 1.37 skips them and lets the whole handshake (and SetOptions)
+    /// go out in one write.
+    pub announce: ProtocolVersion,
+    /// Features we offer at 1.38.
+    pub features: BTreeSet<String>,
+    /// Settings sent with `SetOptions` right after the handshake (Nix's own ssh-ng client
+    /// never sends them; we do, so build limits reach the builder on both protocols).
+    pub options: Option<ClientOptions>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            announce: worker::OUR_VERSION,
+            features: BTreeSet::new(),
+            options: Some(ClientOptions::default()),
+        }
+    }
+}
+
+/// An established worker session.
+pub struct WorkerSession {
+    conn: Conn,
+    neg: Negotiated,
+    info: DaemonInfo,
+    dir: StoreDir,
+}
+
+impl std::fmt::Debug for WorkerSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerSession")
+            .field("negotiated", &self.neg)
+            .field("info", &self.info)
+            .field("usable", &self.conn.is_usable())
+            .finish_non_exhaustive()
+    }
+}
+
+fn frame(out: &mut BytesMut, data: &[u8]) {
+    worker::write_frame_header(out, data.len());
+    out.extend_from_slice(data);
+}
+
+/// Runs the stderr loop on a read half until `STDERR_LAST` (Ok) or `STDERR_ERROR` (Err).
+async fn stderr_loop(
+    rh: &mut ReadHalf<'_>,
+    v: ProtocolVersion,
+    during: &'static str,
+    timeout: Option<Duration>,
+    logs: LogFn<'_>,
+) -> Result<(), SessionError> {
+    loop {
+        let msg = rh.read(during, timeout, |r| StderrMsg::read(r, v)).await?;
+        match msg {
+            StderrMsg::Last => return Ok(()),
+            StderrMsg::Error(e) => return Err(SessionError::Remote(e)),
+            StderrMsg::Read(_) | StderrMsg::Write(_) => {
+                return Err(SessionError::Protocol {
+                    during,
+                    source: Misbehaved::Unexpected(
+                        "STDERR_READ/WRITE outside an operation that transfers data".into(),
+                    )
+                    .into(),
+                });
+            }
+            other => {
+                if let Some(ev) = LogEvent::from_worker(&other) {
+                    logs(ev);
+                }
+            }
+        }
+    }
+}
+
+impl WorkerSession {
+    /// Performs the handshake (and `SetOptions`, when configured) over a fresh pipe to
+    /// `nix-daemon --stdio`.
+    pub async fn handshake(
+        reader: BoxReader,
+        writer: BoxWriter,
+        dir: StoreDir,
+        config: SessionConfig,
+        wconfig: &WorkerConfig,
+        logs: LogFn<'_>,
+    ) -> Result<Self, SessionError> {
+        const DURING: &str = "worker handshake";
+        let mut conn = Conn::new(reader, writer, config);
+        let ours = wconfig.announce;
+        worker::write_client_hello(&mut conn.wbuf, ours);
+        // Below 1.38 nothing depends on the daemon's answer: the obsolete words are gated on
+        // 1.11/1.14, below anything we accept, and SetOptions can follow right away.
+        let pipelined = !ours.at_least(1, 38);
+        if pipelined {
+            worker::write_client_tail(&mut conn.wbuf, ours);
+            if let Some(o) = &wconfig.options {
+                // Gated on the version we cannot know yet: only the 1.12 overrides map
+                // depends on it, and every daemon we accept is past 1.12.
+                Request::SetOptions(o.clone()).write(
+                    &mut conn.wbuf,
+                    &dir,
+                    &Negotiated::new(ours),
+                );
+            }
+        }
+        conn.flush(DURING).await?;
+        let version = conn
+            .read(DURING, |r| worker::read_server_hello(r, ours))
+            .await?;
+        let mut neg = Negotiated::new(version);
+        if !pipelined {
+            if version.at_least(1, 38) {
+                worker::write_features(&mut conn.wbuf, &wconfig.features);
+                conn.flush(DURING).await?;
+                let theirs = conn.read(DURING, worker::read_features).await?;
+                neg.features = wconfig.features.intersection(&theirs).cloned().collect();
+            }
+            worker::write_client_tail(&mut conn.wbuf, version);
+            if let Some(o) = &wconfig.options {
+                Request::SetOptions(o.clone()).write(&mut conn.wbuf, &dir, &neg);
+            }
+            conn.flush(DURING).await?;
+        }
+        let info = conn
+            .read(DURING, |r| worker::read_daemon_info(r, version))
+            .await?;
+        let mut session = WorkerSession {
+            conn,
+            neg,
+            info,
+            dir,
+        };
+        let t = Some(session.conn.config.io_timeout);
+        {
+            let (mut rh, _) = session.conn.halves();
+            stderr_loop(&mut rh, version, DURING, t, logs).await?;
+            if wconfig.options.is_some() {
+                stderr_loop(&mut rh, version, "worker SetOptions", t, logs).await?;
+            }
+        }
+        Ok(session)
+    }
+
+    /// What was negotiated.
+    pub fn negotiated(&self) -> &Negotiated {
+        &self.neg
+    }
+
+    /// The negotiated version.
+    pub fn version(&self) -> ProtocolVersion {
+        self.neg.version
+    }
+
+    /// What the daemon told about itself (version string, trust).
+    pub fn daemon_info(&self) -> &DaemonInfo {
+        &self.info
+    }
+
+    /// The store directory paths are printed with.
+    pub fn store_dir(&self) -> &StoreDir {
+        &self.dir
+    }
+
+    /// Whether another operation may be started.
+    pub fn is_usable(&self) -> bool {
+        self.conn.is_usable()
+    }
+
+    /// Bytes received and sent so far.
+    pub fn byte_counts(&self) -> (u64, u64) {
+        (self.conn.bytes_in, self.conn.bytes_out)
+    }
+
+    /// Marks the session unusable.
+    pub fn poison(&mut self) {
+        self.conn.poison();
+    }
+
+    /// Ends the session cleanly (the daemon exits on EOF between operations).
+    pub async fn close(mut self) {
+        self.conn.shutdown().await;
+    }
+
+    fn check(&self, op: Op) -> Result<(), SessionError> {
+        self.neg.check_op(op).map_err(|e| match e {
+            ProtoError::Incompatible(i) => SessionError::Unsupported(i),
+            other => SessionError::Protocol {
+                during: "worker",
+                source: other,
+            },
+        })
+    }
+
+    /// Sends `req`, runs the stderr loop, and decodes the reply with `decode`.
+    async fn simple<T>(
+        &mut self,
+        req: Request,
+        during: &'static str,
+        timeout: Option<Duration>,
+        logs: LogFn<'_>,
+        decode: impl Fn(&mut nixmux_proto::wire::WireReader<'_>, &StoreDir, &Negotiated) -> nixmux_proto::wire::ReadResult<T>,
+    ) -> Result<T, SessionError> {
+        self.check(req.op())?;
+        self.conn.begin()?;
+        let r = async {
+            req.write(&mut self.conn.wbuf, &self.dir, &self.neg);
+            self.conn.flush(during).await?;
+            let v = self.neg.version;
+            {
+                let (mut rh, _) = self.conn.halves();
+                stderr_loop(&mut rh, v, during, timeout, logs).await?;
+            }
+            let dir = self.dir.clone();
+            let neg = self.neg.clone();
+            self.conn
+                .read_with(during, timeout, |r| decode(r, &dir, &neg))
+                .await
+        }
+        .await;
+        self.conn.end(r)
+    }
+
+    fn io_timeout(&self) -> Option<Duration> {
+        Some(self.conn.config.io_timeout)
+    }
+
+    /// Sends `SetOptions` again (e.g. different build limits for the next build).
+    pub async fn set_options(
+        &mut self,
+        options: &ClientOptions,
+        logs: LogFn<'_>,
+    ) -> Result<(), SessionError> {
+        let t = self.io_timeout();
+        self.simple(
+            Request::SetOptions(options.clone()),
+            "worker SetOptions",
+            t,
+            logs,
+            |_, _, _| Ok(()),
+        )
+        .await
+    }
+
+    /// `IsValidPath`.
+    pub async fn is_valid_path(
+        &mut self,
+        path: &StorePath,
+        logs: LogFn<'_>,
+    ) -> Result<bool, SessionError> {
+        let t = self.io_timeout();
+        self.simple(
+            Request::IsValidPath { path: path.clone() },
+            "worker IsValidPath",
+            t,
+            logs,
+            |r, _, _| r.read_bool(),
+        )
+        .await
+    }
+
+    /// `QueryValidPaths`; `substitute` is honoured from 1.27.
+    pub async fn query_valid_paths(
+        &mut self,
+        paths: &BTreeSet<StorePath>,
+        substitute: bool,
+        logs: LogFn<'_>,
+    ) -> Result<BTreeSet<StorePath>, SessionError> {
+        let t = self.io_timeout();
+        self.simple(
+            Request::QueryValidPaths {
+                paths: paths.clone(),
+                substitute,
+            },
+            "worker QueryValidPaths",
+            t,
+            logs,
+            |r, dir, _| worker::read_path_set(r, dir),
+        )
+        .await
+    }
+
+    /// `QueryPathInfo`: `None` when the path is not valid.
+    pub async fn query_path_info(
+        &mut self,
+        path: &StorePath,
+        logs: LogFn<'_>,
+    ) -> Result<Option<PathInfo>, SessionError> {
+        let t = self.io_timeout();
+        let p = path.clone();
+        let r = self
+            .simple(
+                Request::QueryPathInfo { path: path.clone() },
+                "worker QueryPathInfo",
+                t,
+                logs,
+                move |r, dir, neg| worker::read_query_path_info(r, dir, neg, &p),
+            )
+            .await;
+        match r {
+            // Before 1.17 an invalid path is reported as an error.
+            Err(SessionError::Remote(e))
+                if !self.neg.version.at_least(1, 17)
+                    && e.plain_message().contains("is not valid") =>
+            {
+                Ok(None)
+            }
+            other => other,
+        }
+    }
+
+    /// Several `QueryPathInfo`s pipelined: every request is sent before the first reply is
+    /// read, so N paths cost one round trip instead of N.
+    pub async fn query_path_infos(
+        &mut self,
+        paths: &BTreeSet<StorePath>,
+        logs: LogFn<'_>,
+    ) -> Result<Vec<PathInfo>, SessionError> {
+        const DURING: &str = "worker QueryPathInfo";
+        self.check(Op::QueryPathInfo)?;
+        self.conn.begin()?;
+        let r = async {
+            for p in paths {
+                Request::QueryPathInfo { path: p.clone() }.write(
+                    &mut self.conn.wbuf,
+                    &self.dir,
+                    &self.neg,
+                );
+            }
+            self.conn.flush(DURING).await?;
+            let mut out = Vec::with_capacity(paths.len());
+            let mut first_error = None;
+            let v = self.neg.version;
+            let t = Some(self.conn.config.io_timeout);
+            for p in paths {
+                let res = {
+                    let (mut rh, _) = self.conn.halves();
+                    stderr_loop(&mut rh, v, DURING, t, logs).await
+                };
+                match res {
+                    Ok(()) => {
+                        let dir = self.dir.clone();
+                        let neg = self.neg.clone();
+                        if let Some(info) = self
+                            .conn
+                            .read(DURING, |r| worker::read_query_path_info(r, &dir, &neg, p))
+                            .await?
+                        {
+                            out.push(info);
+                        }
+                    }
+                    Err(SessionError::Remote(e))
+                        if !v.at_least(1, 17) && e.plain_message().contains("is not valid") => {}
+                    Err(SessionError::Remote(e)) => {
+                        first_error.get_or_insert(e);
+                    }
+                    Err(other) => return Err(other),
+                }
+            }
+            match first_error {
+                Some(e) => Err(SessionError::Remote(e)),
+                None => Ok(out),
+            }
+        }
+        .await;
+        self.conn.end(r)
+    }
+
+    /// `QueryPathFromHashPart`.
+    pub async fn query_path_from_hash_part(
+        &mut self,
+        hash_part: &str,
+        logs: LogFn<'_>,
+    ) -> Result<Option<StorePath>, SessionError> {
+        let t = self.io_timeout();
+        self.simple(
+            Request::QueryPathFromHashPart {
+                hash_part: hash_part.to_owned(),
+            },
+            "worker QueryPathFromHashPart",
+            t,
+            logs,
+            |r, dir, _| worker::read_opt_path(r, dir),
+        )
+        .await
+    }
+
+    /// `AddTempRoot`: protects `path` from garbage collection while the session lives.
+    pub async fn add_temp_root(
+        &mut self,
+        path: &StorePath,
+        logs: LogFn<'_>,
+    ) -> Result<(), SessionError> {
+        let t = self.io_timeout();
+        self.simple(
+            Request::AddTempRoot { path: path.clone() },
+            "worker AddTempRoot",
+            t,
+            logs,
+            |r, _, _| worker::read_ack(r, "AddTempRoot"),
+        )
+        .await
+    }
+
+    /// `EnsurePath`: makes `path` valid, substituting it if needed.
+    pub async fn ensure_path(
+        &mut self,
+        path: &StorePath,
+        logs: LogFn<'_>,
+    ) -> Result<(), SessionError> {
+        let t = self.conn.config.build_timeout;
+        self.simple(
+            Request::EnsurePath { path: path.clone() },
+            "worker EnsurePath",
+            t,
+            logs,
+            |r, _, _| worker::read_ack(r, "EnsurePath"),
+        )
+        .await
+    }
+
+    /// `AddSignatures` (trusted clients only on Nix 2.8).
+    pub async fn add_signatures(
+        &mut self,
+        path: &StorePath,
+        sigs: &BTreeSet<String>,
+        logs: LogFn<'_>,
+    ) -> Result<(), SessionError> {
+        let t = self.io_timeout();
+        self.simple(
+            Request::AddSignatures {
+                path: path.clone(),
+                sigs: sigs.clone(),
+            },
+            "worker AddSignatures",
+            t,
+            logs,
+            |r, _, _| worker::read_ack(r, "AddSignatures"),
+        )
+        .await
+    }
+
+    /// `QueryMissing`.
+    pub async fn query_missing(
+        &mut self,
+        targets: &[DerivedPath],
+        logs: LogFn<'_>,
+    ) -> Result<Missing, SessionError> {
+        let t = self.io_timeout();
+        self.simple(
+            Request::QueryMissing {
+                targets: targets.to_vec(),
+            },
+            "worker QueryMissing",
+            t,
+            logs,
+            |r, dir, _| worker::read_missing(r, dir),
+        )
+        .await
+    }
+
+    /// `BuildDerivation`: builds `drv` (inputs resolved, valid remotely). Log frames go to
+    /// `logs` while it runs.
+    pub async fn build_derivation(
+        &mut self,
+        drv_path: &StorePath,
+        drv: &BasicDerivation,
+        mode: BuildMode,
+        logs: LogFn<'_>,
+    ) -> Result<BuildResult, SessionError> {
+        let t = self.conn.config.build_timeout;
+        self.simple(
+            Request::BuildDerivation {
+                drv_path: drv_path.clone(),
+                drv: drv.clone(),
+                mode,
+            },
+            "worker BuildDerivation",
+            t,
+            logs,
+            worker::read_build_result,
+        )
+        .await
+    }
+
+    /// `BuildPaths`: failures arrive as [`SessionError::Remote`].
+    pub async fn build_paths(
+        &mut self,
+        targets: &[DerivedPath],
+        mode: BuildMode,
+        logs: LogFn<'_>,
+    ) -> Result<(), SessionError> {
+        let t = self.conn.config.build_timeout;
+        self.simple(
+            Request::BuildPaths {
+                targets: targets.to_vec(),
+                mode,
+            },
+            "worker BuildPaths",
+            t,
+            logs,
+            |r, _, _| worker::read_ack(r, "BuildPaths"),
+        )
+        .await
+    }
+
+    /// `BuildPathsWithResults` (1.34+): one result per target.
+    pub async fn build_paths_with_results(
+        &mut self,
+        targets: &[DerivedPath],
+        mode: BuildMode,
+        logs: LogFn<'_>,
+    ) -> Result<Vec<(DerivedPath, BuildResult)>, SessionError> {
+        let t = self.conn.config.build_timeout;
+        self.simple(
+            Request::BuildPathsWithResults {
+                targets: targets.to_vec(),
+                mode,
+            },
+            "worker BuildPathsWithResults",
+            t,
+            logs,
+            worker::read_keyed_build_results,
+        )
+        .await
+    }
+
+    /// `QueryRealisation`. Lix 2.94+ refuses it with an error ("ca derivations are not
+    /// supported"), which arrives as [`SessionError::Remote`].
+    pub async fn query_realisation(
+        &mut self,
+        id: &DrvOutputId,
+        logs: LogFn<'_>,
+    ) -> Result<Option<Realisation>, SessionError> {
+        let t = self.io_timeout();
+        let id2 = id.clone();
+        self.simple(
+            Request::QueryRealisation(id.clone()),
+            "worker QueryRealisation",
+            t,
+            logs,
+            move |r, dir, neg| worker::read_realisation(r, dir, neg, &id2),
+        )
+        .await
+    }
+
+    /// `RegisterDrvOutput`.
+    pub async fn register_drv_output(
+        &mut self,
+        realisation: &Realisation,
+        logs: LogFn<'_>,
+    ) -> Result<(), SessionError> {
+        let t = self.io_timeout();
+        self.simple(
+            Request::RegisterDrvOutput(realisation.clone()),
+            "worker RegisterDrvOutput",
+            t,
+            logs,
+            |_, _, _| Ok(()),
+        )
+        .await
+    }
+
+    /// `NarFromPath`: streams the NAR of `path` into `sink`.
+    pub async fn nar_from_path(
+        &mut self,
+        path: &StorePath,
+        sink: &mut (dyn AsyncWrite + Unpin + Send),
+        logs: LogFn<'_>,
+    ) -> Result<NarSummary, SessionError> {
+        const DURING: &str = "worker NarFromPath";
+        self.conn.begin()?;
+        let r = async {
+            Request::NarFromPath { path: path.clone() }.write(
+                &mut self.conn.wbuf,
+                &self.dir,
+                &self.neg,
+            );
+            self.conn.flush(DURING).await?;
+            let v = self.neg.version;
+            let t = Some(self.conn.config.io_timeout);
+            {
+                let (mut rh, _) = self.conn.halves();
+                stderr_loop(&mut rh, v, DURING, t, logs).await?;
+            }
+            let (nar_size, nar_hash) = self.conn.read_nar(sink, DURING).await?;
+            Ok(NarSummary { nar_size, nar_hash })
+        }
+        .await;
+        self.conn.end(r)
+    }
+
+    /// `AddToStoreNar` for one path. From 1.23 the NAR is framed and the daemon's messages are
+    /// read while it is sent (it may fail early, e.g. on a missing signature, and then we stop
+    /// sending data but still end the framed stream so the session stays in sync). At
+    /// 1.21–1.22 the daemon pulls the NAR with `STDERR_READ`.
+    pub async fn add_to_store_nar(
+        &mut self,
+        upload: &mut Upload<'_>,
+        repair: bool,
+        dont_check_sigs: bool,
+        logs: LogFn<'_>,
+    ) -> Result<(), SessionError> {
+        const DURING: &str = "worker AddToStoreNar";
+        self.check(Op::AddToStoreNar)?;
+        self.conn.begin()?;
+        let req = Request::AddToStoreNar {
+            info: upload.info.clone(),
+            repair,
+            dont_check_sigs,
+        };
+        req.write(&mut self.conn.wbuf, &self.dir, &self.neg);
+        let r = if self.neg.version.at_least(1, 23) {
+            let header = self.conn.wbuf.split();
+            self.framed_upload(header, DURING, logs, Payload::Single(upload))
+                .await
+        } else {
+            self.pull_upload(upload, DURING, logs).await
+        };
+        self.conn.end(r)
+    }
+
+    /// `AddMultipleToStore` (1.32+): many paths in one framed stream, dependencies first.
+    pub async fn add_multiple_to_store(
+        &mut self,
+        uploads: &mut [Upload<'_>],
+        repair: bool,
+        dont_check_sigs: bool,
+        logs: LogFn<'_>,
+    ) -> Result<(), SessionError> {
+        const DURING: &str = "worker AddMultipleToStore";
+        self.check(Op::AddMultipleToStore)?;
+        self.conn.begin()?;
+        Request::AddMultipleToStore {
+            repair,
+            dont_check_sigs,
+        }
+        .write(&mut self.conn.wbuf, &self.dir, &self.neg);
+        let header = self.conn.wbuf.split();
+        let r = self
+            .framed_upload(header, DURING, logs, Payload::Multiple(uploads))
+            .await;
+        self.conn.end(r)
+    }
+
+    /// Sends `header`, then `payload` as a framed stream, while concurrently running the
+    /// stderr loop.
+    async fn framed_upload(
+        &mut self,
+        header: BytesMut,
+        during: &'static str,
+        logs: LogFn<'_>,
+        payload: Payload<'_, '_>,
+    ) -> Result<(), SessionError> {
+        let stop = AtomicBool::new(false);
+        let t = Some(self.conn.config.io_timeout);
+        let v = self.neg.version;
+        let dir = self.dir.clone();
+        let (mut rh, wh) = self.conn.halves();
+        let mut sink = FrameSink {
+            wh,
+            buf: BytesMut::with_capacity(WRITE_CHUNK + 16),
+            stop: &stop,
+            during,
+        };
+        let writer = async {
+            sink.wh.send(&header, during).await?;
+            let produced = match payload {
+                Payload::Single(up) => copy_sized(&mut *up.nar, up.info.nar_size, &mut sink).await,
+                Payload::Multiple(uploads) => {
+                    write_multiple(uploads, &dir, &mut sink).await
+                }
+            };
+            let stopped = matches!(produced, Err(SessionError::RemoteStopped));
+            // Whatever happened, end the framed stream: the daemon drains frames up to the
+            // terminator, which keeps the session in sync after an early error.
+            let end = sink.finish().await;
+            match produced {
+                Err(e) if !stopped => Err(e),
+                _ => end,
+            }
+        };
+        let reader = async {
+            let r = stderr_loop(&mut rh, v, during, t, logs).await;
+            stop.store(true, Ordering::Release);
+            r
+        };
+        let (w, r) = tokio::join!(writer, reader);
+        // The daemon's verdict wins (it explains an early stop); then a local failure.
+        r?;
+        w
+    }
+
+    /// Upload at 1.21–1.22: the daemon asks for data with `STDERR_READ`.
+    async fn pull_upload(
+        &mut self,
+        upload: &mut Upload<'_>,
+        during: &'static str,
+        logs: LogFn<'_>,
+    ) -> Result<(), SessionError> {
+        self.conn.flush(during).await?;
+        let v = self.neg.version;
+        let mut left = upload.info.nar_size;
+        let mut buf = vec![0u8; WRITE_CHUNK];
+        loop {
+            let msg = self.conn.read(during, |r| StderrMsg::read(r, v)).await?;
+            match msg {
+                StderrMsg::Last => return Ok(()),
+                StderrMsg::Error(e) => return Err(SessionError::Remote(e)),
+                StderrMsg::Read(max) => {
+                    let want = usize::try_from(max.min(left).min(WRITE_CHUNK as u64))
+                        .unwrap_or(WRITE_CHUNK);
+                    let n = if want == 0 {
+                        0
+                    } else {
+                        upload
+                            .nar
+                            .read(&mut buf[..want])
+                            .await
+                            .map_err(SessionError::Source)?
+                    };
+                    left -= n as u64;
+                    self.conn.wbuf.put_bytes_padded(&buf[..n]);
+                    self.conn.flush(during).await?;
+                }
+                StderrMsg::Write(_) => {
+                    return Err(SessionError::Protocol {
+                        during,
+                        source: Misbehaved::Unexpected("STDERR_WRITE during an upload".into())
+                            .into(),
+                    });
+                }
+                other => {
+                    if let Some(ev) = LogEvent::from_worker(&other) {
+                        logs(ev);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a framed upload carries.
+enum Payload<'a, 'b> {
+    /// One NAR (`AddToStoreNar`).
+    Single(&'a mut Upload<'b>),
+    /// Several paths with their metadata (`AddMultipleToStore`).
+    Multiple(&'a mut [Upload<'b>]),
+}
+
+/// The inner stream of `AddMultipleToStore`: a count, then per path its metadata and NAR.
+async fn write_multiple(
+    uploads: &mut [Upload<'_>],
+    dir: &StoreDir,
+    out: &mut FrameSink<'_, '_>,
+) -> Result<(), SessionError> {
+    let mut meta = BytesMut::new();
+    worker::write_multiple_count(&mut meta, uploads.len() as u64);
+    out.push(&meta).await?;
+    for up in uploads.iter_mut() {
+        meta.clear();
+        worker::write_multiple_entry(&mut meta, dir, &up.info);
+        out.push(&meta).await?;
+        copy_sized(&mut *up.nar, up.info.nar_size, out).await?;
+    }
+    Ok(())
+}
+
+/// Copies exactly `size` bytes from `src` into the frame sink.
+async fn copy_sized(
+    src: &mut (dyn AsyncRead + Unpin + Send),
+    size: u64,
+    out: &mut FrameSink<'_, '_>,
+) -> Result<(), SessionError> {
+    let mut left = size;
+    let mut buf = vec![0u8; WRITE_CHUNK];
+    while left > 0 {
+        let want = usize::try_from(left.min(WRITE_CHUNK as u64)).unwrap_or(WRITE_CHUNK);
+        let n = src.read(&mut buf[..want]).await.map_err(SessionError::Source)?;
+        if n == 0 {
+            return Err(SessionError::Source(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("the NAR ended {left} bytes before its announced size"),
+            )));
+        }
+        out.push(&buf[..n]).await?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// Collects payload bytes into frames of up to [`WRITE_CHUNK`] and sends them.
+pub(crate) struct FrameSink<'f, 's> {
+    wh: crate::conn::WriteHalf<'s>,
+    buf: BytesMut,
+    stop: &'f AtomicBool,
+    during: &'static str,
+}
+
+impl FrameSink<'_, '_> {
+    /// Adds payload bytes. Fails with [`SessionError::RemoteStopped`] once the daemon has
+    /// ended the operation (it will not read more data).
+    pub(crate) async fn push(&mut self, mut data: &[u8]) -> Result<(), SessionError> {
+        while !data.is_empty() {
+            if self.stop.load(Ordering::Acquire) {
+                return Err(SessionError::RemoteStopped);
+            }
+            let room = WRITE_CHUNK - self.buf.len();
+            let n = room.min(data.len());
+            self.buf.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.buf.len() == WRITE_CHUNK {
+                self.emit().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn emit(&mut self) -> Result<(), SessionError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let mut framed = BytesMut::with_capacity(self.buf.len() + 8);
+        frame(&mut framed, &self.buf);
+        self.buf.clear();
+        self.wh.send(&framed, self.during).await
+    }
+
+    async fn finish(&mut self) -> Result<(), SessionError> {
+        if !self.stop.load(Ordering::Acquire) {
+            self.emit().await?;
+        }
+        self.buf.clear();
+        let mut end = BytesMut::new();
+        worker::write_frame_end(&mut end);
+        self.wh.send(&end, self.during).await
+    }
+}
