@@ -1,1 +1,94 @@
-//! placeholder
+//! nixmux-transport: an embedded SSH client for build machines, built on russh. It opens
+//! one authenticated connection per host and hands out byte streams for remote commands. It
+//! knows nothing about Nix.
+//!
+//! # Getting started
+//!
+//! ```no_run
+//! use nixmux_transport::{connect, Endpoint, HostKeyCheck, Identity, NoopObserver, TransportConfig};
+//! use tokio::io::AsyncReadExt;
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let conn = connect(
+//!     &Endpoint::new("builder1", 22, "nix"),
+//!     &[Identity::key_file("/etc/nix/id_builder")],
+//!     &HostKeyCheck::strict(["/etc/ssh/ssh_known_hosts".into()]),
+//!     &TransportConfig::default(),
+//!     NoopObserver,
+//! )
+//! .await?;
+//! let mut ch = conn.exec("nix-store --version").await?;
+//! let mut out = String::new();
+//! ch.stdout().read_to_string(&mut out).await?;
+//! println!("{out} ({})", ch.exit().await?);
+//! # Ok(()) }
+//! ```
+//!
+//! # Guarantees
+//!
+//! **Host keys.** The server's key is checked inside the key exchange, before authentication
+//! and before any channel exists, against OpenSSH known_hosts files (plain, `[host]:port`,
+//! patterns, hashed entries, `@revoked`) and/or keys pinned in a Nix machines file. The
+//! default policy is Strict; AcceptNew learns unknown hosts but still refuses a changed key;
+//! accepting anything needs the explicitly named [`HostKeyCheck::insecure_accept_any`].
+//! A refusal says what the server offered, what was expected where (file and line), and the
+//! exact known_hosts line that would accept the key. See [`host_key`].
+//!
+//! **Draining.** russh gives each channel a bounded message queue filled by the connection's
+//! single session task, and refills the SSH window when data *arrives*, not when it is read.
+//! One unread channel therefore stalls every channel of its connection. Here every channel
+//! has a task that reads its queue promptly whatever the application does: stdout goes to a
+//! per-channel buffer (in memory up to [`TransportConfig::stdout_memory_limit`], then to an
+//! unlinked temporary file), stderr to a bounded tail plus an optional lossy log queue. A
+//! slow or absent reader costs memory or disk for *its* channel, never progress of others.
+//!
+//! Why spill to disk rather than keep everything in memory: the only real flow control
+//! would be to stop reading, which is exactly the stall above; so buffering is unbounded by
+//! construction, bounded only by what the remote command sends. For `nix-store --serve`
+//! that is a requested NAR, which can be many GiB when a consumer is stuck. A file keeps the
+//! process's memory bounded; set [`StdoutSpill::Disabled`] to keep it in memory (counted in
+//! [`ConnectionStats::stdout_buffered_bytes`]).
+//!
+//! **Closing.** Dropping an [`ExecChannel`] (and every part taken from it) sends
+//! CHANNEL_CLOSE, so sshd's `MaxSessions` slot is freed.
+//!
+//! **Classification.** `russh::Error` never leaves this crate. Every failure is a
+//! [`TransportError`] with a [`Stage`], an [`ErrorKind`] and
+//! [`is_retryable`](TransportError::is_retryable). When a connection dies, its real cause
+//! (keepalive timeout, reset, DISCONNECT from the server) is captured once from russh's
+//! session task and given to every waiter ([`SshConnection::closed`]) and every channel.
+//!
+//! **Timeouts.** Resolve, TCP connect, handshake, authentication, channel open and exec each
+//! have their own timeout; an established connection is watched by keepalives.
+//!
+//! # Layout
+//!
+//! * [`config`]: [`Endpoint`], [`Identity`], [`TransportConfig`], [`ExecOptions`]
+//! * [`host_key`]: policy and known_hosts matching
+//! * [`connect`], [`connect_over`], [`SshConnection`]
+//! * [`ExecChannel`] and its parts, [`TcpipStream`]
+//! * [`TransportError`] and friends
+//! * [`ConnectObserver`]: stage events with timings
+
+pub mod config;
+pub mod host_key;
+
+mod auth;
+mod connection;
+mod error;
+mod exec;
+mod observer;
+mod stream;
+
+pub use config::{Endpoint, ExecOptions, Identity, StdoutSpill, TransportConfig};
+pub use connection::{ConnectionStats, SshConnection, connect, connect_over};
+pub use error::{ChannelOpenRefusal, DisconnectCause, ErrorKind, Stage, TransportError};
+pub use exec::{
+    ChannelStats, ChannelStdin, ChannelStdout, ExecChannel, ExecStatus, ExitStatus, StderrLog,
+    TcpipStream,
+};
+pub use host_key::{
+    HostKeyCheck, HostKeyPolicy, HostKeyProblem, HostKeyReport, HostKeySource, HostPublicKey,
+    InsecureMarker, KeyLocation,
+};
+pub use observer::{ConnectEvent, ConnectEventKind, ConnectObserver, NoopObserver};

@@ -1,0 +1,248 @@
+//! Public-key authentication from key files and ssh-agent.
+//!
+//! Identities are tried in the caller's order and nothing else is offered (OpenSSH
+//! `IdentitiesOnly`). A key that cannot be loaded, or an agent that cannot be reached, does
+//! not stop the others from being tried; it is listed in the eventual
+//! [`TransportError::AuthRejected`]. Only if nothing at all could be offered is the first
+//! such problem returned as itself ([`TransportError::KeyLoad`] / [`TransportError::Agent`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use russh::MethodKind;
+use russh::client::{AuthResult, Handle};
+use russh::keys::agent::AgentIdentity;
+use russh::keys::agent::client::AgentClient;
+use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg};
+
+use crate::config::Identity;
+use crate::connection::ClientHandler;
+use crate::error::{Stage, TransportError, classify};
+use crate::host_key::fingerprint;
+
+/// Signature algorithm for RSA keys: the best rsa-sha2 variant in the server's
+/// `server-sig-algs`, cached per connection (russh may wait up to a second for that
+/// extension, so ask once).
+struct RsaHash(Option<Option<HashAlg>>);
+
+impl RsaHash {
+    async fn get(&mut self, handle: &Handle<ClientHandler>) -> Option<HashAlg> {
+        if let Some(h) = self.0 {
+            return h;
+        }
+        let h = match handle.best_supported_rsa_hash().await {
+            Ok(Some(h)) => h,
+            // No server-sig-algs at all: every OpenSSH since 7.2 sends it, and those since
+            // 8.8 refuse SHA-1 signatures, so SHA-256 is the best guess.
+            Ok(None) | Err(_) => Some(HashAlg::Sha256),
+        };
+        self.0 = Some(h);
+        h
+    }
+}
+
+fn sig_name(key_alg: &russh::keys::Algorithm, hash: Option<HashAlg>) -> String {
+    if key_alg.clone().is_rsa() {
+        match hash {
+            Some(HashAlg::Sha512) => "rsa-sha2-512".into(),
+            Some(HashAlg::Sha256) => "rsa-sha2-256".into(),
+            _ => "ssh-rsa".into(),
+        }
+    } else {
+        key_alg.to_string()
+    }
+}
+
+fn method_names(methods: &russh::MethodSet) -> Vec<String> {
+    methods
+        .iter()
+        .map(|m: &MethodKind| <&'static str>::from(m).to_string())
+        .collect()
+}
+
+async fn load_key(path: &Path, passphrase: Option<&str>) -> Result<PrivateKey, String> {
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| e.to_string())?;
+    let passphrase = passphrase.map(str::to_owned);
+    // Decrypting an encrypted key runs bcrypt-pbkdf: CPU-heavy, keep it off the runtime.
+    tokio::task::spawn_blocking(move || {
+        russh::keys::decode_secret_key(&text, passphrase.as_deref())
+    })
+    .await
+    .map_err(|e| format!("key decoding task failed: {e}"))?
+    .map_err(|e| match e {
+        russh::keys::Error::KeyIsEncrypted => {
+            "key is encrypted and no passphrase was given".to_string()
+        }
+        other => other.to_string(),
+    })
+}
+
+/// Tries each identity until one is accepted; returns a description of the one that worked.
+pub(crate) async fn authenticate(
+    handle: &mut Handle<ClientHandler>,
+    user: &str,
+    identities: &[Identity],
+) -> Result<String, TransportError> {
+    let mut tried: Vec<String> = Vec::new();
+    let mut offered_any = false;
+    let mut setup_error: Option<TransportError> = None;
+    let mut methods_remaining: Vec<String> = Vec::new();
+    let mut rsa = RsaHash(None);
+
+    if identities.is_empty() {
+        return Err(TransportError::Config(
+            "no identities to authenticate with".into(),
+        ));
+    }
+
+    for identity in identities {
+        match identity {
+            Identity::KeyFile { path, passphrase } => {
+                let key = match load_key(path, passphrase.as_deref()).await {
+                    Ok(k) => k,
+                    Err(reason) => {
+                        tracing::warn!("cannot load key {}: {reason}", path.display());
+                        tried.push(format!("{}: not loaded: {reason}", path.display()));
+                        setup_error.get_or_insert(TransportError::KeyLoad {
+                            path: path.clone(),
+                            reason,
+                        });
+                        continue;
+                    }
+                };
+                let alg = key.algorithm();
+                let hash = if alg.clone().is_rsa() {
+                    rsa.get(handle).await
+                } else {
+                    None
+                };
+                let desc = format!(
+                    "key file {} ({} {})",
+                    path.display(),
+                    sig_name(&alg, hash),
+                    fingerprint(key.public_key())
+                );
+                offered_any = true;
+                let result = handle
+                    .authenticate_publickey(user, PrivateKeyWithHashAlg::new(Arc::new(key), hash))
+                    .await
+                    .map_err(|e| classify(Stage::Auth, e, None))?;
+                match result {
+                    AuthResult::Success => return Ok(desc),
+                    AuthResult::Failure {
+                        remaining_methods, ..
+                    } => {
+                        tried.push(format!("{desc}: rejected"));
+                        methods_remaining = method_names(&remaining_methods);
+                    }
+                }
+            }
+            Identity::Agent { socket } => {
+                let socket: Option<PathBuf> = socket
+                    .clone()
+                    .or_else(|| std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from));
+                let Some(socket) = socket else {
+                    tried.push("ssh-agent: SSH_AUTH_SOCK is not set".into());
+                    setup_error.get_or_insert(TransportError::Agent {
+                        socket: None,
+                        reason: "SSH_AUTH_SOCK is not set".into(),
+                    });
+                    continue;
+                };
+                let mut agent = match AgentClient::connect_uds(&socket).await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tried.push(format!(
+                            "ssh-agent at {}: cannot connect: {e}",
+                            socket.display()
+                        ));
+                        setup_error.get_or_insert(TransportError::Agent {
+                            socket: Some(socket.clone()),
+                            reason: format!("cannot connect: {e}"),
+                        });
+                        continue;
+                    }
+                };
+                // OpenSSH agents only use destination-constrained keys for a bound session;
+                // binding is harmless otherwise, and older agents refuse it, which is fine.
+                if let Some(binding) = handle.agent_session_binding().cloned()
+                    && let Err(e) = agent.bind_session(&binding, false).await
+                {
+                    tracing::debug!("ssh-agent did not accept session-bind: {e}");
+                }
+                let identities = match agent.request_identities().await {
+                    Ok(ids) => ids,
+                    Err(e) => {
+                        tried.push(format!(
+                            "ssh-agent at {}: cannot list keys: {e}",
+                            socket.display()
+                        ));
+                        setup_error.get_or_insert(TransportError::Agent {
+                            socket: Some(socket.clone()),
+                            reason: format!("cannot list keys: {e}"),
+                        });
+                        continue;
+                    }
+                };
+                if identities.is_empty() {
+                    tried.push(format!("ssh-agent at {}: holds no keys", socket.display()));
+                    setup_error.get_or_insert(TransportError::Agent {
+                        socket: Some(socket.clone()),
+                        reason: "the agent holds no keys".into(),
+                    });
+                    continue;
+                }
+                for ident in identities {
+                    let (key, comment) = match ident {
+                        AgentIdentity::PublicKey { key, comment } => (key, comment),
+                        AgentIdentity::Certificate { comment, .. } => {
+                            tried.push(format!("agent certificate {comment:?}: skipped (certificates are not supported)"));
+                            continue;
+                        }
+                    };
+                    let alg = key.algorithm();
+                    let hash = if alg.clone().is_rsa() {
+                        rsa.get(handle).await
+                    } else {
+                        None
+                    };
+                    let desc = format!(
+                        "agent key {comment:?} ({} {})",
+                        sig_name(&alg, hash),
+                        fingerprint(&key)
+                    );
+                    offered_any = true;
+                    match handle
+                        .authenticate_publickey_with(user, key, hash, &mut agent)
+                        .await
+                    {
+                        Ok(AuthResult::Success) => return Ok(desc),
+                        Ok(AuthResult::Failure {
+                            remaining_methods, ..
+                        }) => {
+                            tried.push(format!("{desc}: rejected"));
+                            methods_remaining = method_names(&remaining_methods);
+                        }
+                        Err(russh::AgentAuthError::Send(_)) => {
+                            return Err(classify(Stage::Auth, russh::Error::SendError, None));
+                        }
+                        Err(russh::AgentAuthError::Key(e)) => {
+                            tried.push(format!("{desc}: agent did not sign: {e}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    if !offered_any && let Some(e) = setup_error {
+        return Err(e);
+    }
+    Err(TransportError::AuthRejected {
+        user: user.to_string(),
+        tried,
+        methods_remaining,
+    })
+}

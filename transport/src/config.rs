@@ -1,0 +1,361 @@
+//! Connection parameters: where to connect ([`Endpoint`]), who we are ([`Identity`]) and how
+//! the connection behaves ([`TransportConfig`]).
+
+use std::borrow::Cow;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use russh::keys::Algorithm;
+
+use crate::error::TransportError;
+
+/// An SSH server and the user to log in as.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    /// Host name or address (IPv6 without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Remote user name.
+    pub user: String,
+}
+
+impl Endpoint {
+    /// Builds an endpoint.
+    pub fn new(host: impl Into<String>, port: u16, user: impl Into<String>) -> Self {
+        Endpoint {
+            host: host.into(),
+            port,
+            user: user.into(),
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "{}@[{}]:{}", self.user, self.host, self.port)
+        } else {
+            write!(f, "{}@{}:{}", self.user, self.host, self.port)
+        }
+    }
+}
+
+/// One way to authenticate. A list of identities is tried in order, and only those (like
+/// OpenSSH `IdentitiesOnly yes`): nothing is picked up implicitly from `~/.ssh`.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// A private key file in OpenSSH, PKCS#8 or PEM format: Ed25519, ECDSA or RSA (RSA signs
+    /// with rsa-sha2-512/256 as the server's `server-sig-algs` allows).
+    KeyFile {
+        /// Path of the private key.
+        path: PathBuf,
+        /// Passphrase for an encrypted key. Never printed by `Debug`.
+        passphrase: Option<String>,
+    },
+    /// Every key an ssh-agent holds, in the agent's order.
+    Agent {
+        /// The agent socket; `None` means `$SSH_AUTH_SOCK` at connect time.
+        socket: Option<PathBuf>,
+    },
+}
+
+impl Identity {
+    /// An unencrypted key file.
+    pub fn key_file(path: impl Into<PathBuf>) -> Self {
+        Identity::KeyFile {
+            path: path.into(),
+            passphrase: None,
+        }
+    }
+
+    /// The agent at `$SSH_AUTH_SOCK`.
+    pub fn agent() -> Self {
+        Identity::Agent { socket: None }
+    }
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Identity::KeyFile { path, passphrase } => f
+                .debug_struct("KeyFile")
+                .field("path", path)
+                .field("passphrase", &passphrase.as_ref().map(|_| "<redacted>"))
+                .finish(),
+            Identity::Agent { socket } => f.debug_struct("Agent").field("socket", socket).finish(),
+        }
+    }
+}
+
+/// Where stdout data goes when a channel's reader falls behind by more than
+/// [`TransportConfig::stdout_memory_limit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StdoutSpill {
+    /// Into an unlinked temporary file in this directory (`None`: the system temp dir). If
+    /// the file cannot be created or written, data stays in memory (logged and counted).
+    TempFile(Option<PathBuf>),
+    /// Nowhere: keep everything in memory (unbounded, but counted in the stats).
+    Disabled,
+}
+
+/// Everything tunable about a connection. Start from `default()` and change fields.
+///
+/// The defaults suit a build farm on a LAN or a WAN: fail fast on unreachable hosts, notice
+/// a frozen builder within a minute, and keep one connection fast enough to move NARs at
+/// several hundred MiB/s.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct TransportConfig {
+    /// Timeout of name resolution and, separately, of the TCP connect to each resolved
+    /// address. Default 10 s.
+    pub tcp_connect_timeout: Duration,
+    /// Timeout from TCP connected to host key verified (banner, key exchange). A listener
+    /// that never sends an SSH banner fails here. Default 15 s.
+    pub handshake_timeout: Duration,
+    /// Timeout for authentication, all identities together. Default 15 s.
+    pub auth_timeout: Duration,
+    /// Send a keepalive when nothing was received for this long; `None` disables (then a
+    /// silently dead peer is only noticed by TCP, possibly after hours). Default 15 s.
+    /// Maps to russh `keepalive_interval`.
+    pub keepalive_interval: Option<Duration>,
+    /// Give up after this many unanswered keepalives in a row: a dead peer is detected within
+    /// `keepalive_interval * (keepalive_max_misses + 1)`. Default 3 (so 60 s). Maps to russh
+    /// `keepalive_max`; 0 would mean "never give up", so it is rejected.
+    pub keepalive_max_misses: usize,
+    /// Timeout for the server to confirm or refuse a channel open. Default 15 s.
+    pub channel_open_timeout: Duration,
+    /// Timeout for the server to accept or refuse an exec request. Default 15 s.
+    pub exec_timeout: Duration,
+    /// Receive window per channel. russh refills it as data *arrives*, so it only bounds
+    /// what is in flight, and must cover bandwidth × RTT. Default 16 MiB.
+    pub window_size: u32,
+    /// Largest data packet we accept from the server. Default 65 535 bytes ("64 KiB": russh
+    /// logs an error for anything above 65 535).
+    pub max_packet_size: u32,
+    /// Disable Nagle's algorithm on the TCP socket: request/response protocols over SSH
+    /// otherwise wait up to 40 ms for delayed ACKs. Default true.
+    pub nodelay: bool,
+    /// Key exchange algorithms, most preferred first (RFC names). Default: curve25519 first
+    /// (cheapest), then mlkem768x25519 and the rest of russh's safe list.
+    pub preferred_kex: Vec<String>,
+    /// Ciphers, most preferred first. Default: aes128-gcm, aes256-gcm (fast with AES-NI),
+    /// then chacha20-poly1305 and the CTR modes.
+    pub preferred_ciphers: Vec<String>,
+    /// Messages russh buffers per channel before it blocks the connection's session task.
+    /// Every channel here has a task that drains promptly, so this only absorbs scheduling
+    /// jitter. Default 100 (russh's default).
+    pub channel_buffer_size: usize,
+    /// Bytes of unread stdout kept in memory per channel before spilling (see
+    /// [`StdoutSpill`]). Default 32 MiB.
+    pub stdout_memory_limit: usize,
+    /// What happens to stdout above `stdout_memory_limit`. Default:
+    /// `StdoutSpill::TempFile(None)`; see the crate docs for why.
+    pub stdout_spill: StdoutSpill,
+    /// Bytes of stderr kept per channel (the tail; older bytes are dropped). Default 64 KiB.
+    pub stderr_tail_bytes: usize,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            tcp_connect_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(15),
+            auth_timeout: Duration::from_secs(15),
+            keepalive_interval: Some(Duration::from_secs(15)),
+            keepalive_max_misses: 3,
+            channel_open_timeout: Duration::from_secs(15),
+            exec_timeout: Duration::from_secs(15),
+            window_size: 16 * 1024 * 1024,
+            max_packet_size: 65_535,
+            nodelay: true,
+            preferred_kex: [
+                "curve25519-sha256",
+                "curve25519-sha256@libssh.org",
+                "mlkem768x25519-sha256",
+                "diffie-hellman-group-exchange-sha256",
+                "diffie-hellman-group16-sha512",
+                "diffie-hellman-group14-sha256",
+            ]
+            .map(String::from)
+            .to_vec(),
+            preferred_ciphers: [
+                "aes128-gcm@openssh.com",
+                "aes256-gcm@openssh.com",
+                "chacha20-poly1305@openssh.com",
+                "aes128-ctr",
+                "aes256-ctr",
+            ]
+            .map(String::from)
+            .to_vec(),
+            channel_buffer_size: 100,
+            stdout_memory_limit: 32 * 1024 * 1024,
+            stdout_spill: StdoutSpill::TempFile(None),
+            stderr_tail_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Per-exec options.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct ExecOptions {
+    /// If set, stderr chunks are also sent to a bounded queue of this many chunks, taken with
+    /// [`crate::ExecChannel::take_stderr_log`]. When the queue is full, chunks are dropped
+    /// and counted, never waited for.
+    pub stderr_log_capacity: Option<usize>,
+}
+
+impl ExecOptions {
+    /// Options with a stderr log queue of `capacity` chunks.
+    pub fn with_stderr_log(capacity: usize) -> Self {
+        ExecOptions {
+            stderr_log_capacity: Some(capacity),
+        }
+    }
+}
+
+impl TransportConfig {
+    /// Builds the russh configuration, validating our fields. `known_host_algorithms` are
+    /// the key types we hold keys for; they go first in the host-key preference so the
+    /// server presents a key we can check.
+    pub(crate) fn to_russh(
+        &self,
+        known_host_algorithms: &[Algorithm],
+    ) -> Result<russh::client::Config, TransportError> {
+        if self.window_size < 32 * 1024 {
+            return Err(TransportError::Config(format!(
+                "window_size {} is below 32 KiB",
+                self.window_size
+            )));
+        }
+        if !(1024..=65_535).contains(&self.max_packet_size) {
+            return Err(TransportError::Config(format!(
+                "max_packet_size {} is outside 1024..=65535",
+                self.max_packet_size
+            )));
+        }
+        if self.keepalive_interval.is_some() && self.keepalive_max_misses == 0 {
+            return Err(TransportError::Config(
+                "keepalive_max_misses must be at least 1 (0 would never give up)".into(),
+            ));
+        }
+        if self.channel_buffer_size == 0 {
+            return Err(TransportError::Config(
+                "channel_buffer_size must be positive".into(),
+            ));
+        }
+
+        let mut kex: Vec<russh::kex::Name> = Vec::new();
+        for name in &self.preferred_kex {
+            let n = russh::kex::Name::try_from(name.as_str()).map_err(|()| {
+                TransportError::Config(format!("unknown key exchange algorithm {name:?}"))
+            })?;
+            kex.push(n);
+        }
+        if kex.is_empty() {
+            return Err(TransportError::Config("preferred_kex is empty".into()));
+        }
+        // The pseudo-algorithms announcing extension negotiation and strict kex (the
+        // Terrapin fix) travel in the kex list; they must always be there.
+        kex.push(russh::kex::EXTENSION_SUPPORT_AS_CLIENT);
+        kex.push(russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_CLIENT);
+
+        let mut cipher: Vec<russh::cipher::Name> = Vec::new();
+        for name in &self.preferred_ciphers {
+            let n = russh::cipher::Name::try_from(name.as_str())
+                .map_err(|()| TransportError::Config(format!("unknown cipher {name:?}")))?;
+            cipher.push(n);
+        }
+        if cipher.is_empty() {
+            return Err(TransportError::Config("preferred_ciphers is empty".into()));
+        }
+
+        let defaults = russh::Preferred::default();
+        let mut key: Vec<Algorithm> = Vec::new();
+        for known in known_host_algorithms {
+            for alg in defaults.key.iter() {
+                let same = match (known, alg) {
+                    (Algorithm::Rsa { .. }, Algorithm::Rsa { .. }) => true,
+                    (a, b) => a == b,
+                };
+                if same && !key.contains(alg) {
+                    key.push(alg.clone());
+                }
+            }
+        }
+        for alg in defaults.key.iter() {
+            if !key.contains(alg) {
+                key.push(alg.clone());
+            }
+        }
+
+        let preferred = russh::Preferred {
+            kex: Cow::Owned(kex),
+            key: Cow::Owned(key),
+            cipher: Cow::Owned(cipher),
+            ..defaults
+        };
+        Ok(russh::client::Config {
+            client_id: russh::SshId::Standard(Cow::Borrowed(concat!(
+                "SSH-2.0-nixmux_",
+                env!("CARGO_PKG_VERSION")
+            ))),
+            window_size: self.window_size,
+            maximum_packet_size: self.max_packet_size,
+            channel_buffer_size: self.channel_buffer_size,
+            preferred,
+            inactivity_timeout: None,
+            keepalive_interval: self.keepalive_interval,
+            keepalive_max: self.keepalive_max_misses,
+            nodelay: self.nodelay,
+            ..Default::default()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_translate() {
+        let c = TransportConfig::default();
+        let r = c.to_russh(&[Algorithm::Rsa { hash: None }]).expect("valid");
+        assert_eq!(r.preferred.kex[0].as_ref(), "curve25519-sha256");
+        assert_eq!(r.preferred.cipher[0].as_ref(), "aes128-gcm@openssh.com");
+        assert!(
+            r.preferred
+                .kex
+                .iter()
+                .any(|k| k.as_ref() == "kex-strict-c-v00@openssh.com")
+        );
+        assert!(matches!(r.preferred.key[0], Algorithm::Rsa { .. }));
+        assert_eq!(r.window_size, 16 * 1024 * 1024);
+        assert_eq!(r.keepalive_max, 3);
+    }
+
+    #[test]
+    fn rejects_unknown_names_and_zero_misses() {
+        let c = TransportConfig {
+            preferred_ciphers: vec!["rot13".into()],
+            ..Default::default()
+        };
+        assert!(matches!(c.to_russh(&[]), Err(TransportError::Config(_))));
+        let c = TransportConfig {
+            keepalive_max_misses: 0,
+            ..Default::default()
+        };
+        assert!(c.to_russh(&[]).is_err());
+    }
+
+    #[test]
+    fn identity_debug_redacts_passphrase() {
+        let id = Identity::KeyFile {
+            path: "/k".into(),
+            passphrase: Some("hunter2".into()),
+        };
+        assert!(!format!("{id:?}").contains("hunter2"));
+    }
+}
