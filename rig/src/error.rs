@@ -31,13 +31,12 @@ pub enum RigError {
     },
 
     /// A required program is missing and installing it did not help (or was not attempted).
-    #[error(
-        "required program(s) missing: {missing:?}; install them with \
-         `apt-get install -y nix-bin openssh-server` (Debian) or call ensure_peers_installed()"
-    )]
+    #[error("required program(s) missing: {missing:?}; {hint}")]
     MissingTools {
         /// The programs that could not be found.
         missing: Vec<String>,
+        /// What to do about it.
+        hint: String,
     },
 
     /// `apt-get` failed.

@@ -105,6 +105,11 @@ fn install_locked() -> Result<()> {
     } else {
         Err(RigError::MissingTools {
             missing: still.into_iter().map(str::to_owned).collect(),
+            hint: format!(
+                "still missing after `apt-get install {}` succeeded; is a dpkg diversion or a \
+                 non-Debian PATH hiding them?",
+                packages.join(" ")
+            ),
         })
     }
 }

@@ -51,6 +51,9 @@ pub(crate) fn find_program(name: &str) -> Option<PathBuf> {
 pub(crate) fn program(name: &str) -> Result<PathBuf> {
     find_program(name).ok_or_else(|| RigError::MissingTools {
         missing: vec![name.to_owned()],
+        hint: "call nixmux_rig::ensure_peers_installed() (as root) or run \
+               `apt-get install -y nix-bin openssh-server`"
+            .to_owned(),
     })
 }
 
