@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use nixmux_proto::Limits;
-use nixmux_proto::nar::NarParser;
 use nixmux_proto::hash::Hash;
+use nixmux_proto::nar::NarParser;
 use nixmux_proto::wire::{ReadResult, WireReader, try_decode_hint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -194,7 +194,10 @@ impl Conn {
     /// A broken pipe or reset usually means the remote died; ask the diagnostics why.
     async fn io_error(&self, during: &'static str, e: std::io::Error) -> SessionError {
         use std::io::ErrorKind::*;
-        if matches!(e.kind(), BrokenPipe | ConnectionReset | UnexpectedEof | NotConnected) {
+        if matches!(
+            e.kind(),
+            BrokenPipe | ConnectionReset | UnexpectedEof | NotConnected
+        ) {
             SessionError::Closed {
                 during,
                 explanation: self.explain().await,
@@ -409,7 +412,11 @@ pub(crate) struct WriteHalf<'a> {
 
 impl WriteHalf<'_> {
     /// Writes and flushes `data`.
-    pub(crate) async fn send(&mut self, data: &[u8], during: &'static str) -> Result<(), SessionError> {
+    pub(crate) async fn send(
+        &mut self,
+        data: &[u8],
+        during: &'static str,
+    ) -> Result<(), SessionError> {
         let t = self.io_timeout;
         *self.bytes_out += data.len() as u64;
         let w = &mut *self.writer;

@@ -98,14 +98,13 @@ impl ServeSession {
     }
 
     async fn send(&mut self, req: &Request, during: &'static str) -> Result<(), SessionError> {
-        req.check_supported(self.version)
-            .map_err(|e| match e {
-                ProtoError::Incompatible(i) => SessionError::Unsupported(i),
-                other => SessionError::Protocol {
-                    during,
-                    source: other,
-                },
-            })?;
+        req.check_supported(self.version).map_err(|e| match e {
+            ProtoError::Incompatible(i) => SessionError::Unsupported(i),
+            other => SessionError::Protocol {
+                during,
+                source: other,
+            },
+        })?;
         req.write(&mut self.conn.wbuf, &self.dir, self.version);
         self.conn.flush(during).await
     }

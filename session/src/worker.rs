@@ -18,8 +18,8 @@ use nixmux_proto::path_info::PathInfo;
 use nixmux_proto::store_path::{StoreDir, StorePath};
 use nixmux_proto::wire::WireWrite;
 use nixmux_proto::worker::{
-    self, BuildMode, ClientOptions, DaemonInfo, DrvOutputId, Missing, Negotiated, Op,
-    Realisation, Request, StderrMsg,
+    self, BuildMode, ClientOptions, DaemonInfo, DrvOutputId, Missing, Negotiated, Op, Realisation,
+    Request, StderrMsg,
 };
 use nixmux_proto::{Misbehaved, ProtoError, ProtocolVersion};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
@@ -132,11 +132,7 @@ impl WorkerSession {
             if let Some(o) = &wconfig.options {
                 // Gated on the version we cannot know yet: only the 1.12 overrides map
                 // depends on it, and every daemon we accept is past 1.12.
-                Request::SetOptions(o.clone()).write(
-                    &mut conn.wbuf,
-                    &dir,
-                    &Negotiated::new(ours),
-                );
+                Request::SetOptions(o.clone()).write(&mut conn.wbuf, &dir, &Negotiated::new(ours));
             }
         }
         conn.flush(DURING).await?;
@@ -234,7 +230,11 @@ impl WorkerSession {
         during: &'static str,
         timeout: Option<Duration>,
         logs: LogFn<'_>,
-        decode: impl Fn(&mut nixmux_proto::wire::WireReader<'_>, &StoreDir, &Negotiated) -> nixmux_proto::wire::ReadResult<T>,
+        decode: impl Fn(
+            &mut nixmux_proto::wire::WireReader<'_>,
+            &StoreDir,
+            &Negotiated,
+        ) -> nixmux_proto::wire::ReadResult<T>,
     ) -> Result<T, SessionError> {
         self.check(req.op())?;
         self.conn.begin()?;
@@ -702,9 +702,7 @@ impl WorkerSession {
             sink.wh.send(&header, during).await?;
             let produced = match payload {
                 Payload::Single(up) => copy_sized(&mut *up.nar, up.info.nar_size, &mut sink).await,
-                Payload::Multiple(uploads) => {
-                    write_multiple(uploads, &dir, &mut sink).await
-                }
+                Payload::Multiple(uploads) => write_multiple(uploads, &dir, &mut sink).await,
             };
             let stopped = matches!(produced, Err(SessionError::RemoteStopped));
             // Whatever happened, end the framed stream: the daemon drains frames up to the
@@ -811,7 +809,10 @@ async fn copy_sized(
     let mut buf = vec![0u8; WRITE_CHUNK];
     while left > 0 {
         let want = usize::try_from(left.min(WRITE_CHUNK as u64)).unwrap_or(WRITE_CHUNK);
-        let n = src.read(&mut buf[..want]).await.map_err(SessionError::Source)?;
+        let n = src
+            .read(&mut buf[..want])
+            .await
+            .map_err(SessionError::Source)?;
         if n == 0 {
             return Err(SessionError::Source(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,

@@ -1,0 +1,769 @@
+//! Every session operation against real Nix 2.8 peers (`nix-store --serve --write` and
+//! `nix-daemon --stdio`) spawned over pipes, each test on fresh private stores of its own.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nixmux_proto::build_result::BuildStatus;
+use nixmux_proto::derivation::{BasicDerivation, Derivation};
+use nixmux_proto::derived_path::{DerivedPath, OutputsSpec};
+use nixmux_proto::log::LogEvent;
+use nixmux_proto::path_info::PathInfo;
+use nixmux_proto::serve::{BuildOptions, ExportTrailer};
+use nixmux_proto::store_path::{StoreDir, StorePath};
+use nixmux_proto::worker::{BuildMode, ClientOptions, DrvOutputId};
+use nixmux_proto::{Limits, ProtocolVersion};
+use nixmux_rig::PrivateStore;
+use nixmux_session::process::{self, ChildPipes};
+use nixmux_session::{
+    ServeSession, SessionConfig, SessionError, Upload, WorkerConfig, WorkerSession,
+};
+
+// ===== helpers =====
+
+fn store() -> PrivateStore {
+    nixmux_rig::ensure_peers_installed().expect("nix-bin and openssh-server");
+    PrivateStore::temp().expect("private store")
+}
+
+fn dir() -> StoreDir {
+    StoreDir::default()
+}
+
+fn spawn(store: &PrivateStore, args: &[&str]) -> ChildPipes {
+    let cmd = store.command(args[0], &args[1..]);
+    process::spawn(tokio::process::Command::from(cmd)).expect("spawn peer")
+}
+
+fn config(pipes: &ChildPipes) -> SessionConfig {
+    SessionConfig {
+        io_timeout: Duration::from_secs(30),
+        build_timeout: Some(Duration::from_secs(120)),
+        diagnostics: Some(Arc::new(pipes.stderr.clone())),
+        ..SessionConfig::default()
+    }
+}
+
+struct Serve {
+    s: ServeSession,
+    _guard: process::ChildGuard,
+    stderr: process::StderrTail,
+}
+
+async fn serve(store: &PrivateStore) -> Serve {
+    let p = spawn(store, &["nix-store", "--serve", "--write"]);
+    let cfg = config(&p);
+    let stderr = p.stderr.clone();
+    let s = ServeSession::handshake(p.reader, p.writer, dir(), cfg)
+        .await
+        .expect("serve handshake");
+    Serve {
+        s,
+        _guard: p.guard,
+        stderr,
+    }
+}
+
+struct Worker {
+    s: WorkerSession,
+    _guard: process::ChildGuard,
+}
+
+async fn worker_with(store: &PrivateStore, wc: &WorkerConfig) -> Worker {
+    let p = spawn(store, &["nix-daemon", "--stdio"]);
+    let cfg = config(&p);
+    let s = WorkerSession::handshake(p.reader, p.writer, dir(), cfg, wc, &mut |_| {})
+        .await
+        .expect("worker handshake");
+    Worker { s, _guard: p.guard }
+}
+
+async fn worker(store: &PrivateStore) -> Worker {
+    worker_with(store, &WorkerConfig::default()).await
+}
+
+fn path(s: &str) -> StorePath {
+    StorePath::parse(&dir(), s.trim()).expect("store path")
+}
+
+fn write_file(dir: &Path, name: &str, contents: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    let mut f = std::fs::File::create(&p).expect("create");
+    f.write_all(contents.as_bytes()).expect("write");
+    p
+}
+
+/// Builds the closure `c -> b -> a` (as in the recorded transcripts) in `store`; returns the
+/// three output paths, dependencies first.
+fn build_closure(store: &PrivateStore) -> Vec<StorePath> {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let expr = write_file(
+        tmp.path(),
+        "closure.nix",
+        r#"let a = builtins.toFile "cap-a" "alpha\n";
+    b = derivation { name = "cap-b"; system = builtins.currentSystem; builder = "/bin/sh"; args = ["-c" "echo ${a} > $out"]; };
+    c = derivation { name = "cap-c"; system = builtins.currentSystem; builder = "/bin/sh"; args = ["-c" "echo ${b} > $out; echo ${a} >> $out"]; };
+in c"#,
+    );
+    let out = store
+        .run("nix-build", [expr.to_str().expect("utf8"), "--no-out-link"])
+        .expect("nix-build");
+    let c = path(&String::from_utf8_lossy(&out.stdout));
+    let q = store
+        .run("nix-store", ["-qR", &c.to_absolute(&dir())])
+        .expect("closure");
+    let mut paths: Vec<StorePath> = String::from_utf8_lossy(&q.stdout)
+        .lines()
+        .map(path)
+        .collect();
+    // `-qR` prints dependencies first.
+    assert_eq!(paths.len(), 3, "{paths:?}");
+    paths.dedup();
+    paths
+}
+
+/// Instantiates `expr` in `store` and returns the `.drv` path and the parsed derivation.
+fn instantiate(store: &PrivateStore, expr: &str) -> (StorePath, Derivation) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let f = write_file(tmp.path(), "drv.nix", expr);
+    let out = store
+        .run("nix-instantiate", [f.to_str().expect("utf8")])
+        .expect("nix-instantiate");
+    let drv_path = path(&String::from_utf8_lossy(&out.stdout));
+    let text = std::fs::read(store.store_dir().join(drv_path.to_string())).expect("read drv");
+    let drv = Derivation::parse(&text, &dir(), &Limits::DEFAULT).expect("parse drv");
+    (drv_path, drv)
+}
+
+fn trivial_drv(body: &str, name: &str) -> String {
+    format!(
+        r#"derivation {{ name = "{name}"; system = builtins.currentSystem; builder = "/bin/sh"; args = ["-c" ''PATH=/usr/bin:/bin; {body}'']; }}"#
+    )
+}
+
+/// Reads path infos and NARs of `paths` from `src` through a serve session.
+async fn fetch_all(src: &PrivateStore, paths: &[StorePath]) -> Vec<(PathInfo, Vec<u8>)> {
+    let mut s = serve(src).await;
+    let set: BTreeSet<_> = paths.iter().cloned().collect();
+    let infos = s.s.query_path_infos(&set).await.expect("infos");
+    let by_path: BTreeMap<_, _> = infos.into_iter().map(|i| (i.path.clone(), i)).collect();
+    let mut out = Vec::new();
+    for p in paths {
+        let mut nar = Vec::new();
+        let sum = s.s.dump_store_path(p, &mut nar).await.expect("dump");
+        let info = by_path.get(p).expect("info").clone();
+        assert_eq!(sum.nar_size, info.nar_size);
+        assert_eq!(sum.nar_hash, info.nar_hash);
+        out.push((info, nar));
+    }
+    out
+}
+
+fn uploads(items: &mut [(PathInfo, Vec<u8>, std::io::Cursor<Vec<u8>>)]) -> Vec<Upload<'_>> {
+    items
+        .iter_mut()
+        .map(|(info, _, cur)| Upload {
+            info: info.clone(),
+            nar: cur,
+        })
+        .collect()
+}
+
+fn with_cursors(v: Vec<(PathInfo, Vec<u8>)>) -> Vec<(PathInfo, Vec<u8>, std::io::Cursor<Vec<u8>>)> {
+    v.into_iter()
+        .map(|(i, n)| {
+            let c = std::io::Cursor::new(n.clone());
+            (i, n, c)
+        })
+        .collect()
+}
+
+fn verify(store: &PrivateStore, p: &StorePath) {
+    assert!(
+        store.is_valid(&p.to_absolute(&dir())).expect("check"),
+        "{p} not valid"
+    );
+    store
+        .run("nix-store", ["--verify-path", &p.to_absolute(&dir())])
+        .expect("verify-path");
+}
+
+// ===== serve =====
+
+#[tokio::test]
+async fn serve_handshake_negotiates_2_7() {
+    let st = store();
+    let s = serve(&st).await;
+    assert_eq!(s.s.version(), ProtocolVersion::new(2, 7));
+}
+
+#[tokio::test]
+async fn serve_queries() {
+    let st = store();
+    let closure = build_closure(&st);
+    let mut s = serve(&st).await;
+    let missing = path("/nix/store/00000000000000000000000000000000-missing");
+    let mut ask: BTreeSet<_> = closure.iter().cloned().collect();
+    ask.insert(missing.clone());
+    let valid =
+        s.s.query_valid_paths(&ask, false, false)
+            .await
+            .expect("qvp");
+    assert_eq!(valid, closure.iter().cloned().collect());
+    let infos = s.s.query_path_infos(&ask).await.expect("qpi");
+    assert_eq!(infos.len(), 3, "invalid paths are omitted");
+    let top = infos.iter().find(|i| i.path == closure[2]).expect("top");
+    assert!(top.references.contains(&closure[1]));
+    let hash = st
+        .run(
+            "nix-store",
+            ["-q", "--hash", &closure[2].to_absolute(&dir())],
+        )
+        .expect("hash");
+    assert_eq!(
+        top.nar_hash.to_nix32_prefixed(),
+        String::from_utf8_lossy(&hash.stdout).trim()
+    );
+    let one: BTreeSet<_> = [closure[2].clone()].into();
+    let cl = s.s.query_closure(&one, false).await.expect("closure");
+    assert_eq!(cl, closure.iter().cloned().collect());
+    assert!(s.s.is_usable());
+}
+
+#[tokio::test]
+async fn serve_dump_of_invalid_path_reports_the_remote_error() {
+    let st = store();
+    let mut s = serve(&st).await;
+    let mut sink = Vec::new();
+    let e =
+        s.s.dump_store_path(
+            &path("/nix/store/00000000000000000000000000000000-missing"),
+            &mut sink,
+        )
+        .await
+        .expect_err("invalid path kills the server");
+    let text = e.to_string();
+    assert!(matches!(e, SessionError::Closed { .. }), "{e:?}");
+    assert!(text.contains("is not valid"), "{text}");
+    assert!(!s.s.is_usable());
+    let again = s.s.query_valid_paths(&BTreeSet::new(), false, false).await;
+    assert!(matches!(again, Err(SessionError::Poisoned)));
+    drop(s.stderr);
+}
+
+#[tokio::test]
+async fn serve_add_to_store_nar_pipelined_copies_a_closure() {
+    let src = store();
+    let dst = store();
+    let closure = build_closure(&src);
+    let mut items = with_cursors(fetch_all(&src, &closure).await);
+    let mut s = serve(&dst).await;
+    s.s.add_to_store_nars(&mut uploads(&mut items))
+        .await
+        .expect("add");
+    for p in &closure {
+        verify(&dst, p);
+    }
+    // The session is still good for more.
+    let set: BTreeSet<_> = closure.iter().cloned().collect();
+    assert_eq!(
+        s.s.query_valid_paths(&set, false, false).await.expect("q"),
+        set
+    );
+}
+
+#[tokio::test]
+async fn serve_import_and_export_paths() {
+    let src = store();
+    let dst = store();
+    let closure = build_closure(&src);
+    // Export from the source...
+    let mut s = serve(&src).await;
+    let set: BTreeSet<_> = closure.iter().cloned().collect();
+    let mut nars: Vec<Vec<u8>> = vec![Vec::new(); 3];
+    let mut bufs: Vec<Vec<u8>> = Vec::new();
+    let exported =
+        s.s.export_paths(&set, |_| {
+            bufs.push(Vec::new());
+            std::io::Cursor::new(Vec::new())
+        })
+        .await;
+    // The sinks above are throwaway cursors; export again into owned buffers for the import.
+    let exported = exported.expect("export");
+    assert_eq!(exported.len(), 3);
+    let order: Vec<_> = exported.iter().map(|(t, _)| t.path.clone()).collect();
+    assert_eq!(order, closure, "dependencies first");
+    for (i, p) in closure.iter().enumerate() {
+        s.s.dump_store_path(p, &mut nars[i]).await.expect("dump");
+    }
+    // ...and import into the destination in one stream.
+    let trailers: Vec<ExportTrailer> = exported.into_iter().map(|(t, _)| t).collect();
+    let mut cursors: Vec<std::io::Cursor<Vec<u8>>> = nars
+        .iter()
+        .map(|n| std::io::Cursor::new(n.clone()))
+        .collect();
+    let mut items: Vec<(
+        ExportTrailer,
+        &mut (dyn tokio::io::AsyncRead + Unpin + Send),
+        u64,
+    )> = trailers
+        .into_iter()
+        .zip(cursors.iter_mut())
+        .zip(nars.iter())
+        .map(|((t, c), n)| {
+            (
+                t,
+                c as &mut (dyn tokio::io::AsyncRead + Unpin + Send),
+                n.len() as u64,
+            )
+        })
+        .collect();
+    let mut d = serve(&dst).await;
+    d.s.import_paths(&mut items).await.expect("import");
+    for p in &closure {
+        verify(&dst, p);
+    }
+}
+
+#[tokio::test]
+async fn serve_build_derivation_success_failure_timeout_and_log_limit() {
+    let client = store();
+    let builder = store();
+    let mut s = serve(&builder).await;
+
+    let (drv_path, drv) = instantiate(&client, &trivial_drv("echo hello > $out", "ok"));
+    let basic = drv.to_basic(BTreeSet::new());
+    let res =
+        s.s.build_derivation(&drv_path, &basic, &BuildOptions::default())
+            .await
+            .expect("build");
+    assert_eq!(res.status, BuildStatus::Built, "{res:?}");
+    let out = &res.built_outputs["out"].path;
+    assert_eq!(Some(out), drv.outputs["out"].path.as_ref());
+    assert!(builder.is_valid(&out.to_absolute(&dir())).expect("valid"));
+
+    let (p, d) = instantiate(&client, &trivial_drv("echo failing >&2; exit 3", "bad"));
+    let res =
+        s.s.build_derivation(&p, &d.to_basic(BTreeSet::new()), &BuildOptions::default())
+            .await
+            .expect("a failed build is a result, not an error");
+    assert_eq!(res.status, BuildStatus::PermanentFailure);
+    assert!(res.error_msg.contains("failed"), "{}", res.error_msg);
+
+    let (p, d) = instantiate(&client, &trivial_drv("sleep 10; touch $out", "slow"));
+    let res =
+        s.s.build_derivation(
+            &p,
+            &d.to_basic(BTreeSet::new()),
+            &BuildOptions {
+                max_silent_time: 1,
+                ..BuildOptions::default()
+            },
+        )
+        .await
+        .expect("build");
+    assert_eq!(res.status, BuildStatus::TimedOut, "{res:?}");
+
+    let (p, d) = instantiate(
+        &client,
+        &trivial_drv("yes | head -c 100000; touch $out", "chatty"),
+    );
+    let res =
+        s.s.build_derivation(
+            &p,
+            &d.to_basic(BTreeSet::new()),
+            &BuildOptions {
+                max_log_size: 1000,
+                ..BuildOptions::default()
+            },
+        )
+        .await
+        .expect("build");
+    assert_eq!(res.status, BuildStatus::LogLimitExceeded, "{res:?}");
+    assert!(s.s.is_usable());
+}
+
+#[tokio::test]
+async fn serve_build_paths() {
+    let st = store();
+    let (drv_path, drv) = instantiate(&st, &trivial_drv("echo built > $out", "bp"));
+    let mut s = serve(&st).await;
+    let res =
+        s.s.build_paths(
+            &[DerivedPath::Built {
+                drv: drv_path.clone(),
+                outputs: OutputsSpec::Names(["out".to_owned()].into()),
+            }],
+            &BuildOptions::default(),
+        )
+        .await
+        .expect("build");
+    assert!(res.status.is_success(), "{res:?}");
+    let out = drv.outputs["out"].path.clone().expect("out path");
+    assert!(st.is_valid(&out.to_absolute(&dir())).expect("valid"));
+    let (p, _) = instantiate(&st, &trivial_drv("exit 1", "bp-fail"));
+    let res =
+        s.s.build_paths(&[DerivedPath::all_outputs(p)], &BuildOptions::default())
+            .await
+            .expect("reply");
+    assert!(!res.status.is_success());
+    assert!(res.error_msg.contains("failed"), "{}", res.error_msg);
+}
+
+// ===== worker =====
+
+#[tokio::test]
+async fn worker_handshake_reports_version_and_trust() {
+    let st = store();
+    let w = worker(&st).await;
+    assert_eq!(w.s.version(), ProtocolVersion::new(1, 34));
+    assert_eq!(w.s.daemon_info().nix_version.as_deref(), Some("2.8.0"));
+    assert_eq!(w.s.daemon_info().trust, None, "1.34 has no trust byte");
+    // Announcing 1.37 pipelines the whole handshake; same outcome.
+    let w = worker_with(
+        &st,
+        &WorkerConfig {
+            announce: ProtocolVersion::new(1, 37),
+            ..WorkerConfig::default()
+        },
+    )
+    .await;
+    assert_eq!(w.s.version(), ProtocolVersion::new(1, 34));
+}
+
+#[tokio::test]
+async fn worker_queries() {
+    let st = store();
+    let closure = build_closure(&st);
+    let mut w = worker(&st).await;
+    let logs = &mut |_| {};
+    let missing = path("/nix/store/00000000000000000000000000000000-missing");
+    assert!(w.s.is_valid_path(&closure[0], logs).await.expect("ivp"));
+    assert!(!w.s.is_valid_path(&missing, logs).await.expect("ivp"));
+    let mut ask: BTreeSet<_> = closure.iter().cloned().collect();
+    ask.insert(missing.clone());
+    let valid = w.s.query_valid_paths(&ask, false, logs).await.expect("qvp");
+    assert_eq!(valid.len(), 3);
+    let info =
+        w.s.query_path_info(&closure[2], logs)
+            .await
+            .expect("qpi")
+            .expect("valid");
+    assert!(info.references.contains(&closure[1]));
+    assert!(info.registration_time > 0);
+    assert!(
+        w.s.query_path_info(&missing, logs)
+            .await
+            .expect("qpi")
+            .is_none()
+    );
+    let infos = w.s.query_path_infos(&ask, logs).await.expect("pipelined");
+    assert_eq!(infos.len(), 3);
+    let found =
+        w.s.query_path_from_hash_part(&closure[1].hash_part(), logs)
+            .await
+            .expect("hash part");
+    assert_eq!(found.as_ref(), Some(&closure[1]));
+    assert_eq!(
+        w.s.query_path_from_hash_part(&missing.hash_part(), logs)
+            .await
+            .expect("hash part"),
+        None
+    );
+    w.s.add_temp_root(&closure[0], logs)
+        .await
+        .expect("temp root");
+    w.s.ensure_path(&closure[0], logs).await.expect("ensure");
+    let sigs: BTreeSet<String> = ["test-1:c2lnbmF0dXJl".to_owned()].into();
+    w.s.add_signatures(&closure[0], &sigs, logs)
+        .await
+        .expect("root is trusted");
+    let info =
+        w.s.query_path_info(&closure[0], logs)
+            .await
+            .expect("qpi")
+            .expect("valid");
+    assert!(info.sigs.contains("test-1:c2lnbmF0dXJl"));
+}
+
+#[tokio::test]
+async fn worker_nar_from_path_and_uploads() {
+    let src = store();
+    let closure = build_closure(&src);
+    let mut w = worker(&src).await;
+    let logs = &mut |_| {};
+    let mut nar = Vec::new();
+    let sum =
+        w.s.nar_from_path(&closure[2], &mut nar, logs)
+            .await
+            .expect("nar");
+    let info =
+        w.s.query_path_info(&closure[2], logs)
+            .await
+            .expect("qpi")
+            .expect("valid");
+    assert_eq!(sum.nar_hash, info.nar_hash);
+    assert_eq!(sum.nar_size, nar.len() as u64);
+
+    let fetched = fetch_all(&src, &closure).await;
+
+    // One path at a time with AddToStoreNar (framed at 1.34).
+    let dst = store();
+    let mut d = worker(&dst).await;
+    for (info, n) in &fetched {
+        let mut cur = std::io::Cursor::new(n.clone());
+        let mut up = Upload {
+            info: info.clone(),
+            nar: &mut cur,
+        };
+        d.s.add_to_store_nar(&mut up, false, true, logs)
+            .await
+            .expect("add");
+    }
+    for p in &closure {
+        verify(&dst, p);
+    }
+
+    // All at once with AddMultipleToStore.
+    let dst2 = store();
+    let mut d2 = worker(&dst2).await;
+    let mut items = with_cursors(fetched.clone());
+    d2.s.add_multiple_to_store(&mut uploads(&mut items), false, true, logs)
+        .await
+        .expect("add multiple");
+    for p in &closure {
+        verify(&dst2, p);
+    }
+}
+
+#[tokio::test]
+async fn worker_upload_with_a_wrong_hash_fails_and_the_session_survives() {
+    let src = store();
+    let closure = build_closure(&src);
+    let fetched = fetch_all(&src, &closure[..1]).await;
+    let dst = store();
+    let mut d = worker(&dst).await;
+    let logs = &mut |_| {};
+    let (mut info, nar) = fetched[0].clone();
+    info.nar_hash = nixmux_proto::hash::Hash::sha256_of(b"not the nar");
+    let mut cur = std::io::Cursor::new(nar.clone());
+    let e =
+        d.s.add_to_store_nar(
+            &mut Upload {
+                info,
+                nar: &mut cur,
+            },
+            false,
+            true,
+            logs,
+        )
+        .await
+        .expect_err("hash mismatch");
+    assert!(matches!(e, SessionError::Remote(_)), "{e:?}");
+    assert!(d.s.is_usable(), "a STDERR_ERROR keeps the session");
+    let mut cur = std::io::Cursor::new(nar);
+    d.s.add_to_store_nar(
+        &mut Upload {
+            info: fetched[0].0.clone(),
+            nar: &mut cur,
+        },
+        false,
+        true,
+        logs,
+    )
+    .await
+    .expect("the session still works");
+    verify(&dst, &closure[0]);
+}
+
+#[tokio::test]
+async fn worker_builds_with_logs_and_limits() {
+    let client = store();
+    let builder = store();
+    let mut w = worker(&builder).await;
+    let mut events = Vec::new();
+    let (drv_path, drv) = instantiate(
+        &client,
+        &trivial_drv("echo line-one; echo line-two >&2; echo ok > $out", "wok"),
+    );
+    let res =
+        w.s.build_derivation(
+            &drv_path,
+            &drv.to_basic(BTreeSet::new()),
+            BuildMode::Normal,
+            &mut |e| events.push(e),
+        )
+        .await
+        .expect("build");
+    assert_eq!(res.status, BuildStatus::Built, "{res:?}");
+    assert!(res.built_outputs.contains_key("out"));
+    let lines: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            LogEvent::Line {
+                activity: Some(_),
+                text,
+            } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        lines.contains(&"line-one") && lines.contains(&"line-two"),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, LogEvent::Start { kind: 105, .. }))
+    );
+
+    // Limits travel with SetOptions: max-silent-time as a field, the rest as overrides.
+    let opts = ClientOptions {
+        max_silent_time: 1,
+        ..ClientOptions::default()
+    };
+    w.s.set_options(&opts, &mut |_| {}).await.expect("options");
+    let (p, d) = instantiate(&client, &trivial_drv("sleep 10; touch $out", "wslow"));
+    let res =
+        w.s.build_derivation(
+            &p,
+            &d.to_basic(BTreeSet::new()),
+            BuildMode::Normal,
+            &mut |_| {},
+        )
+        .await
+        .expect("build");
+    assert_eq!(res.status, BuildStatus::TimedOut, "{res:?}");
+
+    let mut opts = ClientOptions::default();
+    opts.overrides
+        .insert("max-build-log-size".into(), "1000".into());
+    w.s.set_options(&opts, &mut |_| {}).await.expect("options");
+    let (p, d) = instantiate(
+        &client,
+        &trivial_drv("yes | head -c 100000; touch $out", "wchatty"),
+    );
+    let res =
+        w.s.build_derivation(
+            &p,
+            &d.to_basic(BTreeSet::new()),
+            BuildMode::Normal,
+            &mut |_| {},
+        )
+        .await
+        .expect("build");
+    assert_eq!(res.status, BuildStatus::LogLimitExceeded, "{res:?}");
+
+    let (p, d) = instantiate(&client, &trivial_drv("exit 1", "wfail"));
+    let res =
+        w.s.build_derivation(
+            &p,
+            &d.to_basic(BTreeSet::new()),
+            BuildMode::Normal,
+            &mut |_| {},
+        )
+        .await
+        .expect("build");
+    assert_eq!(res.status, BuildStatus::PermanentFailure);
+    assert!(w.s.is_usable());
+}
+
+#[tokio::test]
+async fn worker_build_paths_and_missing() {
+    let st = store();
+    let (drv_path, drv) = instantiate(&st, &trivial_drv("echo x > $out", "wbp"));
+    let mut w = worker(&st).await;
+    let logs = &mut |_| {};
+    let target = DerivedPath::Built {
+        drv: drv_path.clone(),
+        outputs: OutputsSpec::Names(["out".to_owned()].into()),
+    };
+    let missing =
+        w.s.query_missing(std::slice::from_ref(&target), logs)
+            .await
+            .expect("missing");
+    assert!(missing.will_build.contains(&drv_path), "{missing:?}");
+    let results =
+        w.s.build_paths_with_results(std::slice::from_ref(&target), BuildMode::Normal, logs)
+            .await
+            .expect("build");
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0].0, target);
+    assert!(results[0].1.status.is_success(), "{:?}", results[0].1);
+    let out = drv.outputs["out"].path.clone().expect("path");
+    assert_eq!(results[0].1.built_outputs["out"].path, out);
+
+    let (p, _) = instantiate(&st, &trivial_drv("exit 1", "wbp-fail"));
+    let e =
+        w.s.build_paths(&[DerivedPath::all_outputs(p)], BuildMode::Normal, logs)
+            .await
+            .expect_err("failure");
+    assert!(matches!(e, SessionError::Remote(_)), "{e:?}");
+    assert!(w.s.is_usable());
+    w.s.build_paths(&[target], BuildMode::Normal, logs)
+        .await
+        .expect("already valid");
+}
+
+#[tokio::test]
+async fn worker_realisations() {
+    // Nix 2.8's daemon aborts (an assertion in sqlite.cc) when asked for a realisation on a
+    // store without the ca-derivations feature: the session must end with the remote's words.
+    let plain = store();
+    let mut w = worker(&plain).await;
+    let logs = &mut |_| {};
+    let id = DrvOutputId::HashModulo {
+        drv_hash: format!("sha256:{}", "1".repeat(64)),
+        output: "out".into(),
+    };
+    let e =
+        w.s.query_realisation(&id, logs)
+            .await
+            .expect_err("daemon dies");
+    assert!(e.to_string().contains("Assertion"), "{e}");
+    assert!(!w.s.is_usable());
+
+    let st =
+        PrivateStore::temp_with_config(&["experimental-features = nix-command ca-derivations"])
+            .expect("store");
+    let closure = build_closure(&st);
+    let mut w = worker(&st).await;
+    assert_eq!(w.s.query_realisation(&id, logs).await.expect("query"), None);
+    let real = nixmux_proto::worker::Realisation {
+        id: id.clone(),
+        out_path: closure[0].clone(),
+        signatures: BTreeSet::new(),
+    };
+    w.s.register_drv_output(&real, logs)
+        .await
+        .expect("register");
+    let got = w.s.query_realisation(&id, logs).await.expect("query");
+    assert_eq!(got, Some(real));
+}
+
+#[tokio::test]
+async fn dropping_an_operation_poisons_the_session() {
+    let client = store();
+    let builder = store();
+    let mut w = worker(&builder).await;
+    let (p, d) = instantiate(&client, &trivial_drv("sleep 30; touch $out", "long"));
+    let basic: BasicDerivation = d.to_basic(BTreeSet::new());
+    let mut ignore = |_| {};
+    let fut =
+        w.s.build_derivation(&p, &basic, BuildMode::Normal, &mut ignore);
+    // Cancel mid-build.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), fut)
+            .await
+            .is_err()
+    );
+    assert!(!w.s.is_usable());
+    let e =
+        w.s.is_valid_path(&p, &mut |_| {})
+            .await
+            .expect_err("poisoned");
+    assert!(matches!(e, SessionError::Poisoned));
+}
