@@ -162,7 +162,10 @@ async fn fetch_all(src: &PrivateStore, paths: &[StorePath]) -> Vec<(PathInfo, Ve
     out
 }
 
-fn uploads(items: &mut [(PathInfo, Vec<u8>, std::io::Cursor<Vec<u8>>)]) -> Vec<Upload<'_>> {
+/// A path's metadata, its NAR, and a reader over that NAR.
+type Item = (PathInfo, Vec<u8>, std::io::Cursor<Vec<u8>>);
+
+fn uploads(items: &mut [Item]) -> Vec<Upload<'_>> {
     items
         .iter_mut()
         .map(|(info, _, cur)| Upload {
@@ -172,7 +175,7 @@ fn uploads(items: &mut [(PathInfo, Vec<u8>, std::io::Cursor<Vec<u8>>)]) -> Vec<U
         .collect()
 }
 
-fn with_cursors(v: Vec<(PathInfo, Vec<u8>)>) -> Vec<(PathInfo, Vec<u8>, std::io::Cursor<Vec<u8>>)> {
+fn with_cursors(v: Vec<(PathInfo, Vec<u8>)>) -> Vec<Item> {
     v.into_iter()
         .map(|(i, n)| {
             let c = std::io::Cursor::new(n.clone());
