@@ -286,12 +286,13 @@ impl ServeSession {
     }
 
     /// `ExportPaths`: the NARs of `paths` come back in one stream, dependencies first. Each
-    /// NAR is written to the sink `sink_for(i)` returns for the i-th path.
+    /// NAR is written to the sink `sink_for(i)` returns for the i-th path; the sinks are handed
+    /// back with each path's trailer and summary.
     pub async fn export_paths<S>(
         &mut self,
         paths: &BTreeSet<StorePath>,
         mut sink_for: impl FnMut(usize) -> S,
-    ) -> Result<Vec<(ExportTrailer, NarSummary)>, SessionError>
+    ) -> Result<Vec<(ExportTrailer, NarSummary, S)>, SessionError>
     where
         S: AsyncWrite + Unpin + Send,
     {
@@ -325,7 +326,7 @@ impl ServeSession {
                             .conn
                             .read(DURING, |r| serve::read_export_trailer(r, &dir))
                             .await?;
-                        out.push((trailer, NarSummary { nar_size, nar_hash }));
+                        out.push((trailer, NarSummary { nar_size, nar_hash }, sink));
                     }
                 }
             }

@@ -286,41 +286,31 @@ async fn serve_import_and_export_paths() {
     // Export from the source...
     let mut s = serve(&src).await;
     let set: BTreeSet<_> = closure.iter().cloned().collect();
-    let mut nars: Vec<Vec<u8>> = vec![Vec::new(); 3];
-    let mut bufs: Vec<Vec<u8>> = Vec::new();
     let exported =
-        s.s.export_paths(&set, |_| {
-            bufs.push(Vec::new());
-            std::io::Cursor::new(Vec::new())
-        })
-        .await;
-    // The sinks above are throwaway cursors; export again into owned buffers for the import.
-    let exported = exported.expect("export");
-    assert_eq!(exported.len(), 3);
-    let order: Vec<_> = exported.iter().map(|(t, _)| t.path.clone()).collect();
+        s.s.export_paths(&set, |_| std::io::Cursor::new(Vec::new()))
+            .await
+            .expect("export");
+    let order: Vec<_> = exported.iter().map(|(t, _, _)| t.path.clone()).collect();
     assert_eq!(order, closure, "dependencies first");
-    for (i, p) in closure.iter().enumerate() {
-        s.s.dump_store_path(p, &mut nars[i]).await.expect("dump");
-    }
     // ...and import into the destination in one stream.
-    let trailers: Vec<ExportTrailer> = exported.into_iter().map(|(t, _)| t).collect();
-    let mut cursors: Vec<std::io::Cursor<Vec<u8>>> = nars
-        .iter()
-        .map(|n| std::io::Cursor::new(n.clone()))
+    let mut parts: Vec<(ExportTrailer, std::io::Cursor<Vec<u8>>, u64)> = exported
+        .into_iter()
+        .map(|(t, sum, sink)| {
+            assert_eq!(sum.nar_size, sink.get_ref().len() as u64);
+            (t, std::io::Cursor::new(sink.into_inner()), sum.nar_size)
+        })
         .collect();
     let mut items: Vec<(
         ExportTrailer,
         &mut (dyn tokio::io::AsyncRead + Unpin + Send),
         u64,
-    )> = trailers
-        .into_iter()
-        .zip(cursors.iter_mut())
-        .zip(nars.iter())
-        .map(|((t, c), n)| {
+    )> = parts
+        .iter_mut()
+        .map(|(t, c, n)| {
             (
-                t,
+                t.clone(),
                 c as &mut (dyn tokio::io::AsyncRead + Unpin + Send),
-                n.len() as u64,
+                *n,
             )
         })
         .collect();
