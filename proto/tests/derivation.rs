@@ -1,6 +1,6 @@
 //! `.drv` files written by Nix 2.8.0's `nix-instantiate` (`tests/data/drv/`, see
 //! `tests/data/PROVENANCE.md`) and the `BasicDerivation`s in the recorded build-hook
-//! conversations (`/work/shared/transcripts/nix-2.8.0/build-hook-ssh*/`).
+//! conversations (`tests/data/transcripts/nix-2.8.0/build-hook-ssh*/`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -216,14 +216,10 @@ fn after_build_derivation<'a>(stream: &'a [u8], command: u64, drv_path: &str) ->
 }
 
 fn transcript(rel: &str) -> Option<Vec<u8>> {
-    let p = Path::new("/work/shared/transcripts/nix-2.8.0").join(rel);
-    match std::fs::read(&p) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            eprintln!("{}: {e}; skipping", p.display());
-            None
-        }
-    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/transcripts/nix-2.8.0")
+        .join(rel);
+    Some(std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
 }
 
 #[test]
