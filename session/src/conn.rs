@@ -145,7 +145,7 @@ impl Conn {
         };
         match tokio::time::timeout(timeout, fut).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(self.io_error(during, e).await),
+            Ok(Err(e)) => Err(io_error(self.config.diagnostics.clone(), during, e).await),
             Err(_) => Err(SessionError::Timeout {
                 during,
                 after: timeout,
@@ -173,7 +173,7 @@ impl Conn {
         };
         match tokio::time::timeout(timeout, fut).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(self.io_error(during, e).await),
+            Ok(Err(e)) => Err(io_error(self.config.diagnostics.clone(), during, e).await),
             Err(_) => Err(SessionError::Timeout {
                 during,
                 after: timeout,
@@ -189,29 +189,6 @@ impl Conn {
     /// Closes our sending side (EOF to the remote).
     pub(crate) async fn shutdown(&mut self) {
         let _ = tokio::time::timeout(self.config.io_timeout, self.writer.shutdown()).await;
-    }
-
-    /// A broken pipe or reset usually means the remote died; ask the diagnostics why.
-    async fn io_error(&self, during: &'static str, e: std::io::Error) -> SessionError {
-        use std::io::ErrorKind::*;
-        if matches!(
-            e.kind(),
-            BrokenPipe | ConnectionReset | UnexpectedEof | NotConnected
-        ) {
-            SessionError::Closed {
-                during,
-                explanation: self.explain().await,
-            }
-        } else {
-            SessionError::Io { during, source: e }
-        }
-    }
-
-    pub(crate) async fn explain(&self) -> Option<String> {
-        match &self.config.diagnostics {
-            Some(d) => d.explain().await,
-            None => None,
-        }
     }
 
     /// Reads more bytes into `rbuf`, at least `min` (or fails).
@@ -236,11 +213,11 @@ impl Conn {
                 Ok(0) => {
                     return Err(SessionError::Closed {
                         during,
-                        explanation: self.explain().await,
+                        explanation: explain(self.config.diagnostics.clone()).await,
                     });
                 }
                 Ok(n) => self.bytes_in += n as u64,
-                Err(e) => return Err(self.io_error(during, e).await),
+                Err(e) => return Err(io_error(self.config.diagnostics.clone(), during, e).await),
             }
         }
         Ok(())
@@ -334,7 +311,7 @@ impl Conn {
                 reader: &mut self.reader,
                 rbuf: &mut self.rbuf,
                 limits: &self.config.limits,
-                diagnostics: self.config.diagnostics.as_ref(),
+                diagnostics: self.config.diagnostics.clone(),
                 bytes_in: &mut self.bytes_in,
             },
             WriteHalf {
@@ -346,12 +323,40 @@ impl Conn {
     }
 }
 
+/// What the remote has to say about its death, if anything.
+pub(crate) async fn explain(diagnostics: Option<Arc<dyn RemoteDiagnostics>>) -> Option<String> {
+    match diagnostics {
+        Some(d) => d.explain().await,
+        None => None,
+    }
+}
+
+/// A broken pipe or reset usually means the remote died; ask the diagnostics why.
+async fn io_error(
+    diagnostics: Option<Arc<dyn RemoteDiagnostics>>,
+    during: &'static str,
+    e: std::io::Error,
+) -> SessionError {
+    use std::io::ErrorKind::*;
+    if matches!(
+        e.kind(),
+        BrokenPipe | ConnectionReset | UnexpectedEof | NotConnected
+    ) {
+        SessionError::Closed {
+            during,
+            explanation: explain(diagnostics).await,
+        }
+    } else {
+        SessionError::Io { during, source: e }
+    }
+}
+
 /// Read side during a concurrent operation.
 pub(crate) struct ReadHalf<'a> {
     reader: &'a mut BoxReader,
     rbuf: &'a mut BytesMut,
     limits: &'a Limits,
-    diagnostics: Option<&'a Arc<dyn RemoteDiagnostics>>,
+    diagnostics: Option<Arc<dyn RemoteDiagnostics>>,
     bytes_in: &'a mut u64,
 }
 
@@ -383,10 +388,7 @@ impl ReadHalf<'_> {
                         };
                         match n {
                             Ok(0) => {
-                                let explanation = match self.diagnostics {
-                                    Some(d) => d.explain().await,
-                                    None => None,
-                                };
+                                let explanation = explain(self.diagnostics.clone()).await;
                                 return Err(SessionError::Closed {
                                     during,
                                     explanation,

@@ -1,0 +1,312 @@
+//! A builder: the handle a scheduler holds, with the operations that work the same way on
+//! both protocols.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use nixmux_proto::ProtocolVersion;
+use nixmux_proto::path_info::PathInfo;
+use nixmux_proto::store_path::{StoreDir, StorePath};
+use nixmux_proto::worker::Trust;
+use nixmux_session::{SessionConfig, WorkerConfig};
+
+use crate::connections::{ConnectionLimits, ConnectionSet, Registry};
+use crate::error::{Result, from_session};
+use crate::pool::{PoolSettings, PooledSession, SessionPool};
+use crate::remote::{Conversation, Protocol, SessionSpec};
+use crate::stats::{BuilderStats, Health};
+use crate::target::ConnectTarget;
+
+/// What the scheduler knows about a machine besides how to reach it (machines-file fields).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MachineInfo {
+    /// Platforms it builds for (`x86_64-linux`...).
+    pub systems: Vec<String>,
+    /// Concurrent builds it accepts.
+    pub max_jobs: u32,
+    /// Relative speed.
+    pub speed_factor: f64,
+    /// Features it supports.
+    pub supported_features: Vec<String>,
+    /// Features a derivation must require to be sent there.
+    pub mandatory_features: Vec<String>,
+}
+
+impl Default for MachineInfo {
+    fn default() -> Self {
+        MachineInfo {
+            systems: Vec::new(),
+            max_jobs: 1,
+            speed_factor: 1.0,
+            supported_features: Vec::new(),
+            mandatory_features: Vec::new(),
+        }
+    }
+}
+
+/// Everything needed to use one builder.
+#[derive(Debug, Clone)]
+pub struct BuilderConfig {
+    /// Name used in errors and reports (the store URL as written, usually).
+    pub name: String,
+    /// Serve (`ssh://`) or worker (`ssh-ng://`).
+    pub protocol: Protocol,
+    /// How to reach the host.
+    pub target: ConnectTarget,
+    /// The command run on the builder for each session.
+    pub remote_command: String,
+    /// The store directory of the builder (`/nix/store`).
+    pub store_dir: StoreDir,
+    /// Session pool limits.
+    pub pool: PoolSettings,
+    /// Connection limits (shared with other builders on the same host: the first wins).
+    pub connections: ConnectionLimits,
+    /// Timeouts and wire limits of each session.
+    pub session: SessionConfig,
+    /// Worker-protocol handshake settings.
+    pub worker: WorkerConfig,
+    /// Scheduling metadata.
+    pub machine: MachineInfo,
+}
+
+impl BuilderConfig {
+    /// A builder with default settings and the standard remote command for `protocol`.
+    pub fn new(name: impl Into<String>, protocol: Protocol, target: ConnectTarget) -> Self {
+        BuilderConfig {
+            name: name.into(),
+            protocol,
+            target,
+            remote_command: match protocol {
+                Protocol::Serve => "nix-store --serve --write".into(),
+                Protocol::Worker => "nix-daemon --stdio".into(),
+            },
+            store_dir: StoreDir::default(),
+            pool: PoolSettings::default(),
+            connections: ConnectionLimits::default(),
+            session: SessionConfig::default(),
+            worker: WorkerConfig::default(),
+            machine: MachineInfo::default(),
+        }
+    }
+}
+
+/// What a session learned about the builder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteInfo {
+    /// The protocol.
+    pub protocol: Protocol,
+    /// Negotiated version.
+    pub version: ProtocolVersion,
+    /// The builder's Nix version, when the protocol tells (worker 1.33+).
+    pub nix_version: Option<String>,
+    /// Trust, when the protocol tells (worker 1.35+); `None` is unknown.
+    pub trusted: Option<bool>,
+}
+
+pub(crate) struct BuilderInner {
+    pub(crate) config: BuilderConfig,
+    pub(crate) set: Arc<ConnectionSet>,
+    pub(crate) pool: Arc<SessionPool>,
+}
+
+/// A builder. Cheap to clone; all clones share its connection and sessions.
+#[derive(Clone)]
+pub struct Builder {
+    pub(crate) inner: Arc<BuilderInner>,
+}
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("name", &self.inner.config.name)
+            .field("protocol", &self.inner.config.protocol)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Builder {
+    pub(crate) fn new(config: BuilderConfig, registry: &Registry) -> Self {
+        let set = registry.get(config.target.clone(), config.connections.clone());
+        let spec = SessionSpec {
+            protocol: config.protocol,
+            command: config.remote_command.clone(),
+            session: config.session.clone(),
+            worker: config.worker.clone(),
+            store_dir: config.store_dir.clone(),
+            channel_wait: config.pool.acquire_timeout,
+        };
+        let pool = SessionPool::new(config.name.clone(), set.clone(), spec, config.pool.clone());
+        Builder {
+            inner: Arc::new(BuilderInner { config, set, pool }),
+        }
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.inner.config.name
+    }
+
+    /// Its protocol.
+    pub fn protocol(&self) -> Protocol {
+        self.inner.config.protocol
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &BuilderConfig {
+        &self.inner.config
+    }
+
+    /// Health of its connection.
+    pub fn health(&self) -> Health {
+        self.inner.set.health()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> BuilderStats {
+        let c = &self.inner.set.counters;
+        let p = &self.inner.pool.counters;
+        let (bytes_in, bytes_out) = self.inner.set.bytes();
+        BuilderStats {
+            connections_opened: c.connections_opened.load(Ordering::Relaxed),
+            connect_failures: c.connect_failures.load(Ordering::Relaxed),
+            channels_opened: c.channels_opened.load(Ordering::Relaxed),
+            channel_refusals: c.channel_refusals.load(Ordering::Relaxed),
+            sessions_created: p.created.load(Ordering::Relaxed),
+            sessions_discarded: p.discarded.load(Ordering::Relaxed),
+            sessions_expired: p.expired.load(Ordering::Relaxed),
+            idle_sessions: self.inner.pool.idle_count(),
+            busy_sessions: self.inner.pool.busy_count(),
+            acquires: p.acquires.load(Ordering::Relaxed),
+            acquires_waited: p.waited.load(Ordering::Relaxed),
+            acquire_timeouts: p.timeouts.load(Ordering::Relaxed),
+            wait_time: Duration::from_micros(p.wait_micros.load(Ordering::Relaxed)),
+            bytes_in,
+            bytes_out,
+        }
+    }
+
+    /// Closes idle sessions (e.g. before measuring cold starts).
+    pub fn close_idle(&self) {
+        self.inner.pool.clear_idle();
+    }
+
+    pub(crate) async fn acquire(&self) -> Result<PooledSession> {
+        self.inner.pool.acquire().await
+    }
+
+    fn err(&self, e: nixmux_session::SessionError) -> crate::Error {
+        from_session(e).on(self.name())
+    }
+
+    /// Protocol, version, remote Nix version and trust, from a (pooled) session.
+    pub async fn remote_info(&self) -> Result<RemoteInfo> {
+        let mut s = self.acquire().await?;
+        let info = match &s.get().conv {
+            Conversation::Serve(x) => RemoteInfo {
+                protocol: Protocol::Serve,
+                version: x.version(),
+                nix_version: None,
+                trusted: None,
+            },
+            Conversation::Worker(w) => RemoteInfo {
+                protocol: Protocol::Worker,
+                version: w.version(),
+                nix_version: w.daemon_info().nix_version.clone(),
+                trusted: w.daemon_info().trust.map(|t| t == Trust::Trusted),
+            },
+        };
+        s.succeeded();
+        Ok(info)
+    }
+
+    /// Which of `paths` are valid on the builder. With `substitute`, the builder first tries
+    /// to fetch missing ones from its own substituters (`builders-use-substitutes`), on both
+    /// protocols.
+    pub async fn query_valid_paths(
+        &self,
+        paths: &BTreeSet<StorePath>,
+        substitute: bool,
+    ) -> Result<BTreeSet<StorePath>> {
+        let mut s = self.acquire().await?;
+        let r = match &mut s.get().conv {
+            Conversation::Serve(x) => x.query_valid_paths(paths, false, substitute).await,
+            Conversation::Worker(w) => w.query_valid_paths(paths, substitute, &mut |_| {}).await,
+        }
+        .map_err(|e| self.err(e));
+        if r.is_ok() {
+            s.succeeded();
+        }
+        r
+    }
+
+    /// Metadata of the valid ones among `paths`, in one round trip on both protocols (serve
+    /// batches natively; worker requests are pipelined).
+    pub async fn query_path_infos(&self, paths: &BTreeSet<StorePath>) -> Result<Vec<PathInfo>> {
+        let mut s = self.acquire().await?;
+        let r = match &mut s.get().conv {
+            Conversation::Serve(x) => x.query_path_infos(paths).await,
+            Conversation::Worker(w) => w.query_path_infos(paths, &mut |_| {}).await,
+        }
+        .map_err(|e| self.err(e));
+        if r.is_ok() {
+            s.succeeded();
+        }
+        r
+    }
+}
+
+/// A set of builders sharing connections: builders that reach the same host (say an `ssh://`
+/// and an `ssh-ng://` line for one machine, or machines behind one jump host) use the same
+/// pooled SSH connection.
+pub struct Pool {
+    registry: Arc<Registry>,
+    builders: std::sync::Mutex<Vec<Builder>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").finish_non_exhaustive()
+    }
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Pool {
+    /// An empty pool.
+    pub fn new() -> Self {
+        Pool {
+            registry: Registry::new(),
+            builders: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Adds a builder. Nothing connects until it is first used.
+    pub fn add(&self, config: BuilderConfig) -> Builder {
+        let b = Builder::new(config, &self.registry);
+        if let Ok(mut v) = self.builders.lock() {
+            v.push(b.clone());
+        }
+        b
+    }
+
+    /// Every builder added so far.
+    pub fn builders(&self) -> Vec<Builder> {
+        self.builders.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Closes idle sessions and every connection.
+    pub async fn shutdown(&self) {
+        for b in self.builders() {
+            b.close_idle();
+        }
+        for set in self.registry.all() {
+            set.disconnect_all().await;
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! Build logs delivered to the scheduler without ever blocking the transport.
+//!
+//! Log events come from a session's protocol loop (worker frames) or from a channel's stderr
+//! drain task (serve). Both run on paths that also carry other traffic, so they must never
+//! wait for a slow consumer: events go into a bounded queue, and when it is full they are
+//! dropped and counted. The consumer sees the count ([`LogStream::dropped`]) and can say so.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub use nixmux_proto::log::LogEvent;
+use tokio::sync::mpsc;
+
+/// The sending side, held by the operation that produces logs.
+#[derive(Debug, Clone)]
+pub struct LogSender {
+    tx: mpsc::Sender<LogEvent>,
+    dropped: Arc<AtomicU64>,
+}
+
+/// The receiving side, given to the scheduler.
+#[derive(Debug)]
+pub struct LogStream {
+    rx: mpsc::Receiver<LogEvent>,
+    dropped: Arc<AtomicU64>,
+}
+
+/// A log channel holding at most `capacity` undelivered events.
+pub fn log_channel(capacity: usize) -> (LogSender, LogStream) {
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    let dropped = Arc::new(AtomicU64::new(0));
+    (
+        LogSender {
+            tx,
+            dropped: dropped.clone(),
+        },
+        LogStream { rx, dropped },
+    )
+}
+
+impl LogSender {
+    /// Delivers `ev` if there is room, else drops and counts it. Never waits.
+    pub fn send(&self, ev: LogEvent) {
+        if self.tx.try_send(ev).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A sender that discards everything (when the caller does not want logs).
+    pub fn discard() -> Self {
+        let (tx, _) = mpsc::channel(1);
+        LogSender {
+            tx,
+            dropped: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl LogStream {
+    /// The next event; `None` once every sender is gone and the queue is empty.
+    pub async fn recv(&mut self) -> Option<LogEvent> {
+        self.rx.recv().await
+    }
+
+    /// The next event if one is queued.
+    pub fn try_recv(&mut self) -> Option<LogEvent> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Events dropped so far because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,289 @@
+//! One protocol session on a builder: an exec channel running `nix-store --serve --write` or
+//! `nix-daemon --stdio`, with the handshake done.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nixmux_proto::log::{LineSplitter, LogEvent};
+use nixmux_proto::store_path::StoreDir;
+use nixmux_session::{
+    RemoteDiagnostics, ServeSession, SessionConfig, SessionError, WorkerConfig, WorkerSession,
+};
+use nixmux_transport::{ExecOptions, ExecStatus, ExitStatus};
+
+use crate::connections::{ChannelTicket, ConnectionSet};
+use crate::error::{Error, ErrorKind, Result, from_session};
+use crate::logs::LogSender;
+
+/// Which protocol a builder speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// `ssh://`: `nix-store --serve --write`.
+    Serve,
+    /// `ssh-ng://`: `nix-daemon --stdio`.
+    Worker,
+}
+
+impl Protocol {
+    /// The URL scheme.
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Protocol::Serve => "ssh",
+            Protocol::Worker => "ssh-ng",
+        }
+    }
+}
+
+/// How to start and greet one kind of session.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionSpec {
+    pub(crate) protocol: Protocol,
+    /// The remote command line (`nix-daemon --stdio`, with `remote-program` / `--store`).
+    pub(crate) command: String,
+    pub(crate) session: SessionConfig,
+    pub(crate) worker: WorkerConfig,
+    pub(crate) store_dir: StoreDir,
+    /// Longest wait for a channel slot.
+    pub(crate) channel_wait: Duration,
+}
+
+/// The conversation itself.
+#[derive(Debug)]
+pub(crate) enum Conversation {
+    Serve(ServeSession),
+    Worker(WorkerSession),
+}
+
+/// Where the serve protocol's stderr lines go: the log of whichever operation is running.
+#[derive(Default)]
+pub(crate) struct LogRoute {
+    current: Mutex<Option<LogSender>>,
+}
+
+impl LogRoute {
+    pub(crate) fn set(&self, s: Option<LogSender>) {
+        if let Ok(mut c) = self.current.lock() {
+            *c = s;
+        }
+    }
+
+    fn send(&self, ev: LogEvent) {
+        if let Ok(c) = self.current.lock()
+            && let Some(s) = c.as_ref()
+        {
+            s.send(ev);
+        }
+    }
+}
+
+/// A live session.
+pub(crate) struct RemoteSession {
+    pub(crate) conv: Conversation,
+    pub(crate) status: ExecStatus,
+    pub(crate) ticket: ChannelTicket,
+    pub(crate) route: Arc<LogRoute>,
+    pub(crate) created: Instant,
+    pub(crate) last_used: Instant,
+    pump: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for RemoteSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteSession")
+            .field("conv", &self.conv)
+            .field("ticket", &self.ticket)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for RemoteSession {
+    fn drop(&mut self) {
+        if let Some(p) = self.pump.take() {
+            p.abort();
+        }
+    }
+}
+
+impl RemoteSession {
+    /// Whether it can take another operation.
+    pub(crate) fn is_usable(&self) -> bool {
+        let proto_ok = match &self.conv {
+            Conversation::Serve(s) => s.is_usable(),
+            Conversation::Worker(w) => w.is_usable(),
+        };
+        proto_ok && !self.status.is_closed() && self.ticket.connection_alive()
+    }
+}
+
+/// Explains a remote death from the channel: exit status and stderr tail.
+struct ChannelDiagnostics(ExecStatus);
+
+impl RemoteDiagnostics for ChannelDiagnostics {
+    fn explain(&self) -> Pin<Box<dyn Future<Output = Option<String>> + Send + '_>> {
+        Box::pin(async move {
+            let exit = tokio::time::timeout(Duration::from_secs(1), self.0.exit())
+                .await
+                .ok()
+                .and_then(|r| r.ok());
+            let tail = self.0.stderr_tail_lossy();
+            let tail = last_lines(&tail, 15);
+            match (tail.is_empty(), exit) {
+                (true, None) => None,
+                (true, Some(e)) => Some(format!("remote command ended: {e}")),
+                (false, None) => Some(tail),
+                (false, Some(e)) => Some(format!("{tail} (remote command ended: {e})")),
+            }
+        })
+    }
+}
+
+/// The last `n` non-empty lines of `s`.
+pub(crate) fn last_lines(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
+    let start = lines.len().saturating_sub(n);
+    lines[start..].join("\n")
+}
+
+/// Whether the remote shell could not find the command (POSIX: exit 127).
+fn command_missing(status: &ExecStatus) -> bool {
+    let tail = status.stderr_tail_lossy();
+    matches!(status.try_exit(), Some(ExitStatus::Code(127)))
+        || tail.contains("command not found")
+        || (tail.contains("No such file or directory") && tail.contains("exec"))
+}
+
+/// Opens a channel on `set` and performs the handshake of `spec`.
+pub(crate) async fn open(
+    set: &Arc<ConnectionSet>,
+    spec: &SessionSpec,
+    builder: &str,
+) -> Result<RemoteSession> {
+    let options = match spec.protocol {
+        // The serve protocol's stderr is the build log: give it a queue of its own.
+        Protocol::Serve => ExecOptions::with_stderr_log(1024),
+        Protocol::Worker => ExecOptions::default(),
+    };
+    let (mut channel, ticket) = set
+        .open_channel(&spec.command, options, spec.channel_wait)
+        .await
+        .map_err(|e| e.on(builder))?;
+    let log = channel.take_stderr_log();
+    let (stdin, stdout, status) = channel.into_parts();
+    let mut config = spec.session.clone();
+    config.diagnostics = Some(Arc::new(ChannelDiagnostics(status.clone())));
+    let route = Arc::new(LogRoute::default());
+    let pump = log.map(|mut log| {
+        let route = route.clone();
+        let max = usize::try_from(spec.session.limits.max_log_line).unwrap_or(64 << 10);
+        tokio::spawn(async move {
+            let mut split = LineSplitter::new(max);
+            while let Some(chunk) = log.recv().await {
+                for line in split.feed(&chunk) {
+                    route.send(LogEvent::Line {
+                        activity: None,
+                        text: line,
+                    });
+                }
+            }
+            if let Some(line) = split.finish() {
+                route.send(LogEvent::Line {
+                    activity: None,
+                    text: line,
+                });
+            }
+        })
+    });
+    let reader = Box::new(stdout);
+    let writer = Box::new(stdin);
+    let conv = match spec.protocol {
+        Protocol::Serve => ServeSession::handshake(reader, writer, spec.store_dir.clone(), config)
+            .await
+            .map(Conversation::Serve),
+        Protocol::Worker => WorkerSession::handshake(
+            reader,
+            writer,
+            spec.store_dir.clone(),
+            config,
+            &spec.worker,
+            &mut |ev| tracing::debug!(?ev, "log during handshake"),
+        )
+        .await
+        .map(Conversation::Worker),
+    };
+    let conv = match conv {
+        Ok(c) => c,
+        Err(e) => return Err(handshake_error(e, &status, spec, builder).await),
+    };
+    let now = Instant::now();
+    Ok(RemoteSession {
+        conv,
+        status,
+        ticket,
+        route,
+        created: now,
+        last_used: now,
+        pump,
+    })
+}
+
+/// Turns a failed handshake into the most useful error: a missing remote command, text
+/// printed by the remote shell, or what the session saw.
+async fn handshake_error(
+    e: SessionError,
+    status: &ExecStatus,
+    spec: &SessionSpec,
+    builder: &str,
+) -> Error {
+    if matches!(e, SessionError::Closed { .. }) {
+        // Let the exit status arrive.
+        let _ = tokio::time::timeout(Duration::from_secs(1), status.exit()).await;
+        if command_missing(status) {
+            let program = spec
+                .command
+                .split_whitespace()
+                .next()
+                .unwrap_or("the remote program");
+            return Error::remote(
+                ErrorKind::RemoteCommandMissing,
+                format!(
+                    "command not found on the builder: `{program}` ({})",
+                    last_lines(&status.stderr_tail_lossy(), 3)
+                ),
+            )
+            .hint(
+                "install Nix on the builder, or point the store URL's `remote-program` parameter at it (e.g. ?remote-program=/nix/var/nix/profiles/default/bin/nix-daemon)",
+            )
+            .on(builder)
+            .retryable(false)
+            .caused_by(e);
+        }
+    }
+    if let SessionError::Protocol {
+        source:
+            nixmux_proto::ProtoError::Misbehaved(nixmux_proto::Misbehaved::WrongMagic { got, .. }),
+        ..
+    } = &e
+    {
+        let bytes = got.to_le_bytes();
+        if bytes
+            .iter()
+            .all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace())
+        {
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            return Error::remote(
+                ErrorKind::Protocol,
+                format!(
+                    "the builder printed text ({text:?}...) before `{}` started speaking the protocol",
+                    spec.command
+                ),
+            )
+            .hint("the remote user's shell start-up files (e.g. ~/.bashrc) or a ForceCommand print to stdout; make them silent for non-interactive shells")
+            .on(builder)
+            .retryable(false)
+            .caused_by(e);
+        }
+    }
+    from_session(e).on(builder)
+}

@@ -1,0 +1,68 @@
+//! Health and statistics per builder.
+
+use std::time::{Duration, Instant};
+
+/// How a builder is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthState {
+    /// Never contacted yet.
+    Idle,
+    /// Connected, no recent connection failures.
+    Up,
+    /// Connected, but recent connection attempts failed.
+    Degraded,
+    /// Unreachable since [`Health::down_since`].
+    Down,
+}
+
+/// Health of a builder.
+#[derive(Debug, Clone)]
+pub struct Health {
+    /// Overall state.
+    pub state: HealthState,
+    /// When it went down.
+    pub down_since: Option<Instant>,
+    /// The last connection error.
+    pub last_error: Option<String>,
+    /// Live SSH connections.
+    pub connections: usize,
+    /// Session channels open across them.
+    pub channels_open: usize,
+    /// sshd's per-connection session limit, once learned from a refusal.
+    pub learned_channel_limit: Option<usize>,
+}
+
+/// Counters of a builder.
+#[derive(Debug, Clone, Default)]
+pub struct BuilderStats {
+    /// SSH connections opened so far.
+    pub connections_opened: u64,
+    /// Failed connection attempts.
+    pub connect_failures: u64,
+    /// Session channels opened so far.
+    pub channels_opened: u64,
+    /// Channel opens sshd refused (each one taught the pool a limit).
+    pub channel_refusals: u64,
+    /// Protocol sessions created (channel + handshake).
+    pub sessions_created: u64,
+    /// Sessions closed because they were broken, poisoned or cancelled.
+    pub sessions_discarded: u64,
+    /// Sessions closed for being idle too long.
+    pub sessions_expired: u64,
+    /// Idle sessions now.
+    pub idle_sessions: usize,
+    /// Sessions in use now.
+    pub busy_sessions: usize,
+    /// Operations that got a session.
+    pub acquires: u64,
+    /// Acquires that had to wait for a free slot.
+    pub acquires_waited: u64,
+    /// Acquires that timed out.
+    pub acquire_timeouts: u64,
+    /// Total time spent waiting in acquire.
+    pub wait_time: Duration,
+    /// Payload bytes received over this builder's connections (live ones).
+    pub bytes_in: u64,
+    /// Payload bytes sent.
+    pub bytes_out: u64,
+}
