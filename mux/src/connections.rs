@@ -146,11 +146,6 @@ impl std::fmt::Debug for ChannelTicket {
 }
 
 impl ChannelTicket {
-    /// The connection this channel lives on.
-    pub(crate) fn conn_id(&self) -> u64 {
-        self.conn_id
-    }
-
     /// Whether that connection is still alive.
     pub(crate) fn connection_alive(&self) -> bool {
         self.set.is_alive(self.conn_id)

@@ -5,8 +5,9 @@
 //! wait for a slow consumer: events go into a bounded queue, and when it is full they are
 //! dropped and counted. The consumer sees the count ([`LogStream::dropped`]) and can say so.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 pub use nixmux_proto::log::LogEvent;
 use tokio::sync::mpsc;
@@ -16,6 +17,9 @@ use tokio::sync::mpsc;
 pub struct LogSender {
     tx: mpsc::Sender<LogEvent>,
     dropped: Arc<AtomicU64>,
+    /// The last lines, kept whatever the consumer does (a failed build reports them).
+    tail: Option<Arc<Mutex<VecDeque<String>>>>,
+    tail_len: usize,
 }
 
 /// The receiving side, given to the scheduler.
@@ -33,6 +37,8 @@ pub fn log_channel(capacity: usize) -> (LogSender, LogStream) {
         LogSender {
             tx,
             dropped: dropped.clone(),
+            tail: None,
+            tail_len: 0,
         },
         LogStream { rx, dropped },
     )
@@ -41,6 +47,14 @@ pub fn log_channel(capacity: usize) -> (LogSender, LogStream) {
 impl LogSender {
     /// Delivers `ev` if there is room, else drops and counts it. Never waits.
     pub fn send(&self, ev: LogEvent) {
+        if let (Some(tail), LogEvent::Line { text, .. }) = (&self.tail, &ev)
+            && let Ok(mut t) = tail.lock()
+        {
+            if t.len() == self.tail_len {
+                t.pop_front();
+            }
+            t.push_back(text.clone());
+        }
         if self.tx.try_send(ev).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -52,7 +66,32 @@ impl LogSender {
         LogSender {
             tx,
             dropped: Arc::new(AtomicU64::new(0)),
+            tail: None,
+            tail_len: 0,
         }
+    }
+
+    /// A copy of this sender that also keeps the last `lines` log lines.
+    pub(crate) fn with_tail(&self, lines: usize) -> Self {
+        LogSender {
+            tx: self.tx.clone(),
+            dropped: self.dropped.clone(),
+            tail: Some(Arc::new(Mutex::new(VecDeque::with_capacity(lines)))),
+            tail_len: lines.max(1),
+        }
+    }
+
+    /// The kept lines (see [`LogSender::with_tail`]).
+    pub(crate) fn tail(&self) -> Vec<String> {
+        self.tail
+            .as_ref()
+            .and_then(|t| t.lock().ok().map(|t| t.iter().cloned().collect()))
+            .unwrap_or_default()
+    }
+
+    /// Events dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 }
 

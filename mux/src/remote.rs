@@ -11,7 +11,7 @@ use nixmux_proto::store_path::StoreDir;
 use nixmux_session::{
     RemoteDiagnostics, ServeSession, SessionConfig, SessionError, WorkerConfig, WorkerSession,
 };
-use nixmux_transport::{ExecOptions, ExecStatus, ExitStatus};
+use nixmux_transport::{ExecChannel, ExecOptions, ExecStatus, ExitStatus};
 
 use crate::connections::{ChannelTicket, ConnectionSet};
 use crate::error::{Error, ErrorKind, Result, from_session};
@@ -82,9 +82,9 @@ impl LogRoute {
 pub(crate) struct RemoteSession {
     pub(crate) conv: Conversation,
     pub(crate) status: ExecStatus,
-    pub(crate) ticket: ChannelTicket,
+    /// The pool's slot on its connection (`None` for sessions outside a pool, e.g. ping).
+    pub(crate) ticket: Option<ChannelTicket>,
     pub(crate) route: Arc<LogRoute>,
-    pub(crate) created: Instant,
     pub(crate) last_used: Instant,
     pump: Option<tokio::task::JoinHandle<()>>,
 }
@@ -113,7 +113,12 @@ impl RemoteSession {
             Conversation::Serve(s) => s.is_usable(),
             Conversation::Worker(w) => w.is_usable(),
         };
-        proto_ok && !self.status.is_closed() && self.ticket.connection_alive()
+        proto_ok
+            && !self.status.is_closed()
+            && self
+                .ticket
+                .as_ref()
+                .is_none_or(ChannelTicket::connection_alive)
     }
 }
 
@@ -154,21 +159,39 @@ fn command_missing(status: &ExecStatus) -> bool {
         || (tail.contains("No such file or directory") && tail.contains("exec"))
 }
 
+/// Exec options for a session channel of `protocol`.
+pub(crate) fn exec_options(protocol: Protocol) -> ExecOptions {
+    match protocol {
+        // The serve protocol's stderr is the build log: give it a queue of its own.
+        Protocol::Serve => ExecOptions::with_stderr_log(1024),
+        Protocol::Worker => ExecOptions::default(),
+    }
+}
+
 /// Opens a channel on `set` and performs the handshake of `spec`.
 pub(crate) async fn open(
     set: &Arc<ConnectionSet>,
     spec: &SessionSpec,
     builder: &str,
 ) -> Result<RemoteSession> {
-    let options = match spec.protocol {
-        // The serve protocol's stderr is the build log: give it a queue of its own.
-        Protocol::Serve => ExecOptions::with_stderr_log(1024),
-        Protocol::Worker => ExecOptions::default(),
-    };
-    let (mut channel, ticket) = set
-        .open_channel(&spec.command, options, spec.channel_wait)
+    let (channel, ticket) = set
+        .open_channel(
+            &spec.command,
+            exec_options(spec.protocol),
+            spec.channel_wait,
+        )
         .await
         .map_err(|e| e.on(builder))?;
+    start(channel, Some(ticket), spec, builder).await
+}
+
+/// Performs the handshake of `spec` on a freshly exec'd channel.
+pub(crate) async fn start(
+    mut channel: ExecChannel,
+    ticket: Option<ChannelTicket>,
+    spec: &SessionSpec,
+    builder: &str,
+) -> Result<RemoteSession> {
     let log = channel.take_stderr_log();
     let (stdin, stdout, status) = channel.into_parts();
     let mut config = spec.session.clone();
@@ -222,7 +245,6 @@ pub(crate) async fn open(
         status,
         ticket,
         route,
-        created: now,
         last_used: now,
         pump,
     })

@@ -1,0 +1,369 @@
+//! The local store: the Nix store on the machine nixmux runs on, reached with the worker
+//! protocol (its daemon socket, or `nix-daemon --stdio` when running as root without a
+//! daemon). Closure pushes read NARs from it and fetched outputs are written into it; nixmux
+//! never shells out to `nix copy`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use nixmux_proto::path_info::PathInfo;
+use nixmux_proto::store_path::{StoreDir, StorePath};
+use nixmux_session::process::{self, ChildGuard};
+use nixmux_session::{BoxReader, BoxWriter, SessionConfig, WorkerConfig, WorkerSession};
+
+use crate::error::{Error, ErrorKind, Result, from_session};
+
+/// The default daemon socket of a multi-user Nix installation.
+pub const DEFAULT_DAEMON_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
+
+/// How to reach the local store.
+#[derive(Clone)]
+pub enum LocalStoreAccess {
+    /// A daemon socket.
+    Socket(PathBuf),
+    /// A command speaking the worker protocol on its stdio (`nix-daemon --stdio`), built by
+    /// the given function for every session.
+    Command(Arc<dyn Fn() -> tokio::process::Command + Send + Sync>),
+}
+
+impl std::fmt::Debug for LocalStoreAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LocalStoreAccess::Socket(p) => write!(f, "Socket({})", p.display()),
+            LocalStoreAccess::Command(_) => f.write_str("Command(..)"),
+        }
+    }
+}
+
+struct LocalSession {
+    session: WorkerSession,
+    _guard: Option<ChildGuard>,
+}
+
+/// The local store, with a few warm worker sessions.
+pub struct LocalStore {
+    access: LocalStoreAccess,
+    dir: StoreDir,
+    config: SessionConfig,
+    idle: Mutex<Vec<LocalSession>>,
+}
+
+impl std::fmt::Debug for LocalStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalStore")
+            .field("access", &self.access)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A local session checked out for one operation; returned when the operation succeeded.
+pub(crate) struct LocalLease<'a> {
+    store: &'a LocalStore,
+    session: Option<LocalSession>,
+    ok: bool,
+}
+
+impl LocalLease<'_> {
+    pub(crate) fn get(&mut self) -> &mut WorkerSession {
+        &mut self
+            .session
+            .as_mut()
+            .expect("a lease holds its session until dropped")
+            .session
+    }
+
+    pub(crate) fn succeeded(&mut self) {
+        self.ok = true;
+    }
+}
+
+impl Drop for LocalLease<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take()
+            && self.ok
+            && s.session.is_usable()
+            && let Ok(mut idle) = self.store.idle.lock()
+        {
+            idle.push(s);
+        }
+    }
+}
+
+impl LocalStore {
+    /// A local store reached through `access`.
+    pub fn new(access: LocalStoreAccess) -> Self {
+        LocalStore {
+            access,
+            dir: StoreDir::default(),
+            config: SessionConfig::default(),
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The daemon socket if there is one, else `nix-daemon --stdio` (which serves the store
+    /// directly when run as root).
+    pub fn auto() -> Self {
+        let socket = std::env::var_os("NIX_DAEMON_SOCKET_PATH")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DAEMON_SOCKET));
+        if socket.exists() {
+            Self::new(LocalStoreAccess::Socket(socket))
+        } else {
+            Self::new(LocalStoreAccess::Command(Arc::new(|| {
+                let mut c = tokio::process::Command::new("nix-daemon");
+                c.arg("--stdio");
+                c
+            })))
+        }
+    }
+
+    /// The store directory.
+    pub fn store_dir(&self) -> &StoreDir {
+        &self.dir
+    }
+
+    async fn connect(&self) -> Result<LocalSession> {
+        let (reader, writer, guard, config): (BoxReader, BoxWriter, _, _) = match &self.access {
+            LocalStoreAccess::Socket(path) => {
+                let s = tokio::net::UnixStream::connect(path).await.map_err(|e| {
+                    Error::local(
+                        ErrorKind::LocalStore,
+                        format!(
+                            "cannot connect to the Nix daemon at {}: {e}",
+                            path.display()
+                        ),
+                    )
+                })?;
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w), None, self.config.clone())
+            }
+            LocalStoreAccess::Command(make) => {
+                let pipes = process::spawn(make()).map_err(|e| {
+                    Error::local(
+                        ErrorKind::LocalStore,
+                        format!("cannot start the local nix-daemon --stdio: {e}"),
+                    )
+                })?;
+                let mut config = self.config.clone();
+                config.diagnostics = Some(Arc::new(pipes.stderr.clone()));
+                (pipes.reader, pipes.writer, Some(pipes.guard), config)
+            }
+        };
+        let wc = WorkerConfig {
+            options: None,
+            ..WorkerConfig::default()
+        };
+        let session =
+            WorkerSession::handshake(reader, writer, self.dir.clone(), config, &wc, &mut |_| {})
+                .await
+                .map_err(|e| local_err(e, "handshake with the local store"))?;
+        Ok(LocalSession {
+            session,
+            _guard: guard,
+        })
+    }
+
+    pub(crate) async fn lease(&self) -> Result<LocalLease<'_>> {
+        let idle = self.idle.lock().ok().and_then(|mut v| v.pop());
+        let session = match idle {
+            Some(s) if s.session.is_usable() => s,
+            _ => self.connect().await?,
+        };
+        Ok(LocalLease {
+            store: self,
+            session: Some(session),
+            ok: false,
+        })
+    }
+
+    /// Which of `paths` are valid locally.
+    pub async fn query_valid_paths(
+        &self,
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<BTreeSet<StorePath>> {
+        let mut l = self.lease().await?;
+        let r = l
+            .get()
+            .query_valid_paths(paths, false, &mut |_| {})
+            .await
+            .map_err(|e| local_err(e, "QueryValidPaths"));
+        if r.is_ok() {
+            l.succeeded();
+        }
+        r
+    }
+
+    /// Metadata of the valid ones among `paths` (pipelined: one round trip).
+    pub async fn query_path_infos(&self, paths: &BTreeSet<StorePath>) -> Result<Vec<PathInfo>> {
+        let mut l = self.lease().await?;
+        let r = l
+            .get()
+            .query_path_infos(paths, &mut |_| {})
+            .await
+            .map_err(|e| local_err(e, "QueryPathInfo"));
+        if r.is_ok() {
+            l.succeeded();
+        }
+        r
+    }
+
+    /// The closure of `roots` with metadata, dependencies first. One round trip per level
+    /// of the reference graph. A root that is not valid is an error.
+    pub async fn closure(&self, roots: &BTreeSet<StorePath>) -> Result<Vec<PathInfo>> {
+        let mut l = self.lease().await?;
+        let r = closure_with(roots, &mut LocalInfos(l.get())).await;
+        if r.is_ok() {
+            l.succeeded();
+        }
+        let infos = r?;
+        Ok(topo_sort(infos))
+    }
+
+    /// The contents of a store path that is a single regular file (a `.drv`), read through
+    /// the protocol so that it works whatever the local store's location.
+    pub async fn read_file(&self, path: &StorePath) -> Result<Vec<u8>> {
+        let mut l = self.lease().await?;
+        let mut nar = Vec::new();
+        let r = l
+            .get()
+            .nar_from_path(path, &mut nar, &mut |_| {})
+            .await
+            .map_err(|e| local_err(e, "NarFromPath"));
+        if r.is_ok() {
+            l.succeeded();
+        }
+        r?;
+        single_file_contents(&nar).ok_or_else(|| {
+            Error::local(
+                ErrorKind::LocalStore,
+                format!("{path} is not a single regular file"),
+            )
+        })
+    }
+}
+
+/// Extracts the contents of a NAR holding one regular file.
+fn single_file_contents(nar: &[u8]) -> Option<Vec<u8>> {
+    use nixmux_proto::nar::{NarEvent, NarParser};
+    let mut p = NarParser::new(nixmux_proto::Limits::DEFAULT);
+    let mut out = Vec::new();
+    let mut regular = false;
+    let mut other = false;
+    p.feed_with(nar, |ev| match ev {
+        NarEvent::File { .. } => regular = true,
+        NarEvent::Contents(c) => out.extend_from_slice(c),
+        NarEvent::Directory | NarEvent::Symlink { .. } => other = true,
+        _ => {}
+    })
+    .ok()?;
+    (p.is_done() && regular && !other).then_some(out)
+}
+
+fn local_err(e: nixmux_session::SessionError, what: &str) -> Error {
+    let inner = from_session(e);
+    Error::local(
+        ErrorKind::LocalStore,
+        format!("local store: {what}: {}", inner.message()),
+    )
+}
+
+/// Something that answers "metadata of these paths" (a local or remote session).
+pub(crate) trait InfoSource: Send {
+    /// Metadata of the valid ones among `batch`.
+    fn infos<'a>(
+        &'a mut self,
+        batch: &'a BTreeSet<StorePath>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<PathInfo>>> + Send + 'a>>;
+}
+
+struct LocalInfos<'a>(&'a mut WorkerSession);
+
+impl InfoSource for LocalInfos<'_> {
+    fn infos<'a>(
+        &'a mut self,
+        batch: &'a BTreeSet<StorePath>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<PathInfo>>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            self.0
+                .query_path_infos(batch, &mut |_| {})
+                .await
+                .map_err(|e| local_err(e, "QueryPathInfo"))
+        })
+    }
+}
+
+/// Walks the reference graph from `roots`, asking `source` for one level at a time.
+pub(crate) async fn closure_with(
+    roots: &BTreeSet<StorePath>,
+    source: &mut dyn InfoSource,
+) -> Result<Vec<PathInfo>> {
+    let mut seen: BTreeMap<StorePath, PathInfo> = BTreeMap::new();
+    let mut frontier: BTreeSet<StorePath> = roots.clone();
+    while !frontier.is_empty() {
+        let infos = source.infos(&frontier).await?;
+        let got: BTreeSet<StorePath> = infos.iter().map(|i| i.path.clone()).collect();
+        if let Some(missing) = frontier.difference(&got).next() {
+            return Err(Error::caller(
+                ErrorKind::InvalidInput,
+                format!("{missing} is not valid in the store it was asked from"),
+            ));
+        }
+        let mut next = BTreeSet::new();
+        for info in infos {
+            for r in &info.references {
+                if !seen.contains_key(r) && !got.contains(r) {
+                    next.insert(r.clone());
+                }
+            }
+            seen.insert(info.path.clone(), info);
+        }
+        frontier = next;
+    }
+    Ok(seen.into_values().collect())
+}
+
+/// Orders path infos so that every path comes after its references (Nix's order for copies).
+pub(crate) fn topo_sort(infos: Vec<PathInfo>) -> Vec<PathInfo> {
+    let mut by_path: BTreeMap<StorePath, PathInfo> =
+        infos.into_iter().map(|i| (i.path.clone(), i)).collect();
+    let mut out = Vec::with_capacity(by_path.len());
+    let mut done: BTreeSet<StorePath> = BTreeSet::new();
+    let keys: Vec<StorePath> = by_path.keys().cloned().collect();
+    for k in keys {
+        visit(&k, &mut by_path, &mut done, &mut out);
+    }
+    out
+}
+
+fn visit(
+    p: &StorePath,
+    by_path: &mut BTreeMap<StorePath, PathInfo>,
+    done: &mut BTreeSet<StorePath>,
+    out: &mut Vec<PathInfo>,
+) {
+    // Iterative depth-first search: closures can be deep (long chains of references).
+    let mut stack: Vec<(StorePath, bool)> = vec![(p.clone(), false)];
+    while let Some((node, expanded)) = stack.pop() {
+        if done.contains(&node) {
+            continue;
+        }
+        if expanded {
+            done.insert(node.clone());
+            if let Some(info) = by_path.remove(&node) {
+                out.push(info);
+            }
+            continue;
+        }
+        let Some(info) = by_path.get(&node) else {
+            continue;
+        };
+        stack.push((node.clone(), true));
+        for r in &info.references {
+            if r != &node && !done.contains(r) && by_path.contains_key(r) {
+                stack.push((r.clone(), false));
+            }
+        }
+    }
+}

@@ -1,0 +1,595 @@
+//! The operations that move paths and run builds, the same on both protocols.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use nixmux_proto::Limits;
+use nixmux_proto::build_result::BuildResult;
+use nixmux_proto::derivation::Derivation;
+use nixmux_proto::derived_path::{DerivedPath, OutputsSpec};
+use nixmux_proto::path_info::PathInfo;
+use nixmux_proto::serve;
+use nixmux_proto::store_path::StorePath;
+use nixmux_proto::worker::{BuildMode, ClientOptions};
+use nixmux_session::{SessionError, Upload};
+use tokio::io::{AsyncRead, AsyncWriteExt, DuplexStream, ReadBuf};
+
+use crate::builder::Builder;
+use crate::error::{Error, ErrorKind, Result, from_session};
+use crate::local::{LocalStore, closure_with, topo_sort};
+use crate::logs::LogSender;
+use crate::remote::Conversation;
+
+/// Progress of a transfer, reported after every chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TransferProgress {
+    /// Paths completely transferred.
+    pub paths_done: usize,
+    /// Paths to transfer.
+    pub paths_total: usize,
+    /// NAR bytes transferred.
+    pub bytes_done: u64,
+    /// NAR bytes to transfer.
+    pub bytes_total: u64,
+}
+
+/// A progress callback. Called on the transfer's own task: it must return quickly.
+pub type ProgressFn = Arc<dyn Fn(TransferProgress) + Send + Sync>;
+
+/// What a push or fetch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TransferReport {
+    /// Paths in the closure.
+    pub closure: usize,
+    /// Paths that were already there.
+    pub already_present: usize,
+    /// Paths transferred, in the order sent.
+    pub transferred: Vec<StorePath>,
+    /// NAR bytes transferred.
+    pub bytes: u64,
+}
+
+/// Build settings that reach the builder on both protocols (serve: the options block of each
+/// build; worker: `SetOptions` before the build).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BuildOptions {
+    /// Kill the build after this long without log output.
+    pub max_silent_time: Option<Duration>,
+    /// Kill the build after this long.
+    pub timeout: Option<Duration>,
+    /// Kill the build after this many bytes of log.
+    pub max_log_size: Option<u64>,
+    /// Keep the build directory of a failed build on the builder.
+    pub keep_failed: bool,
+    /// `cores` for the build (worker protocol only; serve builds use the builder's setting).
+    pub cores: Option<u64>,
+    /// Let the builder substitute inputs from its own caches (`builders-use-substitutes`).
+    pub substitute: bool,
+}
+
+/// How a build was sent, which depends on protocol and trust.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildStrategy {
+    /// The derivation was sent inline with its input closure (serve, or trusted worker).
+    BuildDerivation,
+    /// The `.drv` closure was copied and the outputs built by path (untrusted worker), as
+    /// Nix's build hook does for untrusted ssh-ng builders.
+    BuildPaths,
+}
+
+/// The outcome of a remote build.
+#[derive(Debug, Clone)]
+pub struct BuildOutcome {
+    /// The result: status, error text, times, built outputs.
+    pub result: BuildResult,
+    /// The last lines of the build log.
+    pub log_tail: Vec<String>,
+    /// How it was sent.
+    pub strategy: BuildStrategy,
+    /// The input push.
+    pub pushed: TransferReport,
+}
+
+/// Counts bytes read through it, for progress.
+struct Counting<R> {
+    inner: R,
+    bytes: Arc<AtomicU64>,
+    tick: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+            (self.tick)();
+        }
+        r
+    }
+}
+
+/// Size of the in-memory pipe between the side that reads a NAR and the side that writes it:
+/// NARs stream through it, never held whole.
+const PIPE: usize = 1 << 20;
+
+struct Pipes {
+    readers: Vec<Counting<DuplexStream>>,
+    writers: Vec<DuplexStream>,
+    done: Arc<AtomicUsize>,
+}
+
+fn pipes(infos: &[PathInfo], progress: Option<ProgressFn>) -> Pipes {
+    let bytes = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let total_bytes: u64 = infos.iter().map(|i| i.nar_size).sum();
+    let total_paths = infos.len();
+    let tick: Arc<dyn Fn() + Send + Sync> = {
+        let bytes = bytes.clone();
+        let done = done.clone();
+        Arc::new(move || {
+            if let Some(p) = &progress {
+                p(TransferProgress {
+                    paths_done: done.load(Ordering::Relaxed),
+                    paths_total: total_paths,
+                    bytes_done: bytes.load(Ordering::Relaxed),
+                    bytes_total: total_bytes,
+                });
+            }
+        })
+    };
+    let mut readers = Vec::with_capacity(infos.len());
+    let mut writers = Vec::with_capacity(infos.len());
+    for _ in infos {
+        let (w, r) = tokio::io::duplex(PIPE);
+        readers.push(Counting {
+            inner: r,
+            bytes: bytes.clone(),
+            tick: tick.clone(),
+        });
+        writers.push(w);
+    }
+    Pipes {
+        readers,
+        writers,
+        done,
+    }
+}
+
+impl Builder {
+    /// Copies the closure of `roots` from `local` to this builder: asks the builder once
+    /// which paths it lacks (letting it substitute them when `substitute` is set), then
+    /// streams the missing NARs dependencies first, in one pipelined batch (serve: back to
+    /// back `AddToStoreNar`; worker: `AddMultipleToStore`), never holding a whole NAR.
+    pub async fn push_closure(
+        &self,
+        local: &LocalStore,
+        roots: &BTreeSet<StorePath>,
+        substitute: bool,
+        progress: Option<ProgressFn>,
+    ) -> Result<TransferReport> {
+        let closure = local.closure(roots).await?;
+        let all: BTreeSet<StorePath> = closure.iter().map(|i| i.path.clone()).collect();
+        let present = self.query_valid_paths(&all, substitute).await?;
+        let missing: Vec<PathInfo> = closure
+            .into_iter()
+            .filter(|i| !present.contains(&i.path))
+            .collect();
+        let mut report = TransferReport {
+            closure: all.len(),
+            already_present: present.len(),
+            transferred: missing.iter().map(|i| i.path.clone()).collect(),
+            bytes: missing.iter().map(|i| i.nar_size).sum(),
+        };
+        if missing.is_empty() {
+            return Ok(report);
+        }
+        self.upload(local, &missing, progress).await?;
+        report.transferred = missing.into_iter().map(|i| i.path).collect();
+        Ok(report)
+    }
+
+    /// Streams `infos` (topologically sorted) from `local` to the builder.
+    async fn upload(
+        &self,
+        local: &LocalStore,
+        infos: &[PathInfo],
+        progress: Option<ProgressFn>,
+    ) -> Result<()> {
+        let Pipes {
+            mut readers,
+            writers,
+            done,
+        } = pipes(infos, progress);
+        let mut lease = local.lease().await?;
+        let mut remote = self.acquire().await?;
+        let name = self.name().to_owned();
+
+        let producer = async {
+            let l = lease.get();
+            for (info, mut w) in infos.iter().zip(writers) {
+                let sum = l
+                    .nar_from_path(&info.path, &mut w, &mut |_| {})
+                    .await
+                    .map_err(|e| {
+                        Error::local(
+                            ErrorKind::LocalStore,
+                            format!("reading {} from the local store: {e}", info.path),
+                        )
+                    })?;
+                if sum.nar_hash != info.nar_hash || sum.nar_size != info.nar_size {
+                    return Err(Error::local(
+                        ErrorKind::Verification,
+                        format!(
+                            "local store: the NAR of {} does not match its recorded hash or size",
+                            info.path
+                        ),
+                    ));
+                }
+                let _ = w.shutdown().await;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<(), Error>(())
+        };
+        let consumer = async {
+            let mut uploads: Vec<Upload<'_>> = infos
+                .iter()
+                .zip(readers.iter_mut())
+                .map(|(info, r)| Upload {
+                    info: info.clone(),
+                    nar: r,
+                })
+                .collect();
+            match &mut remote.get().conv {
+                Conversation::Serve(s) => s.add_to_store_nars(&mut uploads).await,
+                Conversation::Worker(w) => {
+                    if w.version().at_least(1, 32) {
+                        w.add_multiple_to_store(&mut uploads, false, true, &mut |_| {})
+                            .await
+                    } else {
+                        let mut r = Ok(());
+                        for up in uploads.iter_mut() {
+                            r = w.add_to_store_nar(up, false, true, &mut |_| {}).await;
+                            if r.is_err() {
+                                break;
+                            }
+                        }
+                        r
+                    }
+                }
+            }
+            .map_err(|e| from_session(e).on(&name))
+        };
+        let (p, c) = tokio::join!(producer, consumer);
+        // A consumer failure explains a stuck producer better than the reverse.
+        c?;
+        p?;
+        lease.succeeded();
+        remote.succeeded();
+        Ok(())
+    }
+
+    /// Copies `paths` and everything they reference that the local store lacks from the
+    /// builder into `local`, dependencies first, checking every NAR's hash and size while it
+    /// streams. A path whose transfer fails is not registered locally.
+    pub async fn fetch_outputs(
+        &self,
+        local: &LocalStore,
+        paths: &BTreeSet<StorePath>,
+        progress: Option<ProgressFn>,
+    ) -> Result<TransferReport> {
+        let closure = self.remote_closure(paths).await?;
+        let all: BTreeSet<StorePath> = closure.iter().map(|i| i.path.clone()).collect();
+        let present = local.query_valid_paths(&all).await?;
+        let missing: Vec<PathInfo> = closure
+            .into_iter()
+            .filter(|i| !present.contains(&i.path))
+            .collect();
+        let report = TransferReport {
+            closure: all.len(),
+            already_present: present.len(),
+            transferred: missing.iter().map(|i| i.path.clone()).collect(),
+            bytes: missing.iter().map(|i| i.nar_size).sum(),
+        };
+        if missing.is_empty() {
+            return Ok(report);
+        }
+        let Pipes {
+            mut readers,
+            writers,
+            done,
+        } = pipes(&missing, progress);
+        let mut remote = self.acquire().await?;
+        let mut lease = local.lease().await?;
+        let name = self.name().to_owned();
+        let producer = async {
+            for (info, mut w) in missing.iter().zip(writers) {
+                let sum = match &mut remote.get().conv {
+                    Conversation::Serve(s) => s.dump_store_path(&info.path, &mut w).await,
+                    Conversation::Worker(x) => {
+                        x.nar_from_path(&info.path, &mut w, &mut |_| {}).await
+                    }
+                }
+                .map_err(|e| from_session(e).on(&name))?;
+                if sum.nar_hash != info.nar_hash || sum.nar_size != info.nar_size {
+                    return Err(Error::remote(
+                        ErrorKind::Verification,
+                        format!(
+                            "the NAR of {} ({} bytes, {}) does not match the builder's metadata ({} bytes, {})",
+                            info.path,
+                            sum.nar_size,
+                            sum.nar_hash,
+                            info.nar_size,
+                            info.nar_hash
+                        ),
+                    )
+                    .on(&name));
+                }
+                let _ = w.shutdown().await;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<(), Error>(())
+        };
+        let consumer = async {
+            let mut uploads: Vec<Upload<'_>> = missing
+                .iter()
+                .zip(readers.iter_mut())
+                .map(|(info, r)| Upload {
+                    info: PathInfo {
+                        // The builder's signatures and trust do not carry over; the local
+                        // store trusts what we fetched because we asked for it.
+                        ultimate: false,
+                        ..info.clone()
+                    },
+                    nar: r,
+                })
+                .collect();
+            lease
+                .get()
+                .add_multiple_to_store(&mut uploads, false, true, &mut |_| {})
+                .await
+                .map_err(|e| {
+                    let inner = from_session(e);
+                    Error::local(
+                        ErrorKind::LocalStore,
+                        format!(
+                            "adding fetched paths to the local store: {}",
+                            inner.message()
+                        ),
+                    )
+                })
+        };
+        let (p, c) = tokio::join!(producer, consumer);
+        p?;
+        c?;
+        remote.succeeded();
+        lease.succeeded();
+        Ok(report)
+    }
+
+    /// The closure of `roots` on the builder, with metadata, dependencies first.
+    async fn remote_closure(&self, roots: &BTreeSet<StorePath>) -> Result<Vec<PathInfo>> {
+        let mut s = self.acquire().await?;
+        let name = self.name().to_owned();
+        let mut source = RemoteInfos {
+            conv: &mut s.get().conv,
+            name: &name,
+        };
+        let r = closure_with(roots, &mut source).await;
+        if r.is_ok() {
+            s.succeeded();
+        }
+        Ok(topo_sort(r?))
+    }
+
+    /// Builds the derivation `drv_path` of the local store on this builder: reads the `.drv`,
+    /// pushes what the build needs, runs it with `options` (which reach the builder on both
+    /// protocols), streams its log into `logs`, and returns the result. Outputs stay on the
+    /// builder; use [`Builder::fetch_outputs`] to copy them back.
+    ///
+    /// The strategy follows trust, as Nix's build hook does: the serve protocol and trusted
+    /// worker sessions get the derivation inline with its input closure; an untrusted worker
+    /// session (which may only build content-addressed derivations inline) gets the `.drv`
+    /// closure and builds the outputs by path.
+    pub async fn build(
+        &self,
+        local: &LocalStore,
+        drv_path: &StorePath,
+        options: &BuildOptions,
+        logs: &LogSender,
+    ) -> Result<BuildOutcome> {
+        let name = self.name().to_owned();
+        let drv = read_derivation(local, drv_path).await?;
+        // Outputs of input derivations: input-addressed ones have their paths in the `.drv`.
+        let mut input_outputs = BTreeSet::new();
+        for (input, outputs) in &drv.input_drvs {
+            let idrv = read_derivation(local, input).await?;
+            for o in outputs {
+                let path = idrv
+                    .outputs
+                    .get(o)
+                    .and_then(|out| out.path.clone())
+                    .ok_or_else(|| {
+                        Error::caller(
+                            ErrorKind::Unsupported,
+                            format!(
+                                "input {input} output {o} has no fixed path (floating content-addressed derivations need realisations, which nixmux does not resolve yet)"
+                            ),
+                        )
+                    })?;
+                input_outputs.insert(path);
+            }
+        }
+        let info = self.remote_info().await?;
+        let untrusted_worker =
+            info.protocol == crate::Protocol::Worker && info.trusted == Some(false);
+        let logs = logs.with_tail(30);
+        if untrusted_worker {
+            let mut roots = input_outputs.clone();
+            roots.insert(drv_path.clone());
+            let pushed = self
+                .push_closure(local, &roots, options.substitute, None)
+                .await?;
+            let outputs: BTreeSet<String> = drv.outputs.keys().cloned().collect();
+            let target = DerivedPath::Built {
+                drv: drv_path.clone(),
+                outputs: OutputsSpec::Names(outputs),
+            };
+            let mut s = self.acquire().await?;
+            let Conversation::Worker(w) = &mut s.get().conv else {
+                return Err(Error::local(ErrorKind::Protocol, "session kind changed"));
+            };
+            w.set_options(&client_options(options), &mut |_| {})
+                .await
+                .map_err(|e| from_session(e).on(&name))?;
+            let mut results = w
+                .build_paths_with_results(
+                    std::slice::from_ref(&target),
+                    BuildMode::Normal,
+                    &mut |ev| logs.send(ev),
+                )
+                .await
+                .map_err(|e| from_session(e).on(&name))?;
+            s.succeeded();
+            let result = results
+                .pop()
+                .map(|(_, r)| r)
+                .ok_or_else(|| Error::remote(ErrorKind::Protocol, "no build result").on(&name))?;
+            return Ok(BuildOutcome {
+                result,
+                log_tail: logs.tail(),
+                strategy: BuildStrategy::BuildPaths,
+                pushed,
+            });
+        }
+
+        let mut srcs = drv.input_srcs.clone();
+        srcs.extend(input_outputs);
+        let closure: BTreeSet<StorePath> = local
+            .closure(&srcs)
+            .await?
+            .into_iter()
+            .map(|i| i.path)
+            .collect();
+        let pushed = self
+            .push_closure(local, &closure, options.substitute, None)
+            .await?;
+        let basic = drv.to_basic(closure);
+        let mut s = self.acquire().await?;
+        let route = s.get().route.clone();
+        let r = match &mut s.get().conv {
+            Conversation::Serve(x) => {
+                route.set(Some(logs.clone()));
+                let r = x
+                    .build_derivation(drv_path, &basic, &serve_options(options))
+                    .await;
+                // Let the last stderr lines reach the log before the route closes.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                route.set(None);
+                r
+            }
+            Conversation::Worker(w) => {
+                match w.set_options(&client_options(options), &mut |_| {}).await {
+                    Ok(()) => {
+                        w.build_derivation(drv_path, &basic, BuildMode::Normal, &mut |ev| {
+                            logs.send(ev)
+                        })
+                        .await
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        let result = r.map_err(|e| build_error(e, &name))?;
+        s.succeeded();
+        Ok(BuildOutcome {
+            result,
+            log_tail: logs.tail(),
+            strategy: BuildStrategy::BuildDerivation,
+            pushed,
+        })
+    }
+}
+
+/// Path metadata from a builder session, for closure walks.
+struct RemoteInfos<'a> {
+    conv: &'a mut Conversation,
+    name: &'a str,
+}
+
+impl crate::local::InfoSource for RemoteInfos<'_> {
+    fn infos<'a>(
+        &'a mut self,
+        batch: &'a BTreeSet<StorePath>,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<Vec<PathInfo>>> + Send + 'a>> {
+        Box::pin(async move {
+            match &mut *self.conv {
+                Conversation::Serve(x) => x.query_path_infos(batch).await,
+                Conversation::Worker(w) => w.query_path_infos(batch, &mut |_| {}).await,
+            }
+            .map_err(|e| from_session(e).on(self.name))
+        })
+    }
+}
+
+async fn read_derivation(local: &LocalStore, path: &StorePath) -> Result<Derivation> {
+    if !path.is_derivation() {
+        return Err(Error::caller(
+            ErrorKind::InvalidInput,
+            format!("{path} is not a derivation (.drv)"),
+        ));
+    }
+    let text = local.read_file(path).await?;
+    Derivation::parse(&text, local.store_dir(), &Limits::DEFAULT)
+        .map_err(|e| Error::local(ErrorKind::LocalStore, format!("cannot parse {path}: {e}")))
+}
+
+fn secs(d: Option<Duration>) -> u64 {
+    d.map(|d| d.as_secs().max(1)).unwrap_or(0)
+}
+
+fn serve_options(o: &BuildOptions) -> serve::BuildOptions {
+    serve::BuildOptions {
+        max_silent_time: secs(o.max_silent_time),
+        build_timeout: secs(o.timeout),
+        max_log_size: o.max_log_size.unwrap_or(0),
+        keep_failed: o.keep_failed,
+    }
+}
+
+fn client_options(o: &BuildOptions) -> ClientOptions {
+    let mut overrides = BTreeMap::new();
+    // `timeout` is one of the few overrides an untrusted client may set; max-build-log-size
+    // is honoured for trusted clients (and ignored, at debug level, for untrusted ones).
+    overrides.insert("timeout".to_owned(), secs(o.timeout).to_string());
+    if let Some(n) = o.max_log_size {
+        overrides.insert("max-build-log-size".to_owned(), n.to_string());
+    }
+    ClientOptions {
+        keep_failed: o.keep_failed,
+        max_silent_time: secs(o.max_silent_time),
+        build_cores: o.cores.unwrap_or(0),
+        use_substitutes: o.substitute,
+        verbosity: 3,
+        overrides,
+        ..ClientOptions::default()
+    }
+}
+
+/// A build that could not run (as opposed to one that ran and failed, which is a result).
+fn build_error(e: SessionError, builder: &str) -> Error {
+    let mut err = from_session(e);
+    if err.kind() == ErrorKind::Remote {
+        err = Error::remote(ErrorKind::BuildFailed, err.message().to_owned());
+    }
+    err.on(builder)
+}

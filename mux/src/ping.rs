@@ -1,0 +1,417 @@
+//! A staged connectivity check of one builder: the path every operation takes (resolve, TCP,
+//! SSH key exchange, host key, authentication, exec, protocol handshake), each stage timed,
+//! then a few round trips on the established session.
+//!
+//! It opens a fresh connection (not the pool's), because a connectivity test must show what a
+//! cold start costs and must not be fooled by an old connection that happens to be alive.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nixmux_transport::{ConnectEvent, ConnectEventKind, TransportError, connect, connect_over};
+use serde::Serialize;
+
+use crate::builder::BuilderConfig;
+use crate::error::{Error, ErrorKind};
+use crate::remote::{self, Conversation, Protocol, SessionSpec};
+
+/// One stage of a ping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PingStage {
+    /// Name resolution.
+    Resolve,
+    /// TCP connect.
+    Tcp,
+    /// SSH version exchange and key exchange, up to receiving the host key.
+    KeyExchange,
+    /// Checking the host key against known_hosts / the pinned key.
+    HostKey,
+    /// Public-key authentication.
+    Auth,
+    /// Opening a session channel and starting the remote command.
+    Exec,
+    /// The Nix protocol handshake.
+    Handshake,
+    /// Round trips on the established session.
+    RoundTrip,
+}
+
+impl std::fmt::Display for PingStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PingStage::Resolve => "resolve",
+            PingStage::Tcp => "tcp",
+            PingStage::KeyExchange => "key exchange",
+            PingStage::HostKey => "host key",
+            PingStage::Auth => "auth",
+            PingStage::Exec => "exec",
+            PingStage::Handshake => "handshake",
+            PingStage::RoundTrip => "round trip",
+        })
+    }
+}
+
+/// A completed stage and how long it took.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageTiming {
+    /// Which stage.
+    pub stage: PingStage,
+    /// Milliseconds.
+    pub ms: f64,
+}
+
+/// How the host key was verified.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostKeyInfo {
+    /// `ssh-ed25519`, ...
+    pub algorithm: String,
+    /// `SHA256:...`.
+    pub fingerprint: String,
+    /// known_hosts file and line, or "pinned in the machines file".
+    pub verified_by: String,
+}
+
+/// Trust as the protocol reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrustReport {
+    /// The remote user is trusted.
+    Trusted,
+    /// The remote user is not trusted.
+    Untrusted,
+    /// The protocol does not say (serve, worker below 1.35).
+    Unknown,
+}
+
+/// Why a ping failed.
+#[derive(Debug, Clone, Serialize)]
+pub struct PingFailure {
+    /// The stage that failed.
+    pub stage: PingStage,
+    /// The error class.
+    pub kind: String,
+    /// What happened.
+    pub message: String,
+    /// What to do about it.
+    pub hint: Option<String>,
+}
+
+/// The result of pinging one builder.
+#[derive(Debug, Clone, Serialize)]
+pub struct PingReport {
+    /// The builder's name (store URL as written).
+    pub builder: String,
+    /// `ssh` or `ssh-ng`.
+    pub scheme: String,
+    /// `user@host:port` that was contacted.
+    pub endpoint: String,
+    /// Whether every stage succeeded.
+    pub ok: bool,
+    /// Completed stages, in order.
+    pub stages: Vec<StageTiming>,
+    /// From the first byte to a usable session, in milliseconds.
+    pub total_ms: f64,
+    /// Host key details, once verified.
+    pub host_key: Option<HostKeyInfo>,
+    /// Negotiated key exchange and cipher.
+    pub algorithms: Option<(String, String)>,
+    /// `serve` or `worker`.
+    pub protocol: String,
+    /// Negotiated protocol version (`2.7`, `1.34`...).
+    pub protocol_version: Option<String>,
+    /// The builder's Nix version, when the protocol says.
+    pub remote_nix_version: Option<String>,
+    /// Trust.
+    pub trust: TrustReport,
+    /// Round-trip latency of a protocol request on the warm session: min / median / max ms.
+    pub rtt_ms: Option<[f64; 3]>,
+    /// The failure, if any.
+    pub failure: Option<PingFailure>,
+    /// The full error, for programs that want its kind (not serialised).
+    #[serde(skip)]
+    pub error_kind: Option<ErrorKind>,
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+fn stage_of(e: &TransportError) -> PingStage {
+    use nixmux_transport::Stage as S;
+    match e.stage() {
+        S::Setup | S::Resolve => PingStage::Resolve,
+        S::TcpConnect => PingStage::Tcp,
+        S::Handshake => PingStage::KeyExchange,
+        S::HostKey => PingStage::HostKey,
+        S::Auth => PingStage::Auth,
+        S::ChannelOpen | S::Exec => PingStage::Exec,
+        _ => PingStage::Exec,
+    }
+}
+
+/// Pings one builder: connect (fresh), exec, handshake, `rounds` round trips.
+pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
+    let events: Arc<Mutex<Vec<ConnectEvent>>> = Arc::default();
+    let sink = events.clone();
+    let observer = move |e: &ConnectEvent| {
+        if let Ok(mut v) = sink.lock() {
+            v.push(e.clone());
+        }
+    };
+    let t = &config.target;
+    let mut report = PingReport {
+        builder: config.name.clone(),
+        scheme: config.protocol.scheme().into(),
+        endpoint: format!(
+            "{}@{}:{}",
+            t.endpoint.user, t.endpoint.host, t.endpoint.port
+        ),
+        ok: false,
+        stages: Vec::new(),
+        total_ms: 0.0,
+        host_key: None,
+        algorithms: None,
+        protocol: match config.protocol {
+            Protocol::Serve => "serve".into(),
+            Protocol::Worker => "worker".into(),
+        },
+        protocol_version: None,
+        remote_nix_version: None,
+        trust: TrustReport::Unknown,
+        rtt_ms: None,
+        failure: None,
+        error_kind: None,
+    };
+    let start = Instant::now();
+
+    // A jump host is connected first, outside the timed stages of the target.
+    let connected = match &t.jump {
+        None => {
+            connect(
+                &t.endpoint,
+                &t.identities,
+                &t.host_keys,
+                &t.transport,
+                observer,
+            )
+            .await
+        }
+        Some(jump) => {
+            match connect(
+                &jump.endpoint,
+                &jump.identities,
+                &jump.host_keys,
+                &jump.transport,
+                nixmux_transport::NoopObserver,
+            )
+            .await
+            {
+                Ok(j) => match j.open_direct_tcpip(&t.endpoint.host, t.endpoint.port).await {
+                    Ok(stream) => {
+                        connect_over(
+                            stream,
+                            &t.endpoint,
+                            &t.identities,
+                            &t.host_keys,
+                            &t.transport,
+                            observer,
+                        )
+                        .await
+                    }
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            }
+        }
+    };
+    record_events(&mut report, &events);
+    let ssh = match connected {
+        Ok(c) => c,
+        Err(e) => {
+            let stage = stage_of(&e);
+            fail(&mut report, stage, Error::from(e).on(&config.name));
+            report.total_ms = ms(start.elapsed());
+            return report;
+        }
+    };
+    report.algorithms = ssh.algorithms().map(|(k, c)| (k.to_owned(), c.to_owned()));
+
+    let spec = SessionSpec {
+        protocol: config.protocol,
+        command: config.remote_command.clone(),
+        session: config.session.clone(),
+        worker: config.worker.clone(),
+        store_dir: config.store_dir.clone(),
+        channel_wait: config.pool.acquire_timeout,
+    };
+    let t0 = Instant::now();
+    let channel = match ssh
+        .exec_with(&spec.command, remote::exec_options(spec.protocol))
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            fail(
+                &mut report,
+                PingStage::Exec,
+                Error::from(e).on(&config.name),
+            );
+            report.total_ms = ms(start.elapsed());
+            ssh.disconnect().await;
+            return report;
+        }
+    };
+    report.stages.push(StageTiming {
+        stage: PingStage::Exec,
+        ms: ms(t0.elapsed()),
+    });
+    let t1 = Instant::now();
+    let mut session = match remote::start(channel, None, &spec, &config.name).await {
+        Ok(s) => s,
+        Err(e) => {
+            fail(&mut report, PingStage::Handshake, e);
+            report.total_ms = ms(start.elapsed());
+            ssh.disconnect().await;
+            return report;
+        }
+    };
+    report.stages.push(StageTiming {
+        stage: PingStage::Handshake,
+        ms: ms(t1.elapsed()),
+    });
+    report.total_ms = ms(start.elapsed());
+    match &session.conv {
+        Conversation::Serve(s) => report.protocol_version = Some(s.version().to_string()),
+        Conversation::Worker(w) => {
+            report.protocol_version = Some(w.version().to_string());
+            report.remote_nix_version = w.daemon_info().nix_version.clone();
+            report.trust = match w.daemon_info().trust {
+                Some(nixmux_proto::worker::Trust::Trusted) => TrustReport::Trusted,
+                Some(nixmux_proto::worker::Trust::NotTrusted) => TrustReport::Untrusted,
+                None => TrustReport::Unknown,
+            };
+        }
+    }
+
+    let mut rtts = Vec::new();
+    let empty = BTreeSet::new();
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let r = match &mut session.conv {
+            Conversation::Serve(s) => s.query_valid_paths(&empty, false, false).await.map(drop),
+            Conversation::Worker(w) => w
+                .query_valid_paths(&empty, false, &mut |_| {})
+                .await
+                .map(drop),
+        };
+        if let Err(e) = r {
+            fail(
+                &mut report,
+                PingStage::RoundTrip,
+                crate::error::from_session(e).on(&config.name),
+            );
+            ssh.disconnect().await;
+            return report;
+        }
+        rtts.push(ms(t.elapsed()));
+    }
+    if !rtts.is_empty() {
+        rtts.sort_by(f64::total_cmp);
+        report.rtt_ms = Some([rtts[0], rtts[rtts.len() / 2], rtts[rtts.len() - 1]]);
+    }
+    report.ok = true;
+    drop(session);
+    ssh.disconnect().await;
+    report
+}
+
+fn record_events(report: &mut PingReport, events: &Mutex<Vec<ConnectEvent>>) {
+    let Ok(evs) = events.lock() else { return };
+    for e in evs.iter() {
+        let stage = match &e.kind {
+            ConnectEventKind::Resolved { .. } => PingStage::Resolve,
+            ConnectEventKind::TcpConnected { .. } => PingStage::Tcp,
+            ConnectEventKind::KeyExchangeDone { .. } => PingStage::KeyExchange,
+            ConnectEventKind::HostKeyVerified {
+                fingerprint,
+                source,
+            } => {
+                let algorithm = evs
+                    .iter()
+                    .find_map(|e| match &e.kind {
+                        ConnectEventKind::KeyExchangeDone {
+                            host_key_algorithm, ..
+                        } => Some(host_key_algorithm.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                report.host_key = Some(HostKeyInfo {
+                    algorithm,
+                    fingerprint: fingerprint.clone(),
+                    verified_by: source.to_string(),
+                });
+                PingStage::HostKey
+            }
+            ConnectEventKind::Authenticated { .. } => PingStage::Auth,
+            _ => continue,
+        };
+        report.stages.push(StageTiming {
+            stage,
+            ms: ms(e.took),
+        });
+    }
+}
+
+fn fail(report: &mut PingReport, stage: PingStage, e: Error) {
+    report.error_kind = Some(e.kind());
+    report.failure = Some(PingFailure {
+        stage,
+        kind: e.kind().to_string(),
+        message: e.message().to_owned(),
+        hint: e.hint_text().map(str::to_owned).or_else(|| hint_for(&e)),
+    });
+}
+
+/// An actionable sentence for transport failures that carry no hint of their own.
+fn hint_for(e: &Error) -> Option<String> {
+    let t = e.transport_error()?;
+    if let Some(r) = t.host_key_report() {
+        return Some(match r.problem {
+            nixmux_transport::HostKeyProblem::Unknown => {
+                let files: Vec<String> =
+                    r.searched.iter().map(|p| p.display().to_string()).collect();
+                format!(
+                    "{} has no key for {}; if {} {} is the builder's real key, add this line to it: {}",
+                    if files.is_empty() {
+                        "no known_hosts file".to_owned()
+                    } else {
+                        files.join(", ")
+                    },
+                    r.lookup,
+                    r.algorithm,
+                    r.fingerprint,
+                    r.known_hosts_line
+                )
+            }
+            nixmux_transport::HostKeyProblem::Mismatch => format!(
+                "the builder presented {} {}, which is not the key on record; if the builder was reinstalled, replace the old entry with: {}",
+                r.algorithm, r.fingerprint, r.known_hosts_line
+            ),
+            _ => "this key is revoked in known_hosts; the builder must get a new host key".into(),
+        });
+    }
+    match e.kind() {
+        ErrorKind::Auth => Some(format!(
+            "the builder refused every key offered; add the client's public key to the remote user's ~/.ssh/authorized_keys, or set the machines file's ssh-key field ({t})"
+        )),
+        ErrorKind::Connect => Some(
+            "check that sshd runs on the builder and that host and port are right".into(),
+        ),
+        ErrorKind::TimedOut => Some(
+            "the builder did not answer in time: is it up, and is the port firewalled (dropping packets)?".into(),
+        ),
+        _ => None,
+    }
+}

@@ -1,0 +1,256 @@
+//! The unified operations against real OpenSSH + Nix 2.8 builders, once per protocol: the
+//! same test code must give the same outcome over ssh:// and ssh-ng://.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nixmux::local::{LocalStore, LocalStoreAccess};
+use nixmux::ops::BuildOptions;
+use nixmux::proto::build_result::BuildStatus;
+use nixmux::proto::store_path::{StoreDir, StorePath};
+use nixmux::transport::{Endpoint, HostKeyCheck, Identity, TransportConfig};
+use nixmux::{Builder, BuilderConfig, ConnectTarget, Pool, Protocol, log_channel};
+use nixmux_rig::{PrivateStore, Rig, RigConfig};
+
+struct Setup {
+    rig: Rig,
+    client: Arc<PrivateStore>,
+    local: LocalStore,
+    pool: Pool,
+}
+
+fn setup() -> Setup {
+    nixmux_rig::ensure_peers_installed().expect("peers");
+    let rig = Rig::start(RigConfig::with_builders(1)).expect("rig");
+    let client = Arc::new(PrivateStore::temp().expect("client store"));
+    let c = client.clone();
+    let local = LocalStore::new(LocalStoreAccess::Command(Arc::new(move || {
+        tokio::process::Command::from(c.command("nix-daemon", ["--stdio"]))
+    })));
+    Setup {
+        rig,
+        client,
+        local,
+        pool: Pool::new(),
+    }
+}
+
+fn builder(s: &Setup, protocol: Protocol) -> Builder {
+    let target = ConnectTarget {
+        endpoint: Endpoint::new("127.0.0.1", s.rig.builder(0).port(), "root"),
+        identities: vec![Identity::key_file(s.rig.client_key())],
+        host_keys: HostKeyCheck::strict([s.rig.known_hosts()]),
+        transport: TransportConfig::default(),
+        jump: None,
+    };
+    s.pool.add(BuilderConfig::new(
+        format!("{}://builder0", protocol.scheme()),
+        protocol,
+        target,
+    ))
+}
+
+fn sp(s: &str) -> StorePath {
+    StorePath::parse(&StoreDir::default(), s.trim()).expect("store path")
+}
+
+/// Instantiates `expr` in the client store; returns the `.drv` paths of its closure,
+/// dependencies first, and the top-level one.
+fn instantiate(store: &PrivateStore, expr: &str) -> (Vec<StorePath>, StorePath) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let f = tmp.path().join("e.nix");
+    std::fs::write(&f, expr).expect("write");
+    let out = store
+        .run("nix-instantiate", [f.to_str().expect("utf8")])
+        .expect("instantiate");
+    let top = sp(&String::from_utf8_lossy(&out.stdout));
+    let q = store
+        .run("nix-store", ["-qR", &top.to_absolute(&StoreDir::default())])
+        .expect("closure");
+    let drvs = String::from_utf8_lossy(&q.stdout)
+        .lines()
+        .map(sp)
+        .filter(StorePath::is_derivation)
+        .collect();
+    (drvs, top)
+}
+
+fn drv_outputs(store: &PrivateStore, drv: &StorePath) -> BTreeSet<StorePath> {
+    let out = store
+        .run(
+            "nix-store",
+            ["-q", "--outputs", &drv.to_absolute(&StoreDir::default())],
+        )
+        .expect("outputs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(sp)
+        .collect()
+}
+
+const GRAPH: &str = r#"
+let
+  sh = body: name: deps: derivation {
+    inherit name;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" ("PATH=/usr/bin:/bin; " + body) ];
+    inherit deps;
+  };
+  src = builtins.toFile "graph-src" "source text\n";
+  leaf = i: sh "echo leaf ${toString i} $(cat ${src}) > $out" "leaf-${toString i}" [];
+  leaves = map leaf [ 1 2 3 4 5 6 ];
+  big = sh "head -c 52428800 /dev/urandom > $out" "big-output" [];
+  mid1 = sh "cat $deps > $out" "mid-1" (builtins.genList (i: builtins.elemAt leaves i) 3);
+  mid2 = sh "cat $deps > $out; wc -c < ${big} >> $out" "mid-2" [ (builtins.elemAt leaves 3) big ];
+  mid3 = sh "mkdir $out; for d in $deps; do cp $d $out/$(basename $d); done" "mid-3" [ mid1 mid2 (builtins.elemAt leaves 4) ];
+in sh "echo top > $out; ls ${mid3} >> $out; cat ${builtins.elemAt leaves 5} >> $out" "top" [ mid3 ]
+"#;
+
+async fn build_graph(protocol: Protocol) {
+    let s = setup();
+    let b = builder(&s, protocol);
+    let (drvs, top) = instantiate(&s.client, GRAPH);
+    assert!(drvs.len() >= 10, "{} derivations", drvs.len());
+    let (logs, mut stream) = log_channel(10_000);
+    for drv in &drvs {
+        let outcome = b
+            .build(&s.local, drv, &BuildOptions::default(), &logs)
+            .await
+            .unwrap_or_else(|e| panic!("building {drv}: {e}"));
+        assert_eq!(
+            outcome.result.status,
+            BuildStatus::Built,
+            "{drv}: {:?}",
+            outcome
+        );
+        let outputs: BTreeSet<StorePath> = outcome
+            .result
+            .built_outputs
+            .values()
+            .map(|o| o.path.clone())
+            .collect();
+        assert_eq!(outputs, drv_outputs(&s.client, drv));
+        b.fetch_outputs(&s.local, &outputs, None)
+            .await
+            .unwrap_or_else(|e| panic!("fetching {drv}: {e}"));
+    }
+    for out in drv_outputs(&s.client, &top) {
+        let p = out.to_absolute(&StoreDir::default());
+        s.client
+            .run("nix-store", ["--verify-path", &p])
+            .expect("outputs valid and hashes right");
+    }
+    // Every derivation sent one build; logs flowed for at least some of them.
+    let mut n = 0;
+    while stream.try_recv().is_some() {
+        n += 1;
+    }
+    eprintln!(
+        "{protocol:?}: {} drvs, {n} log events, {:?}",
+        drvs.len(),
+        b.stats()
+    );
+    s.pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graph_builds_remotely_over_ssh() {
+    build_graph(Protocol::Serve).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graph_builds_remotely_over_ssh_ng() {
+    build_graph(Protocol::Worker).await;
+}
+
+async fn failures(protocol: Protocol) {
+    let s = setup();
+    let b = builder(&s, protocol);
+    let (logs, _stream) = log_channel(1000);
+    let one = |body: &str, name: &str| {
+        format!(
+            r#"derivation {{ name = "{name}"; system = builtins.currentSystem; builder = "/bin/sh"; args = ["-c" "PATH=/usr/bin:/bin; {body}"]; }}"#
+        )
+    };
+    let (_, fail) = instantiate(
+        &s.client,
+        &one("echo this build fails >&2; exit 1", "fails"),
+    );
+    let o = b
+        .build(&s.local, &fail, &BuildOptions::default(), &logs)
+        .await
+        .expect("a failed build is a result");
+    assert_eq!(o.result.status, BuildStatus::PermanentFailure, "{o:?}");
+    assert!(
+        o.log_tail.iter().any(|l| l.contains("this build fails")),
+        "{:?}",
+        o.log_tail
+    );
+
+    let (_, slow) = instantiate(&s.client, &one("sleep 30; echo > $out", "silent"));
+    let o = b
+        .build(
+            &s.local,
+            &slow,
+            &BuildOptions {
+                max_silent_time: Some(Duration::from_secs(1)),
+                ..BuildOptions::default()
+            },
+            &logs,
+        )
+        .await
+        .expect("result");
+    assert_eq!(o.result.status, BuildStatus::TimedOut, "{o:?}");
+
+    let (_, slow2) = instantiate(
+        &s.client,
+        &one(
+            "while true; do echo tick; sleep 0.2; done",
+            "chatty-forever",
+        ),
+    );
+    let o = b
+        .build(
+            &s.local,
+            &slow2,
+            &BuildOptions {
+                timeout: Some(Duration::from_secs(2)),
+                ..BuildOptions::default()
+            },
+            &logs,
+        )
+        .await
+        .expect("result");
+    assert_eq!(o.result.status, BuildStatus::TimedOut, "{o:?}");
+
+    let (_, chatty) = instantiate(
+        &s.client,
+        &one("yes | head -c 200000; echo > $out", "too-chatty"),
+    );
+    let o = b
+        .build(
+            &s.local,
+            &chatty,
+            &BuildOptions {
+                max_log_size: Some(10_000),
+                ..BuildOptions::default()
+            },
+            &logs,
+        )
+        .await
+        .expect("result");
+    assert_eq!(o.result.status, BuildStatus::LogLimitExceeded, "{o:?}");
+    s.pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_timeouts_and_log_limits_over_ssh() {
+    failures(Protocol::Serve).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_timeouts_and_log_limits_over_ssh_ng() {
+    failures(Protocol::Worker).await;
+}
