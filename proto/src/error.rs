@@ -89,6 +89,16 @@ pub enum Incompatible {
         /// Version this session negotiated.
         negotiated: ProtocolVersion,
     },
+    /// The request cannot be expressed with the features this session negotiated (e.g. a
+    /// hash-modulo realisation id once `realisation-with-path-not-hash` is on, or a
+    /// derivation-path id without it).
+    #[error("{op} cannot be sent on this session: {reason}")]
+    FeatureMismatch {
+        /// Operation name.
+        op: &'static str,
+        /// Why not.
+        reason: &'static str,
+    },
 }
 
 /// A peer that sent legal values at the wrong time.

@@ -193,6 +193,36 @@ impl Negotiated {
         }
         Ok(())
     }
+
+    /// Errors unless `req` can be encoded on this connection: its op exists at the negotiated
+    /// version ([`Negotiated::check_op`]), and a realisation id has the form the connection
+    /// uses. A derivation-path id ([`DrvOutputId::Path`]) exists only with the
+    /// [`FEATURE_REALISATION_WITH_PATH`] feature, and a hash-modulo id only without it;
+    /// encoding the other form would send a request the daemon cannot parse.
+    pub fn check_request(&self, req: &Request) -> Result<(), ProtoError> {
+        let op = req.op();
+        self.check_op(op)?;
+        let id = match req {
+            Request::RegisterDrvOutput(real) => &real.id,
+            Request::QueryRealisation(id) => id,
+            _ => return Ok(()),
+        };
+        let with_path = self.realisation_with_path();
+        let reason = match (id, with_path) {
+            (DrvOutputId::Path { .. }, false) => {
+                "a derivation-path id needs the feature realisation-with-path-not-hash"
+            }
+            (DrvOutputId::HashModulo { .. }, true) => {
+                "a hash-modulo id cannot be sent once realisation-with-path-not-hash is negotiated"
+            }
+            _ => return Ok(()),
+        };
+        Err(Incompatible::FeatureMismatch {
+            op: op_name(op),
+            reason,
+        }
+        .into())
+    }
 }
 
 fn op_name(op: Op) -> &'static str {
@@ -1044,7 +1074,9 @@ impl Request {
         }
     }
 
-    /// Encodes the request header (client side). Call [`Negotiated::check_op`] first.
+    /// Encodes the request header (client side). Call [`Negotiated::check_request`] first:
+    /// a request the connection cannot express would be encoded into bytes the daemon cannot
+    /// parse.
     pub fn write<B: BufMut + ?Sized>(&self, out: &mut B, dir: &StoreDir, n: &Negotiated) {
         out.put_word(self.op() as u64);
         match self {
@@ -1491,4 +1523,62 @@ pub fn write_multiple_entry<B: BufMut + ?Sized>(out: &mut B, dir: &StoreDir, inf
 /// Server side of [`write_multiple_entry`].
 pub fn read_multiple_entry(r: &mut WireReader<'_>, dir: &StoreDir) -> ReadResult<PathInfo> {
     PathInfo::read_worker_keyed(r, dir, ProtocolVersion::new(1, 16))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path_id() -> DrvOutputId {
+        DrvOutputId::Path {
+            drv_path: StorePath::new([1; 20], "ca.drv").expect("valid"),
+            output: "out".into(),
+        }
+    }
+
+    fn old_id() -> DrvOutputId {
+        DrvOutputId::HashModulo {
+            drv_hash: format!("sha256:{}", "ab".repeat(32)),
+            output: "out".into(),
+        }
+    }
+
+    /// A realisation id of the other form than the connection uses cannot be encoded (it
+    /// would go out as an empty id, which the daemon cannot parse): `check_request` says so.
+    #[test]
+    fn realisation_id_form_must_match_the_negotiated_encoding() {
+        let plain = Negotiated::new(ProtocolVersion::new(1, 38));
+        let mut with_path = plain.clone();
+        with_path
+            .features
+            .insert(FEATURE_REALISATION_WITH_PATH.to_owned());
+        let old = Negotiated::new(ProtocolVersion::new(1, 27));
+        for (n, id, ok) in [
+            (&plain, old_id(), true),
+            (&old, old_id(), true),
+            (&with_path, path_id(), true),
+            (&plain, path_id(), false),
+            (&old, path_id(), false),
+            (&with_path, old_id(), false),
+        ] {
+            let r = n.check_request(&Request::QueryRealisation(id.clone()));
+            assert_eq!(r.is_ok(), ok, "{n:?} {id:?}");
+            if !ok {
+                assert!(matches!(
+                    r,
+                    Err(ProtoError::Incompatible(
+                        Incompatible::FeatureMismatch { .. }
+                    ))
+                ));
+            }
+        }
+        // The op's version is still checked first.
+        let e = Negotiated::new(ProtocolVersion::new(1, 26))
+            .check_request(&Request::QueryRealisation(old_id()))
+            .expect_err("1.26");
+        assert!(matches!(
+            e,
+            ProtoError::Incompatible(Incompatible::OperationUnsupported { .. })
+        ));
+    }
 }

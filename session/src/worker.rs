@@ -78,6 +78,17 @@ fn frame(out: &mut BytesMut, data: &[u8]) {
     out.extend_from_slice(data);
 }
 
+/// A request the session cannot send: nothing was sent, the session stays usable.
+fn unsupported(e: ProtoError) -> SessionError {
+    match e {
+        ProtoError::Incompatible(i) => SessionError::Unsupported(i),
+        other => SessionError::Protocol {
+            during: "worker",
+            source: other,
+        },
+    }
+}
+
 /// Runs the stderr loop on a read half until `STDERR_LAST` (Ok) or `STDERR_ERROR` (Err).
 async fn stderr_loop(
     rh: &mut ReadHalf<'_>,
@@ -214,13 +225,14 @@ impl WorkerSession {
     }
 
     fn check(&self, op: Op) -> Result<(), SessionError> {
-        self.neg.check_op(op).map_err(|e| match e {
-            ProtoError::Incompatible(i) => SessionError::Unsupported(i),
-            other => SessionError::Protocol {
-                during: "worker",
-                source: other,
-            },
-        })
+        self.neg.check_op(op).map_err(unsupported)
+    }
+
+    /// Like [`WorkerSession::check`], and also refuses a request whose realisation id has the
+    /// other form than the connection uses (it would be encoded into bytes the daemon cannot
+    /// parse, and the session would be lost).
+    fn check_request(&self, req: &Request) -> Result<(), SessionError> {
+        self.neg.check_request(req).map_err(unsupported)
     }
 
     /// Sends `req`, runs the stderr loop, and decodes the reply with `decode`.
@@ -236,7 +248,7 @@ impl WorkerSession {
             &Negotiated,
         ) -> nixmux_proto::wire::ReadResult<T>,
     ) -> Result<T, SessionError> {
-        self.check(req.op())?;
+        self.check_request(&req)?;
         self.conn.begin()?;
         let r = async {
             req.write(&mut self.conn.wbuf, &self.dir, &self.neg);
