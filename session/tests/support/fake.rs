@@ -971,7 +971,14 @@ impl ServeFake {
                         Some(Err(_)) => return Err(End::ClosedByFake),
                     },
                     R::ExportPaths { paths } => {
-                        for p in self.store.topo(paths) {
+                        // Exactly the requested paths, dependencies first (Nix's
+                        // `exportPaths` sorts them topologically; it adds nothing).
+                        for p in self
+                            .store
+                            .topo(paths)
+                            .into_iter()
+                            .filter(|p| paths.contains(p))
+                        {
                             let Some((info, nar)) = self.store.paths.get(&p) else {
                                 return Err(End::ClosedByFake);
                             };
