@@ -19,6 +19,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::conn::{BoxReader, BoxWriter, Conn, SessionConfig};
 use crate::error::SessionError;
 
+/// Most `AddToStoreNar` acknowledgements left unread while uploading: enough to hide the
+/// round trips, and 512 bytes at most, so they never fill the pipe back to us (see
+/// [`ServeSession::add_to_store_nars`]).
+const ACK_WINDOW: usize = 64;
+
 /// One NAR to upload: its metadata and a reader of exactly `info.nar_size` bytes.
 pub struct Upload<'a> {
     /// Metadata (path, hash, size, references...).
@@ -208,10 +213,11 @@ impl ServeSession {
         self.conn.end(r)
     }
 
-    /// `AddToStoreNar` for several paths, pipelined: every header and NAR is sent without
-    /// waiting for the previous acknowledgement, then the acknowledgements are read. The
-    /// server handles commands strictly in order, so this saves one round trip per path.
-    /// Paths must be given dependencies first.
+    /// `AddToStoreNar` for several paths, pipelined: headers and NARs are sent without
+    /// waiting for the previous acknowledgements, which are read once 64 are outstanding and
+    /// at the end. The server handles commands strictly in order, so this saves one round
+    /// trip per path; bounding the unread acknowledgements keeps a server blocked on a full
+    /// pipe from deadlocking the upload. Paths must be given dependencies first.
     pub async fn add_to_store_nars(
         &mut self,
         uploads: &mut [Upload<'_>],
@@ -235,7 +241,9 @@ impl ServeSession {
                 },
             ));
         }
-        for up in uploads.iter_mut() {
+        let total = uploads.len();
+        let mut acked = 0;
+        for (sent, up) in uploads.iter_mut().enumerate() {
             if up.info.nar_size == 0 {
                 return Err(SessionError::Source(std::io::Error::new(
                     std::io::ErrorKind::InvalidInput,
@@ -249,14 +257,25 @@ impl ServeSession {
             self.conn.flush(DURING).await?;
             let len = up.info.nar_size;
             self.conn.copy_exact(up.nar, len, DURING).await?;
+            // Keep the acknowledgements waiting for us few: a server whose stdout pipe is
+            // full of them blocks writing, stops reading our NARs, and we block writing.
+            while sent + 1 - acked > ACK_WINDOW {
+                self.conn.flush_writer(DURING).await?;
+                self.read_ack(DURING).await?;
+                acked += 1;
+            }
         }
         self.conn.flush_writer(DURING).await?;
-        for _ in uploads.iter() {
-            self.conn
-                .read(DURING, |r| serve::read_ack(r, "AddToStoreNar"))
-                .await?;
+        for _ in acked..total {
+            self.read_ack(DURING).await?;
         }
         Ok(())
+    }
+
+    async fn read_ack(&mut self, during: &'static str) -> Result<(), SessionError> {
+        self.conn
+            .read(during, |r| serve::read_ack(r, "AddToStoreNar"))
+            .await
     }
 
     /// `ImportPaths`: one export stream carrying several paths (dependencies first). The

@@ -876,3 +876,36 @@ async fn a_stalled_server_hits_the_io_timeout() {
     assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(rep.end, Some(End::Eof));
 }
+
+/// `add_to_store_nars` pipelines its uploads and reads the acknowledgements at the end. With
+/// thousands of paths the acknowledgements fill the pipe back to us while we are still
+/// sending: the server blocks writing, stops reading, and we block writing.
+#[tokio::test]
+async fn pipelined_uploads_of_many_paths_do_not_deadlock() {
+    let items: Vec<_> = (0..10_000u32)
+        .map(|i| {
+            let mut h = [0u8; 20];
+            h[..4].copy_from_slice(&i.to_le_bytes());
+            sample(StorePath::new(h, "many").expect("path"), b"x", &[])
+        })
+        .collect();
+    let cfg = SessionConfig {
+        io_timeout: Duration::from_secs(2),
+        ..config()
+    };
+    let (s, h) = connect_with(ServeFake::new(v(7)), cfg).await;
+    let mut s = s.expect("handshake");
+    let mut srcs: Vec<&[u8]> = items.iter().map(|(_, n)| n.as_slice()).collect();
+    let mut ups: Vec<Upload<'_>> = items
+        .iter()
+        .zip(srcs.iter_mut())
+        .map(|((info, _), src)| Upload {
+            info: info.clone(),
+            nar: src,
+        })
+        .collect();
+    s.add_to_store_nars(&mut ups).await.expect("no deadlock");
+    drop(ups);
+    let rep = finish(s, h).await;
+    assert_eq!(rep.store.paths.len(), 10_000);
+}
