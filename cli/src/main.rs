@@ -1,1 +1,163 @@
-fn main() {}
+//! `nixmux`: connectivity tester, remote builds and benchmarks over pooled SSH connections.
+//! A thin layer over the `nixmux` library: argument parsing, rendering, exit codes.
+
+mod exit_code;
+mod ping;
+mod resolve;
+mod rig_cmd;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "nixmux",
+    version,
+    about = "Pooled, multiplexed SSH transport for Nix build farms"
+)]
+struct Cli {
+    /// More output on stderr (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check builders: resolve, TCP, SSH key exchange, host key, auth, exec, protocol
+    /// handshake, round trip. Exit codes: see docs/exit-codes.md.
+    Ping(PingArgs),
+    /// Local builders on loopback (real sshd + Nix, each with its own store).
+    #[command(subcommand)]
+    Rig(RigCommand),
+}
+
+/// Where builders come from, shared by every command that talks to builders.
+#[derive(Args, Clone, Debug)]
+pub(crate) struct BuilderArgs {
+    /// Store URLs (`ssh://[user@]host[:port]`, `ssh-ng://...`, with Nix's query parameters).
+    /// With none and no --machines, the builders the local Nix is configured with.
+    #[arg(value_name = "STORE-URL")]
+    pub(crate) urls: Vec<String>,
+    /// A Nix machines file.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) machines: Option<PathBuf>,
+    /// SSH identity for URLs that don't name one (like `ssh -i`).
+    #[arg(short = 'i', long = "identity", value_name = "FILE")]
+    pub(crate) identity: Vec<PathBuf>,
+    /// known_hosts file(s) to check host keys against (default: ~/.ssh/known_hosts and
+    /// /etc/ssh/ssh_known_hosts, or what ssh_config says).
+    #[arg(long = "known-hosts", value_name = "FILE")]
+    pub(crate) known_hosts: Vec<PathBuf>,
+    /// ssh_config file (default: ~/.ssh/config, then /etc/ssh/ssh_config).
+    #[arg(long = "ssh-config", value_name = "FILE")]
+    pub(crate) ssh_config: Option<PathBuf>,
+    /// Seconds allowed for each connection stage.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub(crate) connect_timeout: f64,
+}
+
+#[derive(Args)]
+struct PingArgs {
+    #[command(flatten)]
+    builders: BuilderArgs,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+    /// Protocol round trips to time on the established session.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+}
+
+#[derive(Subcommand)]
+enum RigCommand {
+    /// Start builders and leave them running.
+    Up {
+        /// Directory for keys, configs, stores and logs (must not exist or be empty).
+        #[arg(long, default_value = "/tmp/nixmux-rig")]
+        dir: PathBuf,
+        /// Number of builders.
+        #[arg(long, default_value_t = 2)]
+        builders: usize,
+        /// sshd MaxSessions of each builder.
+        #[arg(long, default_value_t = 10)]
+        max_sessions: u32,
+    },
+    /// Stop the builders of a rig and remove its directory.
+    Down {
+        /// The rig directory.
+        #[arg(default_value = "/tmp/nixmux-rig")]
+        dir: PathBuf,
+    },
+}
+
+fn init_tracing(verbose: u8) {
+    // By default the command's own output says everything; library warnings would repeat it.
+    let level = match verbose {
+        0 => "error",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_tracing(cli.verbose);
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("nixmux: {e:#}");
+            exit_code::FAILURE
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Rig(RigCommand::Up {
+            dir,
+            builders,
+            max_sessions,
+        }) => rig_cmd::up(dir, builders, max_sessions).map(|()| exit_code::OK),
+        Command::Rig(RigCommand::Down { dir }) => rig_cmd::down(dir).map(|()| exit_code::OK),
+        Command::Ping(args) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(run_ping(args))
+        }
+    }
+}
+
+async fn run_ping(args: PingArgs) -> anyhow::Result<i32> {
+    let resolved = match resolve::builders(&args.builders) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("nixmux: {e:#}");
+            return Ok(exit_code::CONFIG);
+        }
+    };
+    for skipped in &resolved.skipped {
+        eprintln!("nixmux: skipping {skipped}");
+    }
+    if resolved.builders.is_empty() {
+        eprintln!("nixmux: no SSH builders to ping ({})", resolved.source);
+        return Ok(exit_code::NO_BUILDERS);
+    }
+    let reports = ping::run_all(resolved.builders, args.rounds).await;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        ping::render_json(&reports, &mut out)?;
+    } else {
+        ping::render_table(&reports, &mut out)?;
+    }
+    Ok(ping::exit_code(&reports))
+}

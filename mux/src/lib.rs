@@ -24,6 +24,7 @@ pub mod ops;
 pub mod ping;
 mod pool;
 mod remote;
+pub mod setup;
 pub mod stats;
 pub mod target;
 
@@ -32,6 +33,7 @@ pub use connections::ConnectionLimits;
 pub use error::{Error, ErrorKind, Initiator, Result};
 pub use logs::{LogEvent, LogSender, LogStream, log_channel};
 pub use pool::PoolSettings;
+pub use setup::Overrides;
 pub use remote::Protocol;
 pub use stats::{BuilderStats, Health, HealthState};
 pub use target::ConnectTarget;

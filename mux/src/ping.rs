@@ -378,34 +378,42 @@ fn fail(report: &mut PingReport, stage: PingStage, e: Error) {
 fn hint_for(e: &Error) -> Option<String> {
     let t = e.transport_error()?;
     if let Some(r) = t.host_key_report() {
+        let pinned = r
+            .expected
+            .iter()
+            .any(|l| matches!(l, nixmux_transport::KeyLocation::Pinned { .. }));
+        // The key as a `.pub` line (the known_hosts line without its host field).
+        let pub_line = r
+            .known_hosts_line
+            .split_once(' ')
+            .map(|(_, k)| k)
+            .unwrap_or(&r.known_hosts_line);
         return Some(match r.problem {
-            nixmux_transport::HostKeyProblem::Unknown => {
-                let files: Vec<String> =
-                    r.searched.iter().map(|p| p.display().to_string()).collect();
-                format!(
-                    "{} has no key for {}; if {} {} is the builder's real key, add this line to it: {}",
-                    if files.is_empty() {
-                        "no known_hosts file".to_owned()
-                    } else {
-                        files.join(", ")
-                    },
-                    r.lookup,
-                    r.algorithm,
-                    r.fingerprint,
-                    r.known_hosts_line
-                )
-            }
-            nixmux_transport::HostKeyProblem::Mismatch => format!(
-                "the builder presented {} {}, which is not the key on record; if the builder was reinstalled, replace the old entry with: {}",
-                r.algorithm, r.fingerprint, r.known_hosts_line
+            nixmux_transport::HostKeyProblem::Unknown => format!(
+                "if {} {} is the builder's real key, add this line to {}: {}",
+                r.algorithm,
+                r.fingerprint,
+                r.searched
+                    .first()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "~/.ssh/known_hosts".into()),
+                r.known_hosts_line
             ),
-            _ => "this key is revoked in known_hosts; the builder must get a new host key".into(),
+            nixmux_transport::HostKeyProblem::Mismatch if pinned => format!(
+                "the machines file pins another key; if the builder was reinstalled and {} is its new key, set field 8 to the base64 of `{pub_line}`",
+                r.fingerprint
+            ),
+            nixmux_transport::HostKeyProblem::Mismatch => format!(
+                "if the builder was reinstalled and {} is its new key, replace its known_hosts entry with: {}",
+                r.fingerprint, r.known_hosts_line
+            ),
+            _ => "this key is revoked in known_hosts; the builder needs a new host key".into(),
         });
     }
     match e.kind() {
-        ErrorKind::Auth => Some(format!(
-            "the builder refused every key offered; add the client's public key to the remote user's ~/.ssh/authorized_keys, or set the machines file's ssh-key field ({t})"
-        )),
+        ErrorKind::Auth => Some(
+            "add the client's public key to the remote user's ~/.ssh/authorized_keys on the builder, or name the right key (machines-file field 3, ?ssh-key=, or -i)".into(),
+        ),
         ErrorKind::Connect => Some(
             "check that sshd runs on the builder and that host and port are right".into(),
         ),

@@ -130,12 +130,18 @@ impl PrivateStore {
         let conf_path = root.join("etc/nix.conf");
         std::fs::write(&conf_path, conf).ctx(|| format!("writing {}", conf_path.display()))?;
         let nix_id = file_id(&root.join("nix")).ctx(|| format!("stat {}/nix", root.display()))?;
-        Ok(Self {
+        let store = Self {
             root,
             nix_id,
             unshare,
             _temp: temp,
-        })
+        };
+        // Create the database now. Nix 2.8 creates it on first use, and two Nix processes
+        // starting at once on an empty store (say `nix-store --serve` and `nix-daemon --stdio`
+        // from two sessions) race: one fails with "SQLite database ... is busy". A real
+        // builder's store exists already, so tests must not see that race either.
+        store.run("nix-store", ["--init"])?;
+        Ok(store)
     }
 
     /// The store's root directory (`<dir>`).

@@ -1,0 +1,198 @@
+//! `nixmux ping` against real OpenSSH + Nix 2.8 builders from the rig: the acceptance
+//! criteria of the foundation issue, through the real binary.
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use nixmux_rig::{Protocol, Rig, RigConfig};
+
+fn nixmux(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nixmux"))
+        .args(args)
+        .env_remove("SSH_AUTH_SOCK")
+        .output()
+        .expect("run nixmux")
+}
+
+fn rig() -> Rig {
+    nixmux_rig::ensure_peers_installed().expect("peers");
+    Rig::start(RigConfig::with_builders(1)).expect("rig")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn both_protocols_ping_and_json_reports_versions() {
+    let rig = rig();
+    let machines = rig.machines();
+    let out = nixmux(&[
+        "ping",
+        "--json",
+        "--machines",
+        machines.to_str().expect("utf8"),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(doc["ok"], true);
+    let builders = doc["builders"].as_array().expect("array");
+    assert_eq!(builders.len(), 2);
+    let serve = builders
+        .iter()
+        .find(|b| b["scheme"] == "ssh")
+        .expect("ssh:// builder");
+    let worker = builders
+        .iter()
+        .find(|b| b["scheme"] == "ssh-ng")
+        .expect("ssh-ng:// builder");
+    assert_eq!(serve["protocol_version"], "2.7");
+    assert_eq!(worker["protocol_version"], "1.34");
+    assert_eq!(worker["remote_nix_version"], "2.8.0");
+    assert_eq!(worker["trust"], "unknown", "1.34 has no trust byte");
+    let stages: Vec<&str> = worker["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .filter_map(|s| s["stage"].as_str())
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            "resolve",
+            "tcp",
+            "key_exchange",
+            "host_key",
+            "auth",
+            "exec",
+            "handshake"
+        ]
+    );
+    // The table for people works too.
+    let out = nixmux(&["ping", "--machines", machines.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("worker 1.34"));
+}
+
+#[test]
+fn mismatched_pinned_host_key_is_refused_before_any_session() {
+    let rig = rig();
+    let other = rig_key_of_another_builder();
+    let b = rig.builder(0);
+    let line = format!(
+        "{} x86_64-linux {} 1 1 - - {}",
+        b.store_url(Protocol::Worker),
+        rig.client_key().display(),
+        other
+    );
+    let machines = rig.dir().join("machines-bad");
+    std::fs::write(&machines, line).expect("write");
+    let sessions_before = b.session_opens();
+    let out = nixmux(&["ping", "--machines", machines.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(11), "{}", text(&out));
+    assert!(text(&out).contains("DOES NOT MATCH"), "{}", text(&out));
+    assert!(text(&out).contains("SHA256:"), "{}", text(&out));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        b.session_opens(),
+        sessions_before,
+        "no session channel was opened"
+    );
+    assert_eq!(b.count_log("Accepted publickey"), 0, "refused before auth");
+}
+
+/// A valid host key that is not builder 0's: field 8 of a second rig's machines file.
+fn rig_key_of_another_builder() -> String {
+    let other = Rig::start(RigConfig::with_builders(1)).expect("second rig");
+    other.builder(0).host_key_base64().to_owned()
+}
+
+#[test]
+fn wrong_client_key_gives_the_auth_exit_code() {
+    let rig = rig();
+    let dir = rig.dir().join("wrong");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let key = dir.join("id_ed25519");
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .expect("ssh-keygen");
+    assert!(st.success());
+    let url = format!(
+        "{}?ssh-key={}",
+        rig.builder(0).store_url(Protocol::Serve),
+        key.display()
+    );
+    let kh = rig.known_hosts();
+    let out = nixmux(&["ping", &url, "--known-hosts", kh.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(12), "{}", text(&out));
+    assert!(text(&out).contains("authorized_keys"), "{}", text(&out));
+}
+
+#[test]
+fn missing_remote_program_is_named_not_a_protocol_error() {
+    let rig = rig();
+    let kh = rig.known_hosts();
+    let key = rig.client_key();
+    for proto in [Protocol::Serve, Protocol::Worker] {
+        let url = format!(
+            "{}?remote-program=/opt/nowhere/nix-thing",
+            rig.builder(0).store_url(proto)
+        );
+        let out = nixmux(&[
+            "ping",
+            &url,
+            "-i",
+            key.to_str().expect("utf8"),
+            "--known-hosts",
+            kh.to_str().expect("utf8"),
+        ]);
+        assert_eq!(out.status.code(), Some(13), "{}", text(&out));
+        let t = text(&out);
+        assert!(t.contains("command not found on the builder"), "{t}");
+        assert!(t.contains("remote-program"), "{t}");
+    }
+}
+
+#[test]
+fn stopped_or_frozen_sshd_fails_within_the_connect_timeout() {
+    let rig = rig();
+    let b = rig.builder(0);
+    let url = b.store_url(Protocol::Worker);
+    let kh = rig.known_hosts();
+    let key = rig.client_key();
+    let args = |t: &'static str| {
+        vec![
+            "ping".to_owned(),
+            url.clone(),
+            "-i".into(),
+            key.to_str().expect("utf8").into(),
+            "--known-hosts".into(),
+            kh.to_str().expect("utf8").into(),
+            "--connect-timeout".into(),
+            t.into(),
+        ]
+    };
+    // Frozen: TCP connects, but no SSH banner ever comes.
+    b.freeze().expect("freeze");
+    let start = Instant::now();
+    let a = args("2");
+    let out = nixmux(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let took = start.elapsed();
+    b.thaw().expect("thaw");
+    assert_eq!(out.status.code(), Some(10), "{}", text(&out));
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+
+    // Stopped: connection refused, at once.
+    b.stop_sshd().expect("stop");
+    let start = Instant::now();
+    let out = nixmux(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.status.code(), Some(10), "{}", text(&out));
+    assert!(start.elapsed() < Duration::from_secs(3));
+    assert!(text(&out).contains("refused"), "{}", text(&out));
+}
