@@ -78,6 +78,10 @@ fn frame(out: &mut BytesMut, data: &[u8]) {
     out.extend_from_slice(data);
 }
 
+/// Most requests in flight in a pipelined batch (`query_path_infos`): a few KiB of requests,
+/// so our writes never block on a pipe the daemon has stopped reading.
+const PIPELINE_WINDOW: usize = 64;
+
 /// A request the session cannot send: nothing was sent, the session stays usable.
 fn unsupported(e: ProtoError) -> SessionError {
     match e {
@@ -356,8 +360,9 @@ impl WorkerSession {
         }
     }
 
-    /// Several `QueryPathInfo`s pipelined: every request is sent before the first reply is
-    /// read, so N paths cost one round trip instead of N.
+    /// Several `QueryPathInfo`s pipelined: up to 64 requests are in flight, so N paths cost
+    /// about N / 32 round trips instead of N, while our writes stay small enough never to
+    /// block on a daemon that waits for us to read its replies.
     pub async fn query_path_infos(
         &mut self,
         paths: &BTreeSet<StorePath>,
@@ -367,19 +372,28 @@ impl WorkerSession {
         self.check(Op::QueryPathInfo)?;
         self.conn.begin()?;
         let r = async {
-            for p in paths {
-                Request::QueryPathInfo { path: p.clone() }.write(
-                    &mut self.conn.wbuf,
-                    &self.dir,
-                    &self.neg,
-                );
-            }
-            self.conn.flush(DURING).await?;
+            let paths: Vec<&StorePath> = paths.iter().collect();
             let mut out = Vec::with_capacity(paths.len());
             let mut first_error = None;
             let v = self.neg.version;
             let t = Some(self.conn.config.io_timeout);
-            for p in paths {
+            let mut sent = 0;
+            for (i, p) in paths.iter().copied().enumerate() {
+                // Keep at most PIPELINE_WINDOW requests ahead of the replies read (topped up
+                // when half of them are answered): a daemon whose replies fill the pipe back
+                // to us blocks writing and stops reading, and we would block writing.
+                if sent < paths.len() && sent - i <= PIPELINE_WINDOW / 2 {
+                    let upto = paths.len().min(i + PIPELINE_WINDOW);
+                    for q in &paths[sent..upto] {
+                        Request::QueryPathInfo { path: (*q).clone() }.write(
+                            &mut self.conn.wbuf,
+                            &self.dir,
+                            &self.neg,
+                        );
+                    }
+                    sent = sent.max(upto);
+                    self.conn.flush(DURING).await?;
+                }
                 let res = {
                     let (mut rh, _) = self.conn.halves();
                     stderr_loop(&mut rh, v, DURING, t, logs).await

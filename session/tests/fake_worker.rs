@@ -1720,3 +1720,40 @@ async fn error_in_the_middle_of_a_pulled_upload() {
     assert_eq!(rep.uploads[0].reads, 1);
     assert_eq!(rep.uploads[0].data_bytes, 32 << 10);
 }
+
+/// `query_path_infos` pipelines its requests. With thousands of paths, the replies fill the
+/// pipe back to us while we are still writing requests: the daemon blocks writing, stops
+/// reading, and we block writing. The pipeline must be bounded.
+#[tokio::test]
+async fn pipelined_query_path_infos_of_many_paths_do_not_deadlock() {
+    let mut fake = WorkerFake::new(v(34));
+    let mut paths = BTreeSet::new();
+    for i in 0..5000u32 {
+        let p = StorePath::new(
+            {
+                let mut h = [0u8; 20];
+                h[..4].copy_from_slice(&i.to_le_bytes());
+                h
+            },
+            "many",
+        )
+        .expect("path");
+        if i % 2 == 0 {
+            let (info, nar) = sample(p.clone(), b"x", &[]);
+            fake.store.add(info, nar);
+        }
+        paths.insert(p);
+    }
+    let cfg = SessionConfig {
+        io_timeout: Duration::from_secs(2),
+        ..config()
+    };
+    let (s, h) = connect_with(fake, cfg, &no_options()).await;
+    let mut s = s.expect("handshake");
+    let infos = s
+        .query_path_infos(&paths, &mut |_| {})
+        .await
+        .expect("no deadlock");
+    assert_eq!(infos.len(), 2500);
+    finish(s, h).await;
+}
