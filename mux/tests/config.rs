@@ -13,9 +13,9 @@ use nixmux::Protocol;
 use nixmux::config::{
     BuilderSpec, BuildersOrigin, ConfigError, ConfigKind, JumpSpec, LocalEnv, MachineEntry,
     MachineProblem, Machines, NixConfSources, Origin, PinnedHostKey, ProxySetting,
-    ResolvedEndpoint, SshConfig, StoreKind, StoreUrl, StoreUrlProblem, StrictPolicy,
-    builders_setting, effective_store_uri, parse_builders, read_machines_file, shell_escape,
-    store_kind,
+    ResolvedEndpoint, SshCommandLine, SshConfig, StoreKind, StoreUrl, StoreUrlProblem,
+    StrictPolicy, builders_setting, effective_store_uri, parse_builders, read_machines_file,
+    shell_escape, store_kind,
 };
 
 const SYSTEM: &str = "x86_64-linux";
@@ -1485,4 +1485,101 @@ fn b64(s: &str) -> String {
         out.push('=');
     }
     out
+}
+
+#[test]
+fn nix_sshopts_command_line() {
+    let cmd = SshCommandLine::from_nix_sshopts(
+        "-F tests/data/config/rig-ssh-config -oUser=optuser -p2300 -i '/k with space' -xaC \
+         -J j1 -v -L 1:h:2 -o 'StrictHostKeyChecking accept-new'",
+    )
+    .unwrap();
+    assert_eq!(cmd.config_file, Some(data("rig-ssh-config")));
+    assert_eq!(
+        cmd.options,
+        [
+            "User=optuser",
+            "Port \"2300\"",
+            "IdentityFile \"/k with space\"",
+            "Compression yes",
+            "ProxyJump j1",
+            "StrictHostKeyChecking accept-new",
+        ]
+    );
+    assert_eq!(cmd.ignored, ["-x", "-a", "-v", "-L 1:h:2"]);
+
+    // Options win over the -F file; explicit URL / machines values win over both.
+    let config = SshConfig::load(&cmd, &env()).unwrap();
+    let ep = config.resolve(&url("ssh-ng://builder0"), &env()).unwrap();
+    assert_eq!(
+        (ep.host.as_str(), ep.port, ep.user.as_str()),
+        ("127.0.0.1", 2300, "optuser")
+    );
+    assert_eq!(
+        ep.identities,
+        paths(&["/k with space", "/tmp/rig/client_key"])
+    );
+    assert_eq!(ep.strict, StrictPolicy::AcceptNew);
+    assert!(ep.compress);
+    let hops: Vec<String> = ep.proxy_jump.iter().map(|j| j.spec.to_string()).collect();
+    assert_eq!(hops, ["j1"]);
+    // The outer ssh's -o/-l/-p/-i do not reach the ssh run for the hop (only -F does).
+    assert_eq!(
+        (
+            ep.proxy_jump[0].endpoint.user.as_str(),
+            ep.proxy_jump[0].endpoint.port
+        ),
+        ("alice", 22)
+    );
+    let spec = one("ssh-ng://root@builder0:40002 - /machine/key");
+    let ep = config.resolve(&spec, &env()).unwrap();
+    assert_eq!((ep.port, ep.user.as_str()), (40002, "root"));
+    assert_eq!(ep.identities[0], PathBuf::from("/machine/key"));
+
+    // Without options the file's values apply; `-F none` reads nothing.
+    let cmd = SshCommandLine::from_nix_sshopts("-F tests/data/config/rig-ssh-config").unwrap();
+    let ep = SshConfig::load(&cmd, &env())
+        .unwrap()
+        .resolve(&url("ssh://builder0"), &env())
+        .unwrap();
+    assert_eq!(
+        (ep.port, ep.user.as_str(), ep.strict),
+        (40001, "root", StrictPolicy::Yes)
+    );
+    assert_eq!(ep.proxy_jump[0].spec.host, "file-jump");
+    let none = SshCommandLine::from_nix_sshopts("-F none -l bob").unwrap();
+    let ep = SshConfig::load(&none, &env())
+        .unwrap()
+        .resolve(&url("ssh://builder0"), &env())
+        .unwrap();
+    assert_eq!(
+        (ep.host.as_str(), ep.port, ep.user.as_str()),
+        ("builder0", 22, "bob")
+    );
+
+    // Errors.
+    for (bad, what) in [
+        ("-p", "needs an argument"),
+        ("host", "unexpected argument"),
+        ("-o 'unterminated", "unterminated quote"),
+    ] {
+        let e = SshCommandLine::from_nix_sshopts(bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(what), "{bad}: {e}");
+    }
+    let host_opt = SshCommandLine::from_nix_sshopts("-oHost=x").unwrap();
+    let e = SshConfig::load(&host_opt, &env()).unwrap_err().to_string();
+    assert!(e.contains("not supported as a command-line option"), "{e}");
+    let bad_port = SshCommandLine::from_nix_sshopts("-p 0").unwrap();
+    assert!(
+        SshConfig::load(&bad_port, &env())
+            .unwrap_err()
+            .to_string()
+            .contains("Bad port")
+    );
+    assert_eq!(
+        SshCommandLine::from_nix_sshopts("").unwrap(),
+        SshCommandLine::default()
+    );
 }

@@ -246,6 +246,14 @@ pub enum ConfigError {
         /// What is wrong.
         problem: String,
     },
+    /// ssh command-line options (e.g. `NIX_SSHOPTS`) that cannot be parsed.
+    #[error("ssh options `{args}`: {problem}")]
+    SshOptions {
+        /// The options as given.
+        args: String,
+        /// What is wrong.
+        problem: String,
+    },
     /// The options that apply to a host cannot be turned into an endpoint (a ProxyCommand, a
     /// ProxyJump loop, an unknown `%` token...).
     #[error("resolving SSH options for `{host}`: {problem}")]

@@ -10,9 +10,16 @@
 //!   end of the line; what is left is split at `;` into entries, each trimmed of spaces, tabs,
 //!   CR and LF. Empty entries are skipped.
 //!
-//!   Nix before 2.29 split at `\n` *and* `;` first and stripped comments afterwards, so in
-//!   `a # old ; b` the `b` was an entry. Nix 2.29 (commit f8b13cce, "Fix `;` and `#` bug in
-//!   machine file parsing") made a comment run to the end of the line; we follow that.
+//!   We follow Nix >= 2.29. Nix up to 2.28 (including the 2.8 on our builders) differs in two
+//!   ways, both checked against Debian's Nix 2.8 with `nix-build --builders '...'`:
+//!   1. it split at `\n` *and* `;` before stripping comments, so in `a # c ; b` the `b` is an
+//!      entry (fixed by commit f8b13cce, "Fix `;` and `#` bug in machine file parsing");
+//!   2. its `trim(line)` discarded the result, so entries were not trimmed: a whitespace-only
+//!      entry (an indented `# comment` line, a trailing `a ;`) failed with "store URL was not
+//!      found at the first column", and ` @file` was not an include (fixed by b74b0f4e, "Fix
+//!      another machine config parsing bug").
+//!
+//!   So every text Nix 2.8 accepts parses the same here, except `... # comment ; more` lines.
 //! * An entry `@path` is replaced by the entries of the file `path` (trimmed). A file that
 //!   does not exist is skipped silently (Nix: "cannot find machines file", at debug level);
 //!   any other read error is an error. Nix opens `path` as given, so a relative path is
@@ -36,7 +43,10 @@
 //! | 8 | base64 of the host's `.pub` line; must decode | none |
 //!
 //! Every field is validated on every entry, SSH or not, because Nix validates them before it
-//! looks at the URI. Entries whose store is not `ssh://` or `ssh-ng://` (`local`, `auto`,
+//! looks at the URI. For SSH entries field 8 must moreover decode to a public key line
+//! (`algorithm blob [comment]` whose blob names that algorithm): Nix only checks that it is
+//! base64 (2.8 accepts `aGVsbG8=`, "hello") and leaves ssh to fail on the bogus known_hosts
+//! file, but we pin the key ourselves and a pin we cannot read must not be dropped silently. Entries whose store is not `ssh://` or `ssh-ng://` (`local`, `auto`,
 //! `daemon`, `unix://...`, a path, ...) are returned as [`MachineEntry::NotSsh`]: Nix would
 //! build there, nixmux cannot, and a tool says it skips them.
 //!

@@ -20,9 +20,11 @@
 //! The rules, and the Nix and OpenSSH sources they come from, are documented on each module:
 //! [`store_url`] (URL syntax, percent-decoding, shell escaping), [`machines`] (machines-file
 //! syntax, defaults, field-over-parameter precedence), [`nix_conf`] (where `builders` comes
-//! from), [`ssh_config`] (OpenSSH semantics) and [`resolve`] (how they combine).
+//! from), [`ssh_config`] (OpenSSH semantics), [`command_line`] (`NIX_SSHOPTS`) and
+//! [`resolve`] (how they combine).
 
 mod b64;
+pub mod command_line;
 pub mod error;
 pub mod local_env;
 pub mod machines;
@@ -31,6 +33,7 @@ pub mod resolve;
 pub mod ssh_config;
 pub mod store_url;
 
+pub use command_line::SshCommandLine;
 pub use error::{ConfigError, Location, MachineProblem, Origin, StoreUrlError, StoreUrlProblem};
 pub use local_env::LocalEnv;
 pub use machines::{
@@ -40,7 +43,7 @@ pub use machines::{
 pub use nix_conf::{
     BuildersOrigin, BuildersSetting, NixConfSources, builders_setting, configured_machines,
 };
-pub use resolve::{JumpHost, Keepalive, ResolvedEndpoint, resolve_endpoint};
+pub use resolve::{JumpHost, Keepalive, ResolvedEndpoint, resolve_endpoint, resolve_endpoint_with};
 pub use ssh_config::{
     ConfigKind, HostOptions, JumpSpec, Located, ProxySetting, SshConfig, StrictPolicy,
 };

@@ -23,7 +23,8 @@
 //! * everything else (`IdentitiesOnly`, `StrictHostKeyChecking`, `ProxyJump`, timeouts,
 //!   keepalive, `HostKeyAlias`) comes from ssh_config alone, with OpenSSH's defaults.
 //!
-//! `NIX_SSHOPTS` is not interpreted.
+//! ssh command-line options (`NIX_SSHOPTS`, see [`super::command_line`]) sit between the
+//! explicit values and the files: [`SshConfig::load`] puts them first.
 //!
 //! # ProxyJump
 //!
@@ -37,6 +38,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::command_line::SshCommandLine;
 use super::error::{ConfigError, Location};
 use super::local_env::LocalEnv;
 use super::machines::{BuilderSpec, PinnedHostKey};
@@ -168,7 +170,7 @@ impl SshConfig {
     ) -> Result<Vec<JumpHost>, ConfigError> {
         let mut out: Vec<JumpHost> = Vec::new();
         for (i, hop) in chain.iter().enumerate() {
-            let opts = self.host_options(&hop.host);
+            let opts = self.jump_host_options(&hop.host);
             let before = if i == 0 {
                 proxy_chain(&opts, &hop.host)?
             } else {
@@ -207,12 +209,22 @@ pub fn resolve_endpoint(
     spec: &BuilderSpec,
     ssh_config: Option<&Path>,
 ) -> Result<ResolvedEndpoint, ConfigError> {
-    let env = LocalEnv::current()?;
-    let config = match ssh_config {
-        Some(p) => SshConfig::load_file(p, &env)?,
-        None => SshConfig::load_default(&env)?,
+    let cmd = SshCommandLine {
+        config_file: ssh_config.map(Path::to_path_buf),
+        ..SshCommandLine::default()
     };
-    config.resolve(spec, &env)
+    resolve_endpoint_with(spec, &cmd)
+}
+
+/// Resolves `spec` as ssh would when given the options `cmd` (e.g.
+/// `SshCommandLine::from_nix_sshopts(&std::env::var("NIX_SSHOPTS")...)`): the options first,
+/// then their `-F` file or the default files. Explicit machines-file values still win.
+pub fn resolve_endpoint_with(
+    spec: &BuilderSpec,
+    cmd: &SshCommandLine,
+) -> Result<ResolvedEndpoint, ConfigError> {
+    let env = LocalEnv::current()?;
+    SshConfig::load(cmd, &env)?.resolve(spec, &env)
 }
 
 /// The ProxyJump chain ssh_config gives `host`, refusing ProxyCommand.
@@ -398,7 +410,7 @@ fn endpoint(
                 .server_alive_count_max
                 .unwrap_or(DEFAULT_ALIVE_COUNT_MAX),
         },
-        compress: explicit.compress,
+        compress: explicit.compress || opts.compression.unwrap_or(false),
         warnings: opts.warnings.clone(),
     })
 }

@@ -39,6 +39,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::command_line::SshCommandLine;
 use super::error::{ConfigError, Location, Origin};
 use super::local_env::LocalEnv;
 
@@ -203,6 +204,8 @@ pub struct HostOptions {
     pub server_alive_count_max: Option<u32>,
     /// `HostKeyAlias`.
     pub host_key_alias: Option<Located<String>>,
+    /// `Compression` (ssh `-C`).
+    pub compression: Option<bool>,
     /// Things we skipped that may matter (`Match` blocks).
     pub warnings: Vec<String>,
 }
@@ -225,6 +228,7 @@ enum Setting {
     ServerAliveInterval(Option<Duration>),
     ServerAliveCountMax(u32),
     HostKeyAlias(String),
+    Compression(bool),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -249,6 +253,8 @@ enum Item {
 struct ConfigFile {
     path: PathBuf,
     items: Vec<(Location, Item)>,
+    /// Command-line options (they do not reach the ssh that ProxyJump runs for a hop).
+    command_line: bool,
 }
 
 /// Whether a file is a user or the system configuration (it decides how `Include` resolves
@@ -293,6 +299,43 @@ impl SshConfig {
         Ok(config)
     }
 
+    /// What ssh reads when run with the command-line options `cmd` (e.g. from `NIX_SSHOPTS`):
+    /// the options themselves first (they win), then the `-F` file if given (which must exist),
+    /// else the default files.
+    pub fn load(cmd: &SshCommandLine, env: &LocalEnv) -> Result<SshConfig, ConfigError> {
+        let mut config = SshConfig::default();
+        let origin = Arc::new(Origin::Text("ssh command-line options".to_owned()));
+        let mut items = Vec::new();
+        for (i, line) in cmd.options.iter().enumerate() {
+            let location = Location {
+                origin: origin.clone(),
+                line: i + 1,
+            };
+            if let Some(item) = parse_line(
+                line,
+                &location,
+                ConfigKind::User,
+                env,
+                &mut Vec::new(),
+                true,
+            )? {
+                items.push((location, item));
+            }
+        }
+        config.files.push(ConfigFile {
+            path: PathBuf::new(),
+            items,
+            command_line: true,
+        });
+        let rest = match &cmd.config_file {
+            Some(p) if p.as_os_str() == "none" => SshConfig::empty(),
+            Some(p) => SshConfig::load_file(p, env)?,
+            None => SshConfig::load_default(env)?,
+        };
+        config.files.extend(rest.files);
+        Ok(config)
+    }
+
     /// Parses `text` as the content of the file `path` (which is only used for messages and
     /// nothing is read from it; `Include`s are read).
     pub fn parse_str(
@@ -332,10 +375,25 @@ impl SshConfig {
 
     /// The options that apply to `host` (the name as given, before `HostName`).
     pub fn host_options(&self, host: &str) -> HostOptions {
+        self.options_for(host, true)
+    }
+
+    /// The options that apply to a ProxyJump hop: ssh runs `ssh [-l user] [-p port] [-J
+    /// earlier,hops] [-F file] -W ... hop` (ssh.c), so the files apply but not the other
+    /// command-line options of the outer ssh.
+    pub(crate) fn jump_host_options(&self, host: &str) -> HostOptions {
+        self.options_for(host, false)
+    }
+
+    fn options_for(&self, host: &str, with_command_line: bool) -> HostOptions {
         let mut opts = HostOptions::default();
         // jump_host / proxy_command are separate slots in OpenSSH; see `apply`.
         let mut slots = ProxySlots::default();
-        for file in &self.files {
+        for file in self
+            .files
+            .iter()
+            .filter(|f| with_command_line || !f.command_line)
+        {
             let mut active = true;
             walk(file, host, &mut active, false, &mut opts, &mut slots);
         }
@@ -471,6 +529,9 @@ fn apply(setting: &Setting, location: &Location, o: &mut HostOptions, slots: &mu
             o.server_alive_count_max.get_or_insert(*v);
         }
         Setting::HostKeyAlias(v) => first(&mut o.host_key_alias, v, location),
+        Setting::Compression(v) => {
+            o.compression.get_or_insert(*v);
+        }
     }
 }
 
@@ -527,13 +588,14 @@ fn parse_file(
             origin: origin.clone(),
             line: i + 1,
         };
-        if let Some(item) = parse_line(line, &location, kind, env, stack)? {
+        if let Some(item) = parse_line(line, &location, kind, env, stack, false)? {
             items.push((location, item));
         }
     }
     Ok(ConfigFile {
         path: path.to_owned(),
         items,
+        command_line: false,
     })
 }
 
@@ -543,6 +605,7 @@ fn parse_line(
     kind: ConfigKind,
     env: &LocalEnv,
     stack: &mut Vec<PathBuf>,
+    cmdline: bool,
 ) -> Result<Option<Item>, ConfigError> {
     let err = |problem: String| ConfigError::SshConfig {
         location: location.clone(),
@@ -565,6 +628,11 @@ fn parse_line(
         return Err(err(format!("no argument after keyword \"{keyword}\"")));
     }
     let args = argv_split(rest).ok_or_else(|| err("invalid quotes".to_owned()))?;
+    if cmdline && matches!(keyword.as_str(), "host" | "match" | "include") {
+        return Err(err(format!(
+            "{keyword} directive not supported as a command-line option"
+        )));
+    }
     let one = |what: &str| -> Result<String, ConfigError> {
         match args.as_slice() {
             [a] if !a.is_empty() => Ok(a.clone()),
@@ -670,6 +738,14 @@ fn parse_line(
                 )
             }
             "hostkeyalias" => Setting::HostKeyAlias(one("HostKeyAlias")?),
+            "compression" => {
+                let v = one("Compression")?;
+                Setting::Compression(match v.to_ascii_lowercase().as_str() {
+                    "yes" | "true" | "delayed" => true,
+                    "no" | "false" => false,
+                    _ => return Err(err(format!("Compression: unsupported value \"{v}\""))),
+                })
+            }
             _ => return Ok(None),
         };
     Ok(Some(Item::Set(setting)))
@@ -815,6 +891,7 @@ fn include_file(
             return Ok(ConfigFile {
                 path: path.to_owned(),
                 items: Vec::new(),
+                command_line: false,
             });
         }
         Err(source) => {
