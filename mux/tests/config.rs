@@ -1583,3 +1583,11 @@ fn nix_sshopts_command_line() {
         SshCommandLine::default()
     );
 }
+
+#[test]
+fn local_env_of_this_process() {
+    let e = LocalEnv::current().unwrap();
+    assert!(!e.user.is_empty());
+    assert!(e.home.is_absolute(), "{e:?}");
+    assert!(!e.hostname.is_empty());
+}

@@ -19,7 +19,8 @@
 //!      found at the first column", and ` @file` was not an include (fixed by b74b0f4e, "Fix
 //!      another machine config parsing bug").
 //!
-//!   So every text Nix 2.8 accepts parses the same here, except `... # comment ; more` lines.
+//!   So every text Nix 2.8 accepts splits into the same entries here, except lines of the
+//!   form `... # comment ; more`.
 //! * An entry `@path` is replaced by the entries of the file `path` (trimmed). A file that
 //!   does not exist is skipped silently (Nix: "cannot find machines file", at debug level);
 //!   any other read error is an error. Nix opens `path` as given, so a relative path is
@@ -46,9 +47,11 @@
 //! looks at the URI. For SSH entries field 8 must moreover decode to a public key line
 //! (`algorithm blob [comment]` whose blob names that algorithm): Nix only checks that it is
 //! base64 (2.8 accepts `aGVsbG8=`, "hello") and leaves ssh to fail on the bogus known_hosts
-//! file, but we pin the key ourselves and a pin we cannot read must not be dropped silently. Entries whose store is not `ssh://` or `ssh-ng://` (`local`, `auto`,
-//! `daemon`, `unix://...`, a path, ...) are returned as [`MachineEntry::NotSsh`]: Nix would
-//! build there, nixmux cannot, and a tool says it skips them.
+//! file, but we pin the key ourselves and a pin we cannot read must not be dropped silently.
+//!
+//! Entries whose store is not `ssh://` or `ssh-ng://` (`local`, `auto`, `daemon`,
+//! `unix://...`, a path, ...) are returned as [`MachineEntry::NotSsh`]: Nix would build there,
+//! nixmux cannot, and a tool says it skips them.
 //!
 //! # Precedence of machines-file fields over URL parameters
 //!

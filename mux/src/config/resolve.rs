@@ -20,6 +20,8 @@
 //!   pinned). With a pin the policy is [`StrictPolicy::Yes`] whatever ssh_config says: the pin
 //!   is an explicit machines-file value and must not be overridden by `StrictHostKeyChecking
 //!   no`;
+//! * **compression**: on if the URL says `compress=true` (Nix passes `-C`), else as
+//!   ssh_config's `Compression` says;
 //! * everything else (`IdentitiesOnly`, `StrictHostKeyChecking`, `ProxyJump`, timeouts,
 //!   keepalive, `HostKeyAlias`) comes from ssh_config alone, with OpenSSH's defaults.
 //!
@@ -33,7 +35,8 @@
 //! (`Host a` blocks apply to `a`), with the user and port written in the ProxyJump element
 //! winning. Only the *first* hop is started without `-J`, so only its own `ProxyJump` is
 //! honoured (and prepended); the other hops' `ProxyJump` lines are overridden by `-J`. The
-//! chain is returned flattened, in connection order.
+//! outer ssh's command-line options other than `-F` are not passed on, so they do not apply
+//! to hops. The chain is returned flattened, in connection order.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

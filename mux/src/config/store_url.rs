@@ -83,7 +83,7 @@ pub fn effective_store_uri(field: &str) -> Cow<'_, str> {
 /// `mounted-ssh-ng://` and every local, daemon or HTTP store is something else.
 pub fn store_kind(uri: &str) -> StoreKind {
     let base = uri.split('?').next().unwrap_or(uri);
-    if let Some((scheme, _)) = uri.split_once("://") {
+    if let Some((scheme, _)) = base.split_once("://") {
         return match protocol_for_scheme(scheme) {
             Some(p) => StoreKind::Ssh(p),
             None => StoreKind::Other(match scheme {
