@@ -16,7 +16,7 @@ use russh::keys::agent::client::AgentClient;
 use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg};
 
 use crate::config::Identity;
-use crate::connection::ClientHandler;
+use crate::connection::{CAUSE_GRACE, ClientHandler, ConnShared};
 use crate::error::{Stage, TransportError, classify};
 use crate::host_key::fingerprint;
 
@@ -84,6 +84,7 @@ pub(crate) async fn authenticate(
     handle: &mut Handle<ClientHandler>,
     user: &str,
     identities: &[Identity],
+    shared: &ConnShared,
 ) -> Result<String, TransportError> {
     let mut tried: Vec<String> = Vec::new();
     let mut offered_any = false;
@@ -127,10 +128,23 @@ pub(crate) async fn authenticate(
                 offered_any = true;
                 let result = handle
                     .authenticate_publickey(user, PrivateKeyWithHashAlg::new(Arc::new(key), hash))
-                    .await
-                    .map_err(|e| classify(Stage::Auth, e, None))?;
+                    .await;
+                let result = match result {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return Err(
+                            ended(handle, user, tried, methods_remaining, shared, Some(e)).await,
+                        );
+                    }
+                };
                 match result {
                     AuthResult::Success => return Ok(desc),
+                    AuthResult::Failure { .. } if handle.is_closed() => {
+                        tried.push(format!("{desc}: rejected"));
+                        return Err(
+                            ended(handle, user, tried, methods_remaining, shared, None).await
+                        );
+                    }
                     AuthResult::Failure {
                         remaining_methods, ..
                     } => {
@@ -219,6 +233,18 @@ pub(crate) async fn authenticate(
                         .await
                     {
                         Ok(AuthResult::Success) => return Ok(desc),
+                        Ok(AuthResult::Failure { .. }) if handle.is_closed() => {
+                            tried.push(format!("{desc}: rejected"));
+                            return Err(ended(
+                                handle,
+                                user,
+                                tried,
+                                methods_remaining,
+                                shared,
+                                None,
+                            )
+                            .await);
+                        }
                         Ok(AuthResult::Failure {
                             remaining_methods, ..
                         }) => {
@@ -226,7 +252,15 @@ pub(crate) async fn authenticate(
                             methods_remaining = method_names(&remaining_methods);
                         }
                         Err(russh::AgentAuthError::Send(_)) => {
-                            return Err(classify(Stage::Auth, russh::Error::SendError, None));
+                            return Err(ended(
+                                handle,
+                                user,
+                                tried,
+                                methods_remaining,
+                                shared,
+                                Some(russh::Error::SendError),
+                            )
+                            .await);
                         }
                         Err(russh::AgentAuthError::Key(e)) => {
                             tried.push(format!("{desc}: agent did not sign: {e}"));
@@ -245,4 +279,43 @@ pub(crate) async fn authenticate(
         tried,
         methods_remaining,
     })
+}
+
+/// The connection ended during authentication. If the server had already rejected
+/// something, this is an authentication failure with the server's parting words (sshd hangs
+/// up after `MaxAuthTries`); retrying would only fail again. Otherwise the connection was
+/// lost.
+async fn ended(
+    handle: &Handle<ClientHandler>,
+    user: &str,
+    mut tried: Vec<String>,
+    methods_remaining: Vec<String>,
+    shared: &ConnShared,
+    err: Option<russh::Error>,
+) -> TransportError {
+    let cause = if handle.is_closed() || err.is_some() {
+        Some(shared.wait_cause(CAUSE_GRACE).await)
+    } else {
+        None
+    };
+    let rejected_before = tried.iter().any(|t| t.ends_with(": rejected"));
+    if rejected_before {
+        if let Some(cause) = &cause {
+            tried.push(format!("then the server ended the connection: {cause}"));
+        }
+        return TransportError::AuthRejected {
+            user: user.to_string(),
+            tried,
+            methods_remaining,
+        };
+    }
+    match err {
+        Some(e) => classify(Stage::Auth, e, cause),
+        None => TransportError::Disconnected {
+            stage: Stage::Auth,
+            cause: cause.unwrap_or_else(|| {
+                crate::DisconnectCause::Unknown("connection ended during authentication".into())
+            }),
+        },
+    }
 }

@@ -155,6 +155,11 @@ pub struct TransportConfig {
     pub stdout_spill: StdoutSpill,
     /// Bytes of stderr kept per channel (the tail; older bytes are dropped). Default 64 KiB.
     pub stderr_tail_bytes: usize,
+    /// When every handle of an exec channel is dropped: how long to wait for the remote
+    /// command to exit (after SIGTERM, see [`ExecOptions::terminate_on_drop`]) and the server
+    /// to close the channel, before sending SIGKILL and closing it ourselves. sshd holds a
+    /// `MaxSessions` slot until the command has exited, so this is what frees it. Default 2 s.
+    pub close_grace: Duration,
 }
 
 impl Default for TransportConfig {
@@ -193,18 +198,33 @@ impl Default for TransportConfig {
             stdout_memory_limit: 32 * 1024 * 1024,
             stdout_spill: StdoutSpill::TempFile(None),
             stderr_tail_bytes: 64 * 1024,
+            close_grace: Duration::from_secs(2),
         }
     }
 }
 
 /// Per-exec options.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ExecOptions {
     /// If set, stderr chunks are also sent to a bounded queue of this many chunks, taken with
     /// [`crate::ExecChannel::take_stderr_log`]. When the queue is full, chunks are dropped
     /// and counted, never waited for.
     pub stderr_log_capacity: Option<usize>,
+    /// When the channel is dropped before the command exited, send it SIGTERM (and SIGKILL
+    /// after [`TransportConfig::close_grace`]) with an SSH `signal` request. Without this,
+    /// a command that does not stop on stdin EOF keeps running, and keeps its sshd session
+    /// slot, until it finishes. Default true.
+    pub terminate_on_drop: bool,
+}
+
+impl Default for ExecOptions {
+    fn default() -> Self {
+        ExecOptions {
+            stderr_log_capacity: None,
+            terminate_on_drop: true,
+        }
+    }
 }
 
 impl ExecOptions {
@@ -212,6 +232,15 @@ impl ExecOptions {
     pub fn with_stderr_log(capacity: usize) -> Self {
         ExecOptions {
             stderr_log_capacity: Some(capacity),
+            ..Self::default()
+        }
+    }
+
+    /// Options that leave the remote command running when the channel is dropped.
+    pub fn keep_running_on_drop() -> Self {
+        ExecOptions {
+            terminate_on_drop: false,
+            ..Self::default()
         }
     }
 }

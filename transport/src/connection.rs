@@ -23,7 +23,7 @@ use crate::observer::{ConnectEventKind, ConnectObserver, Stopwatch};
 use crate::stream::{MonitoredStream, StreamEnd, StreamMonitor};
 
 /// How long to wait for the session task to publish its end cause once we know it is ending.
-const CAUSE_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const CAUSE_GRACE: Duration = Duration::from_secs(2);
 /// How long to wait for the server to acknowledge our DISCONNECT before cutting the stream.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
 /// How long to wait for the description of a refused channel open; it is delivered by the
@@ -153,6 +153,12 @@ impl ConnShared {
                 Some(Reported::Error(
                     c @ (DisconnectCause::ConnectionClosed | DisconnectCause::Unknown(_)),
                 )) => from_stream(&stream_end).unwrap_or(c),
+                // russh's "early eof" when the socket closed between packets.
+                Some(Reported::Error(DisconnectCause::Io { .. }))
+                    if stream_end == Some(StreamEnd::Eof) =>
+                {
+                    DisconnectCause::ConnectionClosed
+                }
                 Some(Reported::Error(c)) => c,
                 None => from_stream(&stream_end)
                     .unwrap_or_else(|| DisconnectCause::Unknown("SSH session task ended".into())),
@@ -527,7 +533,7 @@ where
 
     let auth = tokio::time::timeout(
         config.auth_timeout,
-        auth::authenticate(&mut handle, &endpoint.user, identities),
+        auth::authenticate(&mut handle, &endpoint.user, identities, &shared),
     )
     .await;
     let identity = match auth {
@@ -537,10 +543,6 @@ where
                 stage: Stage::Auth,
                 after: config.auth_timeout,
             });
-        }
-        Ok(Err(TransportError::Disconnected { stage, .. })) => {
-            let cause = shared.wait_cause(CAUSE_GRACE).await;
-            return Err(TransportError::Disconnected { stage, cause });
         }
         Ok(Err(e)) => {
             // Dropping the handle ends the session task, which closes the socket.
@@ -658,7 +660,7 @@ impl SshConnection {
                     .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0),
             )
             .await?;
-        let parts = ChannelParts::spawn(self.inner.clone(), channel, None);
+        let parts = ChannelParts::spawn(self.inner.clone(), channel);
         Ok(TcpipStream::new(parts))
     }
 

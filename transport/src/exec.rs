@@ -409,14 +409,23 @@ enum DrainEnd {
     Lost,
 }
 
-/// Handles one message. Returns true when the channel is closed.
-fn handle_msg(core: &ChannelCore, msg: ChannelMsg, log: &mut Option<mpsc::Sender<Bytes>>) -> bool {
+/// Handles one message; `discard` drops stdout (nobody will read it). Returns true when the
+/// channel is closed.
+fn handle_msg(
+    core: &ChannelCore,
+    msg: ChannelMsg,
+    log: &mut Option<mpsc::Sender<Bytes>>,
+    discard: bool,
+) -> bool {
     let shared = core.shared();
     match msg {
         ChannelMsg::Data { data } => {
             let len = data.len() as u64;
             core.stdout_bytes.fetch_add(len, Ordering::Relaxed);
             shared.counters.bytes_in.fetch_add(len, Ordering::Relaxed);
+            if discard {
+                return false;
+            }
             if let Ok(mut out) = core.stdout.lock() {
                 let (to_mem, spilled) = out.push(data);
                 let c = &shared.counters;
@@ -509,8 +518,9 @@ async fn drain(
     core: Arc<ChannelCore>,
     mut abandoned: oneshot::Receiver<()>,
     mut log: Option<mpsc::Sender<Bytes>>,
+    on_drop: OnDrop,
 ) {
-    let end = loop {
+    let mut end = loop {
         tokio::select! {
             // Checked first so that a channel streaming data non-stop still notices that
             // nobody wants it any more.
@@ -518,7 +528,7 @@ async fn drain(
             _ = &mut abandoned => break DrainEnd::Abandoned,
             msg = rx.wait() => match msg {
                 Some(msg) => {
-                    if handle_msg(&core, msg, &mut log) {
+                    if handle_msg(&core, msg, &mut log, false) {
                         break DrainEnd::Closed;
                     }
                 }
@@ -526,26 +536,14 @@ async fn drain(
             },
         }
     };
+    if let DrainEnd::Abandoned = end {
+        end = abandon(&mut rx, &write, &core, on_drop).await;
+    }
     core.close_for_write();
     match end {
-        DrainEnd::Closed => {
-            // russh has already answered the server's CLOSE with ours.
+        DrainEnd::Closed | DrainEnd::Abandoned => {
             if let Ok(mut out) = core.stdout.lock() {
                 out.finish(Finish::Eof);
-            }
-            core.state.send_modify(|s| s.closed = true);
-        }
-        DrainEnd::Abandoned => {
-            // After our CLOSE russh forgets the channel, so nothing more will arrive here
-            // (not even the server's CLOSE): stop reading now.
-            match tokio::time::timeout(CLOSE_SEND_TIMEOUT, write.close()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::debug!("sending CHANNEL_CLOSE failed (connection gone?): {e}")
-                }
-                Err(_) => {
-                    tracing::warn!("could not send CHANNEL_CLOSE within {CLOSE_SEND_TIMEOUT:?}")
-                }
             }
             core.state.send_modify(|s| s.closed = true);
         }
@@ -561,6 +559,79 @@ async fn drain(
         .counters
         .channels_open
         .fetch_sub(1, Ordering::Relaxed);
+}
+
+/// What to do with the remote side when every handle of a channel is dropped.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OnDrop {
+    /// Signal the remote command (TERM, then KILL after `grace`).
+    terminate: bool,
+    /// How long to wait for the server to close the channel before closing it ourselves.
+    grace: Duration,
+}
+
+/// Nobody uses the channel any more. sshd keeps a session (and its `MaxSessions` slot) until
+/// the command has exited, whatever we send, so: ask the command to stop (SIGTERM, EOF on
+/// its stdin), keep draining until the server closes the channel (which it does once the
+/// command has exited and been reaped), and after `grace` escalate to SIGKILL and close the
+/// channel ourselves. Output arriving meanwhile is counted and discarded.
+async fn abandon(
+    rx: &mut ChannelReadHalf,
+    write: &ChannelWriteHalf<Msg>,
+    core: &ChannelCore,
+    on_drop: OnDrop,
+) -> DrainEnd {
+    let send = |what: &'static str,
+                r: Result<Result<(), russh::Error>, tokio::time::error::Elapsed>| {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!("sending {what} on an abandoned channel failed: {e}"),
+            Err(_) => tracing::warn!("could not send {what} within {CLOSE_SEND_TIMEOUT:?}"),
+        }
+    };
+    let exited = || core.state.borrow().exit.is_some();
+    if on_drop.terminate && !exited() {
+        send(
+            "signal TERM",
+            tokio::time::timeout(CLOSE_SEND_TIMEOUT, write.signal(russh::Sig::TERM)).await,
+        );
+    }
+    if !core.eof_sent.swap(true, Ordering::SeqCst) {
+        send(
+            "EOF",
+            tokio::time::timeout(CLOSE_SEND_TIMEOUT, write.eof()).await,
+        );
+    }
+    let mut log = None;
+    let deadline = tokio::time::Instant::now() + on_drop.grace;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.wait()).await {
+            Ok(Some(msg)) => {
+                if handle_msg(core, msg, &mut log, true) {
+                    return DrainEnd::Closed;
+                }
+            }
+            Ok(None) => return DrainEnd::Lost,
+            Err(_) => break,
+        }
+    }
+    if on_drop.terminate && !exited() {
+        tracing::debug!(
+            "remote command ignored SIGTERM for {:?}; sending SIGKILL",
+            on_drop.grace
+        );
+        send(
+            "signal KILL",
+            tokio::time::timeout(CLOSE_SEND_TIMEOUT, write.signal(russh::Sig::KILL)).await,
+        );
+    }
+    // After our CLOSE russh forgets the channel, so nothing more arrives here (not even the
+    // server's CLOSE): stop reading.
+    send(
+        "CHANNEL_CLOSE",
+        tokio::time::timeout(CLOSE_SEND_TIMEOUT, write.close()).await,
+    );
+    DrainEnd::Abandoned
 }
 
 // ===== assembling a channel =====
@@ -579,6 +650,7 @@ struct DrainStart {
     rx: ChannelReadHalf,
     abandoned: oneshot::Receiver<()>,
     log_tx: Option<mpsc::Sender<Bytes>>,
+    on_drop: OnDrop,
 }
 
 impl ChannelParts {
@@ -586,6 +658,7 @@ impl ChannelParts {
         conn: Arc<ConnInner>,
         channel: russh::Channel<Msg>,
         log_capacity: Option<usize>,
+        on_drop: OnDrop,
     ) -> Self {
         let (rx, write) = channel.split();
         let cfg = &conn.config;
@@ -639,6 +712,7 @@ impl ChannelParts {
                 rx,
                 abandoned,
                 log_tx,
+                on_drop,
             }),
         }
     }
@@ -651,17 +725,19 @@ impl ChannelParts {
                 self.status.core.clone(),
                 start.abandoned,
                 start.log_tx,
+                start.on_drop,
             ));
         }
     }
 
-    /// Builds the parts and starts draining at once (direct-tcpip).
-    pub(crate) fn spawn(
-        conn: Arc<ConnInner>,
-        channel: russh::Channel<Msg>,
-        log_capacity: Option<usize>,
-    ) -> Self {
-        let mut parts = Self::build(conn, channel, log_capacity);
+    /// Builds the parts and starts draining at once (direct-tcpip: on drop, EOF and CLOSE
+    /// straight away; there is no command to wait for).
+    pub(crate) fn spawn(conn: Arc<ConnInner>, channel: russh::Channel<Msg>) -> Self {
+        let on_drop = OnDrop {
+            terminate: false,
+            grace: Duration::ZERO,
+        };
+        let mut parts = Self::build(conn, channel, None, on_drop);
         parts.start_drain();
         parts
     }
@@ -676,7 +752,11 @@ pub(crate) async fn start_exec(
 ) -> Result<ExecChannel, TransportError> {
     let exec_timeout = conn.config.exec_timeout;
     let shared = conn.shared.clone();
-    let mut parts = ChannelParts::build(conn, channel, options.stderr_log_capacity);
+    let on_drop = OnDrop {
+        terminate: options.terminate_on_drop,
+        grace: conn.config.close_grace,
+    };
+    let mut parts = ChannelParts::build(conn, channel, options.stderr_log_capacity, on_drop);
     // The request goes out before the drain task starts; the answer waits in russh's
     // channel queue until it does.
     let sent = match &parts.write {
@@ -1050,6 +1130,64 @@ impl AsyncWrite for TcpipStream {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stdin).poll_shutdown(cx)
+    }
+}
+
+// ===== Debug =====
+
+macro_rules! debug_via_core {
+    ($($t:ty),*) => {$(
+        impl std::fmt::Debug for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let core = &self.core();
+                let state = core.state.borrow().clone();
+                f.debug_struct(stringify!($t))
+                    .field("exit", &state.exit)
+                    .field("closed", &state.closed)
+                    .field("lost", &state.lost)
+                    .field("stats", &core.stats())
+                    .finish()
+            }
+        }
+    )*};
+}
+
+impl ChannelStdin {
+    fn core(&self) -> &ChannelCore {
+        &self.core
+    }
+}
+impl ChannelStdout {
+    fn core(&self) -> &ChannelCore {
+        &self.core
+    }
+}
+impl ExecStatus {
+    fn core(&self) -> &ChannelCore {
+        &self.core
+    }
+}
+impl ExecChannel {
+    fn core(&self) -> &ChannelCore {
+        &self.status.core
+    }
+}
+impl TcpipStream {
+    fn core(&self) -> &ChannelCore {
+        &self.status.core
+    }
+}
+debug_via_core!(
+    ChannelStdin,
+    ChannelStdout,
+    ExecStatus,
+    ExecChannel,
+    TcpipStream
+);
+
+impl std::fmt::Debug for StderrLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StderrLog").finish_non_exhaustive()
     }
 }
 

@@ -327,7 +327,21 @@ impl fmt::Display for HostKeyReport {
                 write!(f, "{}", p.display())?;
             }
         }
-        if self.problem != HostKeyProblem::Revoked {
+        let pinned = self
+            .expected
+            .iter()
+            .any(|e| matches!(e, KeyLocation::Pinned { .. }));
+        if self.problem == HostKeyProblem::Revoked {
+        } else if pinned {
+            let key = self
+                .known_hosts_line
+                .split_once(' ')
+                .map_or(self.known_hosts_line.as_str(), |(_, k)| k);
+            write!(
+                f,
+                "; pinned keys take precedence over known_hosts: if you trust this key, pin it instead (machines-file field 8 is the base64 of `{key}`)"
+            )?;
+        } else {
             write!(
                 f,
                 "; if you trust this key, this known_hosts line accepts it: {}",

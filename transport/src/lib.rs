@@ -70,6 +70,8 @@
 //! * [`TransportError`] and friends
 //! * [`ConnectObserver`]: stage events with timings
 
+#![warn(missing_docs, missing_debug_implementations)]
+
 pub mod config;
 pub mod host_key;
 

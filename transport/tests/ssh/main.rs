@@ -1,0 +1,12 @@
+//! Integration tests of nixmux-transport against a real OpenSSH sshd on loopback.
+//!
+//! One test binary (modules below) to keep link time down. Every test starts its own sshd
+//! in a temp dir (see `support`), so tests run in parallel and clean up on failure.
+
+mod support;
+
+mod bulk;
+mod channels;
+mod connect;
+mod host_keys;
+mod liveness;
