@@ -309,8 +309,10 @@ pub(crate) const TRUST_HINT: &str = "the builder's Nix does not trust this SSH u
 
 /// Whether a builder's message is Nix refusing an untrusted user.
 pub(crate) fn is_trust_refusal(text: &str) -> bool {
-    const PATTERNS: [&str; 4] = [
+    const PATTERNS: [&str; 5] = [
+        // Newer Nix and Lix, then Nix 2.8's wording.
         "lacks a signature by a trusted key",
+        "lacks a valid signature",
         "you are not privileged",
         "is not trusted",
         "not allowed to",

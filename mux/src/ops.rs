@@ -430,50 +430,39 @@ impl Builder {
             }
         }
         let info = self.remote_info().await?;
-        let untrusted_worker =
-            info.protocol == crate::Protocol::Worker && info.trusted == Some(false);
         let logs = logs.with_tail(30);
-        if untrusted_worker {
-            let mut roots = input_outputs.clone();
-            roots.insert(drv_path.clone());
-            let pushed = self
-                .push_closure(local, &roots, options.substitute, None)
-                .await?;
-            let outputs: BTreeSet<String> = drv.outputs.keys().cloned().collect();
-            let target = DerivedPath::Built {
-                drv: drv_path.clone(),
-                outputs: OutputsSpec::Names(outputs),
-            };
-            let mut s = self.acquire().await?;
-            let Conversation::Worker(w) = &mut s.get().conv else {
-                return Err(Error::local(ErrorKind::Protocol, "session kind changed"));
-            };
-            w.set_options(&client_options(options), &mut |_| {})
+        let known_untrusted = info.trusted == Some(false);
+        if !known_untrusted {
+            match self
+                .build_inline(local, drv_path, &drv, &input_outputs, options, &logs)
                 .await
-                .map_err(|e| from_session(e).on(&name))?;
-            let mut results = w
-                .build_paths_with_results(
-                    std::slice::from_ref(&target),
-                    BuildMode::Normal,
-                    &mut |ev| logs.send(ev),
-                )
-                .await
-                .map_err(|e| from_session(e).on(&name))?;
-            s.succeeded();
-            let result = results
-                .pop()
-                .map(|(_, r)| r)
-                .ok_or_else(|| Error::remote(ErrorKind::Protocol, "no build result").on(&name))?;
-            return Ok(BuildOutcome {
-                result,
-                log_tail: logs.tail(),
-                strategy: BuildStrategy::BuildPaths,
-                pushed,
-            });
+            {
+                Err(e) if e.kind() == ErrorKind::NotTrusted && is_build_refusal(&e) => {
+                    // The builder took the inputs but refuses input-addressed builds from
+                    // this user: Nix allows building the `.drv` by path instead.
+                    tracing::info!(builder = %name, "not trusted to build inline; building by path");
+                }
+                other => return other,
+            }
         }
+        self.build_by_path(local, drv_path, &drv, &input_outputs, options, &logs)
+            .await
+    }
 
+    /// Sends the derivation inline (serve `BuildDerivation`, worker `BuildDerivation`) after
+    /// pushing its input closure: what Nix's build hook does for trusted builders.
+    async fn build_inline(
+        &self,
+        local: &LocalStore,
+        drv_path: &StorePath,
+        drv: &Derivation,
+        input_outputs: &BTreeSet<StorePath>,
+        options: &BuildOptions,
+        logs: &LogSender,
+    ) -> Result<BuildOutcome> {
+        let name = self.name().to_owned();
         let mut srcs = drv.input_srcs.clone();
-        srcs.extend(input_outputs);
+        srcs.extend(input_outputs.iter().cloned());
         let closure: BTreeSet<StorePath> = local
             .closure(&srcs)
             .await?
@@ -515,6 +504,85 @@ impl Builder {
             result,
             log_tail: logs.tail(),
             strategy: BuildStrategy::BuildDerivation,
+            pushed,
+        })
+    }
+
+    /// Copies the `.drv` closure (and the outputs of its inputs) and builds the outputs by
+    /// path (serve `BuildPaths`, worker `BuildPathsWithResults`): what Nix allows a user the
+    /// builder's daemon does not trust.
+    async fn build_by_path(
+        &self,
+        local: &LocalStore,
+        drv_path: &StorePath,
+        drv: &Derivation,
+        input_outputs: &BTreeSet<StorePath>,
+        options: &BuildOptions,
+        logs: &LogSender,
+    ) -> Result<BuildOutcome> {
+        let name = self.name().to_owned();
+        let mut roots = input_outputs.clone();
+        roots.insert(drv_path.clone());
+        let pushed = self
+            .push_closure(local, &roots, options.substitute, None)
+            .await?;
+        let outputs: BTreeSet<String> = drv.outputs.keys().cloned().collect();
+        let target = DerivedPath::Built {
+            drv: drv_path.clone(),
+            outputs: OutputsSpec::Names(outputs),
+        };
+        let mut s = self.acquire().await?;
+        let route = s.get().route.clone();
+        let result = match &mut s.get().conv {
+            Conversation::Serve(x) => {
+                route.set(Some(logs.clone()));
+                let r = x
+                    .build_paths(std::slice::from_ref(&target), &serve_options(options))
+                    .await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                route.set(None);
+                let mut result = r.map_err(|e| build_error(e, &name))?;
+                // `BuildPaths` answers with a status only; input-addressed outputs have their
+                // paths in the derivation.
+                if result.status.is_success() {
+                    for (out, o) in &drv.outputs {
+                        if let Some(path) = &o.path {
+                            result.built_outputs.insert(
+                                out.clone(),
+                                nixmux_proto::build_result::BuiltOutput {
+                                    path: path.clone(),
+                                    signatures: BTreeSet::new(),
+                                    id: None,
+                                    dependent_realisations: BTreeMap::new(),
+                                },
+                            );
+                        }
+                    }
+                }
+                result
+            }
+            Conversation::Worker(w) => {
+                w.set_options(&client_options(options), &mut |_| {})
+                    .await
+                    .map_err(|e| from_session(e).on(&name))?;
+                let mut results = w
+                    .build_paths_with_results(
+                        std::slice::from_ref(&target),
+                        BuildMode::Normal,
+                        &mut |ev| logs.send(ev),
+                    )
+                    .await
+                    .map_err(|e| build_error(e, &name))?;
+                results.pop().map(|(_, r)| r).ok_or_else(|| {
+                    Error::remote(ErrorKind::Protocol, "no build result").on(&name)
+                })?
+            }
+        };
+        s.succeeded();
+        Ok(BuildOutcome {
+            result,
+            log_tail: logs.tail(),
+            strategy: BuildStrategy::BuildPaths,
             pushed,
         })
     }
@@ -583,6 +651,12 @@ fn client_options(o: &BuildOptions) -> ClientOptions {
         overrides,
         ..ClientOptions::default()
     }
+}
+
+/// Whether a trust refusal came from the build step (not from importing inputs): the builder
+/// would accept the same derivation built by path.
+fn is_build_refusal(e: &Error) -> bool {
+    e.message().contains("not privileged to build")
 }
 
 /// A build that could not run (as opposed to one that ran and failed, which is a result).

@@ -254,3 +254,113 @@ async fn failures_timeouts_and_log_limits_over_ssh() {
 async fn failures_timeouts_and_log_limits_over_ssh_ng() {
     failures(Protocol::Worker).await;
 }
+
+/// A builder whose SSH user is not root: its commands go through the builder's nix-daemon,
+/// which does not trust it.
+fn untrusted_setup(extra_nix_conf: &[&str]) -> Setup {
+    nixmux_rig::ensure_peers_installed().expect("peers");
+    let rig = Rig::start(RigConfig {
+        untrusted_user: Some("nixuser".into()),
+        extra_nix_conf: extra_nix_conf.iter().map(|s| s.to_string()).collect(),
+        ..RigConfig::with_builders(1)
+    })
+    .expect("rig");
+    let client = Arc::new(PrivateStore::temp().expect("client store"));
+    let c = client.clone();
+    let local = LocalStore::new(LocalStoreAccess::Command(Arc::new(move || {
+        tokio::process::Command::from(c.command("nix-daemon", ["--stdio"]))
+    })));
+    Setup {
+        rig,
+        client,
+        local,
+        pool: Pool::new(),
+    }
+}
+
+fn untrusted_builder(s: &Setup, protocol: Protocol) -> Builder {
+    let target = ConnectTarget {
+        endpoint: Endpoint::new("127.0.0.1", s.rig.builder(0).port(), "nixuser"),
+        identities: vec![Identity::key_file(s.rig.client_key())],
+        host_keys: HostKeyCheck::strict([s.rig.known_hosts()]),
+        transport: TransportConfig::default(),
+        jump: None,
+    };
+    s.pool.add(BuilderConfig::new(
+        format!("{}://nixuser@builder0", protocol.scheme()),
+        protocol,
+        target,
+    ))
+}
+
+const WITH_INPUT: &str = r#"
+let src = builtins.toFile "untrusted-src" "input\n";
+    dep = derivation { name = "untrusted-dep"; system = builtins.currentSystem; builder = "/bin/sh"; args = ["-c" "echo dep > $out"]; };
+in derivation { name = "untrusted-top"; system = builtins.currentSystem; builder = "/bin/sh";
+  args = ["-c" "PATH=/usr/bin:/bin; read x < ${src}; echo $x > $out; cat ${dep} >> $out"]; }
+"#;
+
+async fn untrusted(protocol: Protocol) {
+    // A builder that accepts unsigned paths (require-sigs = false) but, as Nix always does,
+    // refuses input-addressed builds from untrusted users: the build must still work, by path.
+    let s = untrusted_setup(&["require-sigs = false"]);
+    let b = untrusted_builder(&s, protocol);
+    let (drvs, top) = instantiate(&s.client, WITH_INPUT);
+    let (logs, _stream) = log_channel(1000);
+    for drv in &drvs {
+        let o = b
+            .build(&s.local, drv, &BuildOptions::default(), &logs)
+            .await
+            .unwrap_or_else(|e| panic!("{protocol:?} {drv}: {e}"));
+        assert!(o.result.status.is_success(), "{o:?}");
+        assert_eq!(o.strategy, nixmux::ops::BuildStrategy::BuildPaths);
+        let outs: BTreeSet<StorePath> = o
+            .result
+            .built_outputs
+            .values()
+            .map(|x| x.path.clone())
+            .collect();
+        assert_eq!(outs, drv_outputs(&s.client, drv));
+        b.fetch_outputs(&s.local, &outs, None).await.expect("fetch");
+    }
+    for out in drv_outputs(&s.client, &top) {
+        s.client
+            .run(
+                "nix-store",
+                ["--verify-path", &out.to_absolute(&StoreDir::default())],
+            )
+            .expect("valid locally");
+    }
+    s.pool.shutdown().await;
+
+    // A builder with Nix's default require-sigs: unsigned inputs are refused; the error is
+    // typed and names the fix, the same on both protocols.
+    let s = untrusted_setup(&[]);
+    let b = untrusted_builder(&s, protocol);
+    let (drvs, top) = instantiate(&s.client, WITH_INPUT);
+    // The inputs exist locally (built here), so the push of the input closure is what fails.
+    for d in drvs.iter().filter(|d| **d != top) {
+        s.client
+            .run("nix-store", ["-r", &d.to_absolute(&StoreDir::default())])
+            .expect("local build of the input");
+    }
+    let e = b
+        .build(&s.local, &top, &BuildOptions::default(), &logs)
+        .await
+        .expect_err("unsigned inputs must be refused");
+    assert_eq!(e.kind(), nixmux::ErrorKind::NotTrusted, "{e}");
+    assert_eq!(e.initiator(), nixmux::Initiator::Builder);
+    assert!(!e.is_retryable());
+    assert!(e.to_string().contains("trusted-users"), "{e}");
+    s.pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_user_same_outcome_over_ssh() {
+    untrusted(Protocol::Serve).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_user_same_outcome_over_ssh_ng() {
+    untrusted(Protocol::Worker).await;
+}

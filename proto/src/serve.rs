@@ -480,7 +480,14 @@ pub fn read_build_paths_reply(r: &mut WireReader<'_>) -> ReadResult<BuildResult>
     // `Worker::exitStatus` in Nix: 0x60 marks a build failure code, then bit 0x01 timeout,
     // 0x02 hash mismatch, 0x04 build failure, 0x08 check mismatch; plain 1 is anything else.
     let status = if code & 0x60 != 0x60 {
-        BuildStatus::MiscFailure
+        // A plain 1 also comes back when the server's store is a daemon (an untrusted remote
+        // user): the daemon's error text survives, its exit status does not. A builder that
+        // exited non-zero is still a permanent failure, as the worker protocol reports it.
+        if msg.contains("failed with exit code") {
+            BuildStatus::PermanentFailure
+        } else {
+            BuildStatus::MiscFailure
+        }
     } else if code & 0x01 != 0 {
         BuildStatus::TimedOut
     } else if code & 0x02 != 0 {

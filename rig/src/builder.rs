@@ -68,6 +68,8 @@ pub struct Builder {
     pub(crate) system: String,
     pub(crate) max_jobs: u32,
     pub(crate) ready_timeout: Duration,
+    /// Script that prepares the namespace (untrusted user, nix-daemon) before sshd starts.
+    pub(crate) wrapper: Option<PathBuf>,
     pub(crate) live: Mutex<Live>,
     pub(crate) state: Arc<StateFile>,
 }
@@ -213,6 +215,7 @@ impl Builder {
         let running = sshd::launch(
             &self.name,
             &self.store,
+            self.wrapper.as_deref(),
             &self.config_path,
             &self.log_path,
             self.port,

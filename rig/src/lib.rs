@@ -47,6 +47,7 @@ mod rig;
 mod sshd;
 mod state;
 mod store;
+mod untrusted;
 mod util;
 
 pub use builder::{Builder, Protocol};

@@ -45,6 +45,12 @@ pub struct RigConfig {
     pub max_jobs: u32,
     /// How long to wait for each sshd to answer with its banner.
     pub ready_timeout: Duration,
+    /// A non-root account to create on every builder (e.g. `"nixuser"`). Its commands reach
+    /// the store through a `nix-daemon` running as root in the builder's namespace, which
+    /// does not trust it (`trusted-users` is root only), as on a shared builder. The account
+    /// exists only inside the builder's namespace: its `/etc/passwd`, `/etc/group` and
+    /// `/etc/shadow` are private copies bind-mounted over the host's.
+    pub untrusted_user: Option<String>,
 }
 
 impl Default for RigConfig {
@@ -58,6 +64,7 @@ impl Default for RigConfig {
             extra_nix_conf: Vec::new(),
             max_jobs: 4,
             ready_timeout: Duration::from_secs(10),
+            untrusted_user: None,
         }
     }
 }
@@ -187,6 +194,10 @@ impl Rig {
         let pub_file = fs::read(&pub_path).ctx(|| format!("reading {}", pub_path.display()))?;
         let host_key = String::from_utf8_lossy(&pub_file).trim().to_owned();
         let store = PrivateStore::with_config(dir.join("store"), &self.config.extra_nix_conf)?;
+        let wrapper = match &self.config.untrusted_user {
+            Some(user) => Some(crate::untrusted::prepare(&dir, user)?),
+            None => None,
+        };
         let config_path = dir.join("sshd_config");
         let log_path = dir.join("sshd.log");
         let mut last_err = None;
@@ -198,11 +209,13 @@ impl Rig {
                 authorized_keys: &self.authorized_keys(),
                 store: &store,
                 config: &self.config,
+                builder_dir: &dir,
             });
             fs::write(&config_path, text).ctx(|| format!("writing {}", config_path.display()))?;
             match sshd::launch(
                 &name,
                 &store,
+                wrapper.as_deref(),
                 &config_path,
                 &log_path,
                 port,
@@ -224,6 +237,7 @@ impl Rig {
                         system: format!("{}-linux", std::env::consts::ARCH),
                         max_jobs: self.config.max_jobs,
                         ready_timeout: self.config.ready_timeout,
+                        wrapper: wrapper.clone(),
                         live: Mutex::new(live),
                         state: Arc::clone(&self.state),
                     });
@@ -340,6 +354,11 @@ impl Rig {
     /// under the alias `builderN` (for ssh_config's HostKeyAlias).
     pub fn known_hosts(&self) -> PathBuf {
         self.dir.join("known_hosts")
+    }
+
+    /// The non-root account configured with [`RigConfig::untrusted_user`].
+    pub fn untrusted_user(&self) -> Option<&str> {
+        self.config.untrusted_user.as_deref()
     }
 
     /// `<rig>/machines`: per builder an `ssh://root@127.0.0.1:PORT` and an

@@ -46,6 +46,7 @@ pub mod log_patterns {
 pub(crate) fn launch(
     name: &str,
     store: &PrivateStore,
+    wrapper: Option<&Path>,
     config_path: &Path,
     log_path: &Path,
     port: u16,
@@ -61,16 +62,22 @@ pub(crate) fn launch(
     let log2 = log
         .try_clone()
         .ctx(|| format!("duplicating {}", log_path.display()))?;
-    let mut cmd = store.command(
-        SSHD,
-        [
-            os(Path::new("-D")),
-            os(Path::new("-f")),
-            os(config_path),
-            os(Path::new("-E")),
-            os(log_path),
-        ],
-    );
+    let sshd_args = [
+        os(Path::new("-D")),
+        os(Path::new("-f")),
+        os(config_path),
+        os(Path::new("-E")),
+        os(log_path),
+    ];
+    let mut cmd = match wrapper {
+        // The wrapper prepares the namespace, then execs sshd, so the pid is still sshd's.
+        Some(w) => {
+            let mut args = vec![os(w), os(Path::new(SSHD))];
+            args.extend(sshd_args);
+            store.command("/bin/sh", args)
+        }
+        None => store.command(SSHD, sshd_args),
+    };
     // sshd builds session environments from scratch plus `SetEnv`; give sshd itself a clean
     // one too so nothing of the test runner's environment leaks into the builder.
     cmd.env_clear().env("PATH", CLEAN_PATH);
@@ -231,6 +238,7 @@ pub(crate) struct SshdSettings<'a> {
     pub(crate) authorized_keys: &'a Path,
     pub(crate) store: &'a PrivateStore,
     pub(crate) config: &'a RigConfig,
+    pub(crate) builder_dir: &'a Path,
 }
 
 pub(crate) fn sshd_config(s: &SshdSettings<'_>) -> String {
@@ -289,6 +297,14 @@ pub(crate) fn sshd_config(s: &SshdSettings<'_>) -> String {
         out.push_str(l);
         out.push('\n');
     }
+    if let Some(user) = &s.config.untrusted_user {
+        // Its own writable HOME; the store's NIX_CONF_DIR (clients read it too).
+        out.push_str(&format!(
+            "Match User {user}\n  SetEnv HOME={} NIX_CONF_DIR={}\n",
+            crate::untrusted::home(s.builder_dir).display(),
+            s.store.conf_dir().display()
+        ));
+    }
     out
 }
 
@@ -314,6 +330,7 @@ mod tests {
             authorized_keys: Path::new("/a"),
             store: &store,
             config: &config,
+            builder_dir: Path::new("/b"),
         });
         let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
         assert_eq!(lines[0], "MaxSessions 3");
