@@ -398,9 +398,28 @@ impl Parser<'_> {
         String::from_utf8(out).map_err(|_| self.err("string is not UTF-8"))
     }
 
-    fn path(&mut self) -> Result<StorePath, ProtoError> {
+    /// A string Nix prints without escapes (`printUnquotedString`): output names, paths, hash
+    /// algorithms and hashes, input derivation outputs, the platform. An escape there would
+    /// print back unescaped, so the text would change meaning or stop parsing: refused.
+    fn raw_string(&mut self) -> Result<String, ProtoError> {
         let start = self.pos;
         let s = self.string()?;
+        if self
+            .s
+            .get(start..self.pos)
+            .is_some_and(|b| b.contains(&b'\\'))
+        {
+            return Err(ProtoError::invalid(
+                FIELD,
+                format!("at byte {start}: escape sequence in a field Nix prints unescaped"),
+            ));
+        }
+        Ok(s)
+    }
+
+    fn path(&mut self) -> Result<StorePath, ProtoError> {
+        let start = self.pos;
+        let s = self.raw_string()?;
         StorePath::parse_field(self.dir, &s, FIELD)
             .map_err(|e| ProtoError::invalid(FIELD, format!("at byte {start}: {e}")))
     }
@@ -448,14 +467,14 @@ impl Parser<'_> {
         self.list(
             |p| {
                 p.expect("(")?;
-                let name = p.string()?;
+                let name = p.raw_string()?;
                 p.expect(",")?;
                 let path_start = p.pos;
-                let path = p.string()?;
+                let path = p.raw_string()?;
                 p.expect(",")?;
-                let hash_algo = p.string()?;
+                let hash_algo = p.raw_string()?;
                 p.expect(",")?;
-                let hash = p.string()?;
+                let hash = p.raw_string()?;
                 p.expect(")")?;
                 let path = if path.is_empty() {
                     None
@@ -489,7 +508,7 @@ impl Parser<'_> {
                 let path = p.path()?;
                 p.expect(",")?;
                 let mut outs = BTreeSet::new();
-                p.list(Parser::string, |_, o| {
+                p.list(Parser::raw_string, |_, o| {
                     outs.insert(o);
                     Ok(())
                 })?;
@@ -512,7 +531,7 @@ impl Parser<'_> {
         })?;
 
         self.expect(",")?;
-        drv.platform = self.string()?;
+        drv.platform = self.raw_string()?;
         self.expect(",")?;
         drv.builder = self.string()?;
         self.expect(",")?;

@@ -522,3 +522,27 @@ proptest! {
         let _ = Derivation::parse(&bytes, &StoreDir::default(), &Limits::DEFAULT);
     }
 }
+
+/// Fields Nix prints without escapes (output names, paths, hash algorithms and hashes, input
+/// derivation outputs, the platform) must not hold escape sequences: `to_aterm` prints them
+/// raw, so `"` or `\` there used to print text that no longer parsed (found by the
+/// `derivation` fuzz target). Escapes stay fine where Nix escapes (builder, args, env).
+#[test]
+fn escapes_in_raw_fields_are_refused() {
+    let good = r#"Derive([("out","/nix/store/91dkhdfrdzngb4m62zak427y2vpamanj-plain","sha256","ab")],[("/nix/store/91dkhdfrdzngb4m62zak427y2vpamanj-plain.drv",["out"])],[],"x86_64-linux","/bin/\"sh\"",["-c","a\tb\\"],[("k\n","v\"")])"#;
+    let d = Derivation::parse(good.as_bytes(), &StoreDir::default(), &Limits::DEFAULT)
+        .expect("escapes where Nix escapes");
+    assert_eq!(d.to_aterm(&StoreDir::default()), good);
+    for (from, to) in [
+        (r#"("out","/nix"#, r#"("o\"ut","/nix"#),
+        (r#""sha256","ab""#, r#""sha\256","ab""#),
+        (r#""sha256","ab""#, r#""sha256","a\":[\"b""#),
+        (r#"["out"]"#, r#"["o\nut"]"#),
+        (r#""x86_64-linux""#, r#""x86_64\-linux""#),
+    ] {
+        let bad = good.replacen(from, to, 1);
+        assert_ne!(bad, good);
+        let e = parse_err(&bad);
+        assert!(e.to_string().contains("unescaped"), "{bad}: {e}");
+    }
+}
