@@ -1,6 +1,7 @@
 //! `nixmux`: connectivity tester, remote builds and benchmarks over pooled SSH connections.
 //! A thin layer over the `nixmux` library: argument parsing, rendering, exit codes.
 
+mod build;
 mod exit_code;
 mod ping;
 mod resolve;
@@ -29,6 +30,9 @@ enum Command {
     /// Check builders: resolve, TCP, SSH key exchange, host key, auth, exec, protocol
     /// handshake, round trip. Exit codes: see docs/exit-codes.md.
     Ping(PingArgs),
+    /// Build local derivations on a builder: copy inputs, build with the log streamed here,
+    /// copy outputs back.
+    Build(BuildCmd),
     /// Local builders on loopback (real sshd + Nix, each with its own store).
     #[command(subcommand)]
     Rig(RigCommand),
@@ -69,6 +73,53 @@ struct PingArgs {
     /// Protocol round trips to time on the established session.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
+}
+
+#[derive(Args)]
+struct BuildCmd {
+    /// `.drv` paths in the local store.
+    #[arg(value_name = "DRV", required = true)]
+    drvs: Vec<String>,
+    /// The builder to use: its store URL as configured, or its host name.
+    #[arg(long)]
+    builder: Option<String>,
+    /// Builders: a machines file (default: the local Nix's `builders` setting).
+    #[arg(long, value_name = "FILE")]
+    machines: Option<PathBuf>,
+    /// Store URL of the builder (instead of a machines file).
+    #[arg(long = "url", value_name = "STORE-URL")]
+    urls: Vec<String>,
+    /// SSH identity for builders that don't name one.
+    #[arg(short = 'i', long = "identity", value_name = "FILE")]
+    identity: Vec<PathBuf>,
+    /// known_hosts file(s).
+    #[arg(long = "known-hosts", value_name = "FILE")]
+    known_hosts: Vec<PathBuf>,
+    /// ssh_config file.
+    #[arg(long = "ssh-config", value_name = "FILE")]
+    ssh_config: Option<PathBuf>,
+    /// The local store: `auto` (daemon socket, else `nix-daemon --stdio`), `stdio`, or a
+    /// daemon socket path.
+    #[arg(long, value_name = "auto|stdio|SOCKET")]
+    local_store: Option<String>,
+    /// Kill the build after this many seconds without output.
+    #[arg(long, value_name = "SECS")]
+    max_silent_time: Option<u64>,
+    /// Kill the build after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+    /// Kill the build after this many bytes of log.
+    #[arg(long, value_name = "BYTES")]
+    max_log_size: Option<u64>,
+    /// Keep the build directory of a failed build on the builder.
+    #[arg(long)]
+    keep_failed: bool,
+    /// `cores` for the build.
+    #[arg(long)]
+    cores: Option<u64>,
+    /// Let the builder substitute inputs from its own caches (builders-use-substitutes).
+    #[arg(long)]
+    substitute: bool,
 }
 
 #[derive(Subcommand)]
@@ -134,6 +185,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(run_ping(args))
         }
+        Command::Build(args) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(run_build(args))
+        }
     }
 }
 
@@ -160,4 +215,43 @@ async fn run_ping(args: PingArgs) -> anyhow::Result<i32> {
         ping::render_table(&reports, &mut out)?;
     }
     Ok(ping::exit_code(&reports))
+}
+
+async fn run_build(cmd: BuildCmd) -> anyhow::Result<i32> {
+    let builder_args = BuilderArgs {
+        urls: cmd.urls.clone(),
+        machines: cmd.machines.clone(),
+        identity: cmd.identity.clone(),
+        known_hosts: cmd.known_hosts.clone(),
+        ssh_config: cmd.ssh_config.clone(),
+        connect_timeout: 10.0,
+    };
+    let resolved = match resolve::builders(&builder_args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("nixmux: {e:#}");
+            return Ok(exit_code::CONFIG);
+        }
+    };
+    let builder = match build::pick(resolved.builders, cmd.builder.as_deref()) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("nixmux: {e:#}");
+            return Ok(exit_code::NO_BUILDERS);
+        }
+    };
+    let secs = |s: Option<u64>| s.map(std::time::Duration::from_secs);
+    let args = build::BuildArgs {
+        drvs: cmd.drvs,
+        local_store: cmd.local_store,
+        options: nixmux::ops::BuildOptions {
+            max_silent_time: secs(cmd.max_silent_time),
+            timeout: secs(cmd.timeout),
+            max_log_size: cmd.max_log_size,
+            keep_failed: cmd.keep_failed,
+            cores: cmd.cores,
+            substitute: cmd.substitute,
+        },
+    };
+    build::run(args, builder).await
 }

@@ -220,6 +220,26 @@ impl LocalStore {
         Ok(topo_sort(infos))
     }
 
+    /// Reads and parses a derivation (`.drv`) of this store.
+    pub async fn read_derivation(
+        &self,
+        path: &StorePath,
+    ) -> Result<nixmux_proto::derivation::Derivation> {
+        if !path.is_derivation() {
+            return Err(Error::caller(
+                ErrorKind::InvalidInput,
+                format!("{path} is not a derivation (.drv)"),
+            ));
+        }
+        let text = self.read_file(path).await?;
+        nixmux_proto::derivation::Derivation::parse(
+            &text,
+            &self.dir,
+            &nixmux_proto::Limits::DEFAULT,
+        )
+        .map_err(|e| Error::local(ErrorKind::LocalStore, format!("cannot parse {path}: {e}")))
+    }
+
     /// The contents of a store path that is a single regular file (a `.drv`), read through
     /// the protocol so that it works whatever the local store's location.
     pub async fn read_file(&self, path: &StorePath) -> Result<Vec<u8>> {

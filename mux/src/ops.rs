@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use nixmux_proto::Limits;
 use nixmux_proto::build_result::BuildResult;
 use nixmux_proto::derivation::Derivation;
 use nixmux_proto::derived_path::{DerivedPath, OutputsSpec};
@@ -92,6 +91,17 @@ pub struct BuildOutcome {
     pub strategy: BuildStrategy,
     /// The input push.
     pub pushed: TransferReport,
+}
+
+/// Everything one build needs, passed between the strategies.
+struct BuildJob<'a> {
+    local: &'a LocalStore,
+    drv_path: &'a StorePath,
+    drv: &'a Derivation,
+    input_outputs: &'a BTreeSet<StorePath>,
+    options: &'a BuildOptions,
+    logs: &'a LogSender,
+    progress: Option<ProgressFn>,
 }
 
 /// Counts bytes read through it, for progress.
@@ -407,12 +417,25 @@ impl Builder {
         options: &BuildOptions,
         logs: &LogSender,
     ) -> Result<BuildOutcome> {
+        self.build_with_progress(local, drv_path, options, logs, None)
+            .await
+    }
+
+    /// [`Builder::build`], reporting the progress of the input push.
+    pub async fn build_with_progress(
+        &self,
+        local: &LocalStore,
+        drv_path: &StorePath,
+        options: &BuildOptions,
+        logs: &LogSender,
+        progress: Option<ProgressFn>,
+    ) -> Result<BuildOutcome> {
         let name = self.name().to_owned();
-        let drv = read_derivation(local, drv_path).await?;
+        let drv = local.read_derivation(drv_path).await?;
         // Outputs of input derivations: input-addressed ones have their paths in the `.drv`.
         let mut input_outputs = BTreeSet::new();
         for (input, outputs) in &drv.input_drvs {
-            let idrv = read_derivation(local, input).await?;
+            let idrv = local.read_derivation(input).await?;
             for o in outputs {
                 let path = idrv
                     .outputs
@@ -431,12 +454,18 @@ impl Builder {
         }
         let info = self.remote_info().await?;
         let logs = logs.with_tail(30);
+        let job = BuildJob {
+            local,
+            drv_path,
+            drv: &drv,
+            input_outputs: &input_outputs,
+            options,
+            logs: &logs,
+            progress,
+        };
         let known_untrusted = info.trusted == Some(false);
         if !known_untrusted {
-            match self
-                .build_inline(local, drv_path, &drv, &input_outputs, options, &logs)
-                .await
-            {
+            match self.build_inline(&job).await {
                 Err(e) if e.kind() == ErrorKind::NotTrusted && is_build_refusal(&e) => {
                     // The builder took the inputs but refuses input-addressed builds from
                     // this user: Nix allows building the `.drv` by path instead.
@@ -445,21 +474,23 @@ impl Builder {
                 other => return other,
             }
         }
-        self.build_by_path(local, drv_path, &drv, &input_outputs, options, &logs)
-            .await
+        self.build_by_path(&job).await
     }
 
     /// Sends the derivation inline (serve `BuildDerivation`, worker `BuildDerivation`) after
     /// pushing its input closure: what Nix's build hook does for trusted builders.
-    async fn build_inline(
-        &self,
-        local: &LocalStore,
-        drv_path: &StorePath,
-        drv: &Derivation,
-        input_outputs: &BTreeSet<StorePath>,
-        options: &BuildOptions,
-        logs: &LogSender,
-    ) -> Result<BuildOutcome> {
+    async fn build_inline(&self, job: &BuildJob<'_>) -> Result<BuildOutcome> {
+        let BuildJob {
+            local,
+            drv_path,
+            drv,
+            input_outputs,
+            options,
+            logs,
+            progress,
+        } = job;
+        let (local, drv_path, options, logs) = (*local, *drv_path, *options, *logs);
+        let progress = progress.clone();
         let name = self.name().to_owned();
         let mut srcs = drv.input_srcs.clone();
         srcs.extend(input_outputs.iter().cloned());
@@ -470,7 +501,7 @@ impl Builder {
             .map(|i| i.path)
             .collect();
         let pushed = self
-            .push_closure(local, &closure, options.substitute, None)
+            .push_closure(local, &closure, options.substitute, progress)
             .await?;
         let basic = drv.to_basic(closure);
         let mut s = self.acquire().await?;
@@ -511,20 +542,23 @@ impl Builder {
     /// Copies the `.drv` closure (and the outputs of its inputs) and builds the outputs by
     /// path (serve `BuildPaths`, worker `BuildPathsWithResults`): what Nix allows a user the
     /// builder's daemon does not trust.
-    async fn build_by_path(
-        &self,
-        local: &LocalStore,
-        drv_path: &StorePath,
-        drv: &Derivation,
-        input_outputs: &BTreeSet<StorePath>,
-        options: &BuildOptions,
-        logs: &LogSender,
-    ) -> Result<BuildOutcome> {
+    async fn build_by_path(&self, job: &BuildJob<'_>) -> Result<BuildOutcome> {
+        let BuildJob {
+            local,
+            drv_path,
+            drv,
+            input_outputs,
+            options,
+            logs,
+            progress,
+        } = job;
+        let (local, drv_path, options, logs) = (*local, *drv_path, *options, *logs);
+        let progress = progress.clone();
         let name = self.name().to_owned();
-        let mut roots = input_outputs.clone();
+        let mut roots: BTreeSet<StorePath> = (*input_outputs).clone();
         roots.insert(drv_path.clone());
         let pushed = self
-            .push_closure(local, &roots, options.substitute, None)
+            .push_closure(local, &roots, options.substitute, progress)
             .await?;
         let outputs: BTreeSet<String> = drv.outputs.keys().cloned().collect();
         let target = DerivedPath::Built {
@@ -607,18 +641,6 @@ impl crate::local::InfoSource for RemoteInfos<'_> {
             .map_err(|e| from_session(e).on(self.name))
         })
     }
-}
-
-async fn read_derivation(local: &LocalStore, path: &StorePath) -> Result<Derivation> {
-    if !path.is_derivation() {
-        return Err(Error::caller(
-            ErrorKind::InvalidInput,
-            format!("{path} is not a derivation (.drv)"),
-        ));
-    }
-    let text = local.read_file(path).await?;
-    Derivation::parse(&text, local.store_dir(), &Limits::DEFAULT)
-        .map_err(|e| Error::local(ErrorKind::LocalStore, format!("cannot parse {path}: {e}")))
 }
 
 fn secs(d: Option<Duration>) -> u64 {

@@ -1,0 +1,269 @@
+//! `nixmux build`: build local derivations on a builder, the way a scheduler would: copy
+//! inputs, build remotely with the log streamed here, copy outputs back.
+
+use std::collections::BTreeSet;
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use nixmux::local::{LocalStore, LocalStoreAccess};
+use nixmux::ops::{BuildOptions, TransferProgress};
+use nixmux::proto::store_path::{StoreDir, StorePath};
+use nixmux::{Builder, BuilderConfig, LogEvent, Pool, log_channel};
+
+use crate::exit_code;
+
+/// Options of `nixmux build`.
+pub(crate) struct BuildArgs {
+    pub(crate) drvs: Vec<String>,
+    pub(crate) local_store: Option<String>,
+    pub(crate) options: BuildOptions,
+}
+
+/// Output for people: progress bars and log lines on a terminal, plain lines otherwise.
+struct Ui {
+    multi: Option<MultiProgress>,
+}
+
+impl Ui {
+    fn new() -> Self {
+        Ui {
+            multi: std::io::stderr().is_terminal().then(MultiProgress::new),
+        }
+    }
+
+    fn line(&self, s: &str) {
+        match &self.multi {
+            Some(m) => {
+                let _ = m.println(s);
+            }
+            None => eprintln!("{s}"),
+        }
+    }
+
+    /// A byte progress bar (terminal) or a callback printing a line per finished path.
+    fn transfer(&self, what: &str) -> (Option<ProgressBar>, nixmux::ops::ProgressFn) {
+        match &self.multi {
+            Some(m) => {
+                let bar = m.add(ProgressBar::new(0));
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                );
+                bar.set_message(what.to_owned());
+                let b = bar.clone();
+                let f: nixmux::ops::ProgressFn = Arc::new(move |p: TransferProgress| {
+                    b.set_length(p.bytes_total);
+                    b.set_position(p.bytes_done);
+                });
+                (Some(bar), f)
+            }
+            None => {
+                let what = what.to_owned();
+                let last = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                let f: nixmux::ops::ProgressFn = Arc::new(move |p: TransferProgress| {
+                    let prev = last.swap(p.paths_done, std::sync::atomic::Ordering::Relaxed);
+                    if p.paths_done != prev {
+                        eprintln!(
+                            "{what}: {}/{} paths, {}/{} bytes",
+                            p.paths_done, p.paths_total, p.bytes_done, p.bytes_total
+                        );
+                    }
+                });
+                (None, f)
+            }
+        }
+    }
+}
+
+fn local_store(spec: Option<&str>) -> LocalStore {
+    match spec {
+        None | Some("auto") => LocalStore::auto(),
+        Some("stdio") => LocalStore::new(LocalStoreAccess::Command(Arc::new(|| {
+            let mut c = tokio::process::Command::new("nix-daemon");
+            c.arg("--stdio");
+            c
+        }))),
+        Some(socket) => LocalStore::new(LocalStoreAccess::Socket(socket.into())),
+    }
+}
+
+pub(crate) fn pick(
+    builders: Vec<BuilderConfig>,
+    wanted: Option<&str>,
+) -> anyhow::Result<BuilderConfig> {
+    match wanted {
+        Some(w) => {
+            let names: Vec<String> = builders.iter().map(|b| b.name.clone()).collect();
+            builders
+                .into_iter()
+                .find(|b| b.name == w || b.target.endpoint.host == w)
+                .with_context(|| format!("no builder named {w:?} (known: {})", names.join(", ")))
+        }
+        None => {
+            let n = builders.len();
+            let mut it = builders.into_iter();
+            match (it.next(), n) {
+                (Some(b), 1) => Ok(b),
+                (None, _) => bail!("no builder configured"),
+                _ => bail!("{n} builders configured: choose one with --builder"),
+            }
+        }
+    }
+}
+
+/// The derivations that must be built for `roots`, dependencies first: those with an
+/// output that is not valid locally.
+async fn plan(local: &LocalStore, roots: &[StorePath]) -> nixmux::Result<Vec<StorePath>> {
+    let mut order = Vec::new();
+    let mut seen = BTreeSet::new();
+    // Iterative post-order walk over input derivations.
+    let mut stack: Vec<(StorePath, bool)> =
+        roots.iter().rev().map(|r| (r.clone(), false)).collect();
+    while let Some((drv_path, expanded)) = stack.pop() {
+        if expanded {
+            let drv = local.read_derivation(&drv_path).await?;
+            let outs: BTreeSet<StorePath> = drv
+                .outputs
+                .values()
+                .filter_map(|o| o.path.clone())
+                .collect();
+            let valid = local.query_valid_paths(&outs).await?;
+            if valid.len() < drv.outputs.len() {
+                order.push(drv_path);
+            }
+            continue;
+        }
+        if !seen.insert(drv_path.clone()) {
+            continue;
+        }
+        let drv = local.read_derivation(&drv_path).await?;
+        stack.push((drv_path, true));
+        for input in drv.input_drvs.keys() {
+            if !seen.contains(input) {
+                stack.push((input.clone(), false));
+            }
+        }
+    }
+    Ok(order)
+}
+
+/// Runs the build; returns the exit code.
+pub(crate) async fn run(args: BuildArgs, builder: BuilderConfig) -> anyhow::Result<i32> {
+    let dir = StoreDir::default();
+    let roots: Vec<StorePath> = args
+        .drvs
+        .iter()
+        .map(|d| StorePath::parse(&dir, d.trim()).with_context(|| format!("{d}")))
+        .collect::<anyhow::Result<_>>()?;
+    let local = local_store(args.local_store.as_deref());
+    let pool = Pool::new();
+    let b: Builder = pool.add(builder);
+    let ui = Ui::new();
+    let started = Instant::now();
+    let order = match plan(&local, &roots).await {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("nixmux: {e}");
+            return Ok(exit_code::for_kind(e.kind()));
+        }
+    };
+    ui.line(&format!(
+        "{} derivation(s) to build on {}",
+        order.len(),
+        b.name()
+    ));
+    let (logs, mut stream) = log_channel(4096);
+    let printer = {
+        let multi = ui.multi.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = stream.recv().await {
+                if let LogEvent::Line { text, .. } = ev {
+                    let line = format!("  | {text}");
+                    match &multi {
+                        Some(m) => {
+                            let _ = m.println(line);
+                        }
+                        None => eprintln!("{line}"),
+                    }
+                }
+            }
+        })
+    };
+    let mut code = exit_code::OK;
+    for drv in &order {
+        ui.line(&format!("building {drv} on {}", b.name()));
+        let (bar, progress) = ui.transfer("copying inputs");
+        let t = Instant::now();
+        let outcome = b
+            .build_with_progress(&local, drv, &args.options, &logs, Some(progress))
+            .await;
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                ui.line(&format!("error: {e}"));
+                code = exit_code::for_kind(e.kind());
+                break;
+            }
+        };
+        if !outcome.result.status.is_success() {
+            ui.line(&format!(
+                "build of {drv} failed ({:?}): {}",
+                outcome.result.status,
+                nixmux::proto::worker::strip_ansi(&outcome.result.error_msg).trim()
+            ));
+            for l in &outcome.log_tail {
+                ui.line(&format!("  > {l}"));
+            }
+            code = exit_code::BUILD_FAILED;
+            break;
+        }
+        let outputs: BTreeSet<StorePath> = outcome
+            .result
+            .built_outputs
+            .values()
+            .map(|o| o.path.clone())
+            .collect();
+        let (bar, progress) = ui.transfer("copying outputs");
+        let fetched = b.fetch_outputs(&local, &outputs, Some(progress)).await;
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        match fetched {
+            Ok(r) => ui.line(&format!(
+                "built {drv} in {:.1}s ({} input paths sent, {} output paths fetched, {} bytes)",
+                t.elapsed().as_secs_f64(),
+                outcome.pushed.transferred.len(),
+                r.transferred.len(),
+                r.bytes
+            )),
+            Err(e) => {
+                ui.line(&format!("error: {e}"));
+                code = exit_code::for_kind(e.kind());
+                break;
+            }
+        }
+    }
+    drop(logs);
+    let _ = tokio::time::timeout(Duration::from_secs(1), printer).await;
+    if code == exit_code::OK {
+        for root in &roots {
+            if let Ok(drv) = local.read_derivation(root).await {
+                for o in drv.outputs.values().filter_map(|o| o.path.as_ref()) {
+                    println!("{}", o.to_absolute(&dir));
+                }
+            }
+        }
+        ui.line(&format!("done in {:.1}s", started.elapsed().as_secs_f64()));
+    }
+    pool.shutdown().await;
+    Ok(code)
+}
