@@ -159,7 +159,7 @@ pub(crate) async fn run(args: BuildArgs, builder: BuilderConfig) -> anyhow::Resu
     let roots: Vec<StorePath> = args
         .drvs
         .iter()
-        .map(|d| StorePath::parse(&dir, d.trim()).with_context(|| format!("{d}")))
+        .map(|d| StorePath::parse(&dir, d.trim()).with_context(|| d.clone()))
         .collect::<anyhow::Result<_>>()?;
     let local = local_store(args.local_store.as_deref());
     let pool = Pool::new();
