@@ -971,6 +971,19 @@ impl ExecStatus {
         s.closed || s.lost.is_some()
     }
 
+    /// A future that resolves once the channel is closed (by either side; after the last
+    /// handle is dropped, once the drain task has ended it, see the crate docs on closing) or
+    /// its connection is lost. Unlike `ExecStatus` itself it does not keep the channel open,
+    /// so a pool can drop every handle and still learn when the server's session slot is
+    /// free again.
+    pub fn closed_signal(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.core.state.subscribe();
+        async move {
+            // An error means the drain task and every handle are gone: closed too.
+            let _ = rx.wait_for(|s| s.closed || s.lost.is_some()).await;
+        }
+    }
+
     /// The last `stderr_tail_bytes` of stderr.
     pub fn stderr_tail(&self) -> Vec<u8> {
         self.core

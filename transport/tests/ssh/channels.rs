@@ -329,3 +329,32 @@ async fn premise_plain_russh_stalls_on_an_unread_channel() {
     drop(idle);
     sshd.kill_sessions();
 }
+
+/// `ExecStatus::closed_signal` does not keep the channel open: with every handle dropped it
+/// resolves once the drain task has closed the channel (here: `cat` exits on EOF, sshd
+/// closes), and the server's only slot (MaxSessions 1) comes back right after (sshd frees
+/// the session a moment after its CLOSE, so the next open may still race it). It resolves at
+/// once for a channel that is already closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_signal_resolves_after_drop_without_holding_the_channel() {
+    let sshd = sshd_max_sessions(1);
+    let conn = conn_with(&sshd, &config()).await;
+    let ch = conn.exec("cat").await.expect("exec");
+    let closed = ch.status().closed_signal();
+    let pending =
+        tokio::time::timeout(Duration::from_millis(200), ch.status().closed_signal()).await;
+    assert!(pending.is_err(), "an open channel is not closed");
+    let t = Instant::now();
+    drop(ch);
+    tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .expect("resolves once the dropped channel is closed");
+    println!("drop -> closed_signal: {:.2?}", t.elapsed());
+    let again = exec_when_slot_frees(&conn, "true").await;
+    let status = again.status().clone();
+    drop(again);
+    status.exit().await.expect("exit");
+    tokio::time::timeout(Duration::from_secs(1), status.closed_signal())
+        .await
+        .expect("an already closed channel resolves at once");
+}
