@@ -184,7 +184,12 @@ impl Builder {
     pub fn stop_sshd(&self) -> Result<()> {
         let mut live = lock(&self.live);
         let killed = match &live.ns {
-            Some(ns) => procs::kill_namespaces(&self.name, &[ns], None, KILL_TIMEOUT).map(drop),
+            Some(ns) => {
+                let nix = self.nix_namespaces();
+                let mut pins: Vec<&PinnedNs> = nix.iter().collect();
+                pins.push(ns);
+                procs::kill_namespaces(&self.name, &pins, None, KILL_TIMEOUT).map(drop)
+            }
             None => Ok(()),
         };
         if let Some(mut child) = live.child.take() {
@@ -239,7 +244,17 @@ impl Builder {
         let (Some(pid), Some(ns)) = (live.pid, &live.ns) else {
             return Err(self.not_running());
         };
-        procs::kill_namespaces(&self.name, &[ns], Some(pid), KILL_TIMEOUT)
+        let nix = self.nix_namespaces();
+        let mut pins: Vec<&PinnedNs> = nix.iter().collect();
+        pins.push(ns);
+        procs::kill_namespaces(&self.name, &pins, Some(pid), KILL_TIMEOUT)
+    }
+
+    /// The mount namespaces (other than sshd's) whose processes see the builder's store as
+    /// /nix: Nix 2.8's `nix-store`/`nix-daemon` unshare one each at start, and their builds
+    /// run in it (see [`Builder::processes`]).
+    fn nix_namespaces(&self) -> Vec<PinnedNs> {
+        procs::pin_store_namespaces(&self.name, self.store.nix_id())
     }
 
     /// SIGSTOPs every process of the builder, listener included: TCP connects still succeed
@@ -265,16 +280,17 @@ impl Builder {
         let Some(ns) = &live.ns else {
             return Err(self.not_running());
         };
-        procs::signal_namespace(&self.name, ns, sig, KILL_TIMEOUT)
+        procs::signal_namespace(&self.name, ns, self.store.nix_id(), sig, KILL_TIMEOUT)
     }
 
-    /// All processes in the builder's mount namespace (sshd's, the sessions', remote Nix
-    /// processes, `exec_in_namespace` commands), found by comparing `/proc/<pid>/ns/mnt` with
-    /// sshd's. Empty when sshd is stopped. This is how a test checks that a remote
-    /// `nix-daemon --stdio` has exited.
+    /// All processes of the builder (sshd's, the sessions', remote Nix processes and their
+    /// builds, `exec_in_namespace` commands): those in sshd's mount namespace, and those in
+    /// the private namespaces Nix 2.8's `nix-store`/`nix-daemon` unshare at start (found by
+    /// their /nix being the builder's store). Empty when sshd is stopped. This is how a test
+    /// checks that a remote `nix-daemon --stdio` and its build have exited.
     pub fn processes(&self) -> Vec<ProcInfo> {
         match self.mount_ns() {
-            Some(ns) => procs::in_namespace(ns),
+            Some(ns) => procs::of_builder(ns, self.store.nix_id()),
             None => Vec::new(),
         }
     }

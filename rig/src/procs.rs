@@ -99,12 +99,26 @@ fn all_pids() -> Vec<u32> {
         .collect()
 }
 
-/// Processes whose mount namespace is `ns`. Zombies have no namespace links and are skipped.
-pub(crate) fn in_namespace(ns: u64) -> Vec<ProcInfo> {
+/// The processes of a builder: those in its sshd's mount namespace `ns`, plus those in other
+/// (non-host) namespaces that see the builder's store `store_nix` as their /nix. Nix 2.8's
+/// `nix-store` and `nix-daemon` unshare a private mount namespace of their own at start (a
+/// copy of sshd's, so /nix is still the builder's store), and their builds inherit it: they
+/// are not in `ns`. Matching by /nix also finds builds orphaned by a dead Nix process.
+pub(crate) fn of_builder(ns: u64, store_nix: FileId) -> Vec<ProcInfo> {
     let me = std::process::id();
+    let host = [self_mount_ns().ok(), mount_ns(1).ok()];
     all_pids()
         .into_iter()
-        .filter(|&pid| pid != me && mount_ns(pid).ok() == Some(ns))
+        .filter(|&pid| {
+            if pid == me {
+                return false;
+            }
+            match mount_ns(pid) {
+                Ok(n) if n == ns => true,
+                Ok(n) => !host.contains(&Some(n)) && nix_dir_of(pid).ok() == Some(store_nix),
+                Err(_) => false,
+            }
+        })
         .map(|pid| ProcInfo {
             pid,
             cmdline: cmdline(pid),
@@ -237,9 +251,12 @@ pub(crate) fn kill_namespaces(
 
 /// Sends SIGSTOP or SIGCONT to every process in the pinned namespace until a pass finds nobody
 /// new, then (for SIGSTOP) waits until all of them report state `T`.
+/// Processes in the namespaces the builder's own Nix processes unshared (see [`of_builder`])
+/// are included, found by `store_nix`.
 pub(crate) fn signal_namespace(
     what: &str,
     pin: &PinnedNs,
+    store_nix: FileId,
     sig: Signal,
     timeout: Duration,
 ) -> Result<()> {
@@ -247,7 +264,7 @@ pub(crate) fn signal_namespace(
     let deadline = Instant::now() + timeout;
     let mut done = std::collections::BTreeSet::new();
     loop {
-        let procs = in_namespace(pin.ino);
+        let procs = of_builder(pin.ino, store_nix);
         let fresh: Vec<u32> = procs
             .iter()
             .map(|p| p.pid)

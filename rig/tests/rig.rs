@@ -532,3 +532,56 @@ fn start_in_requires_an_empty_dir() {
     drop(rig);
     assert!(!dir.exists());
 }
+
+/// Nix 2.8's `nix-store --serve` unshares a mount namespace of its own at start, so it is
+/// not in sshd's; `processes()` still lists it (its /nix is the builder's store), and
+/// `kill_sessions` and `stop_sshd` kill it.
+#[test]
+fn nix_processes_in_their_own_namespace_are_the_builders() {
+    let rig = Rig::start(RigConfig::with_builders(1)).unwrap();
+    let b = rig.builder(0);
+    let sshd_ns = b.mount_ns().unwrap();
+    let serve = || {
+        let mut c = rig.ssh(0, "nix-store --serve --write");
+        // stdin stays open (piped, never written) so that the server waits for commands.
+        c.stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c.spawn().unwrap()
+    };
+    let is_serve = |p: &nixmux_rig::ProcInfo| p.cmdline == "nix-store --serve --write";
+    let ns_of = |pid: u32| {
+        std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
+            .map(|l| l.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let mut client = serve();
+    // Nix unshares a moment after it starts.
+    wait_until(
+        "the remote nix-store in its own namespace",
+        Duration::from_secs(10),
+        || {
+            b.processes()
+                .iter()
+                .any(|p| is_serve(p) && ns_of(p.pid) != format!("mnt:[{sshd_ns}]"))
+        },
+    );
+    let pid = b.processes().into_iter().find(is_serve).unwrap().pid;
+
+    b.kill_sessions().unwrap();
+    // Gone, or a zombie waiting for its reaper (which has no namespace link any more).
+    assert_eq!(ns_of(pid), "");
+    let _ = client.kill();
+    let _ = client.wait();
+
+    let mut client = serve();
+    wait_until("the remote nix-store", Duration::from_secs(10), || {
+        b.processes().iter().any(is_serve)
+    });
+    let pid = b.processes().into_iter().find(is_serve).unwrap().pid;
+    b.stop_sshd().unwrap();
+    assert_eq!(ns_of(pid), "");
+    assert!(b.processes().is_empty());
+    let _ = client.kill();
+    let _ = client.wait();
+}
