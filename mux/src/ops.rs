@@ -279,10 +279,10 @@ impl Builder {
             }
             .map_err(|e| from_session(e).on(&name))
         };
-        let (p, c) = tokio::join!(producer, consumer);
-        // A consumer failure explains a stuck producer better than the reverse.
-        c?;
-        p?;
+        // The first failure wins and drops the other side: a producer blocked on a full pipe
+        // (or a consumer waiting for bytes) must not outlive its partner. Whatever was cut
+        // off half-way poisons its session, which is then closed, so the remote aborts.
+        tokio::try_join!(producer, consumer)?;
         lease.succeeded();
         remote.succeeded();
         Ok(())
@@ -378,9 +378,8 @@ impl Builder {
                     )
                 })
         };
-        let (p, c) = tokio::join!(producer, consumer);
-        p?;
-        c?;
+        // As in `upload`: the first failure drops the other side.
+        tokio::try_join!(producer, consumer)?;
         remote.succeeded();
         lease.succeeded();
         Ok(report)

@@ -364,3 +364,199 @@ async fn untrusted_user_same_outcome_over_ssh() {
 async fn untrusted_user_same_outcome_over_ssh_ng() {
     untrusted(Protocol::Worker).await;
 }
+
+/// Whether `path` is valid in the builder's store.
+fn valid_on_builder(rig: &Rig, path: &StorePath) -> bool {
+    rig.builder(0)
+        .store()
+        .is_valid(&path.to_absolute(&StoreDir::default()))
+        .expect("check validity on the builder")
+}
+
+/// Adds a file of `mib` MiB of random bytes to `store`.
+fn add_big_file(store: &PrivateStore, mib: usize, name: &str) -> StorePath {
+    let dir = tempfile::tempdir().expect("tmp");
+    let f = dir.path().join(name);
+    let st = std::process::Command::new("head")
+        .args(["-c", &format!("{mib}M"), "/dev/urandom"])
+        .stdout(std::fs::File::create(&f).expect("create"))
+        .status()
+        .expect("head");
+    assert!(st.success());
+    sp(&store.add(&f).expect("nix-store --add"))
+}
+
+async fn kill_mid_transfer(protocol: Protocol) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let s = setup();
+    let b = builder(&s, protocol);
+    let big = add_big_file(&s.client, 64, "big-push");
+    let roots: BTreeSet<StorePath> = [big.clone()].into();
+
+    // Push, and kill the builder's sessions once some bytes went through.
+    let done = Arc::new(AtomicU64::new(0));
+    let d = done.clone();
+    let progress: nixmux::ops::ProgressFn =
+        Arc::new(move |p| d.store(p.bytes_done, Ordering::Relaxed));
+    let push = {
+        let b = b.clone();
+        let roots = roots.clone();
+        let local = &s.local;
+        async move { b.push_closure(local, &roots, false, Some(progress)).await }
+    };
+    let killer = async {
+        while done.load(Ordering::Relaxed) < 4 << 20 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        s.rig.builder(0).kill_sessions().expect("kill sessions");
+    };
+    let (r, ()) = tokio::join!(push, killer);
+    let e = r.expect_err("the push must fail when the connection dies");
+    assert!(e.is_retryable(), "{e}");
+    assert!(
+        !valid_on_builder(&s.rig, &big),
+        "a half-pushed path must not be valid on the builder"
+    );
+    // A retry reconnects by itself and completes.
+    b.push_closure(&s.local, &roots, false, None)
+        .await
+        .expect("retry succeeds");
+    assert!(valid_on_builder(&s.rig, &big));
+    s.rig
+        .builder(0)
+        .store()
+        .run(
+            "nix-store",
+            ["--verify-path", &big.to_absolute(&StoreDir::default())],
+        )
+        .expect("verified on the builder");
+
+    // The same for a fetch: a big output built on the builder, fetched, cut half-way.
+    let (_, drv) = instantiate(
+        &s.client,
+        r#"derivation { name = "big-output"; system = builtins.currentSystem; builder = "/bin/sh"; args = ["-c" "PATH=/usr/bin:/bin; head -c 64M /dev/urandom > $out"]; }"#,
+    );
+    let (logs, _st) = log_channel(100);
+    let o = b
+        .build(&s.local, &drv, &BuildOptions::default(), &logs)
+        .await
+        .expect("build");
+    let outs: BTreeSet<StorePath> = o
+        .result
+        .built_outputs
+        .values()
+        .map(|x| x.path.clone())
+        .collect();
+    let done = Arc::new(AtomicU64::new(0));
+    let d = done.clone();
+    let progress: nixmux::ops::ProgressFn =
+        Arc::new(move |p| d.store(p.bytes_done, Ordering::Relaxed));
+    let fetch = {
+        let b = b.clone();
+        let outs = outs.clone();
+        let local = &s.local;
+        async move { b.fetch_outputs(local, &outs, Some(progress)).await }
+    };
+    let killer = async {
+        while done.load(Ordering::Relaxed) < 4 << 20 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        s.rig.builder(0).kill_sessions().expect("kill sessions");
+    };
+    let (r, ()) = tokio::join!(fetch, killer);
+    let e = r.expect_err("the fetch must fail when the connection dies");
+    assert!(e.is_retryable(), "{e}");
+    for p in &outs {
+        assert!(
+            !s.client
+                .is_valid(&p.to_absolute(&StoreDir::default()))
+                .expect("check"),
+            "a half-fetched path must not be valid locally"
+        );
+    }
+    b.fetch_outputs(&s.local, &outs, None)
+        .await
+        .expect("retry succeeds");
+    for p in &outs {
+        s.client
+            .run(
+                "nix-store",
+                ["--verify-path", &p.to_absolute(&StoreDir::default())],
+            )
+            .expect("verified locally");
+    }
+    s.pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_connection_mid_transfer_leaves_nothing_partial_over_ssh() {
+    kill_mid_transfer(Protocol::Serve).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_connection_mid_transfer_leaves_nothing_partial_over_ssh_ng() {
+    kill_mid_transfer(Protocol::Worker).await;
+}
+
+async fn chatty_build_does_not_stall_others(protocol: Protocol) {
+    let s = setup();
+    let b = builder(&s, protocol);
+    let (_, chatty) = instantiate(
+        &s.client,
+        r#"derivation { name = "chatty"; system = builtins.currentSystem; builder = "/bin/sh"; args = ["-c" "PATH=/usr/bin:/bin; seq 1 100000 | sed 's/^/log line /'; echo > $out"]; }"#,
+    );
+    let (_, quick) = instantiate(
+        &s.client,
+        r#"derivation { name = "quick"; system = builtins.currentSystem; builder = "/bin/sh"; args = ["-c" "echo quick > $out"]; }"#,
+    );
+    // Nobody reads this log: the queue fills after 64 events and the rest is dropped.
+    let (chatty_logs, unread) = log_channel(64);
+    let (quick_logs, _q) = log_channel(1000);
+    let chatty_run = {
+        let b = b.clone();
+        let local = &s.local;
+        let logs = chatty_logs.clone();
+        async move {
+            b.build(local, &chatty, &BuildOptions::default(), &logs)
+                .await
+        }
+    };
+    let quick_run = {
+        let b = b.clone();
+        let local = &s.local;
+        async move {
+            // Start once the chatty build is under way.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let t = std::time::Instant::now();
+            let r = b
+                .build(local, &quick, &BuildOptions::default(), &quick_logs)
+                .await;
+            (r, t.elapsed())
+        }
+    };
+    let (c, (q, took)) = tokio::join!(chatty_run, quick_run);
+    let c = c.expect("chatty build");
+    let q = q.expect("quick build");
+    assert!(c.result.status.is_success(), "{c:?}");
+    assert!(q.result.status.is_success(), "{q:?}");
+    assert!(
+        unread.dropped() > 0,
+        "the unread log dropped events instead of blocking"
+    );
+    assert!(took < Duration::from_secs(20), "quick build took {took:?}");
+    eprintln!(
+        "{protocol:?}: quick build beside a 100 000-line build took {took:?}; {} log events dropped",
+        unread.dropped()
+    );
+    s.pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chatty_build_does_not_stall_other_builds_over_ssh() {
+    chatty_build_does_not_stall_others(Protocol::Serve).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chatty_build_does_not_stall_other_builds_over_ssh_ng() {
+    chatty_build_does_not_stall_others(Protocol::Worker).await;
+}
