@@ -540,6 +540,12 @@ async fn drain(
         end = abandon(&mut rx, &write, &core, on_drop).await;
     }
     core.close_for_write();
+    // Counted as closed before anyone waiting on the state below is woken, so that
+    // `exit()` returning implies `channels_open` no longer includes this channel.
+    core.shared()
+        .counters
+        .channels_open
+        .fetch_sub(1, Ordering::Relaxed);
     match end {
         DrainEnd::Closed | DrainEnd::Abandoned => {
             if let Ok(mut out) = core.stdout.lock() {
@@ -555,10 +561,6 @@ async fn drain(
             core.state.send_modify(|s| s.lost = Some(cause));
         }
     }
-    core.shared()
-        .counters
-        .channels_open
-        .fetch_sub(1, Ordering::Relaxed);
 }
 
 /// What to do with the remote side when every handle of a channel is dropped.

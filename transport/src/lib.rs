@@ -49,8 +49,17 @@
 //! process's memory bounded; set [`StdoutSpill::Disabled`] to keep it in memory (counted in
 //! [`ConnectionStats::stdout_buffered_bytes`]).
 //!
-//! **Closing.** Dropping an [`ExecChannel`] (and every part taken from it) sends
-//! CHANNEL_CLOSE, so sshd's `MaxSessions` slot is freed.
+//! **Closing.** A dropped russh `Channel` sends nothing, and sshd keeps its session, and a
+//! `MaxSessions` slot, until the connection ends. Here, dropping an [`ExecChannel`] (and
+//! every part taken from it) makes its drain task end the channel: SIGTERM to the command
+//! (an SSH `signal` request; see [`ExecOptions::terminate_on_drop`]) and EOF on its stdin,
+//! then it waits up to [`TransportConfig::close_grace`] for the server to close the channel,
+//! which sshd does once the command has exited, i.e. once the slot is free; only then does
+//! [`ConnectionStats::channels_open`] go down. After the grace it sends SIGKILL and closes
+//! the channel itself. sshd refuses `signal` requests for **root** logins ("session
+//! signalling requires privilege separation"), so there a command that ignores stdin EOF
+//! and never writes keeps its slot until it finishes; commands that stop on EOF (`nix-store
+//! --serve`, `nix-daemon --stdio`, `cat`) or write (SIGPIPE once closed) are unaffected.
 //!
 //! **Classification.** `russh::Error` never leaves this crate. Every failure is a
 //! [`TransportError`] with a [`Stage`], an [`ErrorKind`] and
@@ -59,7 +68,30 @@
 //! session task and given to every waiter ([`SshConnection::closed`]) and every channel.
 //!
 //! **Timeouts.** Resolve, TCP connect, handshake, authentication, channel open and exec each
-//! have their own timeout; an established connection is watched by keepalives.
+//! have their own timeout; an established connection is watched by keepalives, which bound
+//! everything that waits on the remote side ([`ExecStatus::exit`], stdout reads, stdin writes
+//! waiting for window): a dead or frozen peer ends them with [`TransportError::Disconnected`]
+//! within `keepalive_interval * (keepalive_max_misses + 1)`. A live peer that is merely slow
+//! (a long build, a command not reading stdin) is not a timeout at this layer.
+//!
+//! # Known limits (russh 0.65.1)
+//!
+//! * A rekey does not re-check the host key (russh calls the check only for the first key
+//!   exchange). The rekey runs inside the authenticated encrypted channel, so a third party
+//!   cannot inject one.
+//! * While russh waits for the server to answer a rekey it started (every 1 GiB in either
+//!   direction), it accepts at most 2 × `window_size` of channel data in flight, summed
+//!   over all channels, and drops the connection beyond that. With the 16 MiB default that
+//!   is 32 MiB; many channels each streaming at full speed over a high bandwidth-delay link
+//!   could exceed it (tested: four channels at full speed on loopback are fine).
+//! * A channel open that times out may still be confirmed later; russh does not say which
+//!   channel it was, so it cannot be closed and holds a session slot until the connection
+//!   ends. A timed-out open usually means a dead connection anyway.
+//! * sshd leaves Nagle's algorithm on for non-interactive sessions, so two small packets
+//!   in a row from it stall until we ACK the first; Linux delays that ACK by up to 40 ms.
+//!   It happens right after authentication (the first channel took 45 ms instead of 1 ms).
+//!   [`connect`] therefore sets TCP_QUICKACK after every read; [`connect_over`] has no socket
+//!   to do that on, so tunnelled connections may still see it.
 //!
 //! # Layout
 //!

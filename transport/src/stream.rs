@@ -84,11 +84,21 @@ impl StreamMonitor {
 pub(crate) struct MonitoredStream<S> {
     inner: S,
     mon: std::sync::Arc<StreamMonitor>,
+    /// Called after every read that returned data (TCP_QUICKACK, see `connect`).
+    after_read: Option<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl<S> MonitoredStream<S> {
-    pub(crate) fn new(inner: S, mon: std::sync::Arc<StreamMonitor>) -> Self {
-        MonitoredStream { inner, mon }
+    pub(crate) fn new(
+        inner: S,
+        mon: std::sync::Arc<StreamMonitor>,
+        after_read: Option<Box<dyn Fn() + Send + Sync>>,
+    ) -> Self {
+        MonitoredStream {
+            inner,
+            mon,
+            after_read,
+        }
     }
 }
 
@@ -108,6 +118,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for MonitoredStream<S> {
                 let n = buf.filled().len() - before;
                 if n == 0 && buf.remaining() > 0 {
                     this.mon.record(StreamEnd::Eof);
+                } else if let Some(f) = &this.after_read {
+                    f();
                 }
                 this.mon.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
                 Poll::Ready(Ok(()))

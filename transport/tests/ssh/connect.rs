@@ -382,29 +382,39 @@ async fn proxy_jump_over_direct_tcpip() {
     assert!(!jump.is_closed());
 }
 
-/// Not an assertion: timing of extra channels on a live connection.
+/// The first channel on a fresh connection must not pay sshd's Nagle + our delayed ACK
+/// (~40 ms, see `connect`): best of three fresh connections under 30 ms. Also prints the
+/// cost of further channels.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn timing_extra_channels() {
+async fn first_channel_has_no_delayed_ack_stall() {
     let sshd = Sshd::start();
-    let conn = connect(
-        &sshd.endpoint(),
-        &sshd.identities(),
-        &sshd.host_key_check(),
-        &config(),
-        NoopObserver,
-    )
-    .await
-    .expect("connect");
-    for _ in 0..5 {
-        let t = Instant::now();
-        let mut ch = conn.exec("true").await.expect("exec");
-        let exec = t.elapsed();
-        let _ = read_all(ch.stdout(), T).await;
-        let eof = t.elapsed();
-        let _ = ch.exit().await;
-        println!(
-            "exec reply {exec:.2?}, eof {eof:.2?}, exit {:.2?}",
-            t.elapsed()
-        );
+    let mut firsts = Vec::new();
+    for _ in 0..3 {
+        let conn = connect(
+            &sshd.endpoint(),
+            &sshd.identities(),
+            &sshd.host_key_check(),
+            &config(),
+            NoopObserver,
+        )
+        .await
+        .expect("connect");
+        let mut times = Vec::new();
+        for _ in 0..4 {
+            let t = Instant::now();
+            let mut ch = conn.exec("true").await.expect("exec");
+            let reply = t.elapsed();
+            let _ = read_all(ch.stdout(), T).await;
+            let _ = ch.exit().await;
+            times.push((reply, t.elapsed()));
+        }
+        println!("exec reply / exit per channel: {times:.2?}");
+        firsts.push(times[0].0);
+        conn.disconnect().await;
     }
+    let best = firsts.iter().min().copied().unwrap_or_default();
+    assert!(
+        best < Duration::from_millis(30),
+        "first channel took {firsts:?}"
+    );
 }

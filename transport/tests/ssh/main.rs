@@ -10,3 +10,4 @@ mod channels;
 mod connect;
 mod host_keys;
 mod liveness;
+mod rig;
