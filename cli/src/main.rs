@@ -1,6 +1,7 @@
 //! `nixmux`: connectivity tester, remote builds and benchmarks over pooled SSH connections.
 //! A thin layer over the `nixmux` library: argument parsing, rendering, exit codes.
 
+mod bench;
 mod build;
 mod exit_code;
 mod ping;
@@ -33,6 +34,9 @@ enum Command {
     /// Build local derivations on a builder: copy inputs, build with the log streamed here,
     /// copy outputs back.
     Build(BuildCmd),
+    /// Measure nixmux against OpenSSH and Nix on the same builders (default: local rig
+    /// builders started for the run): table, --json, SVG charts.
+    Bench(bench::BenchArgs),
     /// Local builders on loopback (real sshd + Nix, each with its own store).
     #[command(subcommand)]
     Rig(RigCommand),
@@ -189,6 +193,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(run_build(args))
         }
+        Command::Bench(args) => bench::main(args),
     }
 }
 

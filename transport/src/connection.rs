@@ -358,9 +358,15 @@ pub async fn connect(
     let stopwatch = Stopwatch::new(Arc::new(observer));
     let prepared = prepare(endpoint, host_key_check, config).await?;
 
+    // `[::1]` as in a store URL: the resolver wants the bare address.
+    let host = endpoint
+        .host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(&endpoint.host);
     let lookup = tokio::time::timeout(
         config.tcp_connect_timeout,
-        tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port)),
+        tokio::net::lookup_host((host, endpoint.port)),
     )
     .await
     .map_err(|_| TransportError::Timeout {

@@ -50,7 +50,7 @@ impl fmt::Display for Stage {
             Stage::Auth => "authentication",
             Stage::ChannelOpen => "channel open",
             Stage::Exec => "exec request",
-            Stage::Connected => "connected",
+            Stage::Connected => "established connection",
         })
     }
 }
@@ -328,7 +328,7 @@ pub enum TransportError {
     },
 
     /// The connection is gone; `cause` is the real reason, captured from russh's session task.
-    #[error("SSH connection lost during {stage}: {cause}")]
+    #[error("SSH connection lost ({stage}): {cause}")]
     Disconnected {
         /// When we noticed.
         stage: Stage,

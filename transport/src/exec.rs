@@ -247,6 +247,9 @@ impl StdoutBuf {
                         self.segments.pop_front();
                     }
                 }
+                // Hand out what came from memory first, so that a failing file read never
+                // swallows bytes already copied.
+                Some(Segment::File { .. }) if copied > 0 => break,
                 Some(Segment::File { off, len }) => {
                     let want = usize::try_from(*len)
                         .unwrap_or(usize::MAX)

@@ -1,0 +1,680 @@
+//! The environment of a run: the builders (embedded rig or given on the command line), the
+//! client's private store, the WAN relays, and the ssh_config / machines files the OpenSSH
+//! and Nix baselines use. Everything lives under temporary directories removed at the end.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use nixmux::local::{LocalStore, LocalStoreAccess};
+use nixmux::proto::store_path::{StoreDir, StorePath};
+use nixmux::transport::{Endpoint, HostKeyCheck, HostPublicKey, Identity, TransportConfig};
+use nixmux::{BuilderConfig, ConnectTarget, Protocol};
+use nixmux_rig::{PrivateStore, Rig, RigConfig};
+
+use crate::relay::{Link, Relay};
+use crate::report::WanSettings;
+
+/// What to measure against.
+#[derive(Debug, Clone)]
+pub enum Targets {
+    /// Start `builders` local rig builders (the default) and remove them afterwards.
+    Embedded {
+        /// How many.
+        builders: usize,
+    },
+    /// Builders given on the command line (store URLs or a machines file).
+    External(Vec<BuilderConfig>),
+}
+
+/// The builders and the client side of a run.
+pub struct Env {
+    rig: Option<Arc<Rig>>,
+    external: Vec<BuilderConfig>,
+    relays: Vec<Relay>,
+    wan: Option<WanSettings>,
+    tmp: tempfile::TempDir,
+    ssh_config: PathBuf,
+    local: Option<Arc<LocalStore>>,
+    fixtures: Mutex<Fixtures>,
+    seq: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Default)]
+struct Fixtures {
+    small: Option<Vec<StorePath>>,
+    large: Vec<(u64, StorePath)>,
+}
+
+impl std::fmt::Debug for Env {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Env")
+            .field("embedded", &self.rig.is_some())
+            .field("wan", &self.wan)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A store path from its absolute form.
+pub fn store_path(s: &str) -> anyhow::Result<StorePath> {
+    StorePath::parse(&StoreDir::default(), s.trim()).map_err(|e| anyhow!("{s:?}: {e}"))
+}
+
+impl Env {
+    /// Starts the rig (embedded) or takes the given builders, and the WAN relays if asked.
+    ///
+    /// # Errors
+    /// The rig does not start (not root, Nix or sshd missing and not installable), a relay
+    /// cannot listen, or `--wan` with external builders.
+    pub async fn start(targets: Targets, wan: Option<WanSettings>) -> anyhow::Result<Env> {
+        let tmp = tempfile::Builder::new()
+            .prefix("nixmux-bench-")
+            .tempdir()
+            .context("creating the bench's temporary directory")?;
+        let (rig, external) = match targets {
+            Targets::Embedded { builders } => {
+                let rig = tokio::task::spawn_blocking(move || {
+                    nixmux_rig::ensure_peers_installed()?;
+                    Rig::start(RigConfig {
+                        // As in the baselines of docs (nix-build with max-jobs 8).
+                        max_jobs: 8,
+                        // The session-counting helpers need DEBUG1; the bench does not, and
+                        // sshd should spend as little as possible on logging.
+                        log_level: "INFO".into(),
+                        ..RigConfig::with_builders(builders.max(1))
+                    })
+                })
+                .await
+                .context("starting the rig")?
+                .context("starting local rig builders")?;
+                (Some(Arc::new(rig)), Vec::new())
+            }
+            Targets::External(b) => {
+                if b.is_empty() {
+                    bail!("no builders given");
+                }
+                if wan.is_some() {
+                    bail!(
+                        "--wan emulates a link between this machine and local rig builders; it cannot be combined with external builders"
+                    );
+                }
+                (None, b)
+            }
+        };
+        let mut relays = Vec::new();
+        if let (Some(w), Some(r)) = (&wan, &rig) {
+            let link = Link::new(w.rtt_ms, w.mbit.unwrap_or(0.0));
+            for b in r.builders() {
+                relays.push(
+                    Relay::start(b.addr(), link)
+                        .await
+                        .context("starting a WAN relay")?,
+                );
+            }
+        }
+        let local = rig.as_ref().map(|r| {
+            let r = r.clone();
+            Arc::new(LocalStore::new(LocalStoreAccess::Command(Arc::new(
+                move || {
+                    tokio::process::Command::from(
+                        r.client_store().command("nix-daemon", ["--stdio"]),
+                    )
+                },
+            ))))
+        });
+        let ssh_config = tmp.path().join("ssh_config");
+        let env = Env {
+            rig,
+            external,
+            relays,
+            wan,
+            tmp,
+            ssh_config,
+            local,
+            fixtures: Mutex::new(Fixtures::default()),
+            seq: std::sync::atomic::AtomicU64::new(0),
+        };
+        if env.rig.is_some() {
+            env.write_ssh_config()?;
+        }
+        Ok(env)
+    }
+
+    /// Whether the builders are the embedded rig's.
+    pub fn embedded(&self) -> bool {
+        self.rig.is_some()
+    }
+
+    /// The emulated link, if any.
+    pub fn wan(&self) -> Option<WanSettings> {
+        self.wan
+    }
+
+    /// Number of builders.
+    pub fn builder_count(&self) -> usize {
+        match &self.rig {
+            Some(r) => r.builders().len(),
+            None => self.external.len(),
+        }
+    }
+
+    /// Names of the builders, for the report.
+    pub fn builder_names(&self) -> Vec<String> {
+        match &self.rig {
+            Some(r) => r.builders().iter().map(|b| b.name().to_owned()).collect(),
+            None => self.external.iter().map(|b| b.name.clone()).collect(),
+        }
+    }
+
+    /// A directory for this run's scratch files.
+    pub fn scratch(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// A number unique in this run (salts, file names).
+    pub fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The client's local store (embedded rig only: the rig's private client store).
+    pub fn local(&self) -> Option<Arc<LocalStore>> {
+        self.local.clone()
+    }
+
+    /// The client's private store (embedded rig only).
+    pub fn client_store(&self) -> Option<&PrivateStore> {
+        self.rig.as_deref().map(Rig::client_store)
+    }
+
+    fn port(&self, i: usize) -> anyhow::Result<u16> {
+        let rig = self.rig.as_ref().ok_or_else(|| anyhow!("no rig"))?;
+        let b = rig
+            .builders()
+            .get(i)
+            .ok_or_else(|| anyhow!("no builder {i}"))?;
+        Ok(match self.relays.get(i) {
+            Some(r) => r.port(),
+            None => b.port(),
+        })
+    }
+
+    fn write_ssh_config(&self) -> anyhow::Result<()> {
+        let Some(rig) = &self.rig else {
+            return Ok(());
+        };
+        let mut text = String::from(
+            "# nixmux bench: OpenSSH client config for the rig builders (through the WAN relay\n# when --wan is given). HostKeyAlias keeps host-key checks on the real keys.\n",
+        );
+        for (i, b) in rig.builders().iter().enumerate() {
+            text.push_str(&format!(
+                "\nHost {name}\n  HostName 127.0.0.1\n  Port {port}\n  User root\n  \
+                 IdentityFile {key}\n  IdentitiesOnly yes\n  UserKnownHostsFile {kh}\n  \
+                 GlobalKnownHostsFile /dev/null\n  HostKeyAlias {name}\n  \
+                 StrictHostKeyChecking yes\n  UpdateHostKeys no\n  BatchMode yes\n",
+                name = b.name(),
+                port = self.port(i)?,
+                key = rig.client_key().display(),
+                kh = rig.known_hosts().display(),
+            ));
+        }
+        std::fs::write(&self.ssh_config, text)
+            .with_context(|| format!("writing {}", self.ssh_config.display()))
+    }
+
+    /// The ssh_config file for OpenSSH baselines (embedded rig).
+    pub fn ssh_config(&self) -> &Path {
+        &self.ssh_config
+    }
+
+    /// nixmux's configuration for builder `i` speaking `protocol` (through the relay in WAN
+    /// mode).
+    ///
+    /// # Errors
+    /// No such builder.
+    pub fn nixmux_config(&self, i: usize, protocol: Protocol) -> anyhow::Result<BuilderConfig> {
+        match &self.rig {
+            Some(rig) => {
+                let b = rig
+                    .builders()
+                    .get(i)
+                    .ok_or_else(|| anyhow!("no builder {i}"))?;
+                let host_keys = if self.relays.is_empty() {
+                    HostKeyCheck::strict([rig.known_hosts()])
+                } else {
+                    // The relay's port has no known_hosts line; the key is the builder's.
+                    HostKeyCheck::pinned([HostPublicKey::from_openssh(b.host_key())
+                        .map_err(|e| anyhow!("host key of {}: {e}", b.name()))?])
+                };
+                let target = ConnectTarget {
+                    endpoint: Endpoint::new("127.0.0.1", self.port(i)?, "root"),
+                    identities: vec![Identity::key_file(rig.client_key())],
+                    host_keys,
+                    transport: TransportConfig::default(),
+                    jump: None,
+                };
+                let mut c = BuilderConfig::new(
+                    format!("{}://{}", protocol.scheme(), b.name()),
+                    protocol,
+                    target,
+                );
+                c.machine.max_jobs = 8;
+                Ok(c)
+            }
+            None => {
+                let mut c = self
+                    .external
+                    .get(i)
+                    .cloned()
+                    .ok_or_else(|| anyhow!("no builder {i}"))?;
+                if c.protocol != protocol {
+                    let standard = BuilderConfig::new("", c.protocol, c.target.clone());
+                    if c.remote_command != standard.remote_command {
+                        bail!(
+                            "{} uses a custom remote command; only {} is measured on it",
+                            c.name,
+                            c.protocol.scheme()
+                        );
+                    }
+                    c = BuilderConfig {
+                        name: format!("{} ({})", c.name, protocol.scheme()),
+                        ..BuilderConfig::new(c.name.clone(), protocol, c.target.clone())
+                    };
+                }
+                Ok(c)
+            }
+        }
+    }
+
+    /// The `ssh` arguments that reach builder `i` (before the remote command).
+    ///
+    /// # Errors
+    /// No such builder, or a builder reached through a jump host (not replicated for
+    /// OpenSSH baselines).
+    pub fn ssh_args(&self, i: usize) -> anyhow::Result<Vec<OsString>> {
+        match &self.rig {
+            Some(rig) => {
+                let b = rig
+                    .builders()
+                    .get(i)
+                    .ok_or_else(|| anyhow!("no builder {i}"))?;
+                Ok(vec![
+                    "-F".into(),
+                    self.ssh_config.clone().into(),
+                    b.name().into(),
+                ])
+            }
+            None => {
+                let c = self
+                    .external
+                    .get(i)
+                    .ok_or_else(|| anyhow!("no builder {i}"))?;
+                let t = &c.target;
+                if t.jump.is_some() {
+                    bail!("reached through ProxyJump: no OpenSSH baseline");
+                }
+                let mut v: Vec<OsString> = vec![
+                    "-o".into(),
+                    "BatchMode=yes".into(),
+                    "-p".into(),
+                    t.endpoint.port.to_string().into(),
+                    "-l".into(),
+                    t.endpoint.user.clone().into(),
+                ];
+                for id in &t.identities {
+                    if let Identity::KeyFile { path, .. } = id {
+                        v.push("-i".into());
+                        v.push(path.clone().into());
+                    }
+                }
+                v.push(t.endpoint.host.clone().into());
+                Ok(v)
+            }
+        }
+    }
+
+    /// Nix's store URL for builder `i` (`ssh-ng://root@builder0`), to be used with
+    /// [`Env::nix_command`].
+    ///
+    /// # Errors
+    /// Why Nix itself cannot reach it (Nix 2.8 store URLs carry no port).
+    pub fn nix_url(&self, i: usize, protocol: Protocol) -> anyhow::Result<String> {
+        match &self.rig {
+            Some(rig) => {
+                let b = rig
+                    .builders()
+                    .get(i)
+                    .ok_or_else(|| anyhow!("no builder {i}"))?;
+                Ok(format!("{}://root@{}", protocol.scheme(), b.name()))
+            }
+            None => {
+                let c = self
+                    .external
+                    .get(i)
+                    .ok_or_else(|| anyhow!("no builder {i}"))?;
+                let e = &c.target.endpoint;
+                if e.port != 22 {
+                    bail!(
+                        "Nix 2.8 store URLs carry no port and {} listens on {}; give the builder a Host entry in ~/.ssh/config",
+                        e.host,
+                        e.port
+                    );
+                }
+                Ok(format!("{}://{}@{}", protocol.scheme(), e.user, e.host))
+            }
+        }
+    }
+
+    /// A Nix command as a client: in the rig's private client store with
+    /// `NIX_SSHOPTS="-F <ssh_config>"` (embedded), or the host's Nix (external).
+    ///
+    /// # Errors
+    /// Never for now; kept fallible for callers.
+    pub fn nix_command<I, S>(
+        &self,
+        program: &str,
+        args: I,
+    ) -> anyhow::Result<tokio::process::Command>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut cmd = match &self.rig {
+            Some(rig) => {
+                let mut c = rig.client_store().command(program, args);
+                c.env("NIX_SSHOPTS", format!("-F {}", self.ssh_config.display()));
+                tokio::process::Command::from(c)
+            }
+            None => {
+                let mut c = tokio::process::Command::new(program);
+                c.args(args);
+                c
+            }
+        };
+        cmd.kill_on_drop(true);
+        Ok(cmd)
+    }
+
+    /// A machines file for Nix naming builders `0..n` with `protocol` (embedded rig).
+    ///
+    /// # Errors
+    /// Not embedded, or the file cannot be written.
+    pub fn machines_file(&self, protocol: Protocol, n: usize) -> anyhow::Result<PathBuf> {
+        let rig = self
+            .rig
+            .as_ref()
+            .ok_or_else(|| anyhow!("needs the embedded rig"))?;
+        let all = std::fs::read_to_string(rig.machines_ssh_config())
+            .context("reading the rig's machines-ssh-config")?;
+        let names: Vec<String> = rig
+            .builders()
+            .iter()
+            .take(n)
+            .map(|b| format!("{}://root@{} ", protocol.scheme(), b.name()))
+            .collect();
+        let lines: Vec<&str> = all
+            .lines()
+            .filter(|l| names.iter().any(|n| l.starts_with(n.as_str())))
+            .collect();
+        if lines.len() != n.min(rig.builders().len()) {
+            bail!("the rig's machines-ssh-config lacks lines for {names:?}");
+        }
+        let path = self
+            .tmp
+            .path()
+            .join(format!("machines-{}-{n}", protocol.scheme()));
+        std::fs::write(&path, lines.join("\n") + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// Empties builder `i`'s store: stops its sshd (and every session), removes everything
+    /// under its `/nix`, initialises the store again and restarts sshd on the same port.
+    ///
+    /// # Errors
+    /// Not embedded, or a step fails.
+    pub async fn reset_store(&self, i: usize) -> anyhow::Result<()> {
+        let rig = self
+            .rig
+            .clone()
+            .ok_or_else(|| anyhow!("resetting a store needs the embedded rig"))?;
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let b = rig
+                .builders()
+                .get(i)
+                .ok_or_else(|| anyhow!("no builder {i}"))?;
+            b.stop_sshd().context("stopping sshd")?;
+            let nix = b.store().nix_dir();
+            for entry in std::fs::read_dir(&nix).with_context(|| format!("{}", nix.display()))? {
+                let p = entry?.path();
+                if p.is_dir() && !p.is_symlink() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                }
+                .with_context(|| format!("removing {}", p.display()))?;
+            }
+            b.store()
+                .run("nix-store", ["--init"])
+                .context("initialising the empty store")?;
+            b.start_sshd().context("restarting sshd")?;
+            Ok(())
+        })
+        .await
+        .context("store reset task")?
+    }
+
+    /// 200 small paths (~8.5 KB of random bytes each, ~1.7 MB together) in the client store,
+    /// made once per run.
+    ///
+    /// # Errors
+    /// Not embedded, or `nix-store --add` fails.
+    pub async fn small_paths(&self) -> anyhow::Result<Vec<StorePath>> {
+        if let Ok(f) = self.fixtures.lock()
+            && let Some(s) = &f.small
+        {
+            return Ok(s.clone());
+        }
+        let dir = self.tmp.path().join("small");
+        std::fs::create_dir_all(&dir)?;
+        let mut files = Vec::new();
+        let mut rng = Rng::seeded();
+        for k in 0..200 {
+            let p = dir.join(format!("small-{k:03}"));
+            // 1.7 MB / 200 = 8.5 KB, varied a little as real paths are.
+            let len = 7_500 + usize::try_from(rng.next_u64() % 2_000).unwrap_or(0);
+            std::fs::write(&p, rng.bytes(len))?;
+            files.push(p);
+        }
+        let paths = self.add_to_client(files).await?;
+        if let Ok(mut f) = self.fixtures.lock() {
+            f.small = Some(paths.clone());
+        }
+        Ok(paths)
+    }
+
+    /// One path of `size` random bytes in the client store, made once per size.
+    ///
+    /// # Errors
+    /// Not embedded, or `nix-store --add` fails.
+    pub async fn large_path(&self, size: u64) -> anyhow::Result<StorePath> {
+        if let Ok(f) = self.fixtures.lock()
+            && let Some((_, p)) = f.large.iter().find(|(s, _)| *s == size)
+        {
+            return Ok(p.clone());
+        }
+        let p = self.tmp.path().join(format!("large-{size}"));
+        let path = p.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
+            let mut rng = Rng::seeded();
+            let mut left = size;
+            while left > 0 {
+                let n = left.min(1 << 20);
+                f.write_all(&rng.bytes(usize::try_from(n).unwrap_or(1 << 20)))?;
+                left -= n;
+            }
+            f.flush()
+        })
+        .await??;
+        let paths = self.add_to_client(vec![p.clone()]).await?;
+        // The file is in the store now; the scratch copy is not needed.
+        let _ = std::fs::remove_file(&p);
+        let sp = paths
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow!("nix-store --add printed no path"))?;
+        if let Ok(mut f) = self.fixtures.lock() {
+            f.large.push((size, sp.clone()));
+        }
+        Ok(sp)
+    }
+
+    async fn add_to_client(&self, files: Vec<PathBuf>) -> anyhow::Result<Vec<StorePath>> {
+        let mut cmd = self.nix_command(
+            "nix-store",
+            std::iter::once(OsString::from("--add")).chain(files.into_iter().map(OsString::from)),
+        )?;
+        let out = run_output(&mut cmd, Duration::from_secs(300)).await?;
+        String::from_utf8_lossy(&out)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(store_path)
+            .collect()
+    }
+
+    /// Instantiates `n` trivial derivations, unique to this call, in the client store.
+    ///
+    /// # Errors
+    /// Not embedded, or `nix-instantiate` fails.
+    pub async fn trivial_derivations(&self, n: usize) -> anyhow::Result<Vec<StorePath>> {
+        let salt = format!(
+            "{}-{}-{}",
+            std::process::id(),
+            self.next_seq(),
+            Rng::seeded().next_u64()
+        );
+        let file = self.tmp.path().join(format!("trivial-{salt}.nix"));
+        std::fs::write(
+            &file,
+            format!(
+                r#"builtins.genList (i: derivation {{
+  name = "trivial-${{toString i}}";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "echo {salt} ${{toString i}} > $out" ];
+}}) {n}
+"#
+            ),
+        )?;
+        let mut cmd = self.nix_command("nix-instantiate", [file.as_os_str()])?;
+        let out = run_output(&mut cmd, Duration::from_secs(120)).await?;
+        let _ = std::fs::remove_file(&file);
+        let drvs: Vec<StorePath> = String::from_utf8_lossy(&out)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(store_path)
+            .collect::<anyhow::Result<_>>()?;
+        if drvs.len() != n {
+            bail!("nix-instantiate gave {} derivations, not {n}", drvs.len());
+        }
+        Ok(drvs)
+    }
+
+    /// The outputs of a derivation of the client store (`out` only: trivial derivations).
+    ///
+    /// # Errors
+    /// Not embedded, or the `.drv` cannot be read.
+    pub async fn drv_outputs(&self, drv: &StorePath) -> anyhow::Result<BTreeSet<StorePath>> {
+        let local = self
+            .local()
+            .ok_or_else(|| anyhow!("needs the embedded rig"))?;
+        let d = local
+            .read_derivation(drv)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        Ok(d.outputs.values().filter_map(|o| o.path.clone()).collect())
+    }
+
+    /// Stops everything (relays, the rig) and removes the temporary files.
+    pub async fn shutdown(self) {
+        // The local store's sessions hold the rig (its command closure) and child processes.
+        drop(self.local);
+        drop(self.relays);
+        if let Some(rig) = self.rig {
+            // Dropping the rig kills its processes and removes its directory; it blocks. Every
+            // other holder (sides, the local store) is gone by now.
+            if Arc::strong_count(&rig) > 1 {
+                tracing::warn!(
+                    "the rig is still referenced; it is torn down when the last user ends"
+                );
+            }
+            let _ = tokio::task::spawn_blocking(move || drop(rig)).await;
+        }
+    }
+}
+
+/// Runs a command to completion with a timeout (killed on expiry), returning stdout.
+///
+/// # Errors
+/// Spawn failure, timeout, or a non-zero exit (with the stderr tail).
+pub async fn run_output(
+    cmd: &mut tokio::process::Command,
+    timeout: Duration,
+) -> anyhow::Result<Vec<u8>> {
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let what = format!("{:?}", cmd.as_std().get_program());
+    let child = cmd.spawn().with_context(|| format!("spawning {what}"))?;
+    let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(r) => r.with_context(|| format!("waiting for {what}"))?,
+        Err(_) => bail!("{what} did not finish within {timeout:?} (killed)"),
+    };
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(6).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!("{what} failed ({}): {}", out.status, tail.join(" | "));
+    }
+    Ok(out.stdout)
+}
+
+/// A small xorshift generator: random bytes for fixtures without another dependency.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded from the clock and the pid.
+    pub fn seeded() -> Self {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() ^ u64::from(d.subsec_nanos()) << 20)
+            .unwrap_or(0x9e37_79b9_7f4a_7c15);
+        Rng((t ^ (u64::from(std::process::id()) << 32)) | 1)
+    }
+
+    /// The next value.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// `n` random bytes.
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n + 8);
+        while v.len() < n {
+            v.extend_from_slice(&self.next_u64().to_le_bytes());
+        }
+        v.truncate(n);
+        v
+    }
+}

@@ -1,0 +1,939 @@
+//! The workloads of issue 6, their default sizes and repetitions, the goals they check, and
+//! [`run`], which measures a list of them and returns a [`Report`].
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+use nixmux::Protocol;
+use nixmux::proto::store_path::{StoreDir, StorePath};
+
+use crate::env::{Env, Targets};
+use crate::peers::synthetic_paths;
+use crate::report::{
+    CaseResult, Environment, Figure, Goal, Report, Role, SCHEMA_VERSION, Settings, Verdict,
+    WanSettings, WorkloadResult,
+};
+use crate::runner::{Case, Event, Progress, case_samples, run_case};
+use crate::sides::{
+    Before, CommandSide, Direction, EnvRef, NixBuild, NixmuxBuild, NixmuxCold, NixmuxNewChannel,
+    NixmuxPush, NixmuxStream, NixmuxWarm, SshHeld, SshSessions, SshStream, Via,
+};
+
+const MIB: u64 = 1 << 20;
+
+/// Every workload, in the order run. `push-1gib` is not run unless named.
+pub const ALL: &[&str] = &[
+    "cold-session",
+    "warm-op",
+    "new-channel",
+    "query",
+    "throughput",
+    "push-small",
+    "push-large",
+    "build",
+    "concurrency",
+    "builders",
+    "push-1gib",
+];
+
+/// What `nixmux bench` runs without `--workload`.
+pub fn default_workloads(wan: bool) -> Vec<String> {
+    ALL.iter()
+        .filter(|w| **w != "push-1gib" && !(wan && **w == "push-large"))
+        .map(|w| (*w).to_owned())
+        .collect()
+}
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Builders.
+    pub targets: Targets,
+    /// Workload names (see [`ALL`]).
+    pub workloads: Vec<String>,
+    /// Measured repetitions per side (`None`: each workload's default).
+    pub repeat: Option<u32>,
+    /// Small sizes, few repetitions.
+    pub quick: bool,
+    /// Emulated WAN link.
+    pub wan: Option<WanSettings>,
+}
+
+/// Default number of embedded builders.
+pub fn default_builders(quick: bool) -> usize {
+    if quick { 2 } else { 4 }
+}
+
+struct Plan {
+    quick: bool,
+    repeat: Option<u32>,
+    wan: bool,
+}
+
+impl Plan {
+    /// (warm-up, repeat) from the defaults (full, quick, wan).
+    fn reps(&self, full: (u32, u32), quick: (u32, u32), wan: (u32, u32)) -> (u32, u32) {
+        let (w, r) = if self.quick {
+            quick
+        } else if self.wan {
+            wan
+        } else {
+            full
+        };
+        (w, self.repeat.unwrap_or(r).max(1))
+    }
+
+    fn timeout(&self) -> Duration {
+        if self.wan {
+            Duration::from_secs(900)
+        } else {
+            Duration::from_secs(180)
+        }
+    }
+
+    fn case(
+        &self,
+        label: &str,
+        param: Option<f64>,
+        sides: Vec<Box<dyn crate::runner::Side>>,
+        reps: (u32, u32),
+    ) -> Case {
+        let reference = sides
+            .iter()
+            .find(|s| s.role() == Role::Subject)
+            .map(|s| s.id());
+        Case {
+            label: label.to_owned(),
+            param,
+            reference,
+            sides,
+            warmup: reps.0,
+            repeat: reps.1,
+            timeout: self.timeout(),
+        }
+    }
+}
+
+struct Spec {
+    title: &'static str,
+    description: String,
+    primary: Figure,
+    cases: Vec<Case>,
+    notes: Vec<String>,
+}
+
+fn both() -> [Protocol; 2] {
+    [Protocol::Worker, Protocol::Serve]
+}
+
+fn nix_store_ping(env: &EnvRef, builders: Vec<usize>) -> CommandSide {
+    let urls: anyhow::Result<Vec<String>> = builders
+        .iter()
+        .map(|&i| env.nix_url(i, Protocol::Worker))
+        .collect();
+    let unavailable = urls.as_ref().err().map(|e| format!("{e:#}"));
+    let e2 = env.clone();
+    CommandSide {
+        id: "nix-store-ping-ssh-ng".into(),
+        label: "nix store ping --store ssh-ng://builder (Nix's own client)".into(),
+        role: Role::Baseline,
+        unavailable,
+        make: Box::new(move || {
+            let urls = urls.as_ref().map_err(|e| anyhow!("{e:#}"))?;
+            urls.iter()
+                .map(|u| e2.nix_command("nix", ["store", "ping", "--store", u.as_str()]))
+                .collect()
+        }),
+        before: Before::Nothing,
+        env: env.clone(),
+        timeout: Duration::from_secs(120),
+        bytes: 0,
+    }
+}
+
+fn ssh_true(env: &EnvRef, builder: usize) -> CommandSide {
+    let args = env.ssh_args(builder);
+    let unavailable = args.as_ref().err().map(|e| format!("{e:#}"));
+    CommandSide {
+        id: "ssh-true".into(),
+        label: "ssh builder true (OpenSSH: new process + connection + exec)".into(),
+        role: Role::Reference,
+        unavailable,
+        make: Box::new(move || {
+            let args = args.as_ref().map_err(|e| anyhow!("{e:#}"))?;
+            let mut c = tokio::process::Command::new("ssh");
+            c.args(["-x", "-a"]).args(args).args(["--", "true"]);
+            Ok(vec![c])
+        }),
+        before: Before::Nothing,
+        env: env.clone(),
+        timeout: Duration::from_secs(60),
+        bytes: 0,
+    }
+}
+
+fn nix_copy(
+    env: &EnvRef,
+    builder: usize,
+    protocol: Protocol,
+    paths: &[StorePath],
+    bytes: u64,
+) -> CommandSide {
+    let url = env.nix_url(builder, protocol);
+    let mut unavailable = url.as_ref().err().map(|e| format!("{e:#}"));
+    if !env.embedded() {
+        unavailable = Some("needs the embedded rig (fresh builder stores)".into());
+    }
+    let mut args: Vec<OsString> = vec!["copy".into()];
+    if protocol == Protocol::Worker {
+        // The daemon enforces require-sigs for untrusted input; these paths are unsigned.
+        args.push("--no-check-sigs".into());
+    }
+    let e2 = env.clone();
+    let paths: Vec<OsString> = paths
+        .iter()
+        .map(|p| OsString::from(p.to_absolute(&StoreDir::default())))
+        .collect();
+    CommandSide {
+        id: format!("nix-copy-{}", protocol.scheme()),
+        label: format!(
+            "nix copy{} --to {}://builder (Nix's own client)",
+            if protocol == Protocol::Worker {
+                " --no-check-sigs"
+            } else {
+                ""
+            },
+            protocol.scheme()
+        ),
+        role: Role::Baseline,
+        unavailable,
+        make: Box::new(move || {
+            let url = url.as_ref().map_err(|e| anyhow!("{e:#}"))?;
+            let mut a = args.clone();
+            a.push("--to".into());
+            a.push(url.into());
+            a.extend(paths.iter().cloned());
+            Ok(vec![e2.nix_command("nix", a)?])
+        }),
+        before: Before::ResetStore(builder),
+        env: env.clone(),
+        timeout: Duration::from_secs(900),
+        bytes,
+    }
+}
+
+async fn spec(
+    name: &str,
+    env: &EnvRef,
+    plan: &Plan,
+    progress: &dyn Progress,
+) -> anyhow::Result<Spec> {
+    let one: BTreeSet<StorePath> = synthetic_paths(1)?;
+    Ok(match name {
+        "cold-session" => {
+            let reps = plan.reps((1, 10), (0, 2), (1, 5));
+            let mut sides: Vec<Box<dyn crate::runner::Side>> = Vec::new();
+            for p in both() {
+                let mut s = NixmuxCold::new(env.clone(), vec![0], p, 1, 1);
+                s.paths = one.clone();
+                sides.push(Box::new(s));
+            }
+            sides.push(Box::new(ssh_true(env, 0)));
+            for p in both() {
+                sides.push(Box::new(SshSessions::new(
+                    env.clone(),
+                    vec![0],
+                    p,
+                    Via::Spawn,
+                    1,
+                    1,
+                )));
+            }
+            sides.push(Box::new(nix_store_ping(env, vec![0])));
+            Spec {
+                title: "Cold session: nothing → a ready session that answered one QueryValidPaths",
+                description: "Timed: TCP connect, SSH key exchange, host key check, auth, exec, protocol handshake and one QueryValidPaths round trip. nixmux: a new Pool each sample (in-process russh). OpenSSH: a new `ssh` process per session with the remote command, driven over its pipes as Nix does. `ssh true` and `nix store ping` are whole processes. Closing is not timed.".into(),
+                primary: Figure::Wall,
+                cases: vec![plan.case("", None, sides, reps)],
+                notes: Vec::new(),
+            }
+        }
+        "warm-op" => {
+            let reps = plan.reps((1, 10), (0, 2), (1, 5));
+            let batch = if plan.quick {
+                20
+            } else if plan.wan {
+                10
+            } else {
+                100
+            };
+            let mut sides: Vec<Box<dyn crate::runner::Side>> = Vec::new();
+            for p in both() {
+                sides.push(Box::new(NixmuxWarm::new(
+                    env.clone(),
+                    0,
+                    p,
+                    one.clone(),
+                    batch,
+                )));
+            }
+            for p in both() {
+                sides.push(Box::new(SshHeld::new(
+                    env.clone(),
+                    0,
+                    p,
+                    one.clone(),
+                    batch,
+                )));
+            }
+            Spec {
+                title: "Warm operation: acquire a pooled session + one QueryValidPaths(1 path)",
+                description: format!(
+                    "Per operation: nixmux acquires an idle warm session from its pool, sends QueryValidPaths for one path, reads the reply and returns the session; OpenSSH: the same request over the pipes of an `ssh` process held open. {batch} operations per sample."
+                ),
+                primary: Figure::PerOp,
+                cases: vec![plan.case("", None, sides, reps)],
+                notes: Vec::new(),
+            }
+        }
+        "new-channel" => {
+            let reps = plan.reps((2, 20), (1, 3), (1, 10));
+            let mut sides: Vec<Box<dyn crate::runner::Side>> = Vec::new();
+            for p in both() {
+                sides.push(Box::new(NixmuxNewChannel::new(env.clone(), 0, p)));
+            }
+            for p in both() {
+                sides.push(Box::new(SshSessions::new(
+                    env.clone(),
+                    vec![0],
+                    p,
+                    Via::Master,
+                    1,
+                    0,
+                )));
+            }
+            Spec {
+                title: "New channel on a live connection: open + exec + protocol handshake",
+                description: "nixmux: a session channel on an established russh connection, exec of the remote command, handshake (worker: with SetOptions). OpenSSH: a new `ssh` client process multiplexed over a running ControlMaster (`-o ControlMaster=auto -o ControlPath=...`), then the same handshake over its pipes. The master is our child in the foreground (`ssh -N -o ControlMaster=yes`), which is the ControlPersist setup without the daemonisation.".into(),
+                primary: Figure::Wall,
+                cases: vec![plan.case("", None, sides, reps)],
+                notes: Vec::new(),
+            }
+        }
+        "query" => {
+            let mut cases = Vec::new();
+            for n in [1usize, 1000] {
+                let paths = synthetic_paths(n)?;
+                let batch = match (n, plan.quick, plan.wan) {
+                    (_, true, _) => 5,
+                    (_, _, true) => 5,
+                    (1, ..) => 50,
+                    _ => 20,
+                };
+                let reps = plan.reps((1, 5), (0, 2), (1, 3));
+                let mut sides: Vec<Box<dyn crate::runner::Side>> = Vec::new();
+                for p in both() {
+                    sides.push(Box::new(NixmuxWarm::new(
+                        env.clone(),
+                        0,
+                        p,
+                        paths.clone(),
+                        batch,
+                    )));
+                }
+                for p in both() {
+                    sides.push(Box::new(SshHeld::new(
+                        env.clone(),
+                        0,
+                        p,
+                        paths.clone(),
+                        batch,
+                    )));
+                }
+                cases.push(plan.case(
+                    &format!("{n} path{}", if n == 1 { "" } else { "s" }),
+                    Some(n as f64),
+                    sides,
+                    reps,
+                ));
+            }
+            Spec {
+                title: "Query latency: QueryValidPaths of 1 and 1000 paths on a warm session",
+                description: "One request and its reply on a warm session (nixmux: pooled; OpenSSH: an `ssh` process held open). The paths are syntactically valid and absent, so the builder looks each one up.".into(),
+                primary: Figure::PerOp,
+                cases,
+                notes: Vec::new(),
+            }
+        }
+        "throughput" => {
+            let bytes = if plan.quick {
+                16 * MIB
+            } else if plan.wan {
+                32 * MIB
+            } else {
+                256 * MIB
+            };
+            let reps = plan.reps((1, 3), (0, 1), (0, 2));
+            let cipher = "aes128-gcm@openssh.com";
+            let mut cases = Vec::new();
+            for dir in [Direction::Down, Direction::Up] {
+                let sides: Vec<Box<dyn crate::runner::Side>> = vec![
+                    Box::new(NixmuxStream::new(
+                        env.clone(),
+                        0,
+                        dir,
+                        bytes,
+                        "nixmux-transport",
+                        Role::Subject,
+                    )),
+                    Box::new(SshStream::new(
+                        env.clone(),
+                        0,
+                        dir,
+                        bytes,
+                        cipher,
+                        "openssh",
+                        Role::Baseline,
+                    )),
+                    Box::new(SshStream::new(
+                        env.clone(),
+                        0,
+                        dir,
+                        bytes,
+                        "chacha20-poly1305@openssh.com",
+                        "openssh-chacha20",
+                        Role::Reference,
+                    )),
+                ];
+                cases.push(plan.case(
+                    match dir {
+                        Direction::Down => "builder → client",
+                        Direction::Up => "client → builder",
+                    },
+                    None,
+                    sides,
+                    reps,
+                ));
+            }
+            Spec {
+                title: "One-channel throughput, each direction",
+                description: format!(
+                    "{} MiB through one exec channel (`head -c N /dev/zero` read locally; `cat > /dev/null` fed locally), timed from the first byte (down) or from the remote `ready` line to the remote exit (up), so connection set-up is excluded on both sides. nixmux's transport negotiates aes128-gcm@openssh.com; OpenSSH is forced to the same cipher with `-c`; chacha20-poly1305 (OpenSSH's default) is shown for reference.",
+                    bytes / MIB
+                ),
+                primary: Figure::Throughput,
+                cases,
+                notes: Vec::new(),
+            }
+        }
+        "push-small" => {
+            progress.event(&Event::Note(
+                "making 200 small paths in the client store".into(),
+            ));
+            let paths = if env.embedded() {
+                env.small_paths().await?
+            } else {
+                Vec::new()
+            };
+            let roots: BTreeSet<StorePath> = paths.iter().cloned().collect();
+            let reps = plan.reps((1, 5), (0, 1), (0, 3));
+            let mut sides: Vec<Box<dyn crate::runner::Side>> = Vec::new();
+            for p in both() {
+                sides.push(Box::new(NixmuxPush::new(
+                    env.clone(),
+                    0,
+                    p,
+                    roots.clone(),
+                    true,
+                )));
+            }
+            sides.push(Box::new(NixmuxPush::new(
+                env.clone(),
+                0,
+                Protocol::Worker,
+                roots.clone(),
+                false,
+            )));
+            for p in [Protocol::Serve, Protocol::Worker] {
+                sides.push(Box::new(nix_copy(env, 0, p, &paths, 0)));
+            }
+            Spec {
+                title: "Closure push: 200 small paths (~1.7 MB) to an empty builder store",
+                description: "Before every sample (untimed) the builder's store is emptied (sshd stopped, /nix wiped, store initialised, sshd restarted), so every side pushes all 200 paths. nixmux: push_closure over a connection and session opened before the clock starts (a scheduler's steady state), and once from a cold start; the local store is the client's private store through `nix-daemon --stdio`. nix copy: a whole `nix copy` process in the client's private store (NIX_SSHOPTS=-F <ssh_config>).".into(),
+                primary: Figure::Wall,
+                cases: vec![plan.case("", None, sides, reps)],
+                notes: vec![format!(
+                    "{} paths, {} bytes of files",
+                    paths.len(),
+                    paths.len() * 8_500
+                )],
+            }
+        }
+        "push-large" | "push-1gib" => {
+            let big = name == "push-1gib";
+            let size = if plan.quick {
+                16 * MIB
+            } else if big {
+                1024 * MIB
+            } else {
+                200 * MIB
+            };
+            progress.event(&Event::Note(format!(
+                "making a {} MiB path in the client store",
+                size / MIB
+            )));
+            let path = if env.embedded() {
+                Some(env.large_path(size).await?)
+            } else {
+                None
+            };
+            let roots: BTreeSet<StorePath> = path.iter().cloned().collect();
+            let paths: Vec<StorePath> = path.iter().cloned().collect();
+            let reps = if big {
+                plan.reps((0, 1), (0, 1), (0, 1))
+            } else {
+                plan.reps((1, 3), (0, 1), (0, 1))
+            };
+            let mut sides: Vec<Box<dyn crate::runner::Side>> = Vec::new();
+            for p in both() {
+                sides.push(Box::new(NixmuxPush::new(
+                    env.clone(),
+                    0,
+                    p,
+                    roots.clone(),
+                    true,
+                )));
+            }
+            // The NAR is a little larger than the file; raw SSH moves the same byte count.
+            let nar = size + 200;
+            if !big {
+                for p in [Protocol::Serve, Protocol::Worker] {
+                    sides.push(Box::new(nix_copy(env, 0, p, &paths, nar)));
+                }
+            }
+            sides.push(Box::new(NixmuxStream::new(
+                env.clone(),
+                0,
+                Direction::Up,
+                nar,
+                "raw-nixmux",
+                Role::Reference,
+            )));
+            sides.push(Box::new(SshStream::new(
+                env.clone(),
+                0,
+                Direction::Up,
+                nar,
+                "aes128-gcm@openssh.com",
+                "raw-openssh",
+                Role::Reference,
+            )));
+            Spec {
+                title: if big {
+                    "Closure push: one 1 GiB path (peak RSS)"
+                } else {
+                    "Closure push: one 200 MiB path to an empty builder store"
+                },
+                description: format!(
+                    "One {} MiB path, builder store emptied before every sample (untimed). Raw yardsticks: the same byte count into `cat > /dev/null` through one channel of nixmux's transport and through `ssh -c aes128-gcm@openssh.com`. The push also hashes and writes the path on the builder, which raw transfers do not.",
+                    size / MIB
+                ),
+                primary: Figure::Throughput,
+                cases: vec![plan.case("", Some(size as f64), sides, reps)],
+                notes: Vec::new(),
+            }
+        }
+        "build" => {
+            let n = if plan.quick { 4 } else { 20 };
+            let reps = plan.reps((0, 2), (0, 1), (0, 1));
+            let mut sides: Vec<Box<dyn crate::runner::Side>> = Vec::new();
+            for p in both() {
+                sides.push(Box::new(NixmuxBuild::new(env.clone(), 0, p, n, 8)));
+            }
+            for p in both() {
+                sides.push(Box::new(NixBuild::new(env.clone(), p, n, plan.timeout())));
+            }
+            Spec {
+                title: "Remote build of N trivial derivations, end to end",
+                description: format!(
+                    "{n} fresh derivations (`echo SALT i > $out`) instantiated in the client store before the clock starts. nixmux: `Builder::build` then `fetch_outputs` per derivation, at most 8 at once (the machines file's max-jobs), over a warm pool; the outputs are then checked valid in the client store. Nix: `nix-build --builders @machines -j0` of the same number of .drv files with one builder line (max-jobs 8), in the client's private store: a build-hook process and an ssh connection per build, as Nix does today."
+                ),
+                primary: Figure::Wall,
+                cases: vec![plan.case(&format!("{n} derivations"), Some(n as f64), sides, reps)],
+                notes: Vec::new(),
+            }
+        }
+        "concurrency" => {
+            let points: &[usize] = if plan.quick {
+                &[1, 4]
+            } else if plan.wan {
+                &[1, 16, 64]
+            } else {
+                &[1, 4, 16, 64]
+            };
+            let ops = if plan.quick { 2 } else { 10 };
+            let mut cases = Vec::new();
+            for &c in points {
+                let reps = plan.reps((0, 2), (0, 1), (0, 1));
+                let mut nm = NixmuxCold::new(env.clone(), vec![0], Protocol::Worker, c, ops);
+                nm.paths = one.clone();
+                nm.live_connection = true;
+                let sides: Vec<Box<dyn crate::runner::Side>> = vec![
+                    Box::new(nm),
+                    Box::new(SshSessions::new(
+                        env.clone(),
+                        vec![0],
+                        Protocol::Worker,
+                        Via::Spawn,
+                        c,
+                        ops,
+                    )),
+                    Box::new(SshSessions::new(
+                        env.clone(),
+                        vec![0],
+                        Protocol::Worker,
+                        Via::Master,
+                        c,
+                        ops,
+                    )),
+                ];
+                cases.push(plan.case(&format!("{c} sessions"), Some(c as f64), sides, reps));
+            }
+            Spec {
+                title: "Concurrency sweep: parallel ssh-ng sessions on one builder",
+                description: format!(
+                    "C sessions started at once on one builder, each doing {ops} QueryValidPaths round trips; timed until all are done. nixmux: a Pool (max sessions C) whose SSH connection is already up (untimed), opening channels on it and another connection only when sshd refuses a channel (MaxSessions 10). OpenSSH ControlMaster: C clients of a running master (MaxSessions 10 refuses the 11th). OpenSSH as Nix runs it: C `ssh` processes, each a new connection (sshd's MaxStartups 10:30:100 throttles bursts). Failed sessions are counted, not timed."
+                ),
+                primary: Figure::Wall,
+                cases,
+                notes: Vec::new(),
+            }
+        }
+        "builders" => {
+            let max = env.builder_count();
+            let mut points = vec![1usize];
+            let mut k = 2;
+            while k <= max {
+                points.push(k);
+                k *= 2;
+            }
+            if points.last() != Some(&max) {
+                points.push(max);
+            }
+            let mut cases = Vec::new();
+            for &n in &points {
+                let reps = plan.reps((1, 3), (0, 1), (0, 2));
+                let idx: Vec<usize> = (0..n).collect();
+                let mut nm = NixmuxCold::new(env.clone(), idx.clone(), Protocol::Worker, 1, 1);
+                nm.paths = one.clone();
+                let sides: Vec<Box<dyn crate::runner::Side>> = vec![
+                    Box::new(nm),
+                    Box::new(SshSessions::new(
+                        env.clone(),
+                        idx.clone(),
+                        Protocol::Worker,
+                        Via::Spawn,
+                        1,
+                        1,
+                    )),
+                    Box::new(nix_store_ping(env, idx)),
+                ];
+                cases.push(plan.case(&format!("{n} builders"), Some(n as f64), sides, reps));
+            }
+            Spec {
+                title: "Builder sweep: ready sessions on 1 → N builders at once",
+                description: "From nothing, one ssh-ng session per builder on N builders concurrently (a scheduler starting, or `nixmux ping` of a farm); timed until every builder answered one QueryValidPaths. nixmux: one Pool; OpenSSH: one `ssh` process per builder; Nix: one `nix store ping` per builder, concurrently.".into(),
+                primary: Figure::Wall,
+                cases,
+                notes: Vec::new(),
+            }
+        }
+        other => {
+            return Err(anyhow!(
+                "unknown workload {other:?}; known: {}",
+                ALL.join(", ")
+            ));
+        }
+    })
+}
+
+/// The goals of issues 4, 5 and 6 that `result` speaks to.
+pub fn goals(result: &WorkloadResult, wan: Option<WanSettings>) -> Vec<Goal> {
+    let med = |case: &CaseResult, id: &str, f: Figure| {
+        case.side(id).and_then(|s| s.figure(f)).map(|s| s.median)
+    };
+    let mut out = Vec::new();
+    let mut goal = |text: &str,
+                    issue: &str,
+                    v: Option<f64>,
+                    ok: &dyn Fn(f64) -> bool,
+                    fmt: &dyn Fn(f64) -> String| {
+        out.push(Goal {
+            text: text.to_owned(),
+            issue: issue.to_owned(),
+            verdict: match v {
+                Some(x) if ok(x) => Verdict::Met,
+                Some(_) => Verdict::NotMet,
+                None => Verdict::Unknown,
+            },
+            measured: v.map(fmt).unwrap_or_else(|| "no figure".into()),
+        });
+    };
+    let secs = |x: f64| format!("{x:.4} s");
+    let ms = |x: f64| format!("{:.3} ms", x * 1e3);
+    let Some(case) = result.cases.first() else {
+        return Vec::new();
+    };
+    let lan = wan.is_none();
+    let wan_50_100 = wan.is_some_and(|w| (w.rtt_ms - 50.0).abs() < 1e-9 && w.mbit == Some(100.0));
+    match result.name.as_str() {
+        "cold-session" if lan => {
+            for p in ["ssh-ng", "ssh"] {
+                goal(
+                    &format!("cold session ({p}) ≤ 0.1 s (`ssh true` here: 0.28 s)"),
+                    "#6",
+                    med(case, &format!("nixmux-{p}"), Figure::Wall),
+                    &|x| x <= 0.1,
+                    &secs,
+                );
+            }
+        }
+        "warm-op" if lan => {
+            for p in ["ssh-ng", "ssh"] {
+                goal(
+                    &format!("warm acquire + QueryValidPaths ({p}) p50 < 1 ms"),
+                    "#4, #6",
+                    med(case, &format!("nixmux-{p}"), Figure::PerOp),
+                    &|x| x < 0.001,
+                    &ms,
+                );
+            }
+        }
+        "new-channel" if lan => {
+            for p in ["ssh-ng", "ssh"] {
+                goal(
+                    &format!(
+                        "new channel + exec + handshake ({p}) ≤ 4 ms (ControlMaster: 11.6 ms)"
+                    ),
+                    "#4, #6",
+                    med(case, &format!("nixmux-{p}"), Figure::Wall),
+                    &|x| x <= 0.004,
+                    &ms,
+                );
+            }
+        }
+        "throughput" if lan => {
+            for c in &result.cases {
+                let ours = med(c, "nixmux-transport", Figure::Throughput);
+                let theirs = med(c, "openssh", Figure::Throughput);
+                goal(
+                    &format!(
+                        "one-channel throughput {} ≥ OpenSSH with the same cipher",
+                        c.label
+                    ),
+                    "#4, #6",
+                    ours.zip(theirs).map(|(a, b)| a / b),
+                    &|x| x >= 1.0,
+                    &|x| {
+                        format!(
+                            "{x:.2}× OpenSSH ({:.0} vs {:.0} MiB/s)",
+                            ours.unwrap_or(0.0) / MIB as f64,
+                            theirs.unwrap_or(0.0) / MIB as f64
+                        )
+                    },
+                );
+            }
+        }
+        "push-small" => {
+            for p in ["ssh-ng", "ssh"] {
+                let v = med(case, &format!("nixmux-{p}"), Figure::Wall);
+                if lan {
+                    goal(
+                        &format!("200-path push ({p}) ≤ 0.15 s (`nix copy`: 0.45 s)"),
+                        "#5, #6",
+                        v,
+                        &|x| x <= 0.15,
+                        &secs,
+                    );
+                } else if wan_50_100 {
+                    goal(
+                        &format!(
+                            "WAN 50 ms / 100 Mbit: 200-path push ({p}) ≤ 0.3 s (`nix copy`: 11.7 s ssh://, 0.97 s ssh-ng://)"
+                        ),
+                        "#6",
+                        v,
+                        &|x| x <= 0.3,
+                        &secs,
+                    );
+                }
+            }
+        }
+        "push-large" if lan => {
+            for p in ["ssh-ng", "ssh"] {
+                let push = med(case, &format!("nixmux-{p}"), Figure::Throughput);
+                let raw = [
+                    med(case, "raw-openssh", Figure::Throughput),
+                    med(case, "raw-nixmux", Figure::Throughput),
+                ]
+                .into_iter()
+                .flatten()
+                .reduce(f64::max);
+                goal(
+                    &format!(
+                        "200 MiB push ({p}) ≥ 0.95× raw SSH (the faster of OpenSSH and nixmux's channel) in the same run"
+                    ),
+                    "#5",
+                    push.zip(raw).map(|(a, b)| a / b),
+                    &|x| x >= 0.95,
+                    &|x| format!("{x:.2}× raw"),
+                );
+            }
+        }
+        "push-1gib" => {
+            for p in ["ssh-ng", "ssh"] {
+                goal(
+                    &format!("peak RSS pushing 1 GiB ({p}) ≤ 64 MiB"),
+                    "#5",
+                    case.side(&format!("nixmux-{p}"))
+                        .and_then(|s| s.peak_rss_bytes)
+                        .map(|b| b as f64),
+                    &|x| x <= 64.0 * MIB as f64,
+                    &|x| format!("{:.1} MiB (whole bench process)", x / MIB as f64),
+                );
+            }
+        }
+        "build" if lan && case.param == Some(20.0) => {
+            for p in ["ssh-ng", "ssh"] {
+                goal(
+                    &format!(
+                        "20 trivial remote builds ({p}) ≤ 1 s (`nix-build` with ssh-ng builders: 6.2 s)"
+                    ),
+                    "#6",
+                    med(case, &format!("nixmux-{p}"), Figure::Wall),
+                    &|x| x <= 1.0,
+                    &secs,
+                );
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
+fn cmd_version(program: &str, arg: &str) -> Option<String> {
+    let out = std::process::Command::new(program).arg(arg).output().ok()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines().next().map(|l| l.trim().to_owned())
+}
+
+/// Runs `options.workloads` and returns the report. Starts (and removes) the rig itself for
+/// embedded targets.
+///
+/// # Errors
+/// The environment cannot be set up (rig, relays) or a workload name is unknown. Failures of
+/// single sides are recorded in the report instead.
+pub async fn run(options: Options, progress: &dyn Progress) -> anyhow::Result<Report> {
+    for w in &options.workloads {
+        if !ALL.contains(&w.as_str()) {
+            return Err(anyhow!("unknown workload {w:?}; known: {}", ALL.join(", ")));
+        }
+    }
+    let t0 = Instant::now();
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let load_before = crate::stats::load_average();
+    progress.event(&Event::Note(match &options.targets {
+        Targets::Embedded { builders } => format!("starting {builders} local rig builders"),
+        Targets::External(b) => format!("{} builders from the command line", b.len()),
+    }));
+    let env = Arc::new(Env::start(options.targets.clone(), options.wan).await?);
+    let plan = Plan {
+        quick: options.quick,
+        repeat: options.repeat,
+        wan: options.wan.is_some(),
+    };
+    let mut workloads = Vec::new();
+    for name in &options.workloads {
+        let spec = match spec(name, &env, &plan, progress).await {
+            Ok(s) => s,
+            Err(e) => {
+                progress.event(&Event::Note(format!("{name}: cannot prepare: {e:#}")));
+                workloads.push(WorkloadResult {
+                    name: name.clone(),
+                    title: name.clone(),
+                    description: String::new(),
+                    primary: Figure::Wall,
+                    cases: Vec::new(),
+                    goals: Vec::new(),
+                    notes: vec![format!("could not be prepared: {e:#}")],
+                });
+                continue;
+            }
+        };
+        progress.event(&Event::Workload {
+            name: name.clone(),
+            title: spec.title.to_owned(),
+            total_samples: spec.cases.iter().map(case_samples).sum(),
+        });
+        let mut cases = Vec::new();
+        for case in spec.cases {
+            cases.push(run_case(case, spec.primary, progress).await);
+        }
+        let mut result = WorkloadResult {
+            name: name.clone(),
+            title: spec.title.to_owned(),
+            description: spec.description,
+            primary: spec.primary,
+            cases,
+            goals: Vec::new(),
+            notes: spec.notes,
+        };
+        result.goals = goals(&result, options.wan);
+        progress.event(&Event::WorkloadDone { name: name.clone() });
+        workloads.push(result);
+    }
+    let targets = crate::report::Targets {
+        embedded: env.embedded(),
+        builders: env.builder_names(),
+    };
+    progress.event(&Event::Note("stopping builders".into()));
+    match Arc::try_unwrap(env) {
+        Ok(env) => env.shutdown().await,
+        Err(_) => tracing::warn!("bench environment still referenced at the end"),
+    }
+    let environment = Environment {
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        load_before,
+        load_after: crate::stats::load_average(),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        nix_version: cmd_version("nix", "--version"),
+        openssh_version: cmd_version("ssh", "-V"),
+        targets,
+    };
+    Ok(Report {
+        schema_version: SCHEMA_VERSION,
+        nixmux_version: env!("CARGO_PKG_VERSION").to_owned(),
+        started_unix,
+        duration_s: t0.elapsed().as_secs_f64(),
+        environment,
+        settings: Settings {
+            repeat: options.repeat,
+            quick: options.quick,
+            wan: options.wan,
+            workloads: options.workloads,
+        },
+        workloads,
+    })
+}

@@ -1,0 +1,53 @@
+//! `nixmux bench` through the real binary: a tiny run against rig builders it starts itself,
+//! the table on stdout, `--json` readable with the documented types, one chart per workload.
+
+use std::process::Command;
+
+use nixmux_benches::report::{Outcome, Report};
+
+#[test]
+fn quick_bench_writes_table_json_and_charts() {
+    nixmux_rig::ensure_peers_installed().expect("peers");
+    let dir = tempfile::tempdir().expect("tmp");
+    let json = dir.path().join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_nixmux"))
+        .args(["bench", "--quick", "--builders", "1", "--repeat", "1"])
+        .args(["--workload", "cold-session,warm-op", "--json"])
+        .arg(&json)
+        .env_remove("SSH_AUTH_SOCK")
+        .output()
+        .expect("run nixmux");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("== cold-session") && stdout.contains("== warm-op"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("(ref)") && stdout.contains("×"), "{stdout}");
+    let report = Report::from_json(&std::fs::read_to_string(&json).expect("json")).expect("schema");
+    assert_eq!(report.workloads.len(), 2);
+    let warm = report.workload("warm-op").expect("warm-op");
+    let s = warm.cases[0].side("nixmux-ssh-ng").expect("nixmux side");
+    assert_eq!(s.outcome, Outcome::Measured);
+    assert!(s.per_op.is_some_and(|p| p.n >= 1));
+    for w in ["cold-session", "warm-op"] {
+        let svg = dir.path().join("bench-charts").join(format!("{w}.svg"));
+        assert!(svg.exists(), "{} missing; {stderr}", svg.display());
+    }
+}
+
+#[test]
+fn bad_arguments_are_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_nixmux"))
+        .args(["bench", "--workload", "no-such-thing"])
+        .output()
+        .expect("run nixmux");
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown workload"));
+    let out = Command::new(env!("CARGO_BIN_EXE_nixmux"))
+        .args(["bench", "--wan", "fifty"])
+        .output()
+        .expect("run nixmux");
+    assert_ne!(out.status.code(), Some(0));
+}
