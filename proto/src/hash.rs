@@ -285,6 +285,19 @@ pub const fn nix32_len(bytes: usize) -> usize {
     }
 }
 
+/// Digit values by character, `NOT_NIX32` outside the alphabet (decoding is on the hot path of
+/// every store path read from the wire).
+const NIX32_VALUES: [u8; 256] = {
+    let mut t = [NOT_NIX32; 256];
+    let mut i: u8 = 0;
+    while (i as usize) < NIX32_ALPHABET.len() {
+        t[NIX32_ALPHABET[i as usize] as usize] = i;
+        i += 1;
+    }
+    t
+};
+const NOT_NIX32: u8 = 0xff;
+
 /// Value of one nix32 digit, `None` for characters outside the alphabet.
 pub fn nix32_digit(c: u8) -> Option<u8> {
     let v = match c {
@@ -335,20 +348,26 @@ pub fn nix32_decode_into(s: &[u8], out: &mut [u8]) -> Option<()> {
     if s.len() != nix32_len(out.len()) {
         return None;
     }
-    out.fill(0);
-    for (n, &c) in s.iter().rev().enumerate() {
-        let digit = nix32_digit(c)?;
-        let b = n * 5;
-        let i = b / 8;
-        let j = b % 8;
-        let [lo, hi] = (u16::from(digit) << j).to_le_bytes();
-        *out.get_mut(i)? |= lo;
-        if hi != 0 {
-            // Bits that spill past the last byte make the string non-canonical.
-            *out.get_mut(i + 1)? |= hi;
+    // The last character is the least significant digit: shift digits into a bit buffer from
+    // the end and emit whole bytes as they fill up.
+    let mut acc: u32 = 0;
+    let mut bits = 0u32;
+    let mut bytes = out.iter_mut();
+    for &c in s.iter().rev() {
+        let digit = NIX32_VALUES[usize::from(c)];
+        if digit == NOT_NIX32 {
+            return None;
+        }
+        acc |= u32::from(digit) << bits;
+        bits += 5;
+        if bits >= 8 {
+            *bytes.next()? = acc.to_le_bytes()[0];
+            acc >>= 8;
+            bits -= 8;
         }
     }
-    Some(())
+    // Bits left over past the last byte must be zero, or the string is not canonical.
+    (bytes.next().is_none() && acc == 0).then_some(())
 }
 
 /// Base16 decoding accepting both cases, like Nix's `parseHexDigit`.

@@ -191,12 +191,20 @@ impl StorePath {
     }
 }
 
+impl StorePath {
+    /// The hash bytes from the last to the first as two integers: comparing them compares the
+    /// printed hash parts (a `u128` and a `u32` instead of 20 byte comparisons; sets of store
+    /// paths sort and search on this).
+    fn order_key(&self) -> (u128, u32) {
+        let [l0, l1, l2, l3, h @ ..] = self.hash;
+        (u128::from_le_bytes(h), u32::from_le_bytes([l0, l1, l2, l3]))
+    }
+}
+
 impl Ord for StorePath {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.hash
-            .iter()
-            .rev()
-            .cmp(other.hash.iter().rev())
+        self.order_key()
+            .cmp(&other.order_key())
             .then_with(|| self.name.as_bytes().cmp(other.name.as_bytes()))
     }
 }
@@ -248,8 +256,14 @@ pub fn read_store_path(
     dir: &StoreDir,
     field: &'static str,
 ) -> ReadResult<StorePath> {
-    let s = r.read_string(field)?;
-    StorePath::parse_field(dir, &s, field).map_err(ReadError::Proto)
+    let s = read_str(r, field)?;
+    StorePath::parse_field(dir, s, field).map_err(ReadError::Proto)
+}
+
+/// A UTF-8 string borrowed from the input (store paths are parsed without a copy first).
+fn read_str<'a>(r: &mut WireReader<'a>, field: &'static str) -> ReadResult<&'a str> {
+    let bytes = r.read_bytes(field)?;
+    std::str::from_utf8(bytes).map_err(|_| ProtoError::invalid(field, "not UTF-8").into())
 }
 
 /// Reads an optional store path: the empty string means none (derivers,
@@ -259,11 +273,11 @@ pub fn read_opt_store_path(
     dir: &StoreDir,
     field: &'static str,
 ) -> ReadResult<Option<StorePath>> {
-    let s = r.read_string(field)?;
+    let s = read_str(r, field)?;
     if s.is_empty() {
         return Ok(None);
     }
-    StorePath::parse_field(dir, &s, field)
+    StorePath::parse_field(dir, s, field)
         .map(Some)
         .map_err(ReadError::Proto)
 }

@@ -455,3 +455,24 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// Store path order is the order of the printed hash parts even when they share a long
+    /// prefix (the comparison works on the decoded bytes, last byte first, in two integers).
+    #[test]
+    fn store_path_order_with_shared_prefixes(
+        h in "[0-9a-dfgh-np-sv-z]{32}",
+        tail in "[0-9a-dfgh-np-sv-z]{32}",
+        k in 0usize..32,
+        n1 in "[a-z]{1,3}",
+        n2 in "[a-z]{1,3}",
+    ) {
+        let h2 = format!("{}{}", &h[..k], &tail[k..]);
+        let b1 = format!("{h}-{n1}");
+        let b2 = format!("{h2}-{n2}");
+        let p1 = nixmux_proto::store_path::StorePath::from_base_name(&b1).expect("valid");
+        let p2 = nixmux_proto::store_path::StorePath::from_base_name(&b2).expect("valid");
+        prop_assert_eq!(p1.cmp(&p2), b1.cmp(&b2));
+        prop_assert_eq!(p1.to_string(), b1);
+    }
+}
