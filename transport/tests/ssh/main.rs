@@ -10,4 +10,5 @@ mod channels;
 mod connect;
 mod host_keys;
 mod liveness;
+mod measure;
 mod rig;
