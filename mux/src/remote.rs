@@ -103,6 +103,11 @@ impl Drop for RemoteSession {
         if let Some(p) = self.pump.take() {
             p.abort();
         }
+        // Dropping the channel's handles (right after this) makes the transport stop the
+        // remote command and close the channel; sshd's slot is free only once that is done.
+        if let Some(ticket) = self.ticket.take() {
+            ticket.release_when_closed(self.status.closed_signal());
+        }
     }
 }
 

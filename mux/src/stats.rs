@@ -41,8 +41,18 @@ pub struct BuilderStats {
     pub connect_failures: u64,
     /// Session channels opened so far.
     pub channels_opened: u64,
-    /// Channel opens sshd refused (each one taught the pool a limit).
+    /// Channel opens sshd refused (at its limit, or racing the release of a just-closed
+    /// session).
     pub channel_refusals: u64,
+    /// Of those, refusals right after a channel closed, taken for sshd not having freed that
+    /// session yet: they pause the connection briefly and teach no limit.
+    pub channel_refusals_transient: u64,
+    /// Most session channels open at once on any one connection so far (never more than
+    /// the learned limit once there is one).
+    pub peak_channels_per_connection: usize,
+    /// Connections that ended other than by [`crate::Pool::shutdown`] (dead peer, keepalive
+    /// timeout, server restart).
+    pub connections_lost: u64,
     /// Protocol sessions created (channel + handshake).
     pub sessions_created: u64,
     /// Sessions closed because they were broken, poisoned or cancelled.
@@ -61,7 +71,7 @@ pub struct BuilderStats {
     pub acquire_timeouts: u64,
     /// Total time spent waiting in acquire.
     pub wait_time: Duration,
-    /// Payload bytes received over this builder's connections (live ones).
+    /// Payload bytes received over this builder's connections (ended ones included).
     pub bytes_in: u64,
     /// Payload bytes sent.
     pub bytes_out: u64,

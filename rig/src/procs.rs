@@ -274,10 +274,14 @@ pub(crate) fn signal_namespace(
             signal(pid, sig);
             done.insert(pid);
         }
+        // `D` (uninterruptible) counts as stopped: the signal is pending and takes effect
+        // when the process leaves that state. A build's shell can stay in `D` for good: a
+        // vfork parent waits uninterruptibly for its child, which we stopped before it
+        // exec'd.
         let settled = sig != Signal::STOP
             || procs
                 .iter()
-                .all(|p| matches!(state(p.pid), Some('T' | 't') | None));
+                .all(|p| matches!(state(p.pid), Some('T' | 't' | 'D') | None));
         if fresh.is_empty() && settled {
             return Ok(());
         }

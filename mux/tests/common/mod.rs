@@ -1,0 +1,93 @@
+//! Helpers shared by the rig-based pool and fault tests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nixmux::local::{LocalStore, LocalStoreAccess};
+use nixmux::proto::store_path::{StoreDir, StorePath};
+use nixmux::transport::{Endpoint, HostKeyCheck, Identity, TransportConfig};
+use nixmux::{BuilderConfig, ConnectTarget, Protocol};
+use nixmux_rig::{PrivateStore, Rig, RigConfig};
+
+/// Starts a rig (installing the peers first if needed).
+pub fn rig(config: RigConfig) -> Arc<Rig> {
+    nixmux_rig::ensure_peers_installed().expect("peers installed");
+    Arc::new(Rig::start(config).expect("rig starts"))
+}
+
+/// How to reach builder `i` of `rig` directly.
+pub fn target(rig: &Rig, i: usize, transport: TransportConfig) -> ConnectTarget {
+    ConnectTarget {
+        endpoint: Endpoint::new("127.0.0.1", rig.builder(i).port(), "root"),
+        identities: vec![Identity::key_file(rig.client_key())],
+        host_keys: HostKeyCheck::strict([rig.known_hosts()]),
+        transport,
+        jump: None,
+    }
+}
+
+/// A builder configuration for builder `i` with default transport settings.
+pub fn config(rig: &Rig, i: usize, protocol: Protocol) -> BuilderConfig {
+    BuilderConfig::new(
+        format!("{}://builder{i}", protocol.scheme()),
+        protocol,
+        target(rig, i, TransportConfig::default()),
+    )
+}
+
+/// The rig's client store as a [`LocalStore`] (`nix-daemon --stdio` in its namespace).
+pub fn local_store(rig: &Arc<Rig>) -> LocalStore {
+    let r = rig.clone();
+    LocalStore::new(LocalStoreAccess::Command(Arc::new(move || {
+        tokio::process::Command::from(r.client_store().command("nix-daemon", ["--stdio"]))
+    })))
+}
+
+pub fn sp(s: &str) -> StorePath {
+    StorePath::parse(&StoreDir::default(), s.trim()).expect("store path")
+}
+
+/// A one-derivation Nix expression running `body` with `/bin/sh` (PATH set to /usr/bin:/bin).
+/// `body` must not contain double quotes or `${`.
+pub fn shell_drv(name: &str, body: &str) -> String {
+    format!(
+        r#"derivation {{ name = "{name}"; system = builtins.currentSystem; builder = "/bin/sh"; args = ["-c" "PATH=/usr/bin:/bin; {body}"]; }}"#
+    )
+}
+
+/// Instantiates `expr` in `store`; returns the top-level `.drv`.
+pub fn instantiate(store: &PrivateStore, expr: &str) -> StorePath {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let f = tmp.path().join("e.nix");
+    std::fs::write(&f, expr).expect("write expression");
+    let out = store
+        .run("nix-instantiate", [f.to_str().expect("utf8 path")])
+        .expect("nix-instantiate");
+    sp(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Command lines of the builder's processes that match any of `needles`.
+pub fn matching_processes(rig: &Rig, i: usize, needles: &[&str]) -> Vec<String> {
+    rig.builder(i)
+        .processes()
+        .into_iter()
+        .map(|p| p.cmdline)
+        .filter(|c| needles.iter().any(|n| c.contains(n)))
+        .collect()
+}
+
+/// Polls `f` every 10 ms until it returns true or `timeout` passes; returns the elapsed time
+/// when it did.
+pub async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() >= timeout {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
