@@ -486,10 +486,9 @@ impl Builder {
             input_outputs,
             options,
             logs,
-            progress,
-        } = job;
-        let (local, drv_path, options, logs) = (*local, *drv_path, *options, *logs);
-        let progress = progress.clone();
+            ..
+        } = *job;
+        let progress = job.progress.clone();
         let name = self.name().to_owned();
         let mut srcs = drv.input_srcs.clone();
         srcs.extend(input_outputs.iter().cloned());
@@ -507,14 +506,12 @@ impl Builder {
         let route = s.get().route.clone();
         let r = match &mut s.get().conv {
             Conversation::Serve(x) => {
-                route.set(Some(logs.clone()));
-                let r = x
-                    .build_derivation(drv_path, &basic, &serve_options(options))
-                    .await;
-                // Let the last stderr lines reach the log before the route closes.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                route.set(None);
-                r
+                with_serve_log(
+                    &route,
+                    logs,
+                    x.build_derivation(drv_path, &basic, &serve_options(options)),
+                )
+                .await
             }
             Conversation::Worker(w) => {
                 match w.set_options(&client_options(options), &mut |_| {}).await {
@@ -549,10 +546,9 @@ impl Builder {
             input_outputs,
             options,
             logs,
-            progress,
-        } = job;
-        let (local, drv_path, options, logs) = (*local, *drv_path, *options, *logs);
-        let progress = progress.clone();
+            ..
+        } = *job;
+        let progress = job.progress.clone();
         let name = self.name().to_owned();
         let mut roots: BTreeSet<StorePath> = (*input_outputs).clone();
         roots.insert(drv_path.clone());
@@ -568,12 +564,12 @@ impl Builder {
         let route = s.get().route.clone();
         let result = match &mut s.get().conv {
             Conversation::Serve(x) => {
-                route.set(Some(logs.clone()));
-                let r = x
-                    .build_paths(std::slice::from_ref(&target), &serve_options(options))
-                    .await;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                route.set(None);
+                let r = with_serve_log(
+                    &route,
+                    logs,
+                    x.build_paths(std::slice::from_ref(&target), &serve_options(options)),
+                )
+                .await;
                 let mut result = r.map_err(|e| build_error(e, &name))?;
                 // `BuildPaths` answers with a status only; input-addressed outputs have their
                 // paths in the derivation.
@@ -619,6 +615,21 @@ impl Builder {
             pushed,
         })
     }
+}
+
+/// Runs a serve operation with the session's stderr (the build log) routed into `logs`.
+async fn with_serve_log<T>(
+    route: &crate::remote::LogRoute,
+    logs: &LogSender,
+    op: impl std::future::Future<Output = T>,
+) -> T {
+    route.set(Some(logs.clone()));
+    let r = op.await;
+    // The reply (stdout) and the last log lines (stderr) arrive through separate queues; give
+    // the stderr pump a moment to deliver what came before the reply.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    route.set(None);
+    r
 }
 
 /// Path metadata from a builder session, for closure walks.

@@ -21,8 +21,12 @@ struct Setup {
 }
 
 fn setup() -> Setup {
+    setup_with(RigConfig::with_builders(1))
+}
+
+fn setup_with(config: RigConfig) -> Setup {
     nixmux_rig::ensure_peers_installed().expect("peers");
-    let rig = Rig::start(RigConfig::with_builders(1)).expect("rig");
+    let rig = Rig::start(config).expect("rig");
     let client = Arc::new(PrivateStore::temp().expect("client store"));
     let c = client.clone();
     let local = LocalStore::new(LocalStoreAccess::Command(Arc::new(move || {
@@ -37,15 +41,19 @@ fn setup() -> Setup {
 }
 
 fn builder(s: &Setup, protocol: Protocol) -> Builder {
+    builder_as(s, protocol, "root")
+}
+
+fn builder_as(s: &Setup, protocol: Protocol, user: &str) -> Builder {
     let target = ConnectTarget {
-        endpoint: Endpoint::new("127.0.0.1", s.rig.builder(0).port(), "root"),
+        endpoint: Endpoint::new("127.0.0.1", s.rig.builder(0).port(), user),
         identities: vec![Identity::key_file(s.rig.client_key())],
         host_keys: HostKeyCheck::strict([s.rig.known_hosts()]),
         transport: TransportConfig::default(),
         jump: None,
     };
     s.pool.add(BuilderConfig::new(
-        format!("{}://builder0", protocol.scheme()),
+        format!("{}://{user}@builder0", protocol.scheme()),
         protocol,
         target,
     ))
@@ -258,39 +266,15 @@ async fn failures_timeouts_and_log_limits_over_ssh_ng() {
 /// A builder whose SSH user is not root: its commands go through the builder's nix-daemon,
 /// which does not trust it.
 fn untrusted_setup(extra_nix_conf: &[&str]) -> Setup {
-    nixmux_rig::ensure_peers_installed().expect("peers");
-    let rig = Rig::start(RigConfig {
+    setup_with(RigConfig {
         untrusted_user: Some("nixuser".into()),
         extra_nix_conf: extra_nix_conf.iter().map(|s| s.to_string()).collect(),
         ..RigConfig::with_builders(1)
     })
-    .expect("rig");
-    let client = Arc::new(PrivateStore::temp().expect("client store"));
-    let c = client.clone();
-    let local = LocalStore::new(LocalStoreAccess::Command(Arc::new(move || {
-        tokio::process::Command::from(c.command("nix-daemon", ["--stdio"]))
-    })));
-    Setup {
-        rig,
-        client,
-        local,
-        pool: Pool::new(),
-    }
 }
 
 fn untrusted_builder(s: &Setup, protocol: Protocol) -> Builder {
-    let target = ConnectTarget {
-        endpoint: Endpoint::new("127.0.0.1", s.rig.builder(0).port(), "nixuser"),
-        identities: vec![Identity::key_file(s.rig.client_key())],
-        host_keys: HostKeyCheck::strict([s.rig.known_hosts()]),
-        transport: TransportConfig::default(),
-        jump: None,
-    };
-    s.pool.add(BuilderConfig::new(
-        format!("{}://nixuser@builder0", protocol.scheme()),
-        protocol,
-        target,
-    ))
+    builder_as(s, protocol, "nixuser")
 }
 
 const WITH_INPUT: &str = r#"
