@@ -449,6 +449,19 @@ pub fn read_path_infos(r: &mut WireReader<'_>, dir: &StoreDir) -> ReadResult<Vec
     }
 }
 
+/// One `QueryPathInfos` record, or `None` for the empty path that ends the reply: lets a
+/// driver decode a large reply record by record, so that bytes arriving in many reads are not
+/// decoded again from the start of the reply each time.
+pub fn read_path_info_record(
+    r: &mut WireReader<'_>,
+    dir: &StoreDir,
+) -> ReadResult<Option<PathInfo>> {
+    let Some(path) = read_opt_store_path(r, dir, "QueryPathInfos.path")? else {
+        return Ok(None);
+    };
+    PathInfo::read_serve_record(r, dir, path).map(Some)
+}
+
 /// Server side of [`read_path_infos`].
 pub fn write_path_infos<B: BufMut + ?Sized>(out: &mut B, dir: &StoreDir, infos: &[PathInfo]) {
     for info in infos {

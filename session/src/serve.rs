@@ -159,10 +159,27 @@ impl ServeSession {
                 DURING,
             )
             .await?;
+            // Record by record: decoding the whole reply at once would start again from its
+            // first byte every time more of it arrives, quadratic in its size.
             let dir = self.dir.clone();
-            self.conn
-                .read(DURING, |r| serve::read_path_infos(r, &dir))
-                .await
+            let mut out = Vec::new();
+            while let Some(info) = self
+                .conn
+                .read(DURING, |r| serve::read_path_info_record(r, &dir))
+                .await?
+            {
+                if out.len() >= paths.len() {
+                    return Err(SessionError::Protocol {
+                        during: DURING,
+                        source: nixmux_proto::Misbehaved::Inconsistent(
+                            "more path infos than paths asked for".into(),
+                        )
+                        .into(),
+                    });
+                }
+                out.push(info);
+            }
+            Ok(out)
         }
         .await;
         self.conn.end(r)

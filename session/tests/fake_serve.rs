@@ -909,3 +909,38 @@ async fn pipelined_uploads_of_many_paths_do_not_deadlock() {
     let rep = finish(s, h).await;
     assert_eq!(rep.store.paths.len(), 10_000);
 }
+
+/// `QueryPathInfos` is read record by record (a large reply is not decoded again from its
+/// start each time more of it arrives); a server answering with more records than paths
+/// asked for is caught.
+#[tokio::test]
+async fn query_path_infos_reply_with_more_records_than_asked() {
+    let a = sp(1, "a");
+    let b = sp(2, "b");
+    let mut reply = Vec::new();
+    let infos = [
+        sample(a.clone(), b"a", &[]).0,
+        sample(b.clone(), b"b", &[]).0,
+    ];
+    serve::write_path_infos(&mut reply, &dir(), &infos);
+    let mut fake = ServeFake::new(v(7));
+    let mut once = Some(reply);
+    fake.script = Some(Box::new(move |req, _| match req {
+        serve::Request::QueryPathInfos { .. } => once.take(),
+        _ => None,
+    }));
+    let (mut s, h) = connect(fake).await;
+    let e = s
+        .query_path_infos(&BTreeSet::from([a.clone()]))
+        .await
+        .expect_err("two records for one path");
+    assert!(
+        matches!(
+            proto_err(&e),
+            ProtoError::Misbehaved(Misbehaved::Inconsistent(_))
+        ),
+        "{e:?}"
+    );
+    assert!(!s.is_usable());
+    report_after_failure(Some(s), h).await;
+}
