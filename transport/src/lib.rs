@@ -39,7 +39,8 @@
 //! One unread channel therefore stalls every channel of its connection. Here every channel
 //! has a task that reads its queue promptly whatever the application does: stdout goes to a
 //! per-channel buffer (in memory up to [`TransportConfig::stdout_memory_limit`], then to an
-//! unlinked temporary file), stderr to a bounded tail plus an optional lossy log queue. A
+//! unlinked temporary file, written synchronously by the drain task, i.e. page-cache copies
+//! of one packet at a time), stderr to a bounded tail plus an optional lossy log queue. A
 //! slow or absent reader costs memory or disk for *its* channel, never progress of others.
 //!
 //! Why spill to disk rather than keep everything in memory: the only real flow control
@@ -54,12 +55,14 @@
 //! every part taken from it) makes its drain task end the channel: SIGTERM to the command
 //! (an SSH `signal` request; see [`ExecOptions::terminate_on_drop`]) and EOF on its stdin,
 //! then it waits up to [`TransportConfig::close_grace`] for the server to close the channel,
-//! which sshd does once the command has exited, i.e. once the slot is free; only then does
-//! [`ConnectionStats::channels_open`] go down. After the grace it sends SIGKILL and closes
-//! the channel itself. sshd refuses `signal` requests for **root** logins ("session
-//! signalling requires privilege separation"), so there a command that ignores stdin EOF
-//! and never writes keeps its slot until it finishes; commands that stop on EOF (`nix-store
-//! --serve`, `nix-daemon --stdio`, `cat`) or write (SIGPIPE once closed) are unaffected.
+//! which sshd does once the command has exited; russh's CLOSE reply then goes out before
+//! any later channel open, so when [`ConnectionStats::channels_open`] goes down (or
+//! [`ExecStatus::closed_signal`] fires) the next open finds the slot free. After the grace
+//! it sends SIGKILL and closes the channel itself; a command still running then gets EOF
+//! and SIGPIPE from sshd and its slot frees a moment later. sshd refuses `signal` requests
+//! for **root** logins ("session signalling requires privilege separation"), so there a
+//! command that ignores stdin EOF and never writes keeps its slot until it finishes;
+//! commands that stop on EOF (`nix-store --serve`, `nix-daemon --stdio`) are unaffected.
 //!
 //! **Classification.** `russh::Error` never leaves this crate. Every failure is a
 //! [`TransportError`] with a [`Stage`], an [`ErrorKind`] and
