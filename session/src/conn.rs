@@ -133,24 +133,8 @@ impl Conn {
 
     /// Sends what is buffered in `wbuf`.
     pub(crate) async fn flush(&mut self, during: &'static str) -> Result<(), SessionError> {
-        let timeout = self.config.io_timeout;
         let data = self.wbuf.split().freeze();
-        self.bytes_out += data.len() as u64;
-        let w = &mut self.writer;
-        let fut = async {
-            for chunk in data.chunks(WRITE_CHUNK) {
-                w.write_all(chunk).await?;
-            }
-            w.flush().await
-        };
-        match tokio::time::timeout(timeout, fut).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(io_error(self.config.diagnostics.clone(), during, e).await),
-            Err(_) => Err(SessionError::Timeout {
-                during,
-                after: timeout,
-            }),
-        }
+        self.send(&data, true, during).await
     }
 
     /// Writes raw bytes straight through (payloads), in bounded chunks.
@@ -162,16 +146,18 @@ impl Conn {
         if !self.wbuf.is_empty() {
             self.flush(during).await?;
         }
-        let timeout = self.config.io_timeout;
+        self.send(data, false, during).await
+    }
+
+    async fn send(
+        &mut self,
+        data: &[u8],
+        flush: bool,
+        during: &'static str,
+    ) -> Result<(), SessionError> {
         self.bytes_out += data.len() as u64;
-        let w = &mut self.writer;
-        let fut = async {
-            for chunk in data.chunks(WRITE_CHUNK) {
-                w.write_all(chunk).await?;
-            }
-            Ok::<(), std::io::Error>(())
-        };
-        match tokio::time::timeout(timeout, fut).await {
+        let timeout = self.config.io_timeout;
+        match write_chunked(&mut self.writer, data, flush, timeout).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(io_error(self.config.diagnostics.clone(), during, e).await),
             Err(_) => Err(SessionError::Timeout {
@@ -287,19 +273,9 @@ impl Conn {
         let mut left = len;
         let mut buf = vec![0u8; WRITE_CHUNK];
         while left > 0 {
-            let want = usize::try_from(left.min(WRITE_CHUNK as u64)).unwrap_or(WRITE_CHUNK);
-            let n = source
-                .read(&mut buf[..want])
-                .await
-                .map_err(SessionError::Source)?;
-            if n == 0 {
-                return Err(SessionError::Source(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    format!("the NAR ended {left} bytes before its announced size"),
-                )));
-            }
-            self.write_raw(&buf[..n], during).await?;
-            left -= n as u64;
+            let chunk = read_upload_chunk(source, &mut buf, left).await?;
+            self.write_raw(chunk, during).await?;
+            left -= chunk.len() as u64;
         }
         Ok(())
     }
@@ -321,6 +297,47 @@ impl Conn {
             },
         )
     }
+}
+
+/// Writes `data` in pieces of at most [`WRITE_CHUNK`] (so other channels of a shared
+/// connection get their turn), then flushes if asked, all within `timeout`.
+async fn write_chunked(
+    w: &mut BoxWriter,
+    data: &[u8],
+    flush: bool,
+    timeout: Duration,
+) -> Result<std::io::Result<()>, tokio::time::error::Elapsed> {
+    tokio::time::timeout(timeout, async {
+        for chunk in data.chunks(WRITE_CHUNK) {
+            w.write_all(chunk).await?;
+        }
+        if flush {
+            w.flush().await?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Reads the next piece (at most `buf.len()` bytes) of an upload with `left` bytes still
+/// announced. A source that ends early is the local side's fault, not the peer's.
+pub(crate) async fn read_upload_chunk<'b>(
+    src: &mut (dyn AsyncRead + Unpin + Send),
+    buf: &'b mut [u8],
+    left: u64,
+) -> Result<&'b [u8], SessionError> {
+    let want = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
+    let n = src
+        .read(&mut buf[..want])
+        .await
+        .map_err(SessionError::Source)?;
+    if n == 0 {
+        return Err(SessionError::Source(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("the NAR ended {left} bytes before its announced size"),
+        )));
+    }
+    Ok(&buf[..n])
 }
 
 /// What the remote has to say about its death, if anything.
@@ -421,14 +438,7 @@ impl WriteHalf<'_> {
     ) -> Result<(), SessionError> {
         let t = self.io_timeout;
         *self.bytes_out += data.len() as u64;
-        let w = &mut *self.writer;
-        let fut = async {
-            for chunk in data.chunks(WRITE_CHUNK) {
-                w.write_all(chunk).await?;
-            }
-            w.flush().await
-        };
-        match tokio::time::timeout(t, fut).await {
+        match write_chunked(self.writer, data, true, t).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(SessionError::Io { during, source: e }),
             Err(_) => Err(SessionError::Timeout { during, after: t }),

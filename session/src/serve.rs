@@ -13,6 +13,7 @@ use nixmux_proto::hash::Hash;
 use nixmux_proto::path_info::PathInfo;
 use nixmux_proto::serve::{self, BuildOptions, ExportItem, ExportTrailer, Request};
 use nixmux_proto::store_path::{StoreDir, StorePath};
+use nixmux_proto::wire::{ReadResult, WireReader};
 use nixmux_proto::{ProtoError, ProtocolVersion};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -114,6 +115,28 @@ impl ServeSession {
         self.conn.flush(during).await
     }
 
+    /// One request, one reply decoded by `decode` (waiting at most `timeout` for each read):
+    /// the shape of most serve commands.
+    async fn call<T>(
+        &mut self,
+        req: Request,
+        during: &'static str,
+        timeout: Option<std::time::Duration>,
+        decode: impl Fn(&mut WireReader<'_>, &StoreDir, ProtocolVersion) -> ReadResult<T>,
+    ) -> Result<T, SessionError> {
+        self.conn.begin()?;
+        let r = async {
+            self.send(&req, during).await?;
+            let dir = self.dir.clone();
+            let v = self.version;
+            self.conn
+                .read_with(during, timeout, |r| decode(r, &dir, v))
+                .await
+        }
+        .await;
+        self.conn.end(r)
+    }
+
     /// `QueryValidPaths`: which of `paths` are valid on the remote. With `substitute`, the
     /// remote first tries its substituters (`builders-use-substitutes`); `lock` adds temporary
     /// GC roots for the life of the session.
@@ -123,25 +146,16 @@ impl ServeSession {
         lock: bool,
         substitute: bool,
     ) -> Result<BTreeSet<StorePath>, SessionError> {
-        self.conn.begin()?;
-        let r = async {
-            const DURING: &str = "serve QueryValidPaths";
-            self.send(
-                &Request::QueryValidPaths {
-                    lock,
-                    substitute,
-                    paths: paths.clone(),
-                },
-                DURING,
-            )
-            .await?;
-            let dir = self.dir.clone();
-            self.conn
-                .read(DURING, |r| serve::read_path_set(r, &dir))
-                .await
-        }
-        .await;
-        self.conn.end(r)
+        let req = Request::QueryValidPaths {
+            lock,
+            substitute,
+            paths: paths.clone(),
+        };
+        let t = Some(self.conn.config.io_timeout);
+        self.call(req, "serve QueryValidPaths", t, |r, dir, _| {
+            serve::read_path_set(r, dir)
+        })
+        .await
     }
 
     /// `QueryPathInfos`: metadata of the valid ones among `paths` (invalid ones are omitted).
@@ -191,24 +205,15 @@ impl ServeSession {
         paths: &BTreeSet<StorePath>,
         include_outputs: bool,
     ) -> Result<BTreeSet<StorePath>, SessionError> {
-        self.conn.begin()?;
-        let r = async {
-            const DURING: &str = "serve QueryClosure";
-            self.send(
-                &Request::QueryClosure {
-                    include_outputs,
-                    paths: paths.clone(),
-                },
-                DURING,
-            )
-            .await?;
-            let dir = self.dir.clone();
-            self.conn
-                .read(DURING, |r| serve::read_path_set(r, &dir))
-                .await
-        }
-        .await;
-        self.conn.end(r)
+        let req = Request::QueryClosure {
+            include_outputs,
+            paths: paths.clone(),
+        };
+        let t = Some(self.conn.config.io_timeout);
+        self.call(req, "serve QueryClosure", t, |r, dir, _| {
+            serve::read_path_set(r, dir)
+        })
+        .await
     }
 
     /// `DumpStorePath`: streams the NAR of `path` into `sink`. An invalid path kills the
@@ -377,24 +382,15 @@ impl ServeSession {
         paths: &[DerivedPath],
         options: &BuildOptions,
     ) -> Result<BuildResult, SessionError> {
-        self.conn.begin()?;
-        let r = async {
-            const DURING: &str = "serve BuildPaths";
-            self.send(
-                &Request::BuildPaths {
-                    paths: paths.to_vec(),
-                    options: *options,
-                },
-                DURING,
-            )
-            .await?;
-            let t = self.conn.config.build_timeout;
-            self.conn
-                .read_with(DURING, t, serve::read_build_paths_reply)
-                .await
-        }
-        .await;
-        self.conn.end(r)
+        let req = Request::BuildPaths {
+            paths: paths.to_vec(),
+            options: *options,
+        };
+        let t = self.conn.config.build_timeout;
+        self.call(req, "serve BuildPaths", t, |r, _, _| {
+            serve::read_build_paths_reply(r)
+        })
+        .await
     }
 
     /// `BuildDerivation`: builds `drv` (inputs must already be valid remotely; `input_srcs`
@@ -405,27 +401,14 @@ impl ServeSession {
         drv: &BasicDerivation,
         options: &BuildOptions,
     ) -> Result<BuildResult, SessionError> {
-        self.conn.begin()?;
-        let r = async {
-            const DURING: &str = "serve BuildDerivation";
-            self.send(
-                &Request::BuildDerivation {
-                    drv_path: drv_path.clone(),
-                    drv: drv.clone(),
-                    options: *options,
-                },
-                DURING,
-            )
-            .await?;
-            let t = self.conn.config.build_timeout;
-            let dir = self.dir.clone();
-            let v = self.version;
-            self.conn
-                .read_with(DURING, t, |r| serve::read_build_result(r, &dir, v))
-                .await
-        }
-        .await;
-        self.conn.end(r)
+        let req = Request::BuildDerivation {
+            drv_path: drv_path.clone(),
+            drv: drv.clone(),
+            options: *options,
+        };
+        let t = self.conn.config.build_timeout;
+        self.call(req, "serve BuildDerivation", t, serve::read_build_result)
+            .await
     }
 
     /// Marks the session unusable (e.g. the caller saw the remote misbehave).

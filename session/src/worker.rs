@@ -24,7 +24,9 @@ use nixmux_proto::worker::{
 use nixmux_proto::{Misbehaved, ProtoError, ProtocolVersion};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
-use crate::conn::{BoxReader, BoxWriter, Conn, ReadHalf, SessionConfig, WRITE_CHUNK};
+use crate::conn::{
+    BoxReader, BoxWriter, Conn, ReadHalf, SessionConfig, WRITE_CHUNK, read_upload_chunk,
+};
 use crate::error::SessionError;
 use crate::serve::{NarSummary, Upload};
 
@@ -834,19 +836,9 @@ async fn copy_sized(
     let mut left = size;
     let mut buf = vec![0u8; WRITE_CHUNK];
     while left > 0 {
-        let want = usize::try_from(left.min(WRITE_CHUNK as u64)).unwrap_or(WRITE_CHUNK);
-        let n = src
-            .read(&mut buf[..want])
-            .await
-            .map_err(SessionError::Source)?;
-        if n == 0 {
-            return Err(SessionError::Source(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("the NAR ended {left} bytes before its announced size"),
-            )));
-        }
-        out.push(&buf[..n]).await?;
-        left -= n as u64;
+        let chunk = read_upload_chunk(src, &mut buf, left).await?;
+        out.push(chunk).await?;
+        left -= chunk.len() as u64;
     }
     Ok(())
 }
