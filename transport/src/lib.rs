@@ -57,7 +57,11 @@
 //! then it waits up to [`TransportConfig::close_grace`] for the server to close the channel,
 //! which sshd does once the command has exited; russh's CLOSE reply then goes out before
 //! any later channel open, so when [`ConnectionStats::channels_open`] goes down (or
-//! [`ExecStatus::closed_signal`] fires) the next open finds the slot free. After the grace
+//! [`ExecStatus::closed_signal`] fires) the next open usually finds the slot free. Not
+//! always: sshd frees the session only after handling its input, so an open arriving right
+//! behind our CLOSE reply can still be refused at `MaxSessions` (seen: 1 to 10 of 18
+//! replacement opens at `MaxSessions 2` in nixmux's pool tests); retry such a refusal after
+//! a few milliseconds rather than take it for the limit. After the grace
 //! it sends SIGKILL and closes the channel itself; a command still running then gets EOF
 //! and SIGPIPE from sshd and its slot frees a moment later. sshd refuses `signal` requests
 //! for **root** logins ("session signalling requires privilege separation"), so there a
