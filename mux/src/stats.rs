@@ -26,7 +26,8 @@ pub struct Health {
     pub last_error: Option<String>,
     /// Live SSH connections.
     pub connections: usize,
-    /// Session channels open across them.
+    /// Session channels open across them, counting a dropped one until the server has
+    /// closed it (until then sshd still counts it against `MaxSessions`).
     pub channels_open: usize,
     /// sshd's per-connection session limit, once learned from a refusal.
     pub learned_channel_limit: Option<usize>,
