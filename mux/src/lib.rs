@@ -71,8 +71,8 @@ pub use connections::ConnectionLimits;
 pub use error::{Error, ErrorKind, Initiator, Result};
 pub use logs::{LogEvent, LogSender, LogStream, log_channel};
 pub use pool::PoolSettings;
-pub use setup::Overrides;
 pub use remote::Protocol;
+pub use setup::Overrides;
 pub use stats::{BuilderStats, Health, HealthState};
 pub use target::ConnectTarget;
 
