@@ -179,6 +179,17 @@ pub fn workload_table(w: &WorkloadResult) -> String {
         for t in tails {
             let _ = writeln!(out, "{}", truncate(&t, 400));
         }
+        for s in case.sides.iter().filter(|s| s.role == Role::Subject) {
+            let d: Vec<String> = s
+                .details
+                .iter()
+                .filter(|(k, _)| k.as_str() != "last_error")
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            if !d.is_empty() {
+                let _ = writeln!(out, "   {}: {}", s.id, truncate(&d.join(" "), 400));
+            }
+        }
     }
     for g in &w.goals {
         let _ = writeln!(

@@ -113,6 +113,26 @@ impl Side for NixmuxCold {
     fn role(&self) -> Role {
         Role::Subject
     }
+    fn setup(&mut self) -> BoxFuture<'_, SideResultT<()>> {
+        Box::pin(async move {
+            // Where a cold start spends its time: one staged ping (untimed), stage by stage.
+            if !self.live_connection && self.builders.len() == 1 && self.sessions == 1 {
+                let c = self.env.nixmux_config(self.builders[0], self.protocol)?;
+                let r = nixmux::ping::ping(&c, 1).await;
+                for st in &r.stages {
+                    self.stats.insert(
+                        format!("ping_{}_ms", st.stage.to_string().replace(' ', "_")),
+                        format!("{:.1}", st.ms),
+                    );
+                }
+                if let Some(rtt) = r.rtt_ms {
+                    self.stats
+                        .insert("ping_round_trip_ms".into(), format!("{:.2}", rtt[1]));
+                }
+            }
+            Ok(())
+        })
+    }
     fn before(&mut self) -> BoxFuture<'_, SideResultT<()>> {
         Box::pin(async move {
             if self.live_connection {
@@ -627,6 +647,136 @@ impl Side for NixmuxNewChannel {
         Box::pin(async move {
             if let Some(c) = self.conn.take() {
                 c.disconnect().await;
+            }
+        })
+    }
+}
+
+/// A plain remote command on a new channel of a live connection, to the remote exit: the
+/// transport's part of [`NixmuxNewChannel`] without the Nix process (a yardstick).
+pub struct NixmuxExec {
+    env: EnvRef,
+    builder: usize,
+    command: String,
+    conn: Option<SshConnection>,
+}
+
+impl NixmuxExec {
+    /// An exec side.
+    pub fn new(env: EnvRef, builder: usize, command: &str) -> Self {
+        NixmuxExec {
+            env,
+            builder,
+            command: command.to_owned(),
+            conn: None,
+        }
+    }
+}
+
+impl Side for NixmuxExec {
+    fn id(&self) -> String {
+        format!("nixmux-exec-{}", self.command.replace(' ', "-"))
+    }
+    fn label(&self) -> String {
+        format!(
+            "nixmux transport: channel open + exec `{}` + exit on a live connection",
+            self.command
+        )
+    }
+    fn role(&self) -> Role {
+        Role::Reference
+    }
+    fn before(&mut self) -> BoxFuture<'_, SideResultT<()>> {
+        Box::pin(async move {
+            if self.conn.as_ref().is_none_or(SshConnection::is_closed) {
+                self.conn = Some(transport_connect(&self.env, self.builder).await?);
+            }
+            Ok(())
+        })
+    }
+    fn run(&mut self) -> BoxFuture<'_, SideResultT<Sample>> {
+        Box::pin(async move {
+            let conn = self.conn.as_ref().ok_or_else(|| anyhow!("not set up"))?;
+            let mut ch = conn
+                .exec_with(&self.command, ExecOptions::default())
+                .await
+                .map_err(|e| anyhow!("exec: {e}"))?;
+            let mut sink = Vec::new();
+            ch.stdout().read_to_end(&mut sink).await?;
+            let exit = ch.exit().await.map_err(|e| anyhow!("{e}"))?;
+            if !exit.success() {
+                bail!("`{}`: {exit}", self.command);
+            }
+            Ok(Sample::one())
+        })
+    }
+    fn teardown(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(c) = self.conn.take() {
+                c.disconnect().await;
+            }
+        })
+    }
+}
+
+/// A plain remote command through a ControlMaster client (`ssh -o ControlPath=... CMD`).
+pub struct CmExec {
+    env: EnvRef,
+    builder: usize,
+    command: String,
+    master: Option<ControlMaster>,
+}
+
+impl CmExec {
+    /// A ControlMaster exec side.
+    pub fn new(env: EnvRef, builder: usize, command: &str) -> Self {
+        CmExec {
+            env,
+            builder,
+            command: command.to_owned(),
+            master: None,
+        }
+    }
+}
+
+impl Side for CmExec {
+    fn id(&self) -> String {
+        format!("openssh-cm-exec-{}", self.command.replace(' ', "-"))
+    }
+    fn label(&self) -> String {
+        format!(
+            "ssh via ControlMaster `{}` (new client process, multiplexed)",
+            self.command
+        )
+    }
+    fn role(&self) -> Role {
+        Role::Reference
+    }
+    fn unavailable(&self) -> Option<String> {
+        self.env
+            .ssh_args(self.builder)
+            .err()
+            .map(|e| format!("{e:#}"))
+    }
+    fn before(&mut self) -> BoxFuture<'_, SideResultT<()>> {
+        Box::pin(async move {
+            if !self.master.as_mut().is_some_and(ControlMaster::alive) {
+                self.master = Some(ControlMaster::start(&self.env, self.builder).await?);
+            }
+            Ok(())
+        })
+    }
+    fn run(&mut self) -> BoxFuture<'_, SideResultT<Sample>> {
+        Box::pin(async move {
+            let m = self.master.as_ref().ok_or_else(|| anyhow!("no master"))?;
+            crate::peers::ssh_run(&m.client_args(), &self.command, Duration::from_secs(30)).await?;
+            Ok(Sample::one())
+        })
+    }
+    fn teardown(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(m) = self.master.take() {
+                m.stop().await;
             }
         })
     }

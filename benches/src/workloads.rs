@@ -18,8 +18,8 @@ use crate::report::{
 };
 use crate::runner::{Case, Event, Progress, case_samples, run_case};
 use crate::sides::{
-    Before, CommandSide, Direction, EnvRef, NixBuild, NixmuxBuild, NixmuxCold, NixmuxNewChannel,
-    NixmuxPush, NixmuxStream, NixmuxWarm, SshHeld, SshSessions, SshStream, Via,
+    Before, CmExec, CommandSide, Direction, EnvRef, NixBuild, NixmuxBuild, NixmuxCold, NixmuxExec,
+    NixmuxNewChannel, NixmuxPush, NixmuxStream, NixmuxWarm, SshHeld, SshSessions, SshStream, Via,
 };
 
 const MIB: u64 = 1 << 20;
@@ -315,9 +315,12 @@ async fn spec(
                     0,
                 )));
             }
+            // Where the time goes: the same channel with a trivial command.
+            sides.push(Box::new(NixmuxExec::new(env.clone(), 0, "true")));
+            sides.push(Box::new(CmExec::new(env.clone(), 0, "true")));
             Spec {
                 title: "New channel on a live connection: open + exec + protocol handshake",
-                description: "nixmux: a session channel on an established russh connection, exec of the remote command, handshake (worker: with SetOptions). OpenSSH: a new `ssh` client process multiplexed over a running ControlMaster (`-o ControlMaster=auto -o ControlPath=...`), then the same handshake over its pipes. The master is our child in the foreground (`ssh -N -o ControlMaster=yes`), which is the ControlPersist setup without the daemonisation.".into(),
+                description: "nixmux: a session channel on an established russh connection, exec of the remote command, handshake (worker: with SetOptions). OpenSSH: a new `ssh` client process multiplexed over a running ControlMaster (`-o ControlMaster=auto -o ControlPath=...`), then the same handshake over its pipes. The master is our child in the foreground (`ssh -N -o ControlMaster=yes`), which is the ControlPersist setup without the daemonisation. Yardsticks: the same new channel running `true` to its exit (nixmux's transport; a ControlMaster client), which separates the transport's share from the remote Nix process's start-up.".into(),
                 primary: Figure::Wall,
                 cases: vec![plan.case("", None, sides, reps)],
                 notes: Vec::new(),
