@@ -307,39 +307,84 @@ impl Env {
                 ])
             }
             None => {
+                let mut v = self.external_ssh_options(i)?;
                 let c = self
                     .external
                     .get(i)
                     .ok_or_else(|| anyhow!("no builder {i}"))?;
-                let t = &c.target;
-                if t.jump.is_some() {
-                    bail!("reached through ProxyJump: no OpenSSH baseline");
-                }
-                let mut v: Vec<OsString> = vec![
-                    "-o".into(),
-                    "BatchMode=yes".into(),
-                    "-p".into(),
-                    t.endpoint.port.to_string().into(),
-                    "-l".into(),
-                    t.endpoint.user.clone().into(),
-                ];
-                for id in &t.identities {
-                    if let Identity::KeyFile { path, .. } = id {
-                        v.push("-i".into());
-                        v.push(path.clone().into());
-                    }
-                }
-                v.push(t.endpoint.host.clone().into());
+                v.push(c.target.endpoint.host.clone().into());
                 Ok(v)
             }
         }
+    }
+
+    /// OpenSSH options (no host) that reach external builder `i` the way nixmux does: its
+    /// port, user and key files, and a known_hosts file written for it (its pinned key and
+    /// the known_hosts files nixmux checks), with strict checking.
+    fn external_ssh_options(&self, i: usize) -> anyhow::Result<Vec<OsString>> {
+        let c = self
+            .external
+            .get(i)
+            .ok_or_else(|| anyhow!("no builder {i}"))?;
+        let t = &c.target;
+        if t.jump.is_some() {
+            bail!("reached through ProxyJump: no OpenSSH baseline");
+        }
+        let kh = self.tmp.path().join(format!("known_hosts-{i}"));
+        if !kh.exists() {
+            let mut text = String::new();
+            let name = nixmux::transport::host_key::lookup_name(&t.endpoint.host, t.endpoint.port);
+            for key in &t.host_keys.pinned {
+                text.push_str(&format!("{name} {}\n", key.to_openssh()));
+            }
+            for f in &t.host_keys.known_hosts_files {
+                if let Ok(more) = std::fs::read_to_string(f) {
+                    text.push_str(&more);
+                    if !more.ends_with('\n') {
+                        text.push('\n');
+                    }
+                }
+            }
+            std::fs::write(&kh, text).with_context(|| format!("writing {}", kh.display()))?;
+        }
+        let mut v: Vec<OsString> = vec![
+            "-o".into(),
+            "BatchMode=yes".into(),
+            "-o".into(),
+            "StrictHostKeyChecking=yes".into(),
+            "-o".into(),
+            format!("UserKnownHostsFile={}", kh.display()).into(),
+            "-o".into(),
+            "GlobalKnownHostsFile=/dev/null".into(),
+            "-p".into(),
+            t.endpoint.port.to_string().into(),
+            "-l".into(),
+            t.endpoint.user.clone().into(),
+        ];
+        let keys: Vec<&Path> = t
+            .identities
+            .iter()
+            .filter_map(|id| match id {
+                Identity::KeyFile { path, .. } => Some(path.as_path()),
+                Identity::Agent { .. } => None,
+            })
+            .collect();
+        if !keys.is_empty() && keys.len() == t.identities.len() {
+            v.push("-o".into());
+            v.push("IdentitiesOnly=yes".into());
+        }
+        for k in keys {
+            v.push("-i".into());
+            v.push(k.into());
+        }
+        Ok(v)
     }
 
     /// Nix's store URL for builder `i` (`ssh-ng://root@builder0`), to be used with
     /// [`Env::nix_command`].
     ///
     /// # Errors
-    /// Why Nix itself cannot reach it (Nix 2.8 store URLs carry no port).
+    /// Why Nix itself cannot reach it (a jump host).
     pub fn nix_url(&self, i: usize, protocol: Protocol) -> anyhow::Result<String> {
         match &self.rig {
             Some(rig) => {
@@ -355,13 +400,9 @@ impl Env {
                     .get(i)
                     .ok_or_else(|| anyhow!("no builder {i}"))?;
                 let e = &c.target.endpoint;
-                if e.port != 22 {
-                    bail!(
-                        "Nix 2.8 store URLs carry no port and {} listens on {}; give the builder a Host entry in ~/.ssh/config",
-                        e.host,
-                        e.port
-                    );
-                }
+                // Port, keys and known_hosts go in NIX_SSHOPTS ([`Env::nix_command_for`]):
+                // Nix 2.8 store URLs carry no port.
+                self.external_ssh_options(i)?;
                 Ok(format!("{}://{}@{}", protocol.scheme(), e.user, e.host))
             }
         }
@@ -381,6 +422,24 @@ impl Env {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
+        self.nix_command_for(None, program, args)
+    }
+
+    /// [`Env::nix_command`] for reaching builder `builder`: with external builders,
+    /// `NIX_SSHOPTS` carries its port, user, keys and known_hosts.
+    ///
+    /// # Errors
+    /// The builder's OpenSSH options cannot be made.
+    pub fn nix_command_for<I, S>(
+        &self,
+        builder: Option<usize>,
+        program: &str,
+        args: I,
+    ) -> anyhow::Result<tokio::process::Command>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
         let mut cmd = match &self.rig {
             Some(rig) => {
                 let mut c = rig.client_store().command(program, args);
@@ -389,7 +448,19 @@ impl Env {
             }
             None => {
                 let mut c = tokio::process::Command::new(program);
+                if program == "nix" {
+                    // Nix 2.8 to 2.x: `nix store ping` and `nix copy` are experimental.
+                    c.args(["--extra-experimental-features", "nix-command"]);
+                }
                 c.args(args);
+                if let Some(i) = builder {
+                    let opts: Vec<String> = self
+                        .external_ssh_options(i)?
+                        .iter()
+                        .map(|o| o.to_string_lossy().into_owned())
+                        .collect();
+                    c.env("NIX_SSHOPTS", opts.join(" "));
+                }
                 c
             }
         };

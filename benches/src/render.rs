@@ -159,6 +159,9 @@ pub fn workload_table(w: &WorkloadResult) -> String {
                 tails.push(format!("   {id}: {} failure(s), last: {e}", s.failures));
             }
         }
+        if rows.len() == 1 {
+            rows.clear();
+        }
         let widths: Vec<usize> = (0..header.len())
             .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
             .collect();

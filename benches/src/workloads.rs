@@ -143,8 +143,12 @@ fn nix_store_ping(env: &EnvRef, builders: Vec<usize>) -> CommandSide {
         unavailable,
         make: Box::new(move || {
             let urls = urls.as_ref().map_err(|e| anyhow!("{e:#}"))?;
-            urls.iter()
-                .map(|u| e2.nix_command("nix", ["store", "ping", "--store", u.as_str()]))
+            builders
+                .iter()
+                .zip(urls)
+                .map(|(&i, u)| {
+                    e2.nix_command_for(Some(i), "nix", ["store", "ping", "--store", u.as_str()])
+                })
                 .collect()
         }),
         before: Before::Nothing,
@@ -468,11 +472,14 @@ async fn spec(
                 description: "Before every sample (untimed) the builder's store is emptied (sshd stopped, /nix wiped, store initialised, sshd restarted), so every side pushes all 200 paths. nixmux: push_closure over a connection and session opened before the clock starts (a scheduler's steady state), and once from a cold start; the local store is the client's private store through `nix-daemon --stdio`. nix copy: a whole `nix copy` process in the client's private store (NIX_SSHOPTS=-F <ssh_config>).".into(),
                 primary: Figure::Wall,
                 cases: vec![plan.case("", None, sides, reps)],
-                notes: vec![format!(
-                    "{} paths, {} bytes of files",
-                    paths.len(),
-                    paths.len() * 8_500
-                )],
+                notes: if paths.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![format!(
+                        "{} paths of 7.5-9.5 KB of random bytes (~1.7 MB)",
+                        paths.len()
+                    )]
+                },
             }
         }
         "push-large" | "push-1gib" => {

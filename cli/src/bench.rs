@@ -218,9 +218,21 @@ pub(crate) fn main(args: BenchArgs) -> anyhow::Result<i32> {
         wan,
     };
     let rt = tokio::runtime::Runtime::new()?;
-    let report = rt.block_on(workloads::run(options, &display))?;
+    // On Ctrl-C the run is dropped: that stops every ssh and nix child (kill on drop) and
+    // tears the rig builders down (the rig's Drop) before we exit.
+    let outcome = rt.block_on(async {
+        tokio::select! {
+            r = workloads::run(options, &display) => r.map(Some),
+            _ = tokio::signal::ctrl_c() => Ok(None),
+        }
+    });
     // Let child-reaping and close tasks finish before the runtime goes.
-    rt.shutdown_timeout(Duration::from_secs(5));
+    rt.shutdown_timeout(Duration::from_secs(10));
+    let Some(report) = outcome? else {
+        eprintln!("nixmux bench: interrupted; builders stopped");
+        // 128 + SIGINT, as a shell reports it.
+        return Ok(130);
+    };
 
     print!("{}", render::table(&report));
     if let Some(path) = &args.json {
