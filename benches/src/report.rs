@@ -241,7 +241,7 @@ pub struct SideResult {
     /// CPU time per sample.
     pub cpu: Option<CpuTime>,
     /// Peak resident set size of the bench process during this side's samples, bytes
-    /// (`VmHWM`, reset before the side's first sample).
+    /// (`VmHWM`, reset to the current RSS before each of its samples; the largest over them).
     pub peak_rss_bytes: Option<u64>,
     /// Anything else worth knowing (negotiated cipher, protocol version, breakdowns).
     pub details: BTreeMap<String, String>,

@@ -207,7 +207,8 @@ pub async fn run_case(mut case: Case, figure: Figure, progress: &dyn Progress) -
             if acc.setup_failed {
                 continue;
             }
-            if !warm && acc.samples == 0 && acc.failures == 0 {
+            if !warm {
+                // Per sample: the other sides' samples in between must not count.
                 stats::reset_peak_rss();
             }
             let r = sample(side.as_mut(), case.timeout).await;

@@ -118,7 +118,7 @@ impl Plan {
 }
 
 struct Spec {
-    title: &'static str,
+    title: String,
     description: String,
     primary: Figure,
     cases: Vec<Case>,
@@ -258,7 +258,7 @@ async fn spec(
             }
             sides.push(Box::new(nix_store_ping(env, vec![0])));
             Spec {
-                title: "Cold session: nothing → a ready session that answered one QueryValidPaths",
+                title: "Cold session: nothing → a ready session that answered one QueryValidPaths".into(),
                 description: "Timed: TCP connect, SSH key exchange, host key check, auth, exec, protocol handshake and one QueryValidPaths round trip. nixmux: a new Pool each sample (in-process russh). OpenSSH: a new `ssh` process per session with the remote command, driven over its pipes as Nix does. `ssh true` and `nix store ping` are whole processes. Closing is not timed.".into(),
                 primary: Figure::Wall,
                 cases: vec![plan.case("", None, sides, reps)],
@@ -294,7 +294,8 @@ async fn spec(
                 )));
             }
             Spec {
-                title: "Warm operation: acquire a pooled session + one QueryValidPaths(1 path)",
+                title: "Warm operation: acquire a pooled session + one QueryValidPaths(1 path)"
+                    .into(),
                 description: format!(
                     "Per operation: nixmux acquires an idle warm session from its pool, sends QueryValidPaths for one path, reads the reply and returns the session; OpenSSH: the same request over the pipes of an `ssh` process held open. {batch} operations per sample."
                 ),
@@ -323,7 +324,7 @@ async fn spec(
             sides.push(Box::new(NixmuxExec::new(env.clone(), 0, "true")));
             sides.push(Box::new(CmExec::new(env.clone(), 0, "true")));
             Spec {
-                title: "New channel on a live connection: open + exec + protocol handshake",
+                title: "New channel on a live connection: open + exec + protocol handshake".into(),
                 description: "nixmux: a session channel on an established russh connection, exec of the remote command, handshake (worker: with SetOptions). OpenSSH: a new `ssh` client process multiplexed over a running ControlMaster (`-o ControlMaster=auto -o ControlPath=...`), then the same handshake over its pipes. The master is our child in the foreground (`ssh -N -o ControlMaster=yes`), which is the ControlPersist setup without the daemonisation. Yardsticks: the same new channel running `true` to its exit (nixmux's transport; a ControlMaster client), which separates the transport's share from the remote Nix process's start-up.".into(),
                 primary: Figure::Wall,
                 cases: vec![plan.case("", None, sides, reps)],
@@ -368,7 +369,7 @@ async fn spec(
                 ));
             }
             Spec {
-                title: "Query latency: QueryValidPaths of 1 and 1000 paths on a warm session",
+                title: "Query latency: QueryValidPaths of 1 and 1000 paths on a warm session".into(),
                 description: "One request and its reply on a warm session (nixmux: pooled; OpenSSH: an `ssh` process held open). The paths are syntactically valid and absent, so the builder looks each one up.".into(),
                 primary: Figure::PerOp,
                 cases,
@@ -426,7 +427,7 @@ async fn spec(
                 ));
             }
             Spec {
-                title: "One-channel throughput, each direction",
+                title: "One-channel throughput, each direction".into(),
                 description: format!(
                     "{} MiB through one exec channel (`head -c N /dev/zero` read locally; `cat > /dev/null` fed locally), timed from the first byte (down) or from the remote `ready` line to the remote exit (up), so connection set-up is excluded on both sides. nixmux's transport negotiates aes128-gcm@openssh.com; OpenSSH is forced to the same cipher with `-c`; chacha20-poly1305 (OpenSSH's default) is shown for reference.",
                     bytes / MIB
@@ -468,7 +469,7 @@ async fn spec(
                 sides.push(Box::new(nix_copy(env, 0, p, &paths, 0)));
             }
             Spec {
-                title: "Closure push: 200 small paths (~1.7 MB) to an empty builder store",
+                title: "Closure push: 200 small paths (~1.7 MB) to an empty builder store".into(),
                 description: "Before every sample (untimed) the builder's store is emptied (sshd stopped, /nix wiped, store initialised, sshd restarted), so every side pushes all 200 paths. nixmux: push_closure over a connection and session opened before the clock starts (a scheduler's steady state), and once from a cold start; the local store is the client's private store through `nix-daemon --stdio`. nix copy: a whole `nix copy` process in the client's private store (NIX_SSHOPTS=-F <ssh_config>).".into(),
                 primary: Figure::Wall,
                 cases: vec![plan.case("", None, sides, reps)],
@@ -543,9 +544,12 @@ async fn spec(
             )));
             Spec {
                 title: if big {
-                    "Closure push: one 1 GiB path (peak RSS)"
+                    format!("Closure push: one {} MiB path (peak RSS)", size / MIB)
                 } else {
-                    "Closure push: one 200 MiB path to an empty builder store"
+                    format!(
+                        "Closure push: one {} MiB path to an empty builder store",
+                        size / MIB
+                    )
                 },
                 description: format!(
                     "One {} MiB path, builder store emptied before every sample (untimed). Raw yardsticks: the same byte count into `cat > /dev/null` through one channel of nixmux's transport and through `ssh -c aes128-gcm@openssh.com`. The push also hashes and writes the path on the builder, which raw transfers do not.",
@@ -567,7 +571,7 @@ async fn spec(
                 sides.push(Box::new(NixBuild::new(env.clone(), p, n, plan.timeout())));
             }
             Spec {
-                title: "Remote build of N trivial derivations, end to end",
+                title: "Remote build of N trivial derivations, end to end".into(),
                 description: format!(
                     "{n} fresh derivations (`echo SALT i > $out`) instantiated in the client store before the clock starts. nixmux: `Builder::build` then `fetch_outputs` per derivation, at most 8 at once (the machines file's max-jobs), over a warm pool; the outputs are then checked valid in the client store. Nix: `nix-build --builders @machines -j0` of the same number of .drv files with one builder line (max-jobs 8), in the client's private store: a build-hook process and an ssh connection per build, as Nix does today."
                 ),
@@ -613,7 +617,7 @@ async fn spec(
                 cases.push(plan.case(&format!("{c} sessions"), Some(c as f64), sides, reps));
             }
             Spec {
-                title: "Concurrency sweep: parallel ssh-ng sessions on one builder",
+                title: "Concurrency sweep: parallel ssh-ng sessions on one builder".into(),
                 description: format!(
                     "C sessions started at once on one builder, each doing {ops} QueryValidPaths round trips; timed until all are done. nixmux: a Pool (max sessions C) whose SSH connection is already up (untimed), opening channels on it and another connection only when sshd refuses a channel (MaxSessions 10). OpenSSH ControlMaster: C clients of a running master (MaxSessions 10 refuses the 11th). OpenSSH as Nix runs it: C `ssh` processes, each a new connection (sshd's MaxStartups 10:30:100 throttles bursts). Failed sessions are counted, not timed."
                 ),
@@ -654,7 +658,7 @@ async fn spec(
                 cases.push(plan.case(&format!("{n} builders"), Some(n as f64), sides, reps));
             }
             Spec {
-                title: "Builder sweep: ready sessions on 1 → N builders at once",
+                title: "Builder sweep: ready sessions on 1 → N builders at once".into(),
                 description: "From nothing, one ssh-ng session per builder on N builders concurrently (a scheduler starting, or `nixmux ping` of a farm); timed until every builder answered one QueryValidPaths. nixmux: one Pool; OpenSSH: one `ssh` process per builder; Nix: one `nix store ping` per builder, concurrently.".into(),
                 primary: Figure::Wall,
                 cases,
@@ -891,7 +895,7 @@ pub async fn run(options: Options, progress: &dyn Progress) -> anyhow::Result<Re
         };
         progress.event(&Event::Workload {
             name: name.clone(),
-            title: spec.title.to_owned(),
+            title: spec.title.clone(),
             total_samples: spec.cases.iter().map(case_samples).sum(),
         });
         let mut cases = Vec::new();
@@ -900,7 +904,7 @@ pub async fn run(options: Options, progress: &dyn Progress) -> anyhow::Result<Re
         }
         let mut result = WorkloadResult {
             name: name.clone(),
-            title: spec.title.to_owned(),
+            title: spec.title.clone(),
             description: spec.description,
             primary: spec.primary,
             cases,
