@@ -256,7 +256,7 @@ mod tests {
         s.read_exact(&mut one).await.expect("read");
         let rtt = t.elapsed();
         assert!(rtt >= Duration::from_millis(38), "{rtt:?}");
-        assert!(rtt < Duration::from_millis(200), "{rtt:?}");
+        assert!(rtt < Duration::from_secs(5), "{rtt:?}");
         // 200 kB at 1 MB/s each way: about 0.2 s (plus the burst allowance), not instant.
         let payload = vec![7u8; 200_000];
         let t = std::time::Instant::now();
@@ -267,7 +267,7 @@ mod tests {
         let took = t.elapsed();
         let _ = send.await;
         assert!(took >= Duration::from_millis(150), "{took:?}");
-        assert!(took < Duration::from_secs(2), "{took:?}");
+        assert!(took < Duration::from_secs(20), "{took:?}");
         assert!(relay.counters().up.load(Ordering::Relaxed) >= 200_001);
     }
 }
