@@ -573,7 +573,7 @@ async fn spec(
             Spec {
                 title: "Remote build of N trivial derivations, end to end".into(),
                 description: format!(
-                    "{n} fresh derivations (`echo SALT i > $out`) instantiated in the client store before the clock starts. nixmux: `Builder::build` then `fetch_outputs` per derivation, at most 8 at once (the machines file's max-jobs), over a warm pool; the outputs are then checked valid in the client store. Nix: `nix-build --builders @machines -j0` of the same number of .drv files with one builder line (max-jobs 8), in the client's private store: a build-hook process and an ssh connection per build, as Nix does today."
+                    "{n} fresh derivations (`echo SALT i > $out`) instantiated in the client store before the clock starts. nixmux: `Builder::build` then `fetch_outputs` per derivation, at most 8 at once (the machines file's max-jobs), over a warm pool; the outputs are then checked valid in the client store (timed too, which only counts against nixmux). Nix: `nix-build --builders @machines -j0` of the same number of .drv files with one builder line (max-jobs 8), in the client's private store: a build-hook process and an ssh connection per build, as Nix does today."
                 ),
                 primary: Figure::Wall,
                 cases: vec![plan.case(&format!("{n} derivations"), Some(n as f64), sides, reps)],
