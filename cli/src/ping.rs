@@ -45,7 +45,8 @@ fn stage_ms(r: &PingReport, s: PingStage) -> Option<f64> {
 fn fmt_ms(v: Option<f64>) -> String {
     match v {
         Some(v) if v >= 100.0 => format!("{v:.0} ms"),
-        Some(v) => format!("{v:.1} ms"),
+        Some(v) if v >= 1.0 => format!("{v:.1} ms"),
+        Some(v) => format!("{v:.2} ms"),
         None => "-".into(),
     }
 }
