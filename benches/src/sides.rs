@@ -12,7 +12,7 @@ use nixmux::ops::BuildOptions;
 use nixmux::proto::build_result::BuildStatus;
 use nixmux::proto::store_path::{StoreDir, StorePath};
 use nixmux::session::SessionConfig;
-use nixmux::transport::{ExecOptions, ExecStatus, NoopObserver, SshConnection, connect};
+use nixmux::transport::{ExecOptions, ExecStatus, NoopObserver, SshConnection};
 use nixmux::{Builder, BuilderConfig, Pool, PoolSettings, Protocol, log_channel};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -573,19 +573,10 @@ impl NixmuxNewChannel {
 /// Connects with nixmux's transport to builder `i` of `env`.
 async fn transport_connect(env: &Env, i: usize) -> anyhow::Result<SshConnection> {
     let c: BuilderConfig = env.nixmux_config(i, Protocol::Worker)?;
-    let t = &c.target;
-    if t.jump.is_some() {
-        bail!("ProxyJump targets are measured through the pool only");
-    }
-    connect(
-        &t.endpoint,
-        &t.identities,
-        &t.host_keys,
-        &t.transport,
-        NoopObserver,
-    )
-    .await
-    .map_err(|e| anyhow!("connecting: {e}"))
+    c.target
+        .connect(NoopObserver)
+        .await
+        .map_err(|e| anyhow!("connecting: {e}"))
 }
 
 impl Side for NixmuxNewChannel {

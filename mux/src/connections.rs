@@ -31,7 +31,6 @@ use std::time::{Duration, Instant};
 
 use nixmux_transport::{
     DisconnectCause, ExecChannel, ExecOptions, NoopObserver, SshConnection, TransportError,
-    connect, connect_over,
 };
 use tokio::sync::{Notify, watch};
 
@@ -639,17 +638,10 @@ impl ConnectionSet {
     async fn connect_one(&self) -> Result<SshConnection> {
         let t = &self.target;
         let r = match &t.jump {
-            None => {
-                connect(
-                    &t.endpoint,
-                    &t.identities,
-                    &t.host_keys,
-                    &t.transport,
-                    NoopObserver,
-                )
-                .await
-            }
+            None => t.connect(NoopObserver).await,
             Some(jump) => {
+                // Through the jump host's own pooled connection, shared by every builder
+                // behind it.
                 let registry = self
                     .registry
                     .upgrade()
@@ -660,15 +652,7 @@ impl ConnectionSet {
                 let stream = ssh
                     .open_direct_tcpip(&t.endpoint.host, t.endpoint.port)
                     .await?;
-                connect_over(
-                    stream,
-                    &t.endpoint,
-                    &t.identities,
-                    &t.host_keys,
-                    &t.transport,
-                    NoopObserver,
-                )
-                .await
+                t.connect_over(stream, NoopObserver).await
             }
         };
         r.map_err(Error::from)

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nixmux_transport::{ConnectEvent, ConnectEventKind, TransportError, connect, connect_over};
+use nixmux_transport::{ConnectEvent, ConnectEventKind, TransportError};
 use serde::Serialize;
 
 use crate::builder::BuilderConfig;
@@ -186,46 +186,8 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
     };
     let start = Instant::now();
 
-    // A jump host is connected first, outside the timed stages of the target.
-    let connected = match &t.jump {
-        None => {
-            connect(
-                &t.endpoint,
-                &t.identities,
-                &t.host_keys,
-                &t.transport,
-                observer,
-            )
-            .await
-        }
-        Some(jump) => {
-            match connect(
-                &jump.endpoint,
-                &jump.identities,
-                &jump.host_keys,
-                &jump.transport,
-                nixmux_transport::NoopObserver,
-            )
-            .await
-            {
-                Ok(j) => match j.open_direct_tcpip(&t.endpoint.host, t.endpoint.port).await {
-                    Ok(stream) => {
-                        connect_over(
-                            stream,
-                            &t.endpoint,
-                            &t.identities,
-                            &t.host_keys,
-                            &t.transport,
-                            observer,
-                        )
-                        .await
-                    }
-                    Err(e) => Err(e),
-                },
-                Err(e) => Err(e),
-            }
-        }
-    };
+    // Jump hosts (if any) are connected first, outside the timed stages of the target.
+    let connected = t.connect(observer).await;
     record_events(&mut report, &events);
     let ssh = match connected {
         Ok(c) => c,

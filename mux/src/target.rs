@@ -2,7 +2,11 @@
 
 use std::time::Duration;
 
-use nixmux_transport::{Endpoint, HostKeyCheck, Identity, TransportConfig};
+use nixmux_transport::{
+    ConnectObserver, Endpoint, HostKeyCheck, Identity, NoopObserver, SshConnection,
+    TransportConfig, TransportError, connect, connect_over,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// How to reach a host: endpoint, keys to offer, host keys to accept, transport tuning, and
 /// an optional jump host (ProxyJump) whose own pooled connection carries this one.
@@ -37,6 +41,55 @@ impl ConnectTarget {
             key.push_str(&j.connection_key());
         }
         key
+    }
+
+    /// Opens a fresh connection, outside any pool: through each jump host in turn (each one
+    /// fresh too), then to this host, reporting this host's stages to `observer`.
+    pub async fn connect(
+        &self,
+        observer: impl ConnectObserver + 'static,
+    ) -> Result<SshConnection, TransportError> {
+        match &self.jump {
+            None => {
+                connect(
+                    &self.endpoint,
+                    &self.identities,
+                    &self.host_keys,
+                    &self.transport,
+                    observer,
+                )
+                .await
+            }
+            Some(jump) => {
+                // Boxed: a jump host may itself be reached through another jump host. The
+                // hop's connection lives as long as the tunnel channel through it.
+                let hop = Box::pin(jump.connect(NoopObserver)).await?;
+                let stream = hop
+                    .open_direct_tcpip(&self.endpoint.host, self.endpoint.port)
+                    .await?;
+                self.connect_over(stream, observer).await
+            }
+        }
+    }
+
+    /// Connects to this host over an already open byte stream (a tunnel through a jump host).
+    pub async fn connect_over<S>(
+        &self,
+        stream: S,
+        observer: impl ConnectObserver + 'static,
+    ) -> Result<SshConnection, TransportError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        connect_over(
+            stream,
+            &self.endpoint,
+            &self.identities,
+            &self.host_keys,
+            &self.transport,
+            observer,
+        )
+        .await
     }
 
     /// Bound on establishing the connection, all stages together (for pool waits).
