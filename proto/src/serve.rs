@@ -99,51 +99,15 @@ pub fn read_server_hello(
     r: &mut WireReader<'_>,
     ours: ProtocolVersion,
 ) -> ReadResult<ProtocolVersion> {
-    let magic = r.read_u64()?;
-    if magic != MAGIC_2 {
-        return Err(ProtoError::from(Misbehaved::WrongMagic {
-            expected: MAGIC_2,
-            got: magic,
-        })
-        .into());
-    }
-    let word = r.read_u64()?;
-    let theirs = ProtocolVersion::from_wire(word)
-        .ok_or_else(|| ProtoError::invalid("serve version", format!("{word:#x}")))?;
-    check_version(ours, theirs)
-}
-
-/// Validates the server's version and returns the negotiated one.
-pub fn check_version(
-    ours: ProtocolVersion,
-    theirs: ProtocolVersion,
-) -> ReadResult<ProtocolVersion> {
-    if theirs.major != ours.major {
-        return Err(ProtoError::from(Incompatible::MajorVersion { ours, theirs }).into());
-    }
-    if theirs < MIN_VERSION {
-        return Err(ProtoError::from(Incompatible::TooOld {
-            min: MIN_VERSION,
-            theirs,
-        })
-        .into());
-    }
-    Ok(ours.negotiate(theirs))
+    let theirs = r.read_hello(MAGIC_2, "serve version")?;
+    Ok(ours
+        .negotiate_checked(theirs, MIN_VERSION)
+        .map_err(ProtoError::from)?)
 }
 
 /// Server side: reads the client's magic (and version, which Nix clients send right away).
 pub fn read_client_hello(r: &mut WireReader<'_>) -> ReadResult<ProtocolVersion> {
-    let magic = r.read_u64()?;
-    if magic != MAGIC_1 {
-        return Err(ProtoError::from(Misbehaved::WrongMagic {
-            expected: MAGIC_1,
-            got: magic,
-        })
-        .into());
-    }
-    let word = r.read_u64()?;
-    ProtocolVersion::from_wire(word)
-        .ok_or_else(|| ProtoError::invalid("serve version", format!("{word:#x}")).into())
+    r.read_hello(MAGIC_1, "serve version")
 }
 
 /// Server side: the reply to the hello.

@@ -39,6 +39,22 @@ impl ProtocolVersion {
         self.min(theirs)
     }
 
+    /// The version to speak with a peer that announced `theirs`: refused when its major
+    /// differs from ours or it is older than `min`.
+    pub fn negotiate_checked(
+        self,
+        theirs: Self,
+        min: Self,
+    ) -> Result<Self, crate::error::Incompatible> {
+        if theirs.major != self.major {
+            return Err(crate::error::Incompatible::MajorVersion { ours: self, theirs });
+        }
+        if theirs < min {
+            return Err(crate::error::Incompatible::TooOld { min, theirs });
+        }
+        Ok(self.negotiate(theirs))
+    }
+
     /// True when this version has the feature introduced at `major.minor`.
     pub fn at_least(self, major: u8, minor: u8) -> bool {
         self >= Self::new(major, minor)

@@ -125,6 +125,24 @@ impl<'a> WireReader<'a> {
         Ok(u64::from_le_bytes(word))
     }
 
+    /// A handshake greeting: `expected` magic, then a protocol version word. A wrong magic is
+    /// the peer misbehaving (often a shell printing text before the program starts).
+    pub fn read_hello(
+        &mut self,
+        expected: u64,
+        field: &'static str,
+    ) -> ReadResult<crate::version::ProtocolVersion> {
+        let got = self.read_u64()?;
+        if got != expected {
+            return Err(
+                ProtoError::from(crate::error::Misbehaved::WrongMagic { expected, got }).into(),
+            );
+        }
+        let word = self.read_u64()?;
+        crate::version::ProtocolVersion::from_wire(word)
+            .ok_or_else(|| ProtoError::invalid(field, format!("{word:#x}")).into())
+    }
+
     /// A word converted into a narrower integer; a value that does not fit is malformed.
     pub fn read_int<T: TryFrom<u64>>(&mut self, field: &'static str) -> ReadResult<T> {
         let v = self.read_u64()?;

@@ -278,28 +278,10 @@ pub fn read_server_hello(
     r: &mut WireReader<'_>,
     ours: ProtocolVersion,
 ) -> ReadResult<ProtocolVersion> {
-    let magic = r.read_u64()?;
-    if magic != MAGIC_2 {
-        return Err(ProtoError::from(Misbehaved::WrongMagic {
-            expected: MAGIC_2,
-            got: magic,
-        })
-        .into());
-    }
-    let word = r.read_u64()?;
-    let theirs = ProtocolVersion::from_wire(word)
-        .ok_or_else(|| ProtoError::invalid("worker version", format!("{word:#x}")))?;
-    if theirs.major != ours.major {
-        return Err(ProtoError::from(Incompatible::MajorVersion { ours, theirs }).into());
-    }
-    if theirs < MIN_VERSION {
-        return Err(ProtoError::from(Incompatible::TooOld {
-            min: MIN_VERSION,
-            theirs,
-        })
-        .into());
-    }
-    Ok(ours.negotiate(theirs))
+    let theirs = r.read_hello(MAGIC_2, "worker version")?;
+    Ok(ours
+        .negotiate_checked(theirs, MIN_VERSION)
+        .map_err(ProtoError::from)?)
 }
 
 /// A feature list (1.38+), sent by both sides.
@@ -348,17 +330,7 @@ pub fn read_daemon_info(r: &mut WireReader<'_>, v: ProtocolVersion) -> ReadResul
 
 /// Server side: the client's magic and version.
 pub fn read_client_hello(r: &mut WireReader<'_>) -> ReadResult<ProtocolVersion> {
-    let magic = r.read_u64()?;
-    if magic != MAGIC_1 {
-        return Err(ProtoError::from(Misbehaved::WrongMagic {
-            expected: MAGIC_1,
-            got: magic,
-        })
-        .into());
-    }
-    let word = r.read_u64()?;
-    ProtocolVersion::from_wire(word)
-        .ok_or_else(|| ProtoError::invalid("worker version", format!("{word:#x}")).into())
+    r.read_hello(MAGIC_1, "worker version")
 }
 
 /// Server side: magic and version.
