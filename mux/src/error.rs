@@ -252,56 +252,45 @@ impl From<TransportError> for Error {
     }
 }
 
-/// Turns a session error into an [`Error`]. `explain_untrusted` adds the trust hint when the
-/// builder's message says it refused an untrusted user.
+/// Turns a session error into an [`Error`]. A trust refusal becomes
+/// [`ErrorKind::NotTrusted`] with the fix, whichever protocol reported it: the worker protocol
+/// as a `STDERR_ERROR`, the serve protocol as its stderr when the server died.
 pub(crate) fn from_session(e: SessionError) -> Error {
     let msg = e.to_string();
+    let remote_text = match &e {
+        SessionError::Remote(r) => Some(r.plain_message()),
+        SessionError::Closed { explanation, .. } => explanation.clone(),
+        _ => None,
+    };
+    if let Some(text) = &remote_text {
+        if is_trust_refusal(text) {
+            return Error::remote(ErrorKind::NotTrusted, msg)
+                .hint(TRUST_HINT)
+                .caused_by(e);
+        }
+        if matches!(e, SessionError::Remote(_)) && text.contains("ca derivations are not supported")
+        {
+            return Error::remote(ErrorKind::Unsupported, msg).caused_by(e);
+        }
+    }
     let (kind, initiator) = match &e {
-        SessionError::Closed { .. } => (ErrorKind::Disconnected, Initiator::Builder),
-        SessionError::Protocol { .. } => (ErrorKind::Protocol, Initiator::Builder),
-        SessionError::Remote(r) => {
-            let text = r.plain_message();
-            if is_trust_refusal(&text) {
-                return Error::remote(ErrorKind::NotTrusted, msg)
-                    .hint(TRUST_HINT)
-                    .retryable(false)
-                    .caused_by(e);
-            }
-            if text.contains("ca derivations are not supported") {
-                return Error::remote(ErrorKind::Unsupported, msg)
-                    .retryable(false)
-                    .caused_by(e);
-            }
+        SessionError::Closed { .. } | SessionError::Io { .. } => {
+            (ErrorKind::Disconnected, Initiator::Builder)
+        }
+        SessionError::Remote(_) | SessionError::RemoteStopped => {
             (ErrorKind::Remote, Initiator::Builder)
         }
         SessionError::Unsupported(_) => (ErrorKind::Unsupported, Initiator::Builder),
         SessionError::Timeout { .. } => (ErrorKind::TimedOut, Initiator::Builder),
-        SessionError::Io { .. } => (ErrorKind::Disconnected, Initiator::Builder),
         SessionError::Sink(_) | SessionError::Source(_) => {
             (ErrorKind::LocalStore, Initiator::Local)
         }
         SessionError::NarMismatch { .. } => (ErrorKind::Verification, Initiator::Builder),
-        SessionError::RemoteStopped => (ErrorKind::Remote, Initiator::Builder),
         SessionError::Poisoned => (ErrorKind::Protocol, Initiator::Local),
         _ => (ErrorKind::Protocol, Initiator::Builder),
     };
-    // A closed session in the serve protocol carries the server's stderr; recognise trust
-    // refusals there too, so both protocols report them the same way.
-    if let SessionError::Closed {
-        explanation: Some(x),
-        ..
-    } = &e
-        && is_trust_refusal(x)
-    {
-        return Error::remote(ErrorKind::NotTrusted, msg)
-            .hint(TRUST_HINT)
-            .retryable(false)
-            .caused_by(e);
-    }
-    let retryable = matches!(kind, ErrorKind::Disconnected | ErrorKind::TimedOut);
-    Error::new(kind, initiator, msg)
-        .retryable(retryable)
-        .caused_by(e)
+    // Retryability follows the kind (see `Error::new`).
+    Error::new(kind, initiator, msg).caused_by(e)
 }
 
 /// What fixes a trust refusal, whichever protocol reported it.
