@@ -175,6 +175,26 @@ fn pipes(infos: &[PathInfo], progress: Option<ProgressFn>) -> Pipes {
     }
 }
 
+/// Splits a closure (dependencies first) into the paths the other side lacks, in order, and
+/// the report of the transfer that will send them.
+fn plan_transfer(
+    closure: Vec<PathInfo>,
+    present: &BTreeSet<StorePath>,
+) -> (Vec<PathInfo>, TransferReport) {
+    let total = closure.len();
+    let missing: Vec<PathInfo> = closure
+        .into_iter()
+        .filter(|i| !present.contains(&i.path))
+        .collect();
+    let report = TransferReport {
+        closure: total,
+        already_present: total - missing.len(),
+        transferred: missing.iter().map(|i| i.path.clone()).collect(),
+        bytes: missing.iter().map(|i| i.nar_size).sum(),
+    };
+    (missing, report)
+}
+
 impl Builder {
     /// Copies the closure of `roots` from `local` to this builder: asks the builder once
     /// which paths it lacks (letting it substitute them when `substitute` is set), then
@@ -190,21 +210,10 @@ impl Builder {
         let closure = local.closure(roots).await?;
         let all: BTreeSet<StorePath> = closure.iter().map(|i| i.path.clone()).collect();
         let present = self.query_valid_paths(&all, substitute).await?;
-        let missing: Vec<PathInfo> = closure
-            .into_iter()
-            .filter(|i| !present.contains(&i.path))
-            .collect();
-        let mut report = TransferReport {
-            closure: all.len(),
-            already_present: present.len(),
-            transferred: missing.iter().map(|i| i.path.clone()).collect(),
-            bytes: missing.iter().map(|i| i.nar_size).sum(),
-        };
-        if missing.is_empty() {
-            return Ok(report);
+        let (missing, report) = plan_transfer(closure, &present);
+        if !missing.is_empty() {
+            self.upload(local, &missing, progress).await?;
         }
-        self.upload(local, &missing, progress).await?;
-        report.transferred = missing.into_iter().map(|i| i.path).collect();
         Ok(report)
     }
 
@@ -300,16 +309,7 @@ impl Builder {
         let closure = self.remote_closure(paths).await?;
         let all: BTreeSet<StorePath> = closure.iter().map(|i| i.path.clone()).collect();
         let present = local.query_valid_paths(&all).await?;
-        let missing: Vec<PathInfo> = closure
-            .into_iter()
-            .filter(|i| !present.contains(&i.path))
-            .collect();
-        let report = TransferReport {
-            closure: all.len(),
-            already_present: present.len(),
-            transferred: missing.iter().map(|i| i.path.clone()).collect(),
-            bytes: missing.iter().map(|i| i.nar_size).sum(),
-        };
+        let (missing, report) = plan_transfer(closure, &present);
         if missing.is_empty() {
             return Ok(report);
         }
