@@ -129,14 +129,7 @@ impl std::fmt::Debug for Builder {
 impl Builder {
     pub(crate) fn new(config: BuilderConfig, registry: &Registry) -> Self {
         let set = registry.get(config.target.clone(), config.connections.clone());
-        let spec = SessionSpec {
-            protocol: config.protocol,
-            command: config.remote_command.clone(),
-            session: config.session.clone(),
-            worker: config.worker.clone(),
-            store_dir: config.store_dir.clone(),
-            channel_wait: config.pool.acquire_timeout,
-        };
+        let spec = SessionSpec::for_builder(&config);
         let pool = SessionPool::new(config.name.clone(), set.clone(), spec, config.pool.clone());
         Builder {
             inner: Arc::new(BuilderInner { config, set, pool }),

@@ -200,14 +200,7 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
     };
     report.algorithms = ssh.algorithms().map(|(k, c)| (k.to_owned(), c.to_owned()));
 
-    let spec = SessionSpec {
-        protocol: config.protocol,
-        command: config.remote_command.clone(),
-        session: config.session.clone(),
-        worker: config.worker.clone(),
-        store_dir: config.store_dir.clone(),
-        channel_wait: config.pool.acquire_timeout,
-    };
+    let spec = SessionSpec::for_builder(config);
     let t0 = Instant::now();
     let channel = match ssh
         .exec_with(&spec.command, remote::exec_options(spec.protocol))

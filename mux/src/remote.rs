@@ -49,6 +49,20 @@ pub(crate) struct SessionSpec {
     pub(crate) channel_wait: Duration,
 }
 
+impl SessionSpec {
+    /// The sessions `config` describes.
+    pub(crate) fn for_builder(config: &crate::builder::BuilderConfig) -> Self {
+        SessionSpec {
+            protocol: config.protocol,
+            command: config.remote_command.clone(),
+            session: config.session.clone(),
+            worker: config.worker.clone(),
+            store_dir: config.store_dir.clone(),
+            channel_wait: config.pool.acquire_timeout,
+        }
+    }
+}
+
 /// The conversation itself.
 #[derive(Debug)]
 pub(crate) enum Conversation {
