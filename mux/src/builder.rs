@@ -9,7 +9,6 @@ use std::time::Duration;
 use nixmux_proto::ProtocolVersion;
 use nixmux_proto::path_info::PathInfo;
 use nixmux_proto::store_path::{StoreDir, StorePath};
-use nixmux_proto::worker::Trust;
 use nixmux_session::{SessionConfig, WorkerConfig};
 
 use crate::connections::{ConnectionLimits, ConnectionSet, Registry};
@@ -199,20 +198,7 @@ impl Builder {
     /// Protocol, version, remote Nix version and trust, from a (pooled) session.
     pub async fn remote_info(&self) -> Result<RemoteInfo> {
         let mut s = self.acquire().await?;
-        let info = match &s.get().conv {
-            Conversation::Serve(x) => RemoteInfo {
-                protocol: Protocol::Serve,
-                version: x.version(),
-                nix_version: None,
-                trusted: None,
-            },
-            Conversation::Worker(w) => RemoteInfo {
-                protocol: Protocol::Worker,
-                version: w.version(),
-                nix_version: w.daemon_info().nix_version.clone(),
-                trusted: w.daemon_info().trust.map(|t| t == Trust::Trusted),
-            },
-        };
+        let info = s.get().conv.info();
         s.succeeded();
         Ok(info)
     }

@@ -237,18 +237,14 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
         ms: ms(t1.elapsed()),
     });
     report.total_ms = ms(start.elapsed());
-    match &session.conv {
-        Conversation::Serve(s) => report.protocol_version = Some(s.version().to_string()),
-        Conversation::Worker(w) => {
-            report.protocol_version = Some(w.version().to_string());
-            report.remote_nix_version = w.daemon_info().nix_version.clone();
-            report.trust = match w.daemon_info().trust {
-                Some(nixmux_proto::worker::Trust::Trusted) => TrustReport::Trusted,
-                Some(nixmux_proto::worker::Trust::NotTrusted) => TrustReport::Untrusted,
-                None => TrustReport::Unknown,
-            };
-        }
-    }
+    let info = session.conv.info();
+    report.protocol_version = Some(info.version.to_string());
+    report.remote_nix_version = info.nix_version;
+    report.trust = match info.trusted {
+        Some(true) => TrustReport::Trusted,
+        Some(false) => TrustReport::Untrusted,
+        None => TrustReport::Unknown,
+    };
 
     let mut rtts = Vec::new();
     let empty = BTreeSet::new();

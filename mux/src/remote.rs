@@ -70,6 +70,29 @@ pub(crate) enum Conversation {
     Worker(WorkerSession),
 }
 
+impl Conversation {
+    /// What the handshake told about the builder.
+    pub(crate) fn info(&self) -> crate::builder::RemoteInfo {
+        match self {
+            Conversation::Serve(x) => crate::builder::RemoteInfo {
+                protocol: Protocol::Serve,
+                version: x.version(),
+                nix_version: None,
+                trusted: None,
+            },
+            Conversation::Worker(w) => crate::builder::RemoteInfo {
+                protocol: Protocol::Worker,
+                version: w.version(),
+                nix_version: w.daemon_info().nix_version.clone(),
+                trusted: w
+                    .daemon_info()
+                    .trust
+                    .map(|t| t == nixmux_proto::worker::Trust::Trusted),
+            },
+        }
+    }
+}
+
 /// Where the serve protocol's stderr lines go: the log of whichever operation is running.
 #[derive(Default)]
 pub(crate) struct LogRoute {
