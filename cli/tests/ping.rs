@@ -196,3 +196,44 @@ fn stopped_or_frozen_sshd_fails_within_the_connect_timeout() {
     assert!(start.elapsed() < Duration::from_secs(3));
     assert!(text(&out).contains("refused"), "{}", text(&out));
 }
+
+#[test]
+fn ssh_config_host_alias_and_proxy_jump_are_honoured() {
+    nixmux_rig::ensure_peers_installed().expect("peers");
+    let rig = Rig::start(RigConfig::with_builders(2)).expect("rig");
+    let jump = rig.builder(0);
+    let target = rig.builder(1);
+    let config = rig.dir().join("jump_ssh_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Host far\n  HostName 127.0.0.1\n  Port {}\n  ProxyJump root@127.0.0.1:{}\n\
+             Host *\n  User root\n  IdentityFile {}\n  IdentitiesOnly yes\n  UserKnownHostsFile {}\n",
+            target.port(),
+            jump.port(),
+            rig.client_key().display(),
+            rig.known_hosts().display()
+        ),
+    )
+    .expect("write ssh_config");
+    let out = nixmux(&[
+        "ping",
+        "--json",
+        "ssh-ng://far",
+        "--ssh-config",
+        config.to_str().expect("utf8"),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        doc["builders"][0]["endpoint"],
+        format!("root@127.0.0.1:{}", target.port())
+    );
+    // The target was reached through the jump host: a direct-tcpip channel was opened there.
+    assert!(
+        jump.count_log("ctype direct-tcpip") >= 1,
+        "{}",
+        jump.sshd_log()
+    );
+    assert_eq!(jump.count_log("Accepted publickey"), 1);
+}
