@@ -208,6 +208,18 @@ impl Builder {
         progress: Option<ProgressFn>,
     ) -> Result<TransferReport> {
         let closure = local.closure(roots).await?;
+        self.push_infos(local, closure, substitute, progress).await
+    }
+
+    /// [`Builder::push_closure`] for a closure whose metadata is already known (dependencies
+    /// first).
+    async fn push_infos(
+        &self,
+        local: &LocalStore,
+        closure: Vec<PathInfo>,
+        substitute: bool,
+        progress: Option<ProgressFn>,
+    ) -> Result<TransferReport> {
         let all: BTreeSet<StorePath> = closure.iter().map(|i| i.path.clone()).collect();
         let present = self.query_valid_paths(&all, substitute).await?;
         let (missing, report) = plan_transfer(closure, &present);
@@ -492,14 +504,11 @@ impl Builder {
         let name = self.name().to_owned();
         let mut srcs = drv.input_srcs.clone();
         srcs.extend(input_outputs.iter().cloned());
-        let closure: BTreeSet<StorePath> = local
-            .closure(&srcs)
-            .await?
-            .into_iter()
-            .map(|i| i.path)
-            .collect();
+        // The closure's metadata serves twice: the derivation's inputSrcs and the push.
+        let infos = local.closure(&srcs).await?;
+        let closure: BTreeSet<StorePath> = infos.iter().map(|i| i.path.clone()).collect();
         let pushed = self
-            .push_closure(local, &closure, options.substitute, progress)
+            .push_infos(local, infos, options.substitute, progress)
             .await?;
         let basic = drv.to_basic(closure);
         let mut s = self.acquire().await?;
