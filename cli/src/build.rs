@@ -122,19 +122,15 @@ pub(crate) fn pick(
 async fn plan(local: &LocalStore, roots: &[StorePath]) -> nixmux::Result<Vec<StorePath>> {
     let mut order = Vec::new();
     let mut seen = BTreeSet::new();
-    // Iterative post-order walk over input derivations.
-    let mut stack: Vec<(StorePath, bool)> =
-        roots.iter().rev().map(|r| (r.clone(), false)).collect();
-    while let Some((drv_path, expanded)) = stack.pop() {
-        if expanded {
-            let drv = local.read_derivation(&drv_path).await?;
-            let outs: BTreeSet<StorePath> = drv
-                .outputs
-                .values()
-                .filter_map(|o| o.path.clone())
-                .collect();
+    // Iterative post-order walk over input derivations; each `.drv` is read once, and its
+    // outputs checked after its inputs were visited.
+    let mut stack: Vec<(StorePath, Option<(BTreeSet<StorePath>, usize)>)> =
+        roots.iter().rev().map(|r| (r.clone(), None)).collect();
+    while let Some((drv_path, outputs)) = stack.pop() {
+        if let Some((outs, n_outputs)) = outputs {
+            // Outputs without a fixed path (floating CA) count as missing.
             let valid = local.query_valid_paths(&outs).await?;
-            if valid.len() < drv.outputs.len() {
+            if valid.len() < n_outputs {
                 order.push(drv_path);
             }
             continue;
@@ -143,10 +139,15 @@ async fn plan(local: &LocalStore, roots: &[StorePath]) -> nixmux::Result<Vec<Sto
             continue;
         }
         let drv = local.read_derivation(&drv_path).await?;
-        stack.push((drv_path, true));
+        let outs: BTreeSet<StorePath> = drv
+            .outputs
+            .values()
+            .filter_map(|o| o.path.clone())
+            .collect();
+        stack.push((drv_path, Some((outs, drv.outputs.len()))));
         for input in drv.input_drvs.keys() {
             if !seen.contains(input) {
-                stack.push((input.clone(), false));
+                stack.push((input.clone(), None));
             }
         }
     }
