@@ -117,6 +117,9 @@ pub(crate) fn pick(
     }
 }
 
+/// A derivation's fixed output paths and how many outputs it has in all.
+type Outputs = (BTreeSet<StorePath>, usize);
+
 /// The derivations that must be built for `roots`, dependencies first: those with an
 /// output that is not valid locally.
 async fn plan(local: &LocalStore, roots: &[StorePath]) -> nixmux::Result<Vec<StorePath>> {
@@ -124,7 +127,7 @@ async fn plan(local: &LocalStore, roots: &[StorePath]) -> nixmux::Result<Vec<Sto
     let mut seen = BTreeSet::new();
     // Iterative post-order walk over input derivations; each `.drv` is read once, and its
     // outputs checked after its inputs were visited.
-    let mut stack: Vec<(StorePath, Option<(BTreeSet<StorePath>, usize)>)> =
+    let mut stack: Vec<(StorePath, Option<Outputs>)> =
         roots.iter().rev().map(|r| (r.clone(), None)).collect();
     while let Some((drv_path, outputs)) = stack.pop() {
         if let Some((outs, n_outputs)) = outputs {
