@@ -116,7 +116,7 @@ impl ProcSession {
             .arg(remote_command(protocol));
         let pipes = process::spawn(cmd).context("spawning ssh")?;
         let config = SessionConfig {
-            io_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
             diagnostics: Some(Arc::new(pipes.stderr.clone())),
             ..SessionConfig::default()
         };

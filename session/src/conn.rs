@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -10,8 +11,9 @@ use nixmux_proto::Limits;
 use nixmux_proto::hash::Hash;
 use nixmux_proto::nar::NarParser;
 use nixmux_proto::wire::{ReadResult, WireReader, try_decode_hint};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
+use crate::activity::{Activity, Patience, within_idle};
 use crate::error::SessionError;
 
 /// Explains why a remote went away: the stderr tail and exit status of the remote command.
@@ -28,16 +30,25 @@ pub type BoxReader = Box<dyn AsyncRead + Unpin + Send>;
 pub type BoxWriter = Box<dyn AsyncWrite + Unpin + Send>;
 
 /// Settings shared by both session kinds.
+///
+/// Timeouts measure silence, never length: a wait on the peer fails only when no byte has
+/// moved in either direction of the session for the whole limit (see [`Activity`]). A 1 GiB
+/// NAR over a slow link may take an hour and never time out; a peer that stops reading and
+/// writing for `idle_timeout` does. An overall bound on an operation, if a caller wants one,
+/// belongs to the caller (dropping the future is safe: the session is poisoned).
 #[derive(Clone)]
 pub struct SessionConfig {
     /// Bounds on every length read from the peer.
     pub limits: Limits,
-    /// Longest wait for bytes during an operation that is not a build (handshake, queries,
-    /// transfers). A build may be silent for hours, so builds use [`SessionConfig::build_timeout`].
-    pub io_timeout: Duration,
-    /// Longest wait for the result of a build (`None`: rely on the builder's own
-    /// `max-silent-time` / `timeout` and on transport keepalives).
-    pub build_timeout: Option<Duration>,
+    /// Longest silence tolerated while we wait on the peer during anything that is not a
+    /// build: handshake, queries, transfers (each direction's bytes count as progress for
+    /// both). Default 60 s.
+    pub idle_timeout: Duration,
+    /// Longest silence tolerated while waiting for a build's result; log output counts as
+    /// progress. `None` (default): a build may be silent for as long as the builder's own
+    /// `max-silent-time` / `timeout` allow; a dead connection is still noticed by the
+    /// transport's keepalives.
+    pub build_idle_timeout: Option<Duration>,
     /// Explains remote deaths (stderr tail, exit status).
     pub diagnostics: Option<Arc<dyn RemoteDiagnostics>>,
 }
@@ -46,8 +57,8 @@ impl std::fmt::Debug for SessionConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SessionConfig")
             .field("limits", &self.limits)
-            .field("io_timeout", &self.io_timeout)
-            .field("build_timeout", &self.build_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("build_idle_timeout", &self.build_idle_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -56,9 +67,19 @@ impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig {
             limits: Limits::DEFAULT,
-            io_timeout: Duration::from_secs(60),
-            build_timeout: None,
+            idle_timeout: Duration::from_secs(60),
+            build_idle_timeout: None,
             diagnostics: None,
+        }
+    }
+}
+
+impl SessionConfig {
+    /// The silence tolerated by a wait of this kind (`None`: unbounded).
+    pub(crate) fn idle_limit(&self, patience: Patience) -> Option<Duration> {
+        match patience {
+            Patience::Transfer => Some(self.idle_timeout),
+            Patience::Build => self.build_idle_timeout,
         }
     }
 }
@@ -69,13 +90,58 @@ const READ_CHUNK: usize = 256 << 10;
 /// connection and to stay well under SSH packet limits across a rekey.
 pub(crate) const WRITE_CHUNK: usize = 64 << 10;
 
+/// A reader or writer that records every byte it moves on the session's [`Activity`].
+struct Metered<T> {
+    inner: T,
+    activity: Activity,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// The buffered pipe. Only the session types touch it.
 pub(crate) struct Conn {
-    reader: BoxReader,
-    writer: BoxWriter,
+    reader: Metered<BoxReader>,
+    writer: Metered<BoxWriter>,
     rbuf: BytesMut,
     pub(crate) wbuf: BytesMut,
     pub(crate) config: SessionConfig,
+    /// When bytes last moved, in either direction.
+    pub(crate) activity: Activity,
     /// Set while an operation is in flight and cleared when it completes; still set on entry
     /// means the previous operation was dropped half-way (cancelled).
     busy: bool,
@@ -87,12 +153,20 @@ pub(crate) struct Conn {
 
 impl Conn {
     pub(crate) fn new(reader: BoxReader, writer: BoxWriter, config: SessionConfig) -> Self {
+        let activity = Activity::new();
         Conn {
-            reader,
-            writer,
+            reader: Metered {
+                inner: reader,
+                activity: activity.clone(),
+            },
+            writer: Metered {
+                inner: writer,
+                activity: activity.clone(),
+            },
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: BytesMut::with_capacity(4096),
             config,
+            activity,
             busy: false,
             poisoned: false,
             bytes_in: 0,
@@ -112,6 +186,8 @@ impl Conn {
             return Err(SessionError::Poisoned);
         }
         self.busy = true;
+        // The peer had no reason to talk between operations: silence starts counting now.
+        self.activity.touch();
         Ok(())
     }
 
@@ -156,14 +232,17 @@ impl Conn {
         during: &'static str,
     ) -> Result<(), SessionError> {
         self.bytes_out += data.len() as u64;
-        let timeout = self.config.io_timeout;
-        match write_chunked(&mut self.writer, data, flush, timeout).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(io_error(self.config.diagnostics.clone(), during, e).await),
-            Err(_) => Err(SessionError::Timeout {
-                during,
-                after: timeout,
-            }),
+        let limit = self.config.idle_limit(Patience::Transfer);
+        let written = within_idle(
+            &self.activity,
+            limit,
+            during,
+            write_chunked(&mut self.writer, data, flush),
+        )
+        .await?;
+        match written {
+            Ok(()) => Ok(()),
+            Err(e) => Err(io_error(self.config.diagnostics.clone(), during, e).await),
         }
     }
 
@@ -174,92 +253,56 @@ impl Conn {
 
     /// Closes our sending side (EOF to the remote).
     pub(crate) async fn shutdown(&mut self) {
-        let _ = tokio::time::timeout(self.config.io_timeout, self.writer.shutdown()).await;
+        let limit = self.config.idle_limit(Patience::Transfer);
+        let _ = within_idle(&self.activity, limit, "shutdown", self.writer.shutdown()).await;
     }
 
-    /// Reads more bytes into `rbuf`, at least `min` (or fails).
-    async fn fill(
-        &mut self,
-        min: usize,
-        during: &'static str,
-        timeout: Option<Duration>,
-    ) -> Result<(), SessionError> {
-        let target = self.rbuf.len() + min;
-        while self.rbuf.len() < target {
-            self.rbuf.reserve(READ_CHUNK.max(target - self.rbuf.len()));
-            let read = self.reader.read_buf(&mut self.rbuf);
-            let n = match timeout {
-                Some(t) => match tokio::time::timeout(t, read).await {
-                    Ok(r) => r,
-                    Err(_) => return Err(SessionError::Timeout { during, after: t }),
-                },
-                None => read.await,
-            };
-            match n {
-                Ok(0) => {
-                    return Err(SessionError::Closed {
-                        during,
-                        explanation: explain(self.config.diagnostics.clone()).await,
-                    });
-                }
-                Ok(n) => self.bytes_in += n as u64,
-                Err(e) => return Err(io_error(self.config.diagnostics.clone(), during, e).await),
-            }
-        }
-        Ok(())
-    }
-
-    /// Decodes one value, reading as needed.
+    /// Decodes one value, reading as needed; the peer may stay silent for the idle limit of
+    /// `patience` between bytes.
     pub(crate) async fn read_with<T>(
         &mut self,
         during: &'static str,
-        timeout: Option<Duration>,
+        patience: Patience,
         decode: impl Fn(&mut WireReader<'_>) -> ReadResult<T>,
     ) -> Result<T, SessionError> {
-        loop {
-            match try_decode_hint(&self.rbuf, &self.config.limits, &decode) {
-                Ok(Ok((v, used))) => {
-                    self.rbuf.advance(used);
-                    return Ok(v);
-                }
-                Ok(Err(needed)) => self.fill(needed.max(1), during, timeout).await?,
-                Err(source) => return Err(SessionError::Protocol { during, source }),
-            }
-        }
+        let (mut rh, _) = self.halves();
+        rh.read(during, patience, decode).await
     }
 
-    /// Decodes one value with the default I/O timeout.
+    /// Decodes one value (a transfer's patience).
     pub(crate) async fn read<T>(
         &mut self,
         during: &'static str,
         decode: impl Fn(&mut WireReader<'_>) -> ReadResult<T>,
     ) -> Result<T, SessionError> {
-        let t = Some(self.config.io_timeout);
-        self.read_with(during, t, decode).await
+        self.read_with(during, Patience::Transfer, decode).await
     }
 
     /// Streams one self-delimiting NAR from the peer into `sink`, returning its size and hash.
     /// Only the NAR's bytes are consumed; what follows stays buffered for the next message.
+    /// Time spent waiting on `sink` does not count as the peer's silence.
     pub(crate) async fn read_nar(
         &mut self,
         sink: &mut (dyn AsyncWrite + Unpin + Send),
         during: &'static str,
     ) -> Result<(u64, Hash), SessionError> {
         let mut parser = NarParser::new(self.config.limits);
-        let timeout = Some(self.config.io_timeout);
+        let (mut rh, _) = self.halves();
         loop {
-            if !self.rbuf.is_empty() {
+            if !rh.rbuf.is_empty() {
                 let used = parser
-                    .feed(&self.rbuf)
+                    .feed(rh.rbuf)
                     .map_err(|source| SessionError::Protocol { during, source })?;
-                let chunk = self.rbuf.split_to(used);
+                let chunk = rh.rbuf.split_to(used);
+                let _ours = rh.activity.pause();
                 sink.write_all(&chunk).await.map_err(SessionError::Sink)?;
             }
             if parser.is_done() {
+                let _ours = rh.activity.pause();
                 sink.flush().await.map_err(SessionError::Sink)?;
                 return Ok((parser.nar_size(), parser.nar_hash()));
             }
-            self.fill(1, during, timeout).await?;
+            rh.fill(1, during, Patience::Transfer).await?;
         }
     }
 
@@ -273,7 +316,7 @@ impl Conn {
         let mut left = len;
         let mut buf = vec![0u8; WRITE_CHUNK];
         while left > 0 {
-            let chunk = read_upload_chunk(source, &mut buf, left).await?;
+            let chunk = read_upload_chunk(source, &mut buf, left, &self.activity).await?;
             self.write_raw(chunk, during).await?;
             left -= chunk.len() as u64;
         }
@@ -286,13 +329,14 @@ impl Conn {
             ReadHalf {
                 reader: &mut self.reader,
                 rbuf: &mut self.rbuf,
-                limits: &self.config.limits,
-                diagnostics: self.config.diagnostics.clone(),
+                config: &self.config,
+                activity: &self.activity,
                 bytes_in: &mut self.bytes_in,
             },
             WriteHalf {
                 writer: &mut self.writer,
-                io_timeout: self.config.io_timeout,
+                config: &self.config,
+                activity: &self.activity,
                 bytes_out: &mut self.bytes_out,
             },
         )
@@ -300,37 +344,37 @@ impl Conn {
 }
 
 /// Writes `data` in pieces of at most [`WRITE_CHUNK`] (so other channels of a shared
-/// connection get their turn), then flushes if asked, all within `timeout`.
+/// connection get their turn), then flushes if asked.
 async fn write_chunked(
-    w: &mut BoxWriter,
+    w: &mut Metered<BoxWriter>,
     data: &[u8],
     flush: bool,
-    timeout: Duration,
-) -> Result<std::io::Result<()>, tokio::time::error::Elapsed> {
-    tokio::time::timeout(timeout, async {
-        for chunk in data.chunks(WRITE_CHUNK) {
-            w.write_all(chunk).await?;
-        }
-        if flush {
-            w.flush().await?;
-        }
-        Ok(())
-    })
-    .await
+) -> std::io::Result<()> {
+    for chunk in data.chunks(WRITE_CHUNK) {
+        w.write_all(chunk).await?;
+    }
+    if flush {
+        w.flush().await?;
+    }
+    Ok(())
 }
 
 /// Reads the next piece (at most `buf.len()` bytes) of an upload with `left` bytes still
-/// announced. A source that ends early is the local side's fault, not the peer's.
+/// announced. A source that ends early is the local side's fault, not the peer's; the time
+/// spent waiting on it is not the peer's silence.
 pub(crate) async fn read_upload_chunk<'b>(
     src: &mut (dyn AsyncRead + Unpin + Send),
     buf: &'b mut [u8],
     left: u64,
+    activity: &Activity,
 ) -> Result<&'b [u8], SessionError> {
     let want = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
-    let n = src
-        .read(&mut buf[..want])
-        .await
-        .map_err(SessionError::Source)?;
+    let n = {
+        let _ours = activity.pause();
+        src.read(&mut buf[..want])
+            .await
+            .map_err(SessionError::Source)?
+    };
     if n == 0 {
         return Err(SessionError::Source(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
@@ -370,62 +414,66 @@ async fn io_error(
 
 /// Read side during a concurrent operation.
 pub(crate) struct ReadHalf<'a> {
-    reader: &'a mut BoxReader,
+    reader: &'a mut Metered<BoxReader>,
     rbuf: &'a mut BytesMut,
-    limits: &'a Limits,
-    diagnostics: Option<Arc<dyn RemoteDiagnostics>>,
+    config: &'a SessionConfig,
+    activity: &'a Activity,
     bytes_in: &'a mut u64,
 }
 
 impl ReadHalf<'_> {
-    /// Decodes one value, reading as needed. `timeout` `None` waits without bound (the
-    /// transport's keepalive still detects a dead peer).
+    /// Decodes one value, reading as needed; the peer may stay silent for the idle limit of
+    /// `patience` (while bytes move in either direction, it is not silent).
     pub(crate) async fn read<T>(
         &mut self,
         during: &'static str,
-        timeout: Option<Duration>,
+        patience: Patience,
         decode: impl Fn(&mut WireReader<'_>) -> ReadResult<T>,
     ) -> Result<T, SessionError> {
         loop {
-            match try_decode_hint(self.rbuf, self.limits, &decode) {
+            match try_decode_hint(self.rbuf, &self.config.limits, &decode) {
                 Ok(Ok((v, used))) => {
                     self.rbuf.advance(used);
                     return Ok(v);
                 }
-                Ok(Err(needed)) => {
-                    let target = self.rbuf.len() + needed.max(1);
-                    while self.rbuf.len() < target {
-                        self.rbuf.reserve(READ_CHUNK);
-                        let read = self.reader.read_buf(self.rbuf);
-                        let n = match timeout {
-                            Some(t) => tokio::time::timeout(t, read)
-                                .await
-                                .map_err(|_| SessionError::Timeout { during, after: t })?,
-                            None => read.await,
-                        };
-                        match n {
-                            Ok(0) => {
-                                let explanation = explain(self.diagnostics.clone()).await;
-                                return Err(SessionError::Closed {
-                                    during,
-                                    explanation,
-                                });
-                            }
-                            Ok(n) => *self.bytes_in += n as u64,
-                            Err(e) => return Err(SessionError::Io { during, source: e }),
-                        }
-                    }
-                }
+                Ok(Err(needed)) => self.fill(needed.max(1), during, patience).await?,
                 Err(source) => return Err(SessionError::Protocol { during, source }),
             }
         }
+    }
+
+    /// Reads more bytes into the buffer, at least `min` (or fails).
+    async fn fill(
+        &mut self,
+        min: usize,
+        during: &'static str,
+        patience: Patience,
+    ) -> Result<(), SessionError> {
+        let target = self.rbuf.len() + min;
+        let limit = self.config.idle_limit(patience);
+        while self.rbuf.len() < target {
+            self.rbuf.reserve(READ_CHUNK.max(target - self.rbuf.len()));
+            let read = self.reader.read_buf(self.rbuf);
+            match within_idle(self.activity, limit, during, read).await? {
+                Ok(0) => {
+                    return Err(SessionError::Closed {
+                        during,
+                        explanation: explain(self.config.diagnostics.clone()).await,
+                    });
+                }
+                Ok(n) => *self.bytes_in += n as u64,
+                Err(e) => return Err(io_error(self.config.diagnostics.clone(), during, e).await),
+            }
+        }
+        Ok(())
     }
 }
 
 /// Write side during a concurrent operation.
 pub(crate) struct WriteHalf<'a> {
-    writer: &'a mut BoxWriter,
-    io_timeout: Duration,
+    writer: &'a mut Metered<BoxWriter>,
+    config: &'a SessionConfig,
+    activity: &'a Activity,
     bytes_out: &'a mut u64,
 }
 
@@ -436,12 +484,20 @@ impl WriteHalf<'_> {
         data: &[u8],
         during: &'static str,
     ) -> Result<(), SessionError> {
-        let t = self.io_timeout;
         *self.bytes_out += data.len() as u64;
-        match write_chunked(self.writer, data, true, t).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(SessionError::Io { during, source: e }),
-            Err(_) => Err(SessionError::Timeout { during, after: t }),
-        }
+        let limit = self.config.idle_limit(Patience::Transfer);
+        let written = within_idle(
+            self.activity,
+            limit,
+            during,
+            write_chunked(self.writer, data, true),
+        )
+        .await?;
+        written.map_err(|source| SessionError::Io { during, source })
+    }
+
+    /// The session's clock (an upload's source reads pause it).
+    pub(crate) fn activity(&self) -> &Activity {
+        self.activity
     }
 }

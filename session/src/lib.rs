@@ -12,17 +12,21 @@
 //!   and [`WorkerSession::is_usable`] turn false and every later call fails with
 //!   [`SessionError::Poisoned`]. A pool must then discard it (closing the pipe makes the remote
 //!   Nix stop whatever it was doing).
-//! * Every wait for bytes has a timeout ([`SessionConfig::io_timeout`]), except waits for build
-//!   results, which have [`SessionConfig::build_timeout`] (builds can be silent for hours).
+//! * Timeouts measure silence, not duration ([`Activity`]): a wait on the peer fails once no
+//!   byte has moved in either direction for [`SessionConfig::idle_timeout`]
+//!   ([`SessionConfig::build_idle_timeout`] while waiting for a build, which may be silent for
+//!   hours). A transfer that keeps moving never times out, however long it takes.
 //! * NARs stream through in bounded chunks, never held whole, and are hashed on the way.
 //! * Worker log frames go to a callback that must not block.
 
+mod activity;
 mod conn;
 mod error;
 pub mod process;
 mod serve;
 mod worker;
 
+pub use activity::{Activity, PauseGuard};
 pub use conn::{BoxReader, BoxWriter, RemoteDiagnostics, SessionConfig};
 pub use error::SessionError;
 pub use serve::{NarSummary, ServeSession, Upload};

@@ -17,6 +17,7 @@ use nixmux_proto::wire::{ReadResult, WireReader};
 use nixmux_proto::{ProtoError, ProtocolVersion};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::activity::{Activity, Patience};
 use crate::conn::{BoxReader, BoxWriter, Conn, SessionConfig};
 use crate::error::SessionError;
 
@@ -98,6 +99,13 @@ impl ServeSession {
         (self.conn.bytes_in, self.conn.bytes_out)
     }
 
+    /// The session's clock: when its bytes last moved (see [`Activity`]). The build log
+    /// arrives outside the session (the channel's stderr); whoever reads it should
+    /// [`Activity::touch`] this, so that a build that logs is not silent.
+    pub fn activity(&self) -> Activity {
+        self.conn.activity.clone()
+    }
+
     /// Ends the session cleanly: the server exits when it reads EOF where a command would be.
     pub async fn close(mut self) {
         self.conn.shutdown().await;
@@ -115,13 +123,13 @@ impl ServeSession {
         self.conn.flush(during).await
     }
 
-    /// One request, one reply decoded by `decode` (waiting at most `timeout` for each read):
-    /// the shape of most serve commands.
+    /// One request, one reply decoded by `decode` (the peer silent at most the idle limit of
+    /// `patience`): the shape of most serve commands.
     async fn call<T>(
         &mut self,
         req: Request,
         during: &'static str,
-        timeout: Option<std::time::Duration>,
+        patience: Patience,
         decode: impl Fn(&mut WireReader<'_>, &StoreDir, ProtocolVersion) -> ReadResult<T>,
     ) -> Result<T, SessionError> {
         self.conn.begin()?;
@@ -130,7 +138,7 @@ impl ServeSession {
             let dir = self.dir.clone();
             let v = self.version;
             self.conn
-                .read_with(during, timeout, |r| decode(r, &dir, v))
+                .read_with(during, patience, |r| decode(r, &dir, v))
                 .await
         }
         .await;
@@ -151,7 +159,7 @@ impl ServeSession {
             substitute,
             paths: paths.clone(),
         };
-        let t = Some(self.conn.config.io_timeout);
+        let t = Patience::Transfer;
         self.call(req, "serve QueryValidPaths", t, |r, dir, _| {
             serve::read_path_set(r, dir)
         })
@@ -209,7 +217,7 @@ impl ServeSession {
             include_outputs,
             paths: paths.clone(),
         };
-        let t = Some(self.conn.config.io_timeout);
+        let t = Patience::Transfer;
         self.call(req, "serve QueryClosure", t, |r, dir, _| {
             serve::read_path_set(r, dir)
         })
@@ -386,7 +394,7 @@ impl ServeSession {
             paths: paths.to_vec(),
             options: *options,
         };
-        let t = self.conn.config.build_timeout;
+        let t = Patience::Build;
         self.call(req, "serve BuildPaths", t, |r, _, _| {
             serve::read_build_paths_reply(r)
         })
@@ -406,7 +414,7 @@ impl ServeSession {
             drv: drv.clone(),
             options: *options,
         };
-        let t = self.conn.config.build_timeout;
+        let t = Patience::Build;
         self.call(req, "serve BuildDerivation", t, serve::read_build_result)
             .await
     }

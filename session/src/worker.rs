@@ -7,7 +7,6 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use bytes::BytesMut;
 use nixmux_proto::build_result::BuildResult;
@@ -24,6 +23,7 @@ use nixmux_proto::worker::{
 use nixmux_proto::{Misbehaved, ProtoError, ProtocolVersion};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
+use crate::activity::{Activity, Patience};
 use crate::conn::{
     BoxReader, BoxWriter, Conn, ReadHalf, SessionConfig, WRITE_CHUNK, read_upload_chunk,
 };
@@ -100,11 +100,11 @@ async fn stderr_loop(
     rh: &mut ReadHalf<'_>,
     v: ProtocolVersion,
     during: &'static str,
-    timeout: Option<Duration>,
+    patience: Patience,
     logs: LogFn<'_>,
 ) -> Result<(), SessionError> {
     loop {
-        let msg = rh.read(during, timeout, |r| StderrMsg::read(r, v)).await?;
+        let msg = rh.read(during, patience, |r| StderrMsg::read(r, v)).await?;
         match msg {
             StderrMsg::Last => return Ok(()),
             StderrMsg::Error(e) => return Err(SessionError::Remote(e)),
@@ -179,8 +179,8 @@ impl WorkerSession {
             info,
             dir,
         };
-        let t = Some(session.conn.config.io_timeout);
         {
+            let t = Patience::Transfer;
             let (mut rh, _) = session.conn.halves();
             stderr_loop(&mut rh, version, DURING, t, logs).await?;
             if wconfig.options.is_some() {
@@ -246,7 +246,7 @@ impl WorkerSession {
         &mut self,
         req: Request,
         during: &'static str,
-        timeout: Option<Duration>,
+        patience: Patience,
         logs: LogFn<'_>,
         decode: impl Fn(
             &mut nixmux_proto::wire::WireReader<'_>,
@@ -262,20 +262,21 @@ impl WorkerSession {
             let v = self.neg.version;
             {
                 let (mut rh, _) = self.conn.halves();
-                stderr_loop(&mut rh, v, during, timeout, logs).await?;
+                stderr_loop(&mut rh, v, during, patience, logs).await?;
             }
             let dir = self.dir.clone();
             let neg = self.neg.clone();
             self.conn
-                .read_with(during, timeout, |r| decode(r, &dir, &neg))
+                .read_with(during, patience, |r| decode(r, &dir, &neg))
                 .await
         }
         .await;
         self.conn.end(r)
     }
 
-    fn io_timeout(&self) -> Option<Duration> {
-        Some(self.conn.config.io_timeout)
+    /// The session's clock: when its bytes last moved (see [`Activity`]).
+    pub fn activity(&self) -> Activity {
+        self.conn.activity.clone()
     }
 
     /// Sends `SetOptions` again (e.g. different build limits for the next build).
@@ -284,7 +285,7 @@ impl WorkerSession {
         options: &ClientOptions,
         logs: LogFn<'_>,
     ) -> Result<(), SessionError> {
-        let t = self.io_timeout();
+        let t = Patience::Transfer;
         self.simple(
             Request::SetOptions(options.clone()),
             "worker SetOptions",
@@ -301,7 +302,7 @@ impl WorkerSession {
         path: &StorePath,
         logs: LogFn<'_>,
     ) -> Result<bool, SessionError> {
-        let t = self.io_timeout();
+        let t = Patience::Transfer;
         self.simple(
             Request::IsValidPath { path: path.clone() },
             "worker IsValidPath",
@@ -319,7 +320,7 @@ impl WorkerSession {
         substitute: bool,
         logs: LogFn<'_>,
     ) -> Result<BTreeSet<StorePath>, SessionError> {
-        let t = self.io_timeout();
+        let t = Patience::Transfer;
         self.simple(
             Request::QueryValidPaths {
                 paths: paths.clone(),
@@ -339,7 +340,7 @@ impl WorkerSession {
         path: &StorePath,
         logs: LogFn<'_>,
     ) -> Result<Option<PathInfo>, SessionError> {
-        let t = self.io_timeout();
+        let t = Patience::Transfer;
         let p = path.clone();
         let r = self
             .simple(
@@ -378,7 +379,7 @@ impl WorkerSession {
             let mut out = Vec::with_capacity(paths.len());
             let mut first_error = None;
             let v = self.neg.version;
-            let t = Some(self.conn.config.io_timeout);
+            let t = Patience::Transfer;
             let mut sent = 0;
             for (i, p) in paths.iter().copied().enumerate() {
                 // Keep at most PIPELINE_WINDOW requests ahead of the replies read (topped up
@@ -435,7 +436,7 @@ impl WorkerSession {
         hash_part: &str,
         logs: LogFn<'_>,
     ) -> Result<Option<StorePath>, SessionError> {
-        let t = self.io_timeout();
+        let t = Patience::Transfer;
         self.simple(
             Request::QueryPathFromHashPart {
                 hash_part: hash_part.to_owned(),
@@ -454,7 +455,7 @@ impl WorkerSession {
         path: &StorePath,
         logs: LogFn<'_>,
     ) -> Result<(), SessionError> {
-        let t = self.io_timeout();
+        let t = Patience::Transfer;
         self.simple(
             Request::AddTempRoot { path: path.clone() },
             "worker AddTempRoot",
@@ -471,7 +472,7 @@ impl WorkerSession {
         path: &StorePath,
         logs: LogFn<'_>,
     ) -> Result<(), SessionError> {
-        let t = self.conn.config.build_timeout;
+        let t = Patience::Build;
         self.simple(
             Request::EnsurePath { path: path.clone() },
             "worker EnsurePath",
@@ -489,7 +490,7 @@ impl WorkerSession {
         sigs: &BTreeSet<String>,
         logs: LogFn<'_>,
     ) -> Result<(), SessionError> {
-        let t = self.io_timeout();
+        let t = Patience::Transfer;
         self.simple(
             Request::AddSignatures {
                 path: path.clone(),
@@ -509,7 +510,7 @@ impl WorkerSession {
         targets: &[DerivedPath],
         logs: LogFn<'_>,
     ) -> Result<Missing, SessionError> {
-        let t = self.io_timeout();
+        let t = Patience::Transfer;
         self.simple(
             Request::QueryMissing {
                 targets: targets.to_vec(),
@@ -531,7 +532,7 @@ impl WorkerSession {
         mode: BuildMode,
         logs: LogFn<'_>,
     ) -> Result<BuildResult, SessionError> {
-        let t = self.conn.config.build_timeout;
+        let t = Patience::Build;
         self.simple(
             Request::BuildDerivation {
                 drv_path: drv_path.clone(),
@@ -553,7 +554,7 @@ impl WorkerSession {
         mode: BuildMode,
         logs: LogFn<'_>,
     ) -> Result<(), SessionError> {
-        let t = self.conn.config.build_timeout;
+        let t = Patience::Build;
         self.simple(
             Request::BuildPaths {
                 targets: targets.to_vec(),
@@ -574,7 +575,7 @@ impl WorkerSession {
         mode: BuildMode,
         logs: LogFn<'_>,
     ) -> Result<Vec<(DerivedPath, BuildResult)>, SessionError> {
-        let t = self.conn.config.build_timeout;
+        let t = Patience::Build;
         self.simple(
             Request::BuildPathsWithResults {
                 targets: targets.to_vec(),
@@ -595,7 +596,7 @@ impl WorkerSession {
         id: &DrvOutputId,
         logs: LogFn<'_>,
     ) -> Result<Option<Realisation>, SessionError> {
-        let t = self.io_timeout();
+        let t = Patience::Transfer;
         let id2 = id.clone();
         self.simple(
             Request::QueryRealisation(id.clone()),
@@ -613,7 +614,7 @@ impl WorkerSession {
         realisation: &Realisation,
         logs: LogFn<'_>,
     ) -> Result<(), SessionError> {
-        let t = self.io_timeout();
+        let t = Patience::Transfer;
         self.simple(
             Request::RegisterDrvOutput(realisation.clone()),
             "worker RegisterDrvOutput",
@@ -641,7 +642,7 @@ impl WorkerSession {
             );
             self.conn.flush(DURING).await?;
             let v = self.neg.version;
-            let t = Some(self.conn.config.io_timeout);
+            let t = Patience::Transfer;
             {
                 let (mut rh, _) = self.conn.halves();
                 stderr_loop(&mut rh, v, DURING, t, logs).await?;
@@ -716,7 +717,7 @@ impl WorkerSession {
         payload: Payload<'_, '_>,
     ) -> Result<(), SessionError> {
         let stop = AtomicBool::new(false);
-        let t = Some(self.conn.config.io_timeout);
+        let t = Patience::Transfer;
         let v = self.neg.version;
         let dir = self.dir.clone();
         let (mut rh, wh) = self.conn.halves();
@@ -774,6 +775,7 @@ impl WorkerSession {
                     let n = if want == 0 {
                         0
                     } else {
+                        let _ours = self.conn.activity.pause();
                         upload
                             .nar
                             .read(&mut buf[..want])
@@ -835,8 +837,9 @@ async fn copy_sized(
 ) -> Result<(), SessionError> {
     let mut left = size;
     let mut buf = vec![0u8; WRITE_CHUNK];
+    let activity = out.wh.activity().clone();
     while left > 0 {
-        let chunk = read_upload_chunk(src, &mut buf, left).await?;
+        let chunk = read_upload_chunk(src, &mut buf, left, &activity).await?;
         out.push(chunk).await?;
         left -= chunk.len() as u64;
     }

@@ -35,8 +35,8 @@ fn v(minor: u8) -> ProtocolVersion {
 
 fn config() -> SessionConfig {
     SessionConfig {
-        io_timeout: Duration::from_secs(5),
-        build_timeout: Some(Duration::from_secs(5)),
+        idle_timeout: Duration::from_secs(5),
+        build_idle_timeout: Some(Duration::from_secs(5)),
         ..SessionConfig::default()
     }
 }
@@ -857,9 +857,9 @@ async fn server_deaths_are_closed() {
 }
 
 #[tokio::test]
-async fn a_stalled_server_hits_the_io_timeout() {
+async fn a_stalled_server_hits_the_idle_timeout() {
     let cfg = SessionConfig {
-        io_timeout: Duration::from_millis(200),
+        idle_timeout: Duration::from_millis(200),
         ..config()
     };
     let started = std::time::Instant::now();
@@ -890,7 +890,7 @@ async fn pipelined_uploads_of_many_paths_do_not_deadlock() {
         })
         .collect();
     let cfg = SessionConfig {
-        io_timeout: Duration::from_secs(2),
+        idle_timeout: Duration::from_secs(2),
         ..config()
     };
     let (s, h) = connect_with(ServeFake::new(v(7)), cfg).await;

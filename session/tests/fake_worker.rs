@@ -56,8 +56,8 @@ fn v(minor: u8) -> ProtocolVersion {
 
 fn config() -> SessionConfig {
     SessionConfig {
-        io_timeout: Duration::from_secs(5),
-        build_timeout: Some(Duration::from_secs(5)),
+        idle_timeout: Duration::from_secs(5),
+        build_idle_timeout: Some(Duration::from_secs(5)),
         ..SessionConfig::default()
     }
 }
@@ -1611,9 +1611,9 @@ async fn a_reply_cut_then_eof_is_closed() {
 }
 
 #[tokio::test]
-async fn a_stalled_daemon_hits_the_io_timeout() {
+async fn a_stalled_daemon_hits_the_idle_timeout() {
     let cfg = SessionConfig {
-        io_timeout: Duration::from_millis(200),
+        idle_timeout: Duration::from_millis(200),
         ..config()
     };
     let started = std::time::Instant::now();
@@ -1745,7 +1745,7 @@ async fn pipelined_query_path_infos_of_many_paths_do_not_deadlock() {
         paths.insert(p);
     }
     let cfg = SessionConfig {
-        io_timeout: Duration::from_secs(2),
+        idle_timeout: Duration::from_secs(2),
         ..config()
     };
     let (s, h) = connect_with(fake, cfg, &no_options()).await;

@@ -40,8 +40,8 @@ fn spawn(store: &PrivateStore, args: &[&str]) -> ChildPipes {
 
 fn config(pipes: &ChildPipes) -> SessionConfig {
     SessionConfig {
-        io_timeout: Duration::from_secs(30),
-        build_timeout: Some(Duration::from_secs(120)),
+        idle_timeout: Duration::from_secs(30),
+        build_idle_timeout: Some(Duration::from_secs(120)),
         diagnostics: Some(Arc::new(pipes.stderr.clone())),
         ..SessionConfig::default()
     }
