@@ -62,8 +62,13 @@ pub struct BuilderConfig {
     pub pool: PoolSettings,
     /// Connection limits (shared with other builders on the same host: the first wins).
     pub connections: ConnectionLimits,
-    /// Timeouts and wire limits of each session.
+    /// Idle timeouts and wire limits of each session.
     pub session: SessionConfig,
+    /// Bound on each operation of the [`Builder`] API from call to result, however much
+    /// progress it makes (`None`, the default: none; every wait still has its idle timeout).
+    /// For schedulers that want a hard ceiling; on expiry the operation is cancelled (its
+    /// sessions discarded, the remote work stopped) and fails with `TimedOut`.
+    pub operation_deadline: Option<Duration>,
     /// Worker-protocol handshake settings.
     pub worker: WorkerConfig,
     /// Scheduling metadata.
@@ -85,6 +90,7 @@ impl BuilderConfig {
             pool: PoolSettings::default(),
             connections: ConnectionLimits::default(),
             session: SessionConfig::default(),
+            operation_deadline: None,
             worker: WorkerConfig::default(),
             machine: MachineInfo::default(),
         }
@@ -195,12 +201,36 @@ impl Builder {
         from_session(e).on(self.name())
     }
 
+    /// Runs one API operation under [`BuilderConfig::operation_deadline`], if any.
+    pub(crate) async fn bounded<T>(
+        &self,
+        what: &str,
+        op: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let Some(deadline) = self.inner.config.operation_deadline else {
+            return op.await;
+        };
+        match tokio::time::timeout(deadline, op).await {
+            Ok(r) => r,
+            Err(_) => Err(crate::Error::new(
+                crate::ErrorKind::TimedOut,
+                crate::Initiator::Caller,
+                format!("{what} did not finish within its deadline of {deadline:?}"),
+            )
+            .hint("raise or remove `operation_deadline`; idle timeouts already catch a stalled builder")
+            .on(self.name())),
+        }
+    }
+
     /// Protocol, version, remote Nix version and trust, from a (pooled) session.
     pub async fn remote_info(&self) -> Result<RemoteInfo> {
-        let mut s = self.acquire().await?;
-        let info = s.get().conv.info();
-        s.succeeded();
-        Ok(info)
+        self.bounded("remote_info", async {
+            let mut s = self.acquire().await?;
+            let info = s.get().conv.info();
+            s.succeeded();
+            Ok(info)
+        })
+        .await
     }
 
     /// Which of `paths` are valid on the builder. With `substitute`, the builder first tries
@@ -211,31 +241,39 @@ impl Builder {
         paths: &BTreeSet<StorePath>,
         substitute: bool,
     ) -> Result<BTreeSet<StorePath>> {
-        let mut s = self.acquire().await?;
-        let r = match &mut s.get().conv {
-            Conversation::Serve(x) => x.query_valid_paths(paths, false, substitute).await,
-            Conversation::Worker(w) => w.query_valid_paths(paths, substitute, &mut |_| {}).await,
-        }
-        .map_err(|e| self.err(e));
-        if r.is_ok() {
-            s.succeeded();
-        }
-        r
+        self.bounded("query_valid_paths", async {
+            let mut s = self.acquire().await?;
+            let r = match &mut s.get().conv {
+                Conversation::Serve(x) => x.query_valid_paths(paths, false, substitute).await,
+                Conversation::Worker(w) => {
+                    w.query_valid_paths(paths, substitute, &mut |_| {}).await
+                }
+            }
+            .map_err(|e| self.err(e));
+            if r.is_ok() {
+                s.succeeded();
+            }
+            r
+        })
+        .await
     }
 
     /// Metadata of the valid ones among `paths`, in one round trip on both protocols (serve
     /// batches natively; worker requests are pipelined).
     pub async fn query_path_infos(&self, paths: &BTreeSet<StorePath>) -> Result<Vec<PathInfo>> {
-        let mut s = self.acquire().await?;
-        let r = match &mut s.get().conv {
-            Conversation::Serve(x) => x.query_path_infos(paths).await,
-            Conversation::Worker(w) => w.query_path_infos(paths, &mut |_| {}).await,
-        }
-        .map_err(|e| self.err(e));
-        if r.is_ok() {
-            s.succeeded();
-        }
-        r
+        self.bounded("query_path_infos", async {
+            let mut s = self.acquire().await?;
+            let r = match &mut s.get().conv {
+                Conversation::Serve(x) => x.query_path_infos(paths).await,
+                Conversation::Worker(w) => w.query_path_infos(paths, &mut |_| {}).await,
+            }
+            .map_err(|e| self.err(e));
+            if r.is_ok() {
+                s.succeeded();
+            }
+            r
+        })
+        .await
     }
 }
 

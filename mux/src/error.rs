@@ -96,8 +96,9 @@ impl fmt::Display for Initiator {
     }
 }
 
-/// A nixmux error.
-#[derive(Debug)]
+/// A nixmux error. Cloneable, so that one failure (a connection attempt, say) can be handed
+/// to every caller that was waiting on it.
+#[derive(Debug, Clone)]
 pub struct Error {
     kind: ErrorKind,
     initiator: Initiator,
@@ -105,7 +106,7 @@ pub struct Error {
     retryable: bool,
     message: String,
     hint: Option<String>,
-    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    source: Option<std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
 impl Error {
@@ -150,7 +151,7 @@ impl Error {
 
     /// Attaches the underlying error.
     pub fn caused_by(mut self, e: impl std::error::Error + Send + Sync + 'static) -> Self {
-        self.source = Some(Box::new(e));
+        self.source = Some(std::sync::Arc::new(e));
         self
     }
 

@@ -207,8 +207,11 @@ impl Builder {
         substitute: bool,
         progress: Option<ProgressFn>,
     ) -> Result<TransferReport> {
-        let closure = local.closure(roots).await?;
-        self.push_infos(local, closure, substitute, progress).await
+        self.bounded("push_closure", async {
+            let closure = local.closure(roots).await?;
+            self.push_infos(local, closure, substitute, progress).await
+        })
+        .await
     }
 
     /// [`Builder::push_closure`] for a closure whose metadata is already known (dependencies
@@ -313,6 +316,19 @@ impl Builder {
     /// builder into `local`, dependencies first, checking every NAR's hash and size while it
     /// streams. A path whose transfer fails is not registered locally.
     pub async fn fetch_outputs(
+        &self,
+        local: &LocalStore,
+        paths: &BTreeSet<StorePath>,
+        progress: Option<ProgressFn>,
+    ) -> Result<TransferReport> {
+        self.bounded(
+            "fetch_outputs",
+            self.fetch_unbounded(local, paths, progress),
+        )
+        .await
+    }
+
+    async fn fetch_unbounded(
         &self,
         local: &LocalStore,
         paths: &BTreeSet<StorePath>,
@@ -434,6 +450,21 @@ impl Builder {
 
     /// [`Builder::build`], reporting the progress of the input push.
     pub async fn build_with_progress(
+        &self,
+        local: &LocalStore,
+        drv_path: &StorePath,
+        options: &BuildOptions,
+        logs: &LogSender,
+        progress: Option<ProgressFn>,
+    ) -> Result<BuildOutcome> {
+        self.bounded(
+            "build",
+            self.build_unbounded(local, drv_path, options, logs, progress),
+        )
+        .await
+    }
+
+    async fn build_unbounded(
         &self,
         local: &LocalStore,
         drv_path: &StorePath,

@@ -2,19 +2,22 @@
 //!
 //! A session (an exec channel with its handshake done) is used by one operation at a time.
 //! `acquire` hands out an idle warm session if there is one, else opens a channel on the
-//! builder's shared connection. The number of sessions per builder is bounded by a FIFO
-//! semaphore, so waiters are served in arrival order, each with a timeout. A session goes
-//! back to the idle list only if its last operation succeeded completely; one whose
-//! operation failed, was cancelled half-way (the future dropped), or whose connection died is
-//! closed, which makes the remote Nix stop whatever it was doing.
+//! builder's shared connection, and takes an idle session instead if one comes back first.
+//! The number of sessions per builder is bounded by a FIFO semaphore, so waiters are served
+//! in arrival order. A waiter gives up only when nothing has moved on the builder's
+//! connections for [`PoolSettings::acquire_timeout`]: waiting behind long transfers that keep
+//! moving is queueing, not a failure. A session goes back to the idle list only if its last
+//! operation succeeded completely; one whose operation failed, was cancelled half-way (the
+//! future dropped), or whose connection died is closed, which makes the remote Nix stop
+//! whatever it was doing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::connections::ConnectionSet;
+use crate::connections::{ConnectionSet, Opened};
 use crate::error::{Error, ErrorKind, Initiator, Result};
 use crate::remote::{self, RemoteSession, SessionSpec};
 
@@ -25,7 +28,10 @@ pub struct PoolSettings {
     pub max_sessions: usize,
     /// Idle sessions older than this are closed.
     pub max_idle: Duration,
-    /// Longest wait for a session (slot, channel and handshake included).
+    /// How long a caller waits for a session while nothing moves on the builder's
+    /// connections (no byte, no session freed or handed out). Opening the channel and the
+    /// handshake have their own timeouts (transport `channel_open_timeout` /
+    /// `exec_timeout`, session `idle_timeout`).
     pub acquire_timeout: Duration,
 }
 
@@ -57,6 +63,8 @@ pub(crate) struct SessionPool {
     pub(crate) spec: SessionSpec,
     settings: PoolSettings,
     idle: Mutex<Vec<RemoteSession>>,
+    /// Signalled when a session goes back to the idle list.
+    returned: Notify,
     permits: Arc<Semaphore>,
     pub(crate) counters: PoolCounters,
 }
@@ -94,6 +102,8 @@ impl Drop for PooledSession {
             s.last_used = Instant::now();
             if let Ok(mut idle) = self.pool.idle.lock() {
                 idle.push(s);
+                drop(idle);
+                self.pool.returned.notify_waiters();
                 return;
             }
         }
@@ -117,6 +127,7 @@ impl SessionPool {
             permits: Arc::new(Semaphore::new(settings.max_sessions.max(1))),
             settings,
             idle: Mutex::new(Vec::new()),
+            returned: Notify::new(),
             counters: PoolCounters::default(),
         });
         let weak = Arc::downgrade(&pool);
@@ -129,68 +140,96 @@ impl SessionPool {
     /// A session for one operation.
     pub(crate) async fn acquire(self: &Arc<Self>) -> Result<PooledSession> {
         let start = Instant::now();
-        let timeout = self.settings.acquire_timeout;
         self.counters.acquires.fetch_add(1, Ordering::Relaxed);
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
                 self.counters.waited.fetch_add(1, Ordering::Relaxed);
-                match tokio::time::timeout(timeout, self.permits.clone().acquire_owned()).await {
-                    Ok(Ok(p)) => p,
-                    Ok(Err(_)) => {
-                        return Err(Error::local(ErrorKind::Cancelled, "the pool was closed")
-                            .on(&self.name));
-                    }
-                    Err(_) => {
-                        self.counters.timeouts.fetch_add(1, Ordering::Relaxed);
-                        return Err(Error::new(
-                            ErrorKind::PoolExhausted,
-                            Initiator::Local,
-                            format!(
-                                "all {} sessions stayed busy for {timeout:?}",
-                                self.settings.max_sessions
-                            ),
-                        )
-                        .on(&self.name));
-                    }
-                }
+                self.wait_for_permit().await?
             }
         };
-        let waited = start.elapsed();
         self.counters.wait_micros.fetch_add(
-            u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
+            u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
-        if let Some(s) = self.take_idle() {
-            return Ok(PooledSession {
-                session: Some(s),
-                pool: self.clone(),
-                ok: false,
-                _permit: permit,
-            });
-        }
-        let left = timeout.saturating_sub(waited);
-        let s = match tokio::time::timeout(left, remote::open(&self.set, &self.spec, &self.name))
-            .await
-        {
-            Ok(r) => r?,
-            Err(_) => {
-                self.counters.timeouts.fetch_add(1, Ordering::Relaxed);
-                return Err(Error::new(
-                    ErrorKind::TimedOut,
-                    Initiator::Builder,
-                    format!("opening a session took longer than {timeout:?}"),
-                )
-                .on(&self.name));
-            }
-        };
-        self.counters.created.fetch_add(1, Ordering::Relaxed);
-        Ok(PooledSession {
-            session: Some(s),
+        let pooled = |session| PooledSession {
+            session: Some(session),
             pool: self.clone(),
             ok: false,
             _permit: permit,
-        })
+        };
+        if let Some(s) = self.take_idle() {
+            return Ok(pooled(s));
+        }
+        // Open a new session, unless a warm one comes back while we wait for a channel slot:
+        // then the reservation is withdrawn (dropping it is safe). Once a slot is ours, the
+        // open goes through: a channel opened for nothing would cost the builder a Nix start.
+        let mut seq = None;
+        loop {
+            let reserved = tokio::select! {
+                slot = self.set.reserve(self.spec.channel_wait, &mut seq) => slot,
+                s = self.next_returned() => return Ok(pooled(s)),
+            };
+            let slot = reserved.map_err(|e| e.on(&self.name))?;
+            let options = remote::exec_options(self.spec.protocol);
+            match slot
+                .open(&self.spec.command, options)
+                .await
+                .map_err(|e| e.on(&self.name))?
+            {
+                Opened::Ready(channel, ticket) => {
+                    let s = remote::start(channel, Some(ticket), &self.spec, &self.name).await?;
+                    self.counters.created.fetch_add(1, Ordering::Relaxed);
+                    return Ok(pooled(s));
+                }
+                Opened::Retry => continue,
+            }
+        }
+    }
+
+    /// The next idle session to come back.
+    async fn next_returned(&self) -> RemoteSession {
+        loop {
+            let returned = self.returned.notified();
+            if let Some(s) = self.take_idle() {
+                return s;
+            }
+            returned.await;
+        }
+    }
+
+    /// Waits for a session slot of this builder; gives up only when nothing moved on its
+    /// connections for the whole `acquire_timeout`.
+    async fn wait_for_permit(&self) -> Result<OwnedSemaphorePermit> {
+        let patience = self.settings.acquire_timeout;
+        let mut mark = self.set.progress_mark();
+        loop {
+            match tokio::time::timeout(patience, self.permits.clone().acquire_owned()).await {
+                Ok(Ok(p)) => return Ok(p),
+                Ok(Err(_)) => {
+                    return Err(
+                        Error::local(ErrorKind::Cancelled, "the pool was closed").on(&self.name)
+                    );
+                }
+                Err(_) => {
+                    let now = self.set.progress_mark();
+                    if now != mark {
+                        mark = now;
+                        continue;
+                    }
+                    self.counters.timeouts.fetch_add(1, Ordering::Relaxed);
+                    return Err(Error::new(
+                        ErrorKind::PoolExhausted,
+                        Initiator::Local,
+                        format!(
+                            "all {} sessions stayed busy for {patience:?} without moving a byte",
+                            self.settings.max_sessions
+                        ),
+                    )
+                    .on(&self.name));
+                }
+            }
+        }
     }
 
     /// The most recently used healthy idle session (warmest first), closing stale ones.

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 use nixmux_proto::log::{LineSplitter, LogEvent};
 use nixmux_proto::store_path::StoreDir;
 use nixmux_session::{
-    RemoteDiagnostics, ServeSession, SessionConfig, SessionError, WorkerConfig, WorkerSession,
+    Activity, RemoteDiagnostics, ServeSession, SessionConfig, SessionError, WorkerConfig,
+    WorkerSession,
 };
 use nixmux_transport::{ExecChannel, ExecOptions, ExecStatus, ExitStatus};
 
-use crate::connections::{ChannelTicket, ConnectionSet};
+use crate::connections::ChannelTicket;
 use crate::error::{Error, ErrorKind, Result, from_session};
 use crate::logs::LogSender;
 
@@ -94,15 +95,26 @@ impl Conversation {
 }
 
 /// Where the serve protocol's stderr lines go: the log of whichever operation is running.
+/// Stderr is also proof of life: the session's clock is touched with every chunk, so that a
+/// build that logs is never taken for a silent one.
 #[derive(Default)]
 pub(crate) struct LogRoute {
     current: Mutex<Option<LogSender>>,
+    activity: Mutex<Option<Activity>>,
 }
 
 impl LogRoute {
     pub(crate) fn set(&self, s: Option<LogSender>) {
         if let Ok(mut c) = self.current.lock() {
             *c = s;
+        }
+    }
+
+    fn touch(&self) {
+        if let Ok(a) = self.activity.lock()
+            && let Some(a) = a.as_ref()
+        {
+            a.touch();
         }
     }
 
@@ -210,23 +222,6 @@ pub(crate) fn exec_options(protocol: Protocol) -> ExecOptions {
     }
 }
 
-/// Opens a channel on `set` and performs the handshake of `spec`.
-pub(crate) async fn open(
-    set: &Arc<ConnectionSet>,
-    spec: &SessionSpec,
-    builder: &str,
-) -> Result<RemoteSession> {
-    let (channel, ticket) = set
-        .open_channel(
-            &spec.command,
-            exec_options(spec.protocol),
-            spec.channel_wait,
-        )
-        .await
-        .map_err(|e| e.on(builder))?;
-    start(channel, Some(ticket), spec, builder).await
-}
-
 /// Performs the handshake of `spec` on a freshly exec'd channel.
 pub(crate) async fn start(
     mut channel: ExecChannel,
@@ -245,6 +240,7 @@ pub(crate) async fn start(
         tokio::spawn(async move {
             let mut split = LineSplitter::new(max);
             while let Some(chunk) = log.recv().await {
+                route.touch();
                 for line in split.feed(&chunk) {
                     route.send(LogEvent::Line {
                         activity: None,
@@ -281,6 +277,9 @@ pub(crate) async fn start(
         Ok(c) => c,
         Err(e) => return Err(handshake_error(e, &status, spec, builder).await),
     };
+    if let (Conversation::Serve(s), Ok(mut a)) = (&conv, route.activity.lock()) {
+        *a = Some(s.activity());
+    }
     let now = Instant::now();
     Ok(RemoteSession {
         conv,

@@ -1,27 +1,28 @@
 //! The shared SSH connections of one host.
 //!
-//! All sessions to a host share one authenticated connection; it is opened lazily, on the
-//! first channel request, and never checked out exclusively. sshd limits how many session
-//! channels one connection may have (`MaxSessions`, 10 by default). When it refuses a
-//! channel, the number that was open at that moment is the limit: it is remembered for this
-//! host, no more channels are opened on that connection beyond it, and a second connection is
-//! opened only then. A configured cap on channels per connection applies too, as does a cap
-//! on connections.
+//! All sessions to a host share one authenticated connection, opened lazily on the first
+//! channel request; more are opened only when sshd refuses a channel (`MaxSessions`). Every
+//! decision (which connection gets the next channel, when to connect, when to give up, what
+//! sshd's limit is) is made by the pure [`planner::Planner`]; this module carries the
+//! decisions out and feeds the outcomes back:
 //!
-//! A refusal can also be a race rather than the limit: sshd frees a session a moment after it
-//! closed the channel, so an open sent right after a channel closed may be refused although
-//! the limit was not reached. Such a refusal pauses that connection briefly instead of
-//! teaching a limit, and nothing spins on refusals.
+//! * one **driver task per host** runs the connection attempts and the planner's timers, so
+//!   an attempt never belongs to a caller whose future may be dropped half-way; its outcome
+//!   reaches every waiter through the planner;
+//! * a caller waiting for a slot holds a guard that tells the planner when it is dropped;
+//! * a granted slot is a [`ChannelTicket`], given back when dropped;
+//! * the channel open and exec run in a task of their own, so that a caller dropped during
+//!   them never leaves behind a channel the server confirms later: the task closes it and
+//!   gives the slot back once the server has let go of it.
 //!
-//! A channel's slot is held until the server has really let go of the channel (see
-//! [`ChannelTicket::release_when_closed`]), not merely until we dropped it: a dropped channel
-//! whose remote command is still stopping still counts against `MaxSessions`.
+//! The lock around the planner is never held across an await.
 //!
-//! A connection that dies is dropped from the set (a watcher task notices at once and records
-//! why, for health); the next request opens a fresh one at once. Failed connection *attempts*
-//! back off exponentially, so a builder that is down costs one quick failure per backoff
-//! period instead of a connection storm (sshd's `MaxStartups` throttles bursts of new
-//! connections).
+//! A connection that dies is noticed at once by a watcher task (and recorded for health);
+//! the next request opens a fresh one at once. Failed attempts back off exponentially; a
+//! connection sshd drops at start-up (`MaxStartups` throttling a burst) is retried after a
+//! short jittered delay.
+
+mod planner;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -32,11 +33,13 @@ use std::time::{Duration, Instant};
 use nixmux_transport::{
     DisconnectCause, ExecChannel, ExecOptions, NoopObserver, SshConnection, TransportError,
 };
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, oneshot, watch};
+use tokio::task::JoinSet;
 
 use crate::error::{Error, ErrorKind, Initiator, Result};
 use crate::stats::{Health, HealthState};
 use crate::target::ConnectTarget;
+use planner::{Action, AttemptId, ConnId, ConnectFailure, FailReason, Planner, WaiterId, Want};
 
 /// Limits of a connection set.
 #[derive(Debug, Clone)]
@@ -46,110 +49,39 @@ pub struct ConnectionLimits {
     pub max_channels_per_connection: Option<usize>,
     /// Most connections to one host.
     pub max_connections: usize,
+    /// Most connection attempts in flight at once to one host. sshd's `MaxStartups`
+    /// (default `10:30:100`) starts dropping unauthenticated connections beyond 10.
+    pub max_parallel_connects: usize,
     /// First delay after a failed connection attempt; doubles up to `max_backoff`.
     pub initial_backoff: Duration,
     /// Longest delay between connection attempts.
     pub max_backoff: Duration,
 }
 
-/// A refusal this soon after a channel on the same connection closed may be sshd not having
-/// freed that session yet (it does so a moment after its CLOSE) rather than the limit.
-const RELEASE_RACE: Duration = Duration::from_millis(500);
-/// First pause of a connection after a refusal; it doubles with each refusal in a row, up to
-/// `MAX_REFUSAL_PAUSE`. Nothing ever retries a refused open at once: sshd may hold
-/// sessions we no longer count (a dropped channel whose command outlived our CLOSE).
-const REFUSAL_PAUSE: Duration = Duration::from_millis(10);
-const MAX_REFUSAL_PAUSE: Duration = Duration::from_secs(1);
-/// Refusals in a row that are blamed on the race before one counts as the limit.
-const MAX_RACE_REFUSALS: u32 = 4;
-/// How long a dropped channel's slot stays reserved beyond the transport's `close_grace`
-/// when the channel does not report closed (the transport then still has SIGKILL and CLOSE
-/// to send, each with its own timeout; a dead connection ends the wait at once).
-const RELEASE_SLACK: Duration = Duration::from_secs(15);
-
 impl Default for ConnectionLimits {
     fn default() -> Self {
         ConnectionLimits {
             max_channels_per_connection: None,
             max_connections: 8,
+            max_parallel_connects: 4,
             initial_backoff: Duration::from_millis(250),
             max_backoff: Duration::from_secs(30),
         }
     }
 }
 
-struct Conn {
-    id: u64,
-    ssh: SshConnection,
-    /// Channels open or being opened on it.
-    open: usize,
-    /// Channels the server confirmed and we have not closed.
-    confirmed: usize,
-    /// Most channels the server ever had confirmed at once: the server allowed that many,
-    /// so its limit is at least this.
-    max_confirmed: usize,
-    /// sshd refused a channel here: its limit is `max_confirmed`. This is read live rather
-    /// than frozen at the refusal, because opens sent before the refused one may be
-    /// confirmed only after we see the refusal.
-    refused: bool,
-    /// When a channel here was last released (closed by the server or given up).
-    last_release: Option<Instant>,
-    /// Refusals in a row (since the last confirmed open).
-    refusals_in_row: u32,
-    /// Of those, refusals blamed on sshd not having freed a just-closed session yet.
-    race_refusals: u32,
-    /// No new channel here before this (after a refusal).
-    paused_until: Option<Instant>,
-}
+/// How long a dropped channel's slot stays reserved beyond the transport's `close_grace`
+/// when the channel does not report closed (the transport then still has SIGKILL and CLOSE
+/// to send, each with its own timeout; a dead connection ends the wait at once).
+const RELEASE_SLACK: Duration = Duration::from_secs(15);
 
-impl Conn {
-    fn new(id: u64, ssh: SshConnection) -> Self {
-        Conn {
-            id,
-            ssh,
-            open: 0,
-            confirmed: 0,
-            max_confirmed: 0,
-            refused: false,
-            last_release: None,
-            refusals_in_row: 0,
-            race_refusals: 0,
-            paused_until: None,
-        }
-    }
-
-    fn capacity(&self, cap: usize) -> usize {
-        if self.refused {
-            self.max_confirmed.max(1).min(cap)
-        } else {
-            cap
-        }
-    }
-
-    fn paused(&self, now: Instant) -> bool {
-        self.paused_until.is_some_and(|t| now < t)
-    }
-}
-
-#[derive(Default)]
-struct State {
-    conns: Vec<Conn>,
-    /// A connection attempt is under way: others wait for it rather than start their own.
-    connecting: bool,
-    next_id: u64,
-    failures: u32,
-    retry_at: Option<Instant>,
-    last_error: Option<String>,
-    down_since: Option<Instant>,
-    /// Payload bytes of connections no longer in `conns`, so that totals never go down.
-    closed_bytes: (u64, u64),
-}
-
-/// Counters of a connection set.
+/// Counters of a connection set, readable without the lock.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub(crate) connections_opened: AtomicU64,
     pub(crate) connect_failures: AtomicU64,
+    /// Attempts the server dropped at start-up (sshd `MaxStartups`), retried.
+    pub(crate) startup_drops: AtomicU64,
     pub(crate) channels_opened: AtomicU64,
     pub(crate) channel_refusals: AtomicU64,
     pub(crate) learned_limit: AtomicUsize,
@@ -160,6 +92,8 @@ pub(crate) struct Counters {
     pub(crate) peak_channels: AtomicUsize,
     /// Channel refusals blamed on sshd not having freed a just-closed session yet.
     pub(crate) race_refusals: AtomicU64,
+    /// Slots granted and slots given back: a change means the queue moved.
+    pub(crate) slot_events: AtomicU64,
 }
 
 /// Something holding idle channels on a connection set that it can give up on request
@@ -169,38 +103,122 @@ pub(crate) trait IdleEvict: Send + Sync {
     fn evict_one(&self) -> bool;
 }
 
+/// What a waiter is handed.
+enum Granted {
+    /// A reserved channel slot on a connection.
+    Slot(ChannelTicket, SshConnection),
+    /// A connection (for tunnels; no slot).
+    Connection(SshConnection),
+    /// It gave up.
+    Failed(Error),
+}
+
+/// Everything behind the lock.
+struct Inner {
+    planner: Planner,
+    ssh: HashMap<ConnId, SshConnection>,
+    waiters: HashMap<WaiterId, (oneshot::Sender<Granted>, Want)>,
+    next_waiter: WaiterId,
+    /// Attempts the planner asked for that the driver has not started yet.
+    to_start: Vec<AttemptId>,
+    /// The error of the last failed attempt, handed to the waiters it fails.
+    last_connect_error: Option<Error>,
+    /// Payload bytes of connections no longer live, so that totals never go down.
+    closed_bytes: (u64, u64),
+    /// Bytes (and slot events) seen at the driver's last look, to report progress.
+    last_progress_mark: u64,
+    /// The instant the driver's timer is set for; an earlier one needs a wake-up.
+    driver_timer: Option<Instant>,
+    driver_started: bool,
+}
+
+/// Work to do once the lock is released (never while holding it: dropping a ticket or an
+/// idle session takes the lock again).
+#[derive(Default)]
+struct AfterUnlock {
+    drop_later: Vec<Granted>,
+    evict: bool,
+    wake_driver: bool,
+}
+
 /// The connections to one host.
 pub(crate) struct ConnectionSet {
     pub(crate) target: ConnectTarget,
     limits: ConnectionLimits,
-    state: Mutex<State>,
-    changed: Notify,
+    /// This set, for the tickets it hands out.
+    this: Weak<ConnectionSet>,
+    inner: Mutex<Inner>,
+    /// Wakes the driver task (an attempt to start, a timer to re-arm). Shared with the
+    /// driver, which holds the set itself only weakly.
+    wake: Arc<Notify>,
     pub(crate) counters: Counters,
     /// Other hosts' sets, for ProxyJump.
     registry: Weak<Registry>,
     /// Pools with idle sessions on these connections.
     evictors: Mutex<Vec<Weak<dyn IdleEvict>>>,
-    /// Dropped with the set: tells connection watchers to let go of their connection.
-    _alive: watch::Sender<()>,
+    /// Dropped with the set: tells the driver and the connection watchers to stop.
+    alive: watch::Sender<()>,
 }
 
-/// A reserved channel slot on one connection. Dropping it frees the slot.
+/// A reserved channel slot on one connection. Dropping it gives the slot back.
 pub(crate) struct ChannelTicket {
     set: Arc<ConnectionSet>,
-    conn_id: u64,
+    conn: ConnId,
     confirmed: bool,
+    /// The planner already took the slot back (refusal, failed open).
+    settled: bool,
 }
 
 impl std::fmt::Debug for ChannelTicket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ChannelTicket(conn {})", self.conn_id)
+        write!(f, "ChannelTicket(conn {})", self.conn)
     }
 }
 
 impl ChannelTicket {
     /// Whether that connection is still alive.
     pub(crate) fn connection_alive(&self) -> bool {
-        self.set.is_alive(self.conn_id)
+        self.set.is_alive(self.conn)
+    }
+
+    /// The server confirmed the channel.
+    fn confirm(&mut self) {
+        self.confirmed = true;
+        let conn = self.conn;
+        let set = self.set.clone();
+        set.update(|inner, now| {
+            inner.planner.channel_opened(now, conn);
+            set.counters
+                .peak_channels
+                .fetch_max(inner.planner.confirmed_on(conn), Ordering::Relaxed);
+        });
+        self.set
+            .counters
+            .channels_opened
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The server refused the channel: the planner takes the slot back and learns from it.
+    fn refuse(mut self) {
+        self.settled = true;
+        let conn = self.conn;
+        let set = self.set.clone();
+        set.counters
+            .channel_refusals
+            .fetch_add(1, Ordering::Relaxed);
+        set.update(|inner, now| {
+            if !inner.planner.channel_refused(now, conn) {
+                set.counters.race_refusals.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+
+    /// Opening failed on a live connection: the slot is free again.
+    fn fail(mut self) {
+        self.settled = true;
+        let conn = self.conn;
+        self.set
+            .update(|inner, now| inner.planner.channel_failed(now, conn));
     }
 
     /// Frees the slot once `closed` resolves: for a channel whose handles are being dropped,
@@ -227,36 +245,92 @@ impl ChannelTicket {
 
 impl Drop for ChannelTicket {
     fn drop(&mut self) {
-        if let Ok(mut st) = self.set.state.lock()
-            && let Some(c) = st.conns.iter_mut().find(|c| c.id == self.conn_id)
-        {
-            c.open = c.open.saturating_sub(1);
-            if self.confirmed {
-                c.confirmed = c.confirmed.saturating_sub(1);
-                c.last_release = Some(Instant::now());
-            }
+        if self.settled {
+            return;
         }
-        self.set.changed.notify_waiters();
+        let (conn, confirmed) = (self.conn, self.confirmed);
+        self.set
+            .update(|inner, now| inner.planner.channel_released(now, conn, confirmed));
     }
 }
 
-fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    // A panic while holding this lock cannot leave the state inconsistent in a way that
-    // matters more than stopping the whole pool would; keep going with what is there.
-    m.lock().unwrap_or_else(|p| p.into_inner())
+/// Tells the planner when a waiter's future is dropped before it was served.
+struct WaitGuard<'a> {
+    set: &'a ConnectionSet,
+    id: WaiterId,
+    armed: bool,
 }
 
-enum Plan {
-    /// A slot was reserved on this connection.
-    Use(u64, SshConnection),
-    /// We are the one to open a new connection.
-    Connect,
-    /// Someone else is opening a connection: wait for it.
-    WaitForConnect,
-    /// A connection with room is paused after a refusal: wait until then (or a change).
-    WaitUntil(Instant),
-    /// Every connection is full and no more may be opened.
-    Full,
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let id = self.id;
+        self.set.update(|inner, now| {
+            if inner.waiters.remove(&id).is_some() {
+                inner.planner.cancel(now, id);
+            }
+        });
+    }
+}
+
+/// A reserved slot on a live connection, not used yet. Dropping it gives the slot back.
+pub(crate) struct Slot {
+    ticket: ChannelTicket,
+    ssh: SshConnection,
+}
+
+/// How opening a channel on a slot ended.
+pub(crate) enum Opened {
+    /// The channel is open and the command runs.
+    Ready(ExecChannel, ChannelTicket),
+    /// sshd refused the channel (`MaxSessions`, or a session not freed yet), or the
+    /// connection died under it: reserve again (keeping the place in line).
+    Retry,
+}
+
+/// The open in its own task, with what it learned.
+enum OpenOutcome {
+    Ready(ExecChannel, ChannelTicket),
+    Retry,
+    Failed(Error),
+}
+
+impl Slot {
+    /// Opens a session channel on the slot's connection and runs `command` there.
+    ///
+    /// The open and the exec run in a task of their own that owns the slot: if this future
+    /// is dropped, a channel the server confirms later is still closed and its slot given
+    /// back once the server has let go of it.
+    pub(crate) async fn open(self, command: &str, options: ExecOptions) -> Result<Opened> {
+        let (tx, rx) = oneshot::channel();
+        let command = command.to_owned();
+        tokio::spawn(async move {
+            let outcome = open_on(self.ssh, &command, options, self.ticket).await;
+            if let Err(OpenOutcome::Ready(ch, ticket)) = tx.send(outcome) {
+                // Nobody wants it any more.
+                let closed = ch.status().closed_signal();
+                drop(ch);
+                ticket.release_when_closed(closed);
+            }
+        });
+        match rx.await {
+            Ok(OpenOutcome::Ready(ch, ticket)) => Ok(Opened::Ready(ch, ticket)),
+            Ok(OpenOutcome::Retry) => Ok(Opened::Retry),
+            Ok(OpenOutcome::Failed(e)) => Err(e),
+            Err(_) => Err(Error::local(
+                ErrorKind::Cancelled,
+                "opening the channel was interrupted",
+            )),
+        }
+    }
+}
+
+fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
+    // A panic while holding this lock cannot leave the planner inconsistent in a way that
+    // matters more than stopping the whole pool would; keep going with what is there.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// What ended a connection, for health; `None` for our own disconnect.
@@ -269,67 +343,164 @@ fn loss_description(ssh: &SshConnection) -> Option<String> {
 }
 
 impl ConnectionSet {
-    fn new(target: ConnectTarget, limits: ConnectionLimits, registry: Weak<Registry>) -> Self {
-        ConnectionSet {
+    fn new(target: ConnectTarget, limits: ConnectionLimits, registry: Weak<Registry>) -> Arc<Self> {
+        // Seeds the jitter of start-up retries: sets (and processes) started together must
+        // not retry together.
+        static SETS: AtomicU64 = AtomicU64::new(0);
+        let clock = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let seed = u64::from(clock)
+            ^ u64::from(std::process::id()).rotate_left(32)
+            ^ SETS
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        Arc::new_cyclic(|this| ConnectionSet {
             target,
+            this: this.clone(),
+            inner: Mutex::new(Inner {
+                planner: Planner::new(limits.clone(), seed),
+                ssh: HashMap::new(),
+                waiters: HashMap::new(),
+                next_waiter: 0,
+                to_start: Vec::new(),
+                last_connect_error: None,
+                closed_bytes: (0, 0),
+                last_progress_mark: 0,
+                driver_timer: None,
+                driver_started: false,
+            }),
             limits,
-            state: Mutex::new(State::default()),
-            changed: Notify::new(),
+            wake: Arc::new(Notify::new()),
             counters: Counters::default(),
             registry,
             evictors: Mutex::new(Vec::new()),
-            _alive: watch::Sender::new(()),
-        }
+            alive: watch::Sender::new(()),
+        })
     }
 
-    /// Removes connections that have ended, keeping their byte counts and, unless we ended
-    /// them ourselves, recording the loss for health (the host is down once none is left).
-    fn prune(&self, st: &mut State) {
-        if !st.conns.iter().any(|c| c.ssh.is_closed()) {
-            return;
-        }
-        let (gone, live): (Vec<Conn>, Vec<Conn>) =
-            st.conns.drain(..).partition(|c| c.ssh.is_closed());
-        st.conns = live;
-        for c in gone {
-            let b = c.ssh.stats();
-            st.closed_bytes.0 += b.bytes_in;
-            st.closed_bytes.1 += b.bytes_out;
-            if let Some(why) = loss_description(&c.ssh) {
-                tracing::info!(host = %self.target.endpoint.host, "{why}");
-                self.counters
-                    .connections_lost
-                    .fetch_add(1, Ordering::Relaxed);
-                st.last_error = Some(why);
-                if st.conns.is_empty() {
-                    st.down_since.get_or_insert_with(Instant::now);
-                }
-            }
-        }
-    }
-
-    /// Watches a new connection so that its end is noticed (and recorded for health) when it
-    /// happens, not only when someone next asks for a channel. The watcher lets go of the
-    /// connection when the set is dropped.
-    fn watch(self: &Arc<Self>, ssh: SshConnection) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
+    /// Feeds one event to the planner under the lock, carries out what can be carried out
+    /// there (grants and failures go to their waiters), and the rest once unlocked.
+    fn update<T>(&self, event: impl FnOnce(&mut Inner, Instant) -> T) -> T {
+        let mut after = AfterUnlock::default();
+        let out = {
+            let mut inner = lock(&self.inner);
+            let out = event(&mut inner, Instant::now());
+            self.apply(&mut inner, &mut after);
+            out
         };
-        let set = Arc::downgrade(self);
-        let mut alive = self._alive.subscribe();
-        rt.spawn(async move {
-            tokio::select! {
-                _ = ssh.closed() => {
-                    drop(ssh);
-                    if let Some(set) = set.upgrade() {
-                        set.prune(&mut lock(&set.state));
-                        set.changed.notify_waiters();
+        drop(after.drop_later);
+        if after.evict && self.evict_idle() {
+            self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+        if after.wake_driver {
+            self.wake.notify_one();
+        }
+        out
+    }
+
+    /// Carries out the planner's decisions (under the lock).
+    fn apply(&self, inner: &mut Inner, after: &mut AfterUnlock) {
+        while let Some(action) = inner.planner.poll_action() {
+            match action {
+                Action::Connect(id) => {
+                    inner.to_start.push(id);
+                    after.wake_driver = true;
+                }
+                Action::Grant { waiter, conn } => {
+                    let Some((tx, want)) = inner.waiters.remove(&waiter) else {
+                        continue;
+                    };
+                    let Some(ssh) = inner.ssh.get(&conn).cloned() else {
+                        // Cannot happen: the planner grants live connections only.
+                        continue;
+                    };
+                    self.counters.slot_events.fetch_add(1, Ordering::Relaxed);
+                    let granted = match (want, self.this.upgrade()) {
+                        (Want::Channel, Some(set)) => Granted::Slot(
+                            ChannelTicket {
+                                set,
+                                conn,
+                                confirmed: false,
+                                settled: false,
+                            },
+                            ssh,
+                        ),
+                        (Want::Channel, None) => {
+                            // Only while the set itself is being dropped.
+                            inner.planner.channel_failed(Instant::now(), conn);
+                            Granted::Failed(Error::local(
+                                ErrorKind::Cancelled,
+                                "the pool is shutting down",
+                            ))
+                        }
+                        (Want::Connection, _) => Granted::Connection(ssh),
+                    };
+                    // A waiter that is gone gives the slot straight back (once unlocked).
+                    if let Err(g) = tx.send(granted) {
+                        after.drop_later.push(g);
                     }
                 }
-                // Only ever an error: the set (the sender) is gone.
-                _ = alive.changed() => {}
+                Action::Fail { waiter, reason } => {
+                    let Some((tx, want)) = inner.waiters.remove(&waiter) else {
+                        continue;
+                    };
+                    let e = self.failure(inner, want, reason);
+                    let _ = tx.send(Granted::Failed(e));
+                }
+                Action::EvictIdle => after.evict = true,
             }
-        });
+        }
+        if let Some(l) = inner.planner.learned_limit() {
+            self.counters.learned_limit.fetch_max(l, Ordering::Relaxed);
+        }
+        // The driver sleeps until its timer; an earlier deadline needs it awake.
+        let next = inner.planner.poll_timeout();
+        if next.is_some_and(|t| inner.driver_timer.is_none_or(|armed| t < armed)) {
+            after.wake_driver = true;
+        }
+    }
+
+    /// The error a waiter gets for `reason`.
+    fn failure(&self, inner: &Inner, want: Want, reason: FailReason) -> Error {
+        match reason {
+            FailReason::Stalled { patience } => match want {
+                Want::Channel => Error::new(
+                    ErrorKind::PoolExhausted,
+                    Initiator::Local,
+                    format!(
+                        "no channel became free within {patience:?} in which nothing moved on this host (all connections are at their session limit)"
+                    ),
+                ),
+                Want::Connection => Error::remote(
+                    ErrorKind::TimedOut,
+                    format!("no connection to the jump host within {patience:?}"),
+                ),
+            },
+            FailReason::ConnectFailed {
+                failures,
+                last_error,
+            } => inner.last_connect_error.clone().unwrap_or_else(|| {
+                Error::new(
+                    ErrorKind::Connect,
+                    Initiator::Builder,
+                    format!("{failures} connection attempts failed: {last_error}"),
+                )
+                .retryable(true)
+            }),
+            FailReason::BackingOff {
+                retry_in,
+                failures,
+                last_error,
+            } => Error::new(
+                ErrorKind::Connect,
+                Initiator::Builder,
+                format!(
+                    "not reconnecting yet after {failures} failed attempts (next in {retry_in:.1?}): {last_error}"
+                ),
+            )
+            .retryable(true),
+        }
     }
 
     /// Registers a pool whose idle sessions may be closed to make room.
@@ -349,351 +520,181 @@ impl ConnectionSet {
         pools.iter().any(|p| p.evict_one())
     }
 
-    fn is_alive(&self, id: u64) -> bool {
-        lock(&self.state)
-            .conns
-            .iter()
-            .any(|c| c.id == id && !c.ssh.is_closed())
+    fn is_alive(&self, conn: ConnId) -> bool {
+        lock(&self.inner)
+            .ssh
+            .get(&conn)
+            .is_some_and(|s| !s.is_closed())
     }
 
-    /// Channels we allow per connection: the configured cap, and the limit learned from
-    /// refusals on this host's other connections (a fresh connection to the same sshd has the
-    /// same `MaxSessions`).
-    fn channel_cap(&self) -> usize {
-        let learned = self.counters.learned_limit.load(Ordering::Relaxed);
-        let learned = if learned == 0 { usize::MAX } else { learned };
-        learned.min(
-            self.limits
-                .max_channels_per_connection
-                .unwrap_or(usize::MAX),
-        )
-    }
-
-    /// Decides what to do next under the lock, reserving a slot when one is free.
-    fn plan(&self) -> std::result::Result<Plan, Error> {
-        let mut st = lock(&self.state);
-        self.prune(&mut st);
-        let cap = self.channel_cap();
-        let now = Instant::now();
-        if let Some(c) = st
-            .conns
-            .iter_mut()
-            .filter(|c| c.open < c.capacity(cap) && !c.paused(now))
-            .min_by_key(|c| c.open)
-        {
-            c.open += 1;
-            return Ok(Plan::Use(c.id, c.ssh.clone()));
-        }
-        if st.connecting {
-            return Ok(Plan::WaitForConnect);
-        }
-        // A connection paused after a refusal although it has room by what we know: sshd
-        // holds sessions we no longer count, which ends soon. Wait for that rather than
-        // open another connection.
-        if let Some(until) = st
-            .conns
-            .iter()
-            .filter(|c| c.open < c.capacity(cap))
-            .filter_map(|c| c.paused_until)
-            .min()
-        {
-            return Ok(Plan::WaitUntil(until));
-        }
-        if st.conns.len() >= self.limits.max_connections {
-            return Ok(Plan::Full);
-        }
-        if let Some(e) = Self::backing_off(&st) {
-            return Err(e);
-        }
-        st.connecting = true;
-        Ok(Plan::Connect)
-    }
-
-    /// The error for a connection attempt during the backoff after failed attempts. Only
-    /// failed attempts start a backoff: after a connection died, the first attempt goes out
-    /// at once.
-    fn backing_off(st: &State) -> Option<Error> {
-        let at = st.retry_at?;
-        if Instant::now() >= at {
-            return None;
-        }
-        let last = st.last_error.clone().unwrap_or_default();
-        Some(
-            Error::new(
-                ErrorKind::Connect,
-                Initiator::Builder,
-                format!(
-                    "not reconnecting yet after {} failed attempts: {last}",
-                    st.failures
-                ),
-            )
-            .retryable(true),
-        )
-    }
-
-    /// Opens a session channel running `command`, on a connection with room, connecting
-    /// when needed. Waits (up to `wait`) when every connection is full and no more may be
-    /// opened.
-    pub(crate) async fn open_channel(
+    /// Waits until the planner grants `want` (or gives up). `seq` keeps the caller's place in
+    /// line across refusals.
+    async fn wait_for(
         self: &Arc<Self>,
-        command: &str,
-        options: ExecOptions,
-        wait: Duration,
-    ) -> Result<(ExecChannel, ChannelTicket)> {
-        let deadline = tokio::time::Instant::now() + wait;
-        let exhausted = || {
-            Error::new(
-                ErrorKind::PoolExhausted,
-                Initiator::Local,
-                format!(
-                    "no channel became free within {wait:?} (all connections are at their session limit)"
-                ),
-            )
+        want: Want,
+        patience: Duration,
+        seq: &mut Option<u64>,
+    ) -> Result<Granted> {
+        self.ensure_driver();
+        let (tx, rx) = oneshot::channel();
+        let id = self.update(|inner, now| {
+            let id = inner.next_waiter;
+            inner.next_waiter += 1;
+            inner.waiters.insert(id, (tx, want));
+            *seq = Some(inner.planner.request(now, id, want, patience, *seq));
+            id
+        });
+        let mut guard = WaitGuard {
+            set: self,
+            id,
+            armed: true,
         };
-        loop {
-            let notified = self.changed.notified();
-            let plan = self.plan()?;
-            match plan {
-                Plan::Use(id, ssh) => {
-                    let mut ticket = ChannelTicket {
-                        set: self.clone(),
-                        conn_id: id,
-                        confirmed: false,
-                    };
-                    match ssh.exec_with(command, options.clone()).await {
-                        Ok(ch) => {
-                            self.counters
-                                .channels_opened
-                                .fetch_add(1, Ordering::Relaxed);
-                            self.confirm(id);
-                            ticket.confirmed = true;
-                            self.mark_up();
-                            return Ok((ch, ticket));
-                        }
-                        Err(TransportError::ChannelOpenRefused { .. }) => {
-                            self.counters
-                                .channel_refusals
-                                .fetch_add(1, Ordering::Relaxed);
-                            self.refused(id);
-                            drop(ticket);
-                            continue;
-                        }
-                        Err(e) => {
-                            if ssh.is_closed() {
-                                // The connection died under us: retry on a fresh one.
-                                drop(ticket);
-                                self.forget(id);
-                                continue;
-                            }
-                            return Err(e.into());
-                        }
-                    }
-                }
-                Plan::Connect => {
-                    let r = self.connect_one().await;
-                    self.record_connect(r.as_ref().ok(), r.as_ref().err());
-                    r?;
-                }
-                Plan::WaitUntil(until) => {
-                    let until = tokio::time::Instant::from_std(until).min(deadline);
-                    tokio::select! {
-                        _ = notified => {}
-                        _ = tokio::time::sleep_until(until) => {}
-                    }
-                    if tokio::time::Instant::now() >= deadline {
-                        return Err(exhausted());
-                    }
-                }
-                Plan::Full | Plan::WaitForConnect => {
-                    // Idle sessions of other builders on the same host hold slots we need.
-                    // The evicted session's slot comes back only once the server has closed
-                    // it, which is a change we wait for like any other: so at most one
-                    // eviction per wake-up.
-                    if matches!(plan, Plan::Full) && self.evict_idle() {
-                        self.counters.evictions.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                        return Err(exhausted());
-                    }
-                }
-            }
+        let r = rx.await;
+        guard.armed = false;
+        r.map_err(|_| Error::local(ErrorKind::Cancelled, "the pool is shutting down"))
+    }
+
+    /// Reserves a session-channel slot on a connection with room, connecting when needed.
+    /// Waits while every connection is full, until nothing has moved on this host for
+    /// `patience`. `seq` keeps the caller's place in line when it comes back after a
+    /// refused open ([`Opened::Retry`]). Dropping the future withdraws the request.
+    pub(crate) async fn reserve(
+        self: &Arc<Self>,
+        patience: Duration,
+        seq: &mut Option<u64>,
+    ) -> Result<Slot> {
+        match self.wait_for(Want::Channel, patience, seq).await? {
+            Granted::Slot(ticket, ssh) => Ok(Slot { ticket, ssh }),
+            Granted::Failed(e) => Err(e),
+            Granted::Connection(_) => Err(Error::local(
+                ErrorKind::Protocol,
+                "a channel slot was asked for, a bare connection granted",
+            )),
         }
     }
-
-    /// Records the outcome of a connection attempt (success adds the connection).
-    fn record_connect(self: &Arc<Self>, ok: Option<&SshConnection>, err: Option<&Error>) {
-        {
-            let mut st = lock(&self.state);
-            st.connecting = false;
-            if let Some(ssh) = ok {
-                let id = st.next_id;
-                st.next_id += 1;
-                st.conns.push(Conn::new(id, ssh.clone()));
-                st.failures = 0;
-                st.retry_at = None;
-                st.down_since = None;
-                self.counters
-                    .connections_opened
-                    .fetch_add(1, Ordering::Relaxed);
-                self.watch(ssh.clone());
-            }
-            if let Some(e) = err {
-                st.failures += 1;
-                let backoff = self
-                    .limits
-                    .initial_backoff
-                    .saturating_mul(1 << st.failures.min(16).saturating_sub(1))
-                    .min(self.limits.max_backoff);
-                st.retry_at = Some(Instant::now() + backoff);
-                st.last_error = Some(e.to_string());
-                if st.conns.is_empty() {
-                    st.down_since.get_or_insert_with(Instant::now);
-                }
-                self.counters
-                    .connect_failures
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.changed.notify_waiters();
-    }
-
-    /// The server confirmed a channel on connection `id`.
-    fn confirm(&self, id: u64) {
-        let mut st = lock(&self.state);
-        if let Some(c) = st.conns.iter_mut().find(|c| c.id == id) {
-            c.confirmed += 1;
-            c.refusals_in_row = 0;
-            c.race_refusals = 0;
-            c.max_confirmed = c.max_confirmed.max(c.confirmed);
-            self.counters
-                .peak_channels
-                .fetch_max(c.confirmed, Ordering::Relaxed);
-            if c.refused {
-                self.raise_learned(c.max_confirmed);
-            }
-        }
-    }
-
-    /// sshd refused a channel on connection `id`. The connection pauses (longer with each
-    /// refusal in a row), so that a refusal is never retried at once. Right after a channel
-    /// there closed, the refusal may be sshd not having freed that session yet: then nothing
-    /// is learned. Otherwise, or after several such refusals in a row, the most it ever
-    /// confirmed at once there is its limit (`MaxSessions`).
-    fn refused(&self, id: u64) {
-        let mut st = lock(&self.state);
-        let Some(c) = st.conns.iter_mut().find(|c| c.id == id) else {
-            return;
-        };
-        let now = Instant::now();
-        let pause = REFUSAL_PAUSE
-            .saturating_mul(1 << c.refusals_in_row.min(16))
-            .min(MAX_REFUSAL_PAUSE);
-        c.paused_until = Some(now + pause);
-        c.refusals_in_row += 1;
-        let racing = c
-            .last_release
-            .is_some_and(|t| now.saturating_duration_since(t) < RELEASE_RACE);
-        if racing && c.race_refusals < MAX_RACE_REFUSALS {
-            c.race_refusals += 1;
-            self.counters.race_refusals.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        c.race_refusals = 0;
-        let first = !c.refused;
-        c.refused = true;
-        let limit = c.max_confirmed.max(1);
-        self.raise_learned(limit);
-        if first {
-            tracing::info!(
-                host = %self.target.endpoint.host,
-                limit,
-                "sshd refused a session channel; using its per-connection limit"
-            );
-        }
-    }
-
-    /// The host-wide learned limit is the largest any refused connection showed.
-    fn raise_learned(&self, limit: usize) {
-        self.counters
-            .learned_limit
-            .fetch_max(limit, Ordering::Relaxed);
-    }
-
-    /// Drops connection `id`, which has ended.
-    fn forget(&self, id: u64) {
-        {
-            let mut st = lock(&self.state);
-            self.prune(&mut st);
-            st.conns.retain(|c| c.id != id);
-        }
-        self.changed.notify_waiters();
-    }
-
-    fn mark_up(&self) {
-        let mut st = lock(&self.state);
-        st.down_since = None;
-        st.last_error = None;
-    }
-
-    async fn connect_one(&self) -> Result<SshConnection> {
-        let t = &self.target;
-        let r = match &t.jump {
-            None => t.connect(NoopObserver).await,
-            Some(jump) => {
-                // Through the jump host's own pooled connection, shared by every builder
-                // behind it.
-                let registry = self
-                    .registry
-                    .upgrade()
-                    .ok_or_else(|| Error::local(ErrorKind::Config, "the pool is shutting down"))?;
-                let hop = registry.get((**jump).clone(), self.limits.clone());
-                // Boxed: a jump host may itself be reached through another jump host.
-                let ssh = Box::pin(hop.any_connection()).await?;
-                let stream = ssh
-                    .open_direct_tcpip(&t.endpoint.host, t.endpoint.port)
-                    .await?;
-                t.connect_over(stream, NoopObserver).await
-            }
-        };
-        r.map_err(Error::from)
-    }
-
     /// A live connection, opening one if there is none (for ProxyJump hops, whose
     /// `direct-tcpip` channels are not session channels and do not count against sshd's
     /// `MaxSessions`).
     pub(crate) async fn any_connection(self: &Arc<Self>) -> Result<SshConnection> {
-        loop {
-            let notified = self.changed.notified();
-            let wait = {
-                let mut st = lock(&self.state);
-                self.prune(&mut st);
-                if let Some(c) = st.conns.first() {
-                    return Ok(c.ssh.clone());
-                }
-                if st.connecting {
-                    // Someone else is connecting: wait for them.
-                    true
-                } else if let Some(e) = Self::backing_off(&st) {
-                    return Err(e);
-                } else {
-                    st.connecting = true;
-                    false
-                }
-            };
-            if wait {
-                let budget = self.target.connect_budget();
-                if tokio::time::timeout(budget, notified).await.is_err() {
-                    return Err(Error::remote(
-                        ErrorKind::TimedOut,
-                        "timed out waiting for the jump host connection",
-                    ));
-                }
-                continue;
-            }
-            let r = self.connect_one().await;
-            self.record_connect(r.as_ref().ok(), r.as_ref().err());
-            return r;
+        let patience = self.target.connect_budget();
+        match self.wait_for(Want::Connection, patience, &mut None).await? {
+            Granted::Connection(ssh) | Granted::Slot(_, ssh) => Ok(ssh),
+            Granted::Failed(e) => Err(e),
         }
+    }
+
+    /// Starts the driver task once (it needs a runtime, which callers of async methods have).
+    fn ensure_driver(self: &Arc<Self>) {
+        {
+            let mut inner = lock(&self.inner);
+            if inner.driver_started {
+                return;
+            }
+            inner.driver_started = true;
+        }
+        tokio::spawn(drive(
+            Arc::downgrade(self),
+            self.wake.clone(),
+            self.alive.subscribe(),
+        ));
+    }
+
+    /// One look by the driver: reports progress, lets time pass for the planner, and returns
+    /// the attempts to start and when to look again.
+    fn tick(&self) -> (Vec<AttemptId>, Option<Instant>) {
+        let mark = self.progress_mark();
+        self.update(|inner, now| {
+            if mark != inner.last_progress_mark {
+                inner.last_progress_mark = mark;
+                inner.planner.progress(now);
+            }
+            inner.planner.handle_timeout(now);
+        });
+        let mut inner = lock(&self.inner);
+        let next = inner.planner.poll_timeout();
+        inner.driver_timer = next;
+        (std::mem::take(&mut inner.to_start), next)
+    }
+
+    /// Changes whenever bytes move on a live connection or a slot is granted or given back.
+    pub(crate) fn progress_mark(&self) -> u64 {
+        let (i, o) = self.bytes();
+        i.wrapping_add(o)
+            .wrapping_add(self.counters.slot_events.load(Ordering::Relaxed))
+    }
+
+    /// Records the end of a connection attempt.
+    fn attempt_done(self: &Arc<Self>, attempt: AttemptId, r: Result<SshConnection>) {
+        match r {
+            Ok(ssh) => {
+                self.counters
+                    .connections_opened
+                    .fetch_add(1, Ordering::Relaxed);
+                let id = self.update(|inner, now| {
+                    let id = inner.planner.connected(now, attempt);
+                    inner.ssh.insert(id, ssh.clone());
+                    id
+                });
+                self.watch(id, ssh);
+            }
+            Err(e) => {
+                let throttled = e.transport_error().is_some_and(startup_drop_shim);
+                if throttled {
+                    self.counters.startup_drops.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(host = %self.target.endpoint.host, "connection dropped at start-up, retrying: {e}");
+                } else {
+                    self.counters
+                        .connect_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                let failure = ConnectFailure {
+                    throttled,
+                    message: e.to_string(),
+                };
+                self.update(|inner, now| {
+                    inner.last_connect_error = Some(e);
+                    inner.planner.connect_failed(now, attempt, failure);
+                });
+            }
+        }
+    }
+
+    /// Watches a new connection so that its end is noticed (and recorded for health) when it
+    /// happens, not only when someone next asks for a channel. The watcher lets go of the
+    /// connection when the set is dropped.
+    fn watch(self: &Arc<Self>, id: ConnId, ssh: SshConnection) {
+        let set = Arc::downgrade(self);
+        let mut alive = self.alive.subscribe();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = ssh.closed() => {
+                    if let Some(set) = set.upgrade() {
+                        set.forget(id, &ssh);
+                    }
+                }
+                // Only ever an error: the set (the sender) is gone.
+                _ = alive.changed() => {}
+            }
+        });
+    }
+
+    /// Drops connection `id`, which has ended, keeping its byte counts.
+    fn forget(&self, id: ConnId, ssh: &SshConnection) {
+        let why = loss_description(ssh);
+        if why.is_some() {
+            self.counters
+                .connections_lost
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(host = %self.target.endpoint.host, "{}", why.as_deref().unwrap_or(""));
+        }
+        self.update(|inner, now| {
+            if let Some(gone) = inner.ssh.remove(&id) {
+                let b = gone.stats();
+                inner.closed_bytes.0 += b.bytes_in;
+                inner.closed_bytes.1 += b.bytes_out;
+            }
+            inner.planner.connection_lost(now, id, why);
+        });
     }
 
     /// Health of the host as seen from its connections: Up while connected with nothing
@@ -701,53 +702,168 @@ impl ConnectionSet {
     /// connection attempt failed or a connection was lost since; Down when no connection is
     /// left after a failure or a loss; Idle before the first connection.
     pub(crate) fn health(&self) -> Health {
-        let mut st = lock(&self.state);
-        self.prune(&mut st);
-        let live = st.conns.len();
-        let troubled = st.failures > 0 || st.last_error.is_some();
-        let state = match (live, st.down_since) {
-            (n, _) if n > 0 && !troubled => HealthState::Up,
+        let h = lock(&self.inner).planner.health();
+        let state = match (h.live, h.down_since) {
+            (n, _) if n > 0 && !h.troubled => HealthState::Up,
             (n, _) if n > 0 => HealthState::Degraded,
             (_, Some(_)) => HealthState::Down,
             _ => HealthState::Idle,
         };
         Health {
             state,
-            down_since: st.down_since,
-            last_error: st.last_error.clone(),
-            connections: live,
-            channels_open: st.conns.iter().map(|c| c.open).sum(),
-            learned_channel_limit: match self.counters.learned_limit.load(Ordering::Relaxed) {
-                0 => None,
-                n => Some(n),
-            },
+            down_since: h.down_since,
+            last_error: h.last_error,
+            connections: h.live,
+            channels_open: h.channels_open,
+            learned_channel_limit: h.learned_limit,
         }
     }
 
     /// Payload bytes in and out over every connection this set ever had.
     pub(crate) fn bytes(&self) -> (u64, u64) {
-        let st = lock(&self.state);
-        st.conns.iter().fold(st.closed_bytes, |(i, o), c| {
-            let s = c.ssh.stats();
+        let inner = lock(&self.inner);
+        inner.ssh.values().fold(inner.closed_bytes, |(i, o), c| {
+            let s = c.stats();
             (i + s.bytes_in, o + s.bytes_out)
         })
     }
 
     /// Closes every connection (pool shutdown).
     pub(crate) async fn disconnect_all(&self) {
-        let conns: Vec<SshConnection> = {
-            let mut st = lock(&self.state);
-            let conns: Vec<SshConnection> = st.conns.drain(..).map(|c| c.ssh).collect();
-            for c in &conns {
-                let b = c.stats();
-                st.closed_bytes.0 += b.bytes_in;
-                st.closed_bytes.1 += b.bytes_out;
+        let conns: Vec<SshConnection> = self.update(|inner, now| {
+            let ids: Vec<ConnId> = inner.ssh.keys().copied().collect();
+            let mut out = Vec::new();
+            for id in ids {
+                if let Some(c) = inner.ssh.remove(&id) {
+                    let b = c.stats();
+                    inner.closed_bytes.0 += b.bytes_in;
+                    inner.closed_bytes.1 += b.bytes_out;
+                    inner.planner.connection_lost(now, id, None);
+                    out.push(c);
+                }
             }
-            conns
-        };
+            out
+        });
         for c in conns {
             c.disconnect().await;
         }
+    }
+}
+
+/// Opens a channel on a granted slot and runs `command` there; owns the ticket throughout,
+/// so that the slot's fate is settled here whatever the caller does meanwhile.
+async fn open_on(
+    ssh: SshConnection,
+    command: &str,
+    options: ExecOptions,
+    mut ticket: ChannelTicket,
+) -> OpenOutcome {
+    match ssh.exec_with(command, options).await {
+        Ok(ch) => {
+            ticket.confirm();
+            OpenOutcome::Ready(ch, ticket)
+        }
+        Err(TransportError::ChannelOpenRefused { .. }) => {
+            ticket.refuse();
+            OpenOutcome::Retry
+        }
+        Err(_) if ssh.is_closed() => {
+            // The watcher records the loss; the slot went with the connection.
+            drop(ticket);
+            OpenOutcome::Retry
+        }
+        Err(e) => {
+            ticket.fail();
+            OpenOutcome::Failed(e.into())
+        }
+    }
+}
+
+/// The driver of one host: runs connection attempts and the planner's timers. It holds the
+/// set only weakly, and ends when the set is dropped.
+async fn drive(set: Weak<ConnectionSet>, wake: Arc<Notify>, mut alive: watch::Receiver<()>) {
+    let mut attempts: JoinSet<Result<SshConnection>> = JoinSet::new();
+    let mut running: HashMap<tokio::task::Id, AttemptId> = HashMap::new();
+    loop {
+        let Some(s) = set.upgrade() else { return };
+        let woken = wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let (start, next) = s.tick();
+        for id in start {
+            let target = s.target.clone();
+            let registry = s.registry.clone();
+            let limits = s.limits.clone();
+            let task = attempts.spawn(async move { connect_one(&target, &registry, limits).await });
+            running.insert(task.id(), id);
+        }
+        drop(s);
+        let sleep = async {
+            match next {
+                Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = &mut woken => {}
+            Some(joined) = attempts.join_next_with_id(), if !attempts.is_empty() => {
+                let Some(s) = set.upgrade() else { return };
+                let (task, r) = match joined {
+                    Ok((task, r)) => (task, r),
+                    // A panicked attempt still ends, as a failure, so that nobody waits on it.
+                    Err(e) => (
+                        e.id(),
+                        Err(Error::local(
+                            ErrorKind::Connect,
+                            format!("the connection attempt failed unexpectedly: {e}"),
+                        )),
+                    ),
+                };
+                if let Some(id) = running.remove(&task) {
+                    s.attempt_done(id, r);
+                }
+            }
+            _ = sleep => {}
+            // Only ever an error: the set is gone.
+            _ = alive.changed() => return,
+        }
+    }
+}
+
+/// One connection attempt to `target`, through its jump host's own pooled connection when it
+/// has one.
+async fn connect_one(
+    target: &ConnectTarget,
+    registry: &Weak<Registry>,
+    limits: ConnectionLimits,
+) -> Result<SshConnection> {
+    // Every stage has its own timeout in the transport; this only guards against a stage
+    // that forgets one.
+    let bound = target.connect_budget() + Duration::from_secs(5);
+    let attempt = async {
+        let r = match &target.jump {
+            None => target.connect(NoopObserver).await,
+            Some(jump) => {
+                let registry = registry
+                    .upgrade()
+                    .ok_or_else(|| Error::local(ErrorKind::Config, "the pool is shutting down"))?;
+                let hop = registry.get((**jump).clone(), limits);
+                // Boxed: a jump host may itself be reached through another jump host.
+                let ssh = Box::pin(hop.any_connection()).await?;
+                let stream = ssh
+                    .open_direct_tcpip(&target.endpoint.host, target.endpoint.port)
+                    .await?;
+                target.connect_over(stream, NoopObserver).await
+            }
+        };
+        r.map_err(Error::from)
+    };
+    match tokio::time::timeout(bound, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::remote(
+            ErrorKind::TimedOut,
+            format!("connecting took longer than {bound:?}"),
+        )),
     }
 }
 
@@ -778,7 +894,7 @@ impl Registry {
         let weak = self.this.lock().map(|w| w.clone()).unwrap_or_default();
         let mut sets = self.sets.lock().unwrap_or_else(|p| p.into_inner());
         sets.entry(key)
-            .or_insert_with(|| Arc::new(ConnectionSet::new(target, limits, weak)))
+            .or_insert_with(|| ConnectionSet::new(target, limits, weak))
             .clone()
     }
 
@@ -788,4 +904,9 @@ impl Registry {
             .map(|s| s.values().cloned().collect())
             .unwrap_or_default()
     }
+}
+
+// TEMPORARY until the transport branch lands: TransportError::is_startup_drop.
+fn startup_drop_shim(_: &TransportError) -> bool {
+    false
 }
