@@ -59,6 +59,11 @@ pub(crate) const REFUSAL_PAUSE: Duration = Duration::from_millis(10);
 pub(crate) const MAX_REFUSAL_PAUSE: Duration = Duration::from_secs(1);
 /// Refusals in a row blamed on the release race before one counts as the limit.
 pub(crate) const MAX_RACE_REFUSALS: u32 = 4;
+/// Opens left unanswered at once on a connection whose limit is not known yet. sshd's
+/// default `MaxSessions` is 10: a burst of a hundred callers then costs at most ten
+/// refusals to learn a lower limit, not ninety; a higher limit is found as opens are
+/// confirmed.
+pub(crate) const PROBE_OPENS: usize = 10;
 /// First delay after an attempt the server dropped at start-up; doubles per drop in a row
 /// (with full jitter: a random point in the upper half), up to [`MAX_THROTTLE_DELAY`].
 pub(crate) const THROTTLE_DELAY: Duration = Duration::from_millis(20);
@@ -158,6 +163,15 @@ impl Conn {
         } else {
             cap
         }
+    }
+
+    /// Whether another open may go out now: within capacity, and while the limit is
+    /// unknown, within [`PROBE_OPENS`] unanswered opens.
+    fn has_room(&self, cap: usize, limit_known: bool) -> bool {
+        self.open < self.capacity(cap)
+            && (limit_known
+                || self.refused
+                || self.open.saturating_sub(self.confirmed) < PROBE_OPENS)
     }
 
     fn paused(&self, now: Instant) -> bool {
@@ -636,10 +650,11 @@ impl Planner {
                 Want::Connection => self.conns.iter().min_by_key(|c| c.open).map(|c| c.id),
                 Want::Channel if channel_blocked => None,
                 Want::Channel => {
+                    let known = cap < usize::MAX;
                     let best = self
                         .conns
                         .iter_mut()
-                        .filter(|c| c.open < c.capacity(cap) && !c.paused(now))
+                        .filter(|c| c.has_room(cap, known) && !c.paused(now))
                         .min_by_key(|c| c.open);
                     match best {
                         Some(c) => {
