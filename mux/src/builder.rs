@@ -14,7 +14,7 @@ use nixmux_session::{SessionConfig, WorkerConfig};
 use crate::connections::{ConnectionLimits, ConnectionSet, Registry};
 use crate::error::{Result, from_session};
 use crate::pool::{PoolSettings, PooledSession, SessionPool};
-use crate::remote::{Conversation, Protocol, SessionSpec};
+use crate::remote::{Protocol, SessionSpec};
 use crate::stats::{BuilderStats, Health};
 use crate::target::ConnectTarget;
 
@@ -169,6 +169,7 @@ impl Builder {
         BuilderStats {
             connections_opened: c.connections_opened.load(Ordering::Relaxed),
             connect_failures: c.connect_failures.load(Ordering::Relaxed),
+            startup_drops: c.startup_drops.load(Ordering::Relaxed),
             channels_opened: c.channels_opened.load(Ordering::Relaxed),
             channel_refusals: c.channel_refusals.load(Ordering::Relaxed),
             channel_refusals_transient: c.race_refusals.load(Ordering::Relaxed),
@@ -243,13 +244,12 @@ impl Builder {
     ) -> Result<BTreeSet<StorePath>> {
         self.bounded("query_valid_paths", async {
             let mut s = self.acquire().await?;
-            let r = match &mut s.get().conv {
-                Conversation::Serve(x) => x.query_valid_paths(paths, false, substitute).await,
-                Conversation::Worker(w) => {
-                    w.query_valid_paths(paths, substitute, &mut |_| {}).await
-                }
-            }
-            .map_err(|e| self.err(e));
+            let r = s
+                .get()
+                .conv
+                .query_valid_paths(paths, substitute)
+                .await
+                .map_err(|e| self.err(e));
             if r.is_ok() {
                 s.succeeded();
             }
@@ -263,11 +263,12 @@ impl Builder {
     pub async fn query_path_infos(&self, paths: &BTreeSet<StorePath>) -> Result<Vec<PathInfo>> {
         self.bounded("query_path_infos", async {
             let mut s = self.acquire().await?;
-            let r = match &mut s.get().conv {
-                Conversation::Serve(x) => x.query_path_infos(paths).await,
-                Conversation::Worker(w) => w.query_path_infos(paths, &mut |_| {}).await,
-            }
-            .map_err(|e| self.err(e));
+            let r = s
+                .get()
+                .conv
+                .query_path_infos(paths)
+                .await
+                .map_err(|e| self.err(e));
             if r.is_ok() {
                 s.succeeded();
             }

@@ -55,6 +55,7 @@
 pub mod builder;
 pub mod config;
 mod connections;
+mod conversation;
 pub mod error;
 pub mod local;
 pub mod logs;

@@ -1,6 +1,6 @@
 //! The operations that move paths and run builds, the same on both protocols.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -9,19 +9,16 @@ use std::time::Duration;
 
 use nixmux_proto::build_result::BuildResult;
 use nixmux_proto::derivation::Derivation;
-use nixmux_proto::derived_path::{DerivedPath, OutputsSpec};
 use nixmux_proto::path_info::PathInfo;
-use nixmux_proto::serve;
 use nixmux_proto::store_path::StorePath;
-use nixmux_proto::worker::{BuildMode, ClientOptions};
 use nixmux_session::{SessionError, Upload};
 use tokio::io::{AsyncRead, AsyncWriteExt, DuplexStream, ReadBuf};
 
 use crate::builder::Builder;
+use crate::conversation::{BuildLog, Conversation};
 use crate::error::{Error, ErrorKind, Result, from_session};
 use crate::local::{LocalStore, closure_with, topo_sort};
 use crate::logs::LogSender;
-use crate::remote::Conversation;
 
 /// Progress of a transfer, reported after every chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -283,25 +280,12 @@ impl Builder {
                     nar: r,
                 })
                 .collect();
-            match &mut remote.get().conv {
-                Conversation::Serve(s) => s.add_to_store_nars(&mut uploads).await,
-                Conversation::Worker(w) => {
-                    if w.version().at_least(1, 32) {
-                        w.add_multiple_to_store(&mut uploads, false, true, &mut |_| {})
-                            .await
-                    } else {
-                        let mut r = Ok(());
-                        for up in uploads.iter_mut() {
-                            r = w.add_to_store_nar(up, false, true, &mut |_| {}).await;
-                            if r.is_err() {
-                                break;
-                            }
-                        }
-                        r
-                    }
-                }
-            }
-            .map_err(|e| from_session(e).on(&name))
+            remote
+                .get()
+                .conv
+                .add_paths(&mut uploads)
+                .await
+                .map_err(|e| from_session(e).on(&name))
         };
         // The first failure wins and drops the other side: a producer blocked on a full pipe
         // (or a consumer waiting for bytes) must not outlive its partner. Whatever was cut
@@ -351,13 +335,12 @@ impl Builder {
         let name = self.name().to_owned();
         let producer = async {
             for (info, mut w) in missing.iter().zip(writers) {
-                let sum = match &mut remote.get().conv {
-                    Conversation::Serve(s) => s.dump_store_path(&info.path, &mut w).await,
-                    Conversation::Worker(x) => {
-                        x.nar_from_path(&info.path, &mut w, &mut |_| {}).await
-                    }
-                }
-                .map_err(|e| from_session(e).on(&name))?;
+                let sum = remote
+                    .get()
+                    .conv
+                    .nar(&info.path, &mut w)
+                    .await
+                    .map_err(|e| from_session(e).on(&name))?;
                 if sum.nar_hash != info.nar_hash || sum.nar_size != info.nar_size {
                     return Err(Error::remote(
                         ErrorKind::Verification,
@@ -543,29 +526,16 @@ impl Builder {
             .await?;
         let basic = drv.to_basic(closure);
         let mut s = self.acquire().await?;
-        let route = s.get().route.clone();
-        let r = match &mut s.get().conv {
-            Conversation::Serve(x) => {
-                with_serve_log(
-                    &route,
-                    logs,
-                    x.build_derivation(drv_path, &basic, &serve_options(options)),
-                )
-                .await
-            }
-            Conversation::Worker(w) => {
-                match w.set_options(&client_options(options), &mut |_| {}).await {
-                    Ok(()) => {
-                        w.build_derivation(drv_path, &basic, BuildMode::Normal, &mut |ev| {
-                            logs.send(ev)
-                        })
-                        .await
-                    }
-                    Err(e) => Err(e),
-                }
-            }
+        let session = s.get();
+        let log = BuildLog {
+            logs,
+            stderr: &session.route,
         };
-        let result = r.map_err(|e| build_error(e, &name))?;
+        let result = session
+            .conv
+            .build_derivation(log, drv_path, &basic, options)
+            .await
+            .map_err(|e| build_error(e, &name))?;
         s.succeeded();
         Ok(BuildOutcome {
             result,
@@ -595,58 +565,17 @@ impl Builder {
         let pushed = self
             .push_closure(local, &roots, options.substitute, progress)
             .await?;
-        let outputs: BTreeSet<String> = drv.outputs.keys().cloned().collect();
-        let target = DerivedPath::Built {
-            drv: drv_path.clone(),
-            outputs: OutputsSpec::Names(outputs),
-        };
         let mut s = self.acquire().await?;
-        let route = s.get().route.clone();
-        let result = match &mut s.get().conv {
-            Conversation::Serve(x) => {
-                let r = with_serve_log(
-                    &route,
-                    logs,
-                    x.build_paths(std::slice::from_ref(&target), &serve_options(options)),
-                )
-                .await;
-                let mut result = r.map_err(|e| build_error(e, &name))?;
-                // `BuildPaths` answers with a status only; input-addressed outputs have their
-                // paths in the derivation.
-                if result.status.is_success() {
-                    for (out, o) in &drv.outputs {
-                        if let Some(path) = &o.path {
-                            result.built_outputs.insert(
-                                out.clone(),
-                                nixmux_proto::build_result::BuiltOutput {
-                                    path: path.clone(),
-                                    signatures: BTreeSet::new(),
-                                    id: None,
-                                    dependent_realisations: BTreeMap::new(),
-                                },
-                            );
-                        }
-                    }
-                }
-                result
-            }
-            Conversation::Worker(w) => {
-                w.set_options(&client_options(options), &mut |_| {})
-                    .await
-                    .map_err(|e| from_session(e).on(&name))?;
-                let mut results = w
-                    .build_paths_with_results(
-                        std::slice::from_ref(&target),
-                        BuildMode::Normal,
-                        &mut |ev| logs.send(ev),
-                    )
-                    .await
-                    .map_err(|e| build_error(e, &name))?;
-                results.pop().map(|(_, r)| r).ok_or_else(|| {
-                    Error::remote(ErrorKind::Protocol, "no build result").on(&name)
-                })?
-            }
+        let session = s.get();
+        let log = BuildLog {
+            logs,
+            stderr: &session.route,
         };
+        let result = session
+            .conv
+            .build_by_path(log, drv_path, drv, options)
+            .await
+            .map_err(|e| build_error(e, &name))?;
         s.succeeded();
         Ok(BuildOutcome {
             result,
@@ -655,21 +584,6 @@ impl Builder {
             pushed,
         })
     }
-}
-
-/// Runs a serve operation with the session's stderr (the build log) routed into `logs`.
-async fn with_serve_log<T>(
-    route: &crate::remote::LogRoute,
-    logs: &LogSender,
-    op: impl std::future::Future<Output = T>,
-) -> T {
-    route.set(Some(logs.clone()));
-    let r = op.await;
-    // The reply (stdout) and the last log lines (stderr) arrive through separate queues; give
-    // the stderr pump a moment to deliver what came before the reply.
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    route.set(None);
-    r
 }
 
 /// Path metadata from a builder session, for closure walks.
@@ -684,44 +598,11 @@ impl crate::local::InfoSource for RemoteInfos<'_> {
         batch: &'a BTreeSet<StorePath>,
     ) -> Pin<Box<dyn std::future::Future<Output = Result<Vec<PathInfo>>> + Send + 'a>> {
         Box::pin(async move {
-            match &mut *self.conv {
-                Conversation::Serve(x) => x.query_path_infos(batch).await,
-                Conversation::Worker(w) => w.query_path_infos(batch, &mut |_| {}).await,
-            }
-            .map_err(|e| from_session(e).on(self.name))
+            self.conv
+                .query_path_infos(batch)
+                .await
+                .map_err(|e| from_session(e).on(self.name))
         })
-    }
-}
-
-fn secs(d: Option<Duration>) -> u64 {
-    d.map(|d| d.as_secs().max(1)).unwrap_or(0)
-}
-
-fn serve_options(o: &BuildOptions) -> serve::BuildOptions {
-    serve::BuildOptions {
-        max_silent_time: secs(o.max_silent_time),
-        build_timeout: secs(o.timeout),
-        max_log_size: o.max_log_size.unwrap_or(0),
-        keep_failed: o.keep_failed,
-    }
-}
-
-fn client_options(o: &BuildOptions) -> ClientOptions {
-    let mut overrides = BTreeMap::new();
-    // `timeout` is one of the few overrides an untrusted client may set; max-build-log-size
-    // is honoured for trusted clients (and ignored, at debug level, for untrusted ones).
-    overrides.insert("timeout".to_owned(), secs(o.timeout).to_string());
-    if let Some(n) = o.max_log_size {
-        overrides.insert("max-build-log-size".to_owned(), n.to_string());
-    }
-    ClientOptions {
-        keep_failed: o.keep_failed,
-        max_silent_time: secs(o.max_silent_time),
-        build_cores: o.cores.unwrap_or(0),
-        use_substitutes: o.substitute,
-        verbosity: 3,
-        overrides,
-        ..ClientOptions::default()
     }
 }
 

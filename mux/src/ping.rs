@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::builder::BuilderConfig;
 use crate::error::{Error, ErrorKind};
-use crate::remote::{self, Conversation, Protocol, SessionSpec};
+use crate::remote::{self, Protocol, SessionSpec};
 
 /// One stage of a ping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -250,13 +250,7 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
     let empty = BTreeSet::new();
     for _ in 0..rounds {
         let t = Instant::now();
-        let r = match &mut session.conv {
-            Conversation::Serve(s) => s.query_valid_paths(&empty, false, false).await.map(drop),
-            Conversation::Worker(w) => w
-                .query_valid_paths(&empty, false, &mut |_| {})
-                .await
-                .map(drop),
-        };
+        let r = session.conv.query_valid_paths(&empty, false).await;
         if let Err(e) = r {
             fail(
                 &mut report,

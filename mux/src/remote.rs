@@ -15,6 +15,7 @@ use nixmux_session::{
 use nixmux_transport::{ExecChannel, ExecOptions, ExecStatus, ExitStatus};
 
 use crate::connections::ChannelTicket;
+use crate::conversation::Conversation;
 use crate::error::{Error, ErrorKind, Result, from_session};
 use crate::logs::LogSender;
 
@@ -60,36 +61,6 @@ impl SessionSpec {
             worker: config.worker.clone(),
             store_dir: config.store_dir.clone(),
             channel_wait: config.pool.acquire_timeout,
-        }
-    }
-}
-
-/// The conversation itself.
-#[derive(Debug)]
-pub(crate) enum Conversation {
-    Serve(ServeSession),
-    Worker(WorkerSession),
-}
-
-impl Conversation {
-    /// What the handshake told about the builder.
-    pub(crate) fn info(&self) -> crate::builder::RemoteInfo {
-        match self {
-            Conversation::Serve(x) => crate::builder::RemoteInfo {
-                protocol: Protocol::Serve,
-                version: x.version(),
-                nix_version: None,
-                trusted: None,
-            },
-            Conversation::Worker(w) => crate::builder::RemoteInfo {
-                protocol: Protocol::Worker,
-                version: w.version(),
-                nix_version: w.daemon_info().nix_version.clone(),
-                trusted: w
-                    .daemon_info()
-                    .trust
-                    .map(|t| t == nixmux_proto::worker::Trust::Trusted),
-            },
         }
     }
 }
@@ -163,11 +134,7 @@ impl Drop for RemoteSession {
 impl RemoteSession {
     /// Whether it can take another operation.
     pub(crate) fn is_usable(&self) -> bool {
-        let proto_ok = match &self.conv {
-            Conversation::Serve(s) => s.is_usable(),
-            Conversation::Worker(w) => w.is_usable(),
-        };
-        proto_ok
+        self.conv.is_usable()
             && !self.status.is_closed()
             && self
                 .ticket

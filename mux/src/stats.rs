@@ -40,6 +40,9 @@ pub struct BuilderStats {
     pub connections_opened: u64,
     /// Failed connection attempts.
     pub connect_failures: u64,
+    /// Connection attempts the server dropped at start-up (sshd `MaxStartups` throttling a
+    /// burst), retried after a short jittered delay; not failures.
+    pub startup_drops: u64,
     /// Session channels opened so far.
     pub channels_opened: u64,
     /// Channel opens sshd refused (at its limit, or racing the release of a just-closed

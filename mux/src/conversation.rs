@@ -1,0 +1,258 @@
+//! One protocol conversation, whichever protocol the builder speaks: the one place that
+//! switches on it. Everything above (the [`crate::Builder`] operations, ping) asks for an
+//! operation and gets the same result types on both.
+//!
+//! What differs underneath, and is hidden here:
+//! * uploads: serve pipelines `AddToStoreNar` per path; worker sends one framed
+//!   `AddMultipleToStore` (1.32+) or framed `AddToStoreNar`s;
+//! * downloads: serve `DumpStorePath`; worker `NarFromPath`;
+//! * builds: serve carries the build options with each build and writes the log to the
+//!   channel's stderr; worker needs `SetOptions` first and sends the log in-band;
+//! * building by path: serve `BuildPaths` answers with a status only (outputs come from the
+//!   derivation); worker `BuildPathsWithResults` gives a full result.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use nixmux_proto::build_result::{BuildResult, BuiltOutput};
+use nixmux_proto::derivation::{BasicDerivation, Derivation};
+use nixmux_proto::derived_path::{DerivedPath, OutputsSpec};
+use nixmux_proto::path_info::PathInfo;
+use nixmux_proto::serve;
+use nixmux_proto::store_path::StorePath;
+use nixmux_proto::worker::{BuildMode, ClientOptions, Trust};
+use nixmux_session::{NarSummary, ServeSession, SessionError, Upload, WorkerSession};
+use tokio::io::AsyncWrite;
+
+use crate::builder::RemoteInfo;
+use crate::logs::LogSender;
+use crate::ops::BuildOptions;
+use crate::remote::{LogRoute, Protocol};
+
+/// The conversation itself.
+#[derive(Debug)]
+pub(crate) enum Conversation {
+    Serve(ServeSession),
+    Worker(WorkerSession),
+}
+
+/// Where a build's log goes: `logs`, and for the serve protocol (whose log is the channel's
+/// stderr) the route its stderr pump follows.
+pub(crate) struct BuildLog<'a> {
+    pub(crate) logs: &'a LogSender,
+    pub(crate) stderr: &'a LogRoute,
+}
+
+impl Conversation {
+    /// What the handshake told about the builder.
+    pub(crate) fn info(&self) -> RemoteInfo {
+        match self {
+            Conversation::Serve(x) => RemoteInfo {
+                protocol: Protocol::Serve,
+                version: x.version(),
+                nix_version: None,
+                trusted: None,
+            },
+            Conversation::Worker(w) => RemoteInfo {
+                protocol: Protocol::Worker,
+                version: w.version(),
+                nix_version: w.daemon_info().nix_version.clone(),
+                trusted: w.daemon_info().trust.map(|t| t == Trust::Trusted),
+            },
+        }
+    }
+
+    /// Whether it can take another operation.
+    pub(crate) fn is_usable(&self) -> bool {
+        match self {
+            Conversation::Serve(s) => s.is_usable(),
+            Conversation::Worker(w) => w.is_usable(),
+        }
+    }
+
+    /// Which of `paths` are valid, letting the builder substitute missing ones first when
+    /// `substitute` is set.
+    pub(crate) async fn query_valid_paths(
+        &mut self,
+        paths: &BTreeSet<StorePath>,
+        substitute: bool,
+    ) -> Result<BTreeSet<StorePath>, SessionError> {
+        match self {
+            Conversation::Serve(x) => x.query_valid_paths(paths, false, substitute).await,
+            Conversation::Worker(w) => w.query_valid_paths(paths, substitute, &mut |_| {}).await,
+        }
+    }
+
+    /// Metadata of the valid ones among `paths`, in one round trip (serve batches natively;
+    /// worker requests are pipelined).
+    pub(crate) async fn query_path_infos(
+        &mut self,
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<Vec<PathInfo>, SessionError> {
+        match self {
+            Conversation::Serve(x) => x.query_path_infos(paths).await,
+            Conversation::Worker(w) => w.query_path_infos(paths, &mut |_| {}).await,
+        }
+    }
+
+    /// Adds the NARs of `uploads` (dependencies first) in one pipelined batch, without
+    /// signature checks (the caller trusts what it sends, as Nix's build hook does).
+    pub(crate) async fn add_paths(
+        &mut self,
+        uploads: &mut [Upload<'_>],
+    ) -> Result<(), SessionError> {
+        match self {
+            Conversation::Serve(s) => s.add_to_store_nars(uploads).await,
+            Conversation::Worker(w) if w.version().at_least(1, 32) => {
+                w.add_multiple_to_store(uploads, false, true, &mut |_| {})
+                    .await
+            }
+            Conversation::Worker(w) => {
+                for up in uploads.iter_mut() {
+                    w.add_to_store_nar(up, false, true, &mut |_| {}).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Streams the NAR of `path` into `sink`.
+    pub(crate) async fn nar(
+        &mut self,
+        path: &StorePath,
+        sink: &mut (dyn AsyncWrite + Unpin + Send),
+    ) -> Result<NarSummary, SessionError> {
+        match self {
+            Conversation::Serve(s) => s.dump_store_path(path, sink).await,
+            Conversation::Worker(w) => w.nar_from_path(path, sink, &mut |_| {}).await,
+        }
+    }
+
+    /// Builds `basic` (the derivation `drv_path` with its whole input closure in
+    /// `inputSrcs`, valid on the builder) with `options`, its log going to `log`.
+    pub(crate) async fn build_derivation(
+        &mut self,
+        log: BuildLog<'_>,
+        drv_path: &StorePath,
+        basic: &BasicDerivation,
+        options: &BuildOptions,
+    ) -> Result<BuildResult, SessionError> {
+        match self {
+            Conversation::Serve(x) => {
+                let options = serve_options(options);
+                with_serve_log(log, x.build_derivation(drv_path, basic, &options)).await
+            }
+            Conversation::Worker(w) => {
+                w.set_options(&client_options(options), &mut |_| {}).await?;
+                w.build_derivation(drv_path, basic, BuildMode::Normal, &mut |ev| {
+                    log.logs.send(ev)
+                })
+                .await
+            }
+        }
+    }
+
+    /// Builds every output of `drv` (whose `.drv` closure is valid on the builder) by path,
+    /// its log going to `log`.
+    pub(crate) async fn build_by_path(
+        &mut self,
+        log: BuildLog<'_>,
+        drv_path: &StorePath,
+        drv: &Derivation,
+        options: &BuildOptions,
+    ) -> Result<BuildResult, SessionError> {
+        let outputs: BTreeSet<String> = drv.outputs.keys().cloned().collect();
+        let target = DerivedPath::Built {
+            drv: drv_path.clone(),
+            outputs: OutputsSpec::Names(outputs),
+        };
+        match self {
+            Conversation::Serve(x) => {
+                let options = serve_options(options);
+                let build = x.build_paths(std::slice::from_ref(&target), &options);
+                let mut result = with_serve_log(log, build).await?;
+                // `BuildPaths` answers with a status only; input-addressed outputs have their
+                // paths in the derivation.
+                if result.status.is_success() {
+                    for (out, o) in &drv.outputs {
+                        if let Some(path) = &o.path {
+                            result.built_outputs.insert(
+                                out.clone(),
+                                BuiltOutput {
+                                    path: path.clone(),
+                                    signatures: BTreeSet::new(),
+                                    id: None,
+                                    dependent_realisations: BTreeMap::new(),
+                                },
+                            );
+                        }
+                    }
+                }
+                Ok(result)
+            }
+            Conversation::Worker(w) => {
+                w.set_options(&client_options(options), &mut |_| {}).await?;
+                let mut results = w
+                    .build_paths_with_results(
+                        std::slice::from_ref(&target),
+                        BuildMode::Normal,
+                        &mut |ev| log.logs.send(ev),
+                    )
+                    .await?;
+                results
+                    .pop()
+                    .map(|(_, r)| r)
+                    .ok_or_else(|| SessionError::Protocol {
+                        during: "worker BuildPathsWithResults",
+                        source: nixmux_proto::Misbehaved::Inconsistent("no build result".into())
+                            .into(),
+                    })
+            }
+        }
+    }
+}
+
+/// Runs a serve build with the channel's stderr (the build log) routed into `log.logs`.
+async fn with_serve_log<T>(log: BuildLog<'_>, op: impl std::future::Future<Output = T>) -> T {
+    log.stderr.set(Some(log.logs.clone()));
+    let r = op.await;
+    // The reply (stdout) and the last log lines (stderr) arrive through separate queues; give
+    // the stderr pump a moment to deliver what came before the reply.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    log.stderr.set(None);
+    r
+}
+
+fn secs(d: Option<Duration>) -> u64 {
+    d.map(|d| d.as_secs().max(1)).unwrap_or(0)
+}
+
+/// The serve protocol's options block, sent with every build.
+fn serve_options(o: &BuildOptions) -> serve::BuildOptions {
+    serve::BuildOptions {
+        max_silent_time: secs(o.max_silent_time),
+        build_timeout: secs(o.timeout),
+        max_log_size: o.max_log_size.unwrap_or(0),
+        keep_failed: o.keep_failed,
+    }
+}
+
+/// The worker protocol's `SetOptions`, sent before every build.
+fn client_options(o: &BuildOptions) -> ClientOptions {
+    let mut overrides = BTreeMap::new();
+    // `timeout` is one of the few overrides an untrusted client may set; max-build-log-size
+    // is honoured for trusted clients (and ignored, at debug level, for untrusted ones).
+    overrides.insert("timeout".to_owned(), secs(o.timeout).to_string());
+    if let Some(n) = o.max_log_size {
+        overrides.insert("max-build-log-size".to_owned(), n.to_string());
+    }
+    ClientOptions {
+        keep_failed: o.keep_failed,
+        max_silent_time: secs(o.max_silent_time),
+        build_cores: o.cores.unwrap_or(0),
+        use_substitutes: o.substitute,
+        verbosity: 3,
+        overrides,
+        ..ClientOptions::default()
+    }
+}
