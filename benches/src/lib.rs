@@ -14,7 +14,7 @@
 //! use nixmux_benches::{runner::Quiet, workloads};
 //! let report = workloads::run(
 //!     workloads::Options {
-//!         targets: nixmux_benches::env::Targets::Embedded { builders: 1 },
+//!         targets: nixmux_benches::env::Targets::Embedded { builders: 1, max_sessions: None },
 //!         workloads: vec!["cold-session".into()],
 //!         repeat: Some(3),
 //!         quick: true,
@@ -29,7 +29,7 @@
 
 pub mod env;
 pub mod peers;
-pub mod relay;
+pub use nixmux_rig::relay;
 pub mod render;
 pub mod report;
 pub mod runner;

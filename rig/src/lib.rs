@@ -43,6 +43,7 @@ mod builder;
 mod error;
 mod install;
 mod procs;
+pub mod relay;
 mod rig;
 mod sshd;
 mod state;

@@ -1,6 +1,8 @@
 //! An emulated WAN link: a TCP relay in this process that delays every byte by half the
 //! round-trip time in each direction and limits the rate with a token bucket (this kernel has
-//! no netem).
+//! no netem). It can also stall on demand ([`Relay::stall`]): a link that stops delivering
+//! in one or both directions, as a frozen peer or a black-holed route looks from the other
+//! end, while every TCP connection stays open.
 //!
 //! Each direction of each relayed connection is a queue, not a sleep per read: a reader task
 //! stamps every chunk with the instant its last byte leaves the emulated link (the token
@@ -19,6 +21,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -84,6 +87,31 @@ impl TokenBucket {
     }
 }
 
+/// Which directions of a relay deliver nothing for now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Stall {
+    /// Everything flows.
+    #[default]
+    None,
+    /// Client to server bytes are held.
+    Upstream,
+    /// Server to client bytes are held.
+    Downstream,
+    /// Nothing is delivered either way.
+    Both,
+}
+
+impl Stall {
+    fn holds(self, upstream: bool) -> bool {
+        match self {
+            Stall::None => false,
+            Stall::Both => true,
+            Stall::Upstream => upstream,
+            Stall::Downstream => !upstream,
+        }
+    }
+}
+
 /// Byte counters of a relay.
 #[derive(Debug, Default)]
 pub struct RelayCounters {
@@ -100,6 +128,7 @@ pub struct RelayCounters {
 pub struct Relay {
     addr: SocketAddr,
     counters: Arc<RelayCounters>,
+    stall: Arc<watch::Sender<Stall>>,
     task: JoinHandle<()>,
 }
 
@@ -120,6 +149,8 @@ impl Relay {
         let addr = listener.local_addr()?;
         let counters = Arc::new(RelayCounters::default());
         let c = counters.clone();
+        let stall = Arc::new(watch::Sender::new(Stall::None));
+        let st = stall.clone();
         let task = tokio::spawn(async move {
             // Dropped (and every connection task aborted) when the accept loop is aborted.
             let mut conns = tokio::task::JoinSet::new();
@@ -128,7 +159,7 @@ impl Relay {
                     accepted = listener.accept() => {
                         let Ok((stream, _)) = accepted else { continue };
                         c.connections.fetch_add(1, Ordering::Relaxed);
-                        conns.spawn(relay_one(stream, target, link, c.clone()));
+                        conns.spawn(relay_one(stream, target, link, c.clone(), st.subscribe()));
                     }
                     Some(_) = conns.join_next(), if !conns.is_empty() => {}
                 }
@@ -137,8 +168,17 @@ impl Relay {
         Ok(Relay {
             addr,
             counters,
+            stall,
             task,
         })
+    }
+
+    /// Holds the bytes of the given directions (of every connection, present and future)
+    /// until called again with [`Stall::None`]. Bytes read meanwhile queue up to the relay's
+    /// bound, then TCP backpressure reaches the sender. Safe to call from any thread, also
+    /// from a callback that must not block.
+    pub fn stall(&self, how: Stall) {
+        self.stall.send_replace(how);
     }
 
     /// The address clients connect to.
@@ -157,7 +197,13 @@ impl Relay {
     }
 }
 
-async fn relay_one(client: TcpStream, target: SocketAddr, link: Link, c: Arc<RelayCounters>) {
+async fn relay_one(
+    client: TcpStream,
+    target: SocketAddr,
+    link: Link,
+    c: Arc<RelayCounters>,
+    stall: watch::Receiver<Stall>,
+) {
     let server = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
         Ok(Ok(s)) => s,
         _ => return,
@@ -167,13 +213,20 @@ async fn relay_one(client: TcpStream, target: SocketAddr, link: Link, c: Arc<Rel
     let (cr, cw) = client.into_split();
     let (sr, sw) = server.into_split();
     tokio::join!(
-        direction(cr, sw, link, &c.up),
-        direction(sr, cw, link, &c.down)
+        direction(cr, sw, link, &c.up, stall.clone(), true),
+        direction(sr, cw, link, &c.down, stall, false)
     );
 }
 
 /// One direction: read, stamp, queue; deliver at the stamped instants.
-async fn direction(mut r: OwnedReadHalf, mut w: OwnedWriteHalf, link: Link, bytes: &AtomicU64) {
+async fn direction(
+    mut r: OwnedReadHalf,
+    mut w: OwnedWriteHalf,
+    link: Link,
+    bytes: &AtomicU64,
+    mut stall: watch::Receiver<Stall>,
+    upstream: bool,
+) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(IN_FLIGHT);
     let one_way = link.rtt / 2;
     let reader = async move {
@@ -206,6 +259,10 @@ async fn direction(mut r: OwnedReadHalf, mut w: OwnedWriteHalf, link: Link, byte
     let writer = async move {
         while let Some((at, buf)) = rx.recv().await {
             tokio::time::sleep_until(at).await;
+            // An error means the relay is gone: deliver nothing more.
+            if stall.wait_for(|s| !s.holds(upstream)).await.is_err() {
+                return;
+            }
             if w.write_all(&buf).await.is_err() {
                 return;
             }
@@ -269,5 +326,34 @@ mod tests {
         assert!(took >= Duration::from_millis(150), "{took:?}");
         assert!(took < Duration::from_secs(20), "{took:?}");
         assert!(relay.counters().up.load(Ordering::Relaxed) >= 200_001);
+    }
+
+    #[tokio::test]
+    async fn a_stalled_relay_holds_bytes_until_released() {
+        let echo = TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
+        let target = echo.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = echo.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        let relay = Relay::start(target, Link::new(0.0, 0.0))
+            .await
+            .expect("relay");
+        let mut s = TcpStream::connect(relay.addr()).await.expect("connect");
+        relay.stall(Stall::Downstream);
+        s.write_all(b"ping").await.expect("write");
+        let mut got = [0u8; 4];
+        let held = tokio::time::timeout(Duration::from_millis(300), s.read_exact(&mut got)).await;
+        assert!(held.is_err(), "nothing comes back while stalled");
+        relay.stall(Stall::None);
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+            .await
+            .expect("released")
+            .expect("read");
+        assert_eq!(&got, b"ping");
     }
 }
