@@ -25,6 +25,8 @@ pub enum Targets {
     Embedded {
         /// How many.
         builders: usize,
+        /// Their sshd's `MaxSessions` (`None`: sshd's default, 10).
+        max_sessions: Option<u32>,
     },
     /// Builders given on the command line (store URLs or a machines file).
     External(Vec<BuilderConfig>),
@@ -75,10 +77,15 @@ impl Env {
             .tempdir()
             .context("creating the bench's temporary directory")?;
         let (rig, external) = match targets {
-            Targets::Embedded { builders } => {
+            Targets::Embedded {
+                builders,
+                max_sessions,
+            } => {
                 let rig = tokio::task::spawn_blocking(move || {
                     nixmux_rig::ensure_peers_installed()?;
+                    let defaults = RigConfig::default();
                     Rig::start(RigConfig {
+                        max_sessions: max_sessions.unwrap_or(defaults.max_sessions),
                         // As in the baselines of docs (nix-build with max-jobs 8).
                         max_jobs: 8,
                         // The session-counting helpers need DEBUG1; the bench does not, and

@@ -202,6 +202,20 @@ impl Side for NixmuxCold {
                     "connections_opened".into(),
                     st.connections_opened.to_string(),
                 );
+                // The worst sample decides whether the pool over-connects.
+                let max = self
+                    .stats
+                    .get("connections_opened_max")
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+                    .max(st.connections_opened);
+                self.stats
+                    .insert("connections_opened_max".into(), max.to_string());
+                if let Some(l) = b.health().learned_channel_limit {
+                    self.stats.insert("learned_limit".into(), l.to_string());
+                }
+                self.stats
+                    .insert("startup_drops".into(), st.startup_drops.to_string());
                 self.stats
                     .insert("channels_opened".into(), st.channels_opened.to_string());
                 self.stats

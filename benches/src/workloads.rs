@@ -584,9 +584,9 @@ async fn spec(
             let points: &[usize] = if plan.quick {
                 &[1, 4]
             } else if plan.wan {
-                &[1, 16, 64]
+                &[1, 16, 64, 128]
             } else {
-                &[1, 4, 16, 64]
+                &[1, 4, 16, 64, 128]
             };
             let ops = if plan.quick { 2 } else { 10 };
             let mut cases = Vec::new();
@@ -619,7 +619,7 @@ async fn spec(
             Spec {
                 title: "Concurrency sweep: parallel ssh-ng sessions on one builder".into(),
                 description: format!(
-                    "C sessions started at once on one builder, each doing {ops} QueryValidPaths round trips; timed until all are done. nixmux: a Pool (max sessions C) whose SSH connection is already up (untimed), opening channels on it and another connection only when sshd refuses a channel (MaxSessions 10). OpenSSH ControlMaster: C clients of a running master (MaxSessions 10 refuses the 11th). OpenSSH as Nix runs it: C `ssh` processes, each a new connection (sshd's MaxStartups 10:30:100 throttles bursts). Failed sessions are counted, not timed."
+                    "C sessions started at once on one builder, each doing {ops} QueryValidPaths round trips; timed until all are done. nixmux: a Pool (max sessions C) whose SSH connection is already up (untimed), opening channels on it and more connections (at most 4 connecting at once, retried when sshd drops them at start-up) only when sshd refuses a channel (MaxSessions, 10 by default). OpenSSH ControlMaster: C clients of a running master (MaxSessions refuses the rest). OpenSSH as Nix runs it: C `ssh` processes, each a new connection (sshd's MaxStartups 10:30:100 throttles bursts). Failed sessions are counted, not timed."
                 ),
                 primary: Figure::Wall,
                 cases,
@@ -819,6 +819,37 @@ pub fn goals(result: &WorkloadResult, wan: Option<WanSettings>) -> Vec<Goal> {
                 );
             }
         }
+        "concurrency" => {
+            for c in &result.cases {
+                let Some(side) = c.side("nixmux-ssh-ng") else {
+                    continue;
+                };
+                let sessions = c.param.unwrap_or(0.0);
+                let detail = |k: &str| side.details.get(k).and_then(|v| v.parse::<f64>().ok());
+                let conns = detail("connections_opened_max");
+                // The channel limit sshd showed (MaxSessions); 8 connections at most.
+                let limit = detail("learned_limit").unwrap_or(10.0).max(1.0);
+                let bound = ((sessions / limit).ceil() + 2.0).min(8.0 + 2.0);
+                let ok =
+                    side.failures == 0 && matches!(side.outcome, crate::report::Outcome::Measured);
+                goal(
+                    &format!(
+                        "{}: no failure, connections ≤ ceil(C / limit) + 2 (limit {limit}: ≤ {bound})",
+                        c.label
+                    ),
+                    "#9",
+                    conns.map(|n| if ok { n } else { f64::INFINITY }),
+                    &|n| n <= bound,
+                    &|n| {
+                        if n.is_finite() {
+                            format!("{n} connections, {} failures", side.failures)
+                        } else {
+                            format!("{} failures", side.failures)
+                        }
+                    },
+                );
+            }
+        }
         "build" if lan && case.param == Some(20.0) => {
             for p in ["ssh-ng", "ssh"] {
                 goal(
@@ -866,7 +897,14 @@ pub async fn run(options: Options, progress: &dyn Progress) -> anyhow::Result<Re
         .unwrap_or(0);
     let load_before = crate::stats::load_average();
     progress.event(&Event::Note(match &options.targets {
-        Targets::Embedded { builders } => format!("starting {builders} local rig builders"),
+        Targets::Embedded {
+            builders,
+            max_sessions: None,
+        } => format!("starting {builders} local rig builders"),
+        Targets::Embedded {
+            builders,
+            max_sessions: Some(m),
+        } => format!("starting {builders} local rig builders (sshd MaxSessions {m})"),
         Targets::External(b) => format!("{} builders from the command line", b.len()),
     }));
     let env = Arc::new(Env::start(options.targets.clone(), options.wan).await?);

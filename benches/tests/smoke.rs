@@ -10,7 +10,10 @@ use nixmux_benches::workloads::{Options, run};
 async fn tiny_workloads_run_against_the_rig() {
     let report = run(
         Options {
-            targets: Targets::Embedded { builders: 1 },
+            targets: Targets::Embedded {
+                builders: 1,
+                max_sessions: None,
+            },
             workloads: vec!["cold-session".into(), "new-channel".into()],
             repeat: Some(1),
             quick: true,
@@ -44,7 +47,10 @@ async fn tiny_workloads_run_against_the_rig() {
 async fn tiny_wan_push_goes_through_the_relay() {
     let report = run(
         Options {
-            targets: Targets::Embedded { builders: 1 },
+            targets: Targets::Embedded {
+                builders: 1,
+                max_sessions: None,
+            },
             workloads: vec!["push-small".into()],
             repeat: Some(1),
             quick: true,

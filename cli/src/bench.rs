@@ -56,6 +56,10 @@ pub(crate) struct BenchArgs {
     /// Number of local rig builders (default 4, 2 with --quick).
     #[arg(long, value_name = "N")]
     builders: Option<usize>,
+    /// sshd `MaxSessions` of the local rig builders (default 10, sshd's own): e.g. 2 to see
+    /// how each side copes with a builder that takes few sessions per connection.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_sessions: Option<u32>,
 }
 
 fn parse_wan(s: &str) -> anyhow::Result<WanSettings> {
@@ -165,8 +169,12 @@ pub(crate) fn main(args: BenchArgs) -> anyhow::Result<i32> {
                 .builders
                 .unwrap_or_else(|| workloads::default_builders(args.quick))
                 .max(1),
+            max_sessions: args.max_sessions,
         }
     } else {
+        if args.max_sessions.is_some() {
+            bail!("--max-sessions configures local rig builders; it cannot change external ones");
+        }
         let resolved = match resolve::builders(&BuilderArgs {
             urls: args.urls.clone(),
             machines: args.machines.clone(),
