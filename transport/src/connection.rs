@@ -96,6 +96,16 @@ impl ConnShared {
         }
     }
 
+    /// A connection's shared state with nothing behind it, for unit tests of the parts that
+    /// only update its counters.
+    #[cfg(test)]
+    pub(crate) fn detached() -> Arc<Self> {
+        Arc::new(Self::new(
+            Arc::new(StreamMonitor::default()),
+            &TransportConfig::default(),
+        ))
+    }
+
     pub(crate) fn cause(&self) -> Option<DisconnectCause> {
         self.cause.borrow().clone()
     }

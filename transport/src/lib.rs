@@ -39,9 +39,12 @@
 //! One unread channel therefore stalls every channel of its connection. Here every channel
 //! has a task that reads its queue promptly whatever the application does: stdout goes to a
 //! per-channel buffer (in memory up to [`TransportConfig::stdout_memory_limit`], then to an
-//! unlinked temporary file, written synchronously by the drain task, i.e. page-cache copies
-//! of one packet at a time), stderr to a bounded tail plus an optional lossy log queue. A
+//! unlinked temporary file), stderr to a bounded tail plus an optional lossy log queue. A
 //! slow or absent reader costs memory or disk for *its* channel, never progress of others.
+//! The spill file is written and read back by a per-channel worker on tokio's blocking pool,
+//! in order, so no file I/O runs on the async worker threads; the drain task waits for it
+//! only when more than 4 MiB of writes are queued (a disk slower than the network), and a
+//! reader whose next bytes are in the file waits for a read-back of up to 1 MiB.
 //!
 //! Why spill to disk rather than keep everything in memory: the only real flow control
 //! would be to stop reading, which is exactly the stall above; so buffering is unbounded by

@@ -26,7 +26,7 @@ enum DrainEnd {
 
 /// Handles one message; `discard` drops stdout (nobody will read it). Returns true when the
 /// channel is closed.
-fn handle_msg(
+async fn handle_msg(
     core: &ChannelCore,
     msg: ChannelMsg,
     log: &mut Option<mpsc::Sender<Bytes>>,
@@ -41,14 +41,7 @@ fn handle_msg(
             if discard {
                 return false;
             }
-            if let Ok(mut out) = core.stdout.lock() {
-                let (to_mem, spilled) = out.push(data);
-                let c = &shared.counters;
-                c.stdout_buffered
-                    .fetch_add(to_mem as u64, Ordering::Relaxed);
-                c.stdout_spilled
-                    .fetch_add(spilled as u64, Ordering::Relaxed);
-            }
+            core.stdout.push(data).await;
         }
         ChannelMsg::ExtendedData { data, ext } => {
             if ext != 1 {
@@ -76,9 +69,7 @@ fn handle_msg(
             }
         }
         ChannelMsg::Eof => {
-            if let Ok(mut out) = core.stdout.lock() {
-                out.finish(Finish::Eof);
-            }
+            core.stdout.finish(Finish::Eof);
         }
         ChannelMsg::ExitStatus { exit_status } => {
             core.state
@@ -150,7 +141,7 @@ pub(super) async fn drain(start: DrainStart, write: ChannelWriteHalf<Msg>, core:
             _ = &mut abandoned => break DrainEnd::Abandoned,
             msg = rx.wait() => match msg {
                 Some(msg) => {
-                    if handle_msg(&core, msg, &mut log, false) {
+                    if handle_msg(&core, msg, &mut log, false).await {
                         break DrainEnd::Closed;
                     }
                 }
@@ -170,16 +161,12 @@ pub(super) async fn drain(start: DrainStart, write: ChannelWriteHalf<Msg>, core:
         .fetch_sub(1, Ordering::Relaxed);
     match end {
         DrainEnd::Closed | DrainEnd::Abandoned => {
-            if let Ok(mut out) = core.stdout.lock() {
-                out.finish(Finish::Eof);
-            }
+            core.stdout.finish(Finish::Eof);
             core.state.send_modify(|s| s.closed = true);
         }
         DrainEnd::Lost => {
             let cause = core.shared().wait_cause(LOST_CAUSE_GRACE).await;
-            if let Ok(mut out) = core.stdout.lock() {
-                out.finish(Finish::Lost(cause.clone()));
-            }
+            core.stdout.finish(Finish::Lost(cause.clone()));
             core.state.send_modify(|s| s.lost = Some(cause));
         }
     }
@@ -231,7 +218,7 @@ async fn abandon(
     loop {
         match tokio::time::timeout_at(deadline, rx.wait()).await {
             Ok(Some(msg)) => {
-                if handle_msg(core, msg, &mut log, true) {
+                if handle_msg(core, msg, &mut log, true).await {
                     return DrainEnd::Closed;
                 }
             }

@@ -117,21 +117,7 @@ impl AsyncRead for ChannelStdout {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let (poll, from_mem) = match self.core.stdout.lock() {
-            Ok(mut out) => out.poll_read(cx, buf),
-            Err(_) => (
-                Poll::Ready(Err(io::Error::other("stdout buffer poisoned"))),
-                0,
-            ),
-        };
-        if from_mem > 0 {
-            self.core
-                .shared()
-                .counters
-                .stdout_buffered
-                .fetch_sub(from_mem as u64, Ordering::Relaxed);
-        }
-        poll
+        self.core.stdout.poll_read(cx, buf)
     }
 }
 

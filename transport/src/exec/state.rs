@@ -8,7 +8,7 @@ use futures::task::AtomicWaker;
 use tokio::sync::{oneshot, watch};
 
 use super::stderr::TailRing;
-use super::stdout::StdoutBuf;
+use super::stdout::Stdout;
 use crate::connection::{ConnInner, ConnShared};
 use crate::error::DisconnectCause;
 
@@ -71,11 +71,13 @@ pub struct ChannelStats {
     pub stderr_bytes: u64,
     /// Stdin bytes sent.
     pub stdin_bytes: u64,
-    /// Unread stdout in memory now.
+    /// Unread stdout in memory now (not counting spill writes still queued and ranges read
+    /// back from the spill file, which are bounded separately and counted as spilled).
     pub stdout_buffered: u64,
-    /// Unread stdout in the spill file now.
+    /// Unread stdout in the spill file now, including writes still queued for it.
     pub stdout_spilled_pending: u64,
-    /// Stdout bytes that ever went to the spill file.
+    /// Stdout bytes that ever went to the spill file (a failed write is not counted: its
+    /// bytes stay in memory).
     pub stdout_spilled_total: u64,
     /// Stderr chunks the log consumer missed because its queue was full.
     pub stderr_log_dropped: u64,
@@ -92,7 +94,7 @@ pub(super) struct ChanState {
 
 pub(crate) struct ChannelCore {
     pub(super) conn: Arc<ConnInner>,
-    pub(super) stdout: Mutex<StdoutBuf>,
+    pub(super) stdout: Arc<Stdout>,
     pub(super) stderr: Mutex<TailRing>,
     pub(super) state: watch::Sender<ChanState>,
     /// Set once nothing more can be written: closed by either side or connection lost.
@@ -109,10 +111,11 @@ impl ChannelCore {
     pub(super) fn new(conn: Arc<ConnInner>) -> Self {
         let cfg = &conn.config;
         ChannelCore {
-            stdout: Mutex::new(StdoutBuf::new(
+            stdout: Stdout::new(
                 cfg.stdout_memory_limit,
                 cfg.stdout_spill.clone(),
-            )),
+                conn.shared.clone(),
+            ),
             stderr: Mutex::new(TailRing::new(cfg.stderr_tail_bytes)),
             state: watch::Sender::new(ChanState::default()),
             write_closed: AtomicBool::new(false),
@@ -131,11 +134,7 @@ impl ChannelCore {
     }
 
     pub(super) fn stats(&self) -> ChannelStats {
-        let (buffered, pending, spilled) = self
-            .stdout
-            .lock()
-            .map(|s| (s.mem_bytes as u64, s.file_pending, s.spilled_total))
-            .unwrap_or_default();
+        let (buffered, pending, spilled) = self.stdout.counts();
         ChannelStats {
             stdout_bytes: self.stdout_bytes.load(Ordering::Relaxed),
             stderr_bytes: self.stderr_bytes.load(Ordering::Relaxed),
@@ -166,14 +165,9 @@ impl ChannelCore {
 
 impl Drop for ChannelCore {
     fn drop(&mut self) {
-        // Release this channel's share of the connection-wide buffered-bytes gauge.
-        if let Ok(s) = self.stdout.lock() {
-            self.conn
-                .shared
-                .counters
-                .stdout_buffered
-                .fetch_sub(s.mem_bytes as u64, Ordering::Relaxed);
-        }
+        // Nobody can read the rest: stop the spill worker, free the file and give back this
+        // channel's share of the connection's buffered-bytes gauge.
+        self.stdout.shutdown();
     }
 }
 
