@@ -42,7 +42,8 @@ pub(crate) struct Counters {
     pub(crate) open_refusals: AtomicU64,
     pub(crate) stdout_buffered: AtomicU64,
     pub(crate) stdout_spilled: AtomicU64,
-    pub(crate) stderr_log_dropped: AtomicU64,
+    pub(crate) stderr_log_dropped_bytes: AtomicU64,
+    pub(crate) stderr_log_dropped_lines: AtomicU64,
 }
 
 /// What the handler was told when the session ended.
@@ -637,8 +638,10 @@ pub struct ConnectionStats {
     pub stdout_buffered_bytes: u64,
     /// Stdout bytes that went to spill files because a reader fell behind.
     pub stdout_spilled_bytes: u64,
-    /// Stderr chunks dropped because a log consumer was not keeping up.
-    pub stderr_log_dropped: u64,
+    /// Stderr bytes dropped from log queues because their consumer was not keeping up.
+    pub stderr_log_dropped_bytes: u64,
+    /// Newline bytes among them: log lines whose end a consumer missed.
+    pub stderr_log_dropped_lines: u64,
 }
 
 pub(crate) struct ConnInner {
@@ -820,7 +823,8 @@ impl SshConnection {
             channel_open_refusals: c.open_refusals.load(Ordering::Relaxed),
             stdout_buffered_bytes: c.stdout_buffered.load(Ordering::Relaxed),
             stdout_spilled_bytes: c.stdout_spilled.load(Ordering::Relaxed),
-            stderr_log_dropped: c.stderr_log_dropped.load(Ordering::Relaxed),
+            stderr_log_dropped_bytes: c.stderr_log_dropped_bytes.load(Ordering::Relaxed),
+            stderr_log_dropped_lines: c.stderr_log_dropped_lines.load(Ordering::Relaxed),
         }
     }
 

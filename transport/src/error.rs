@@ -75,6 +75,8 @@ pub enum ErrorKind {
     ExecRejected,
     /// An established connection is gone.
     Disconnected,
+    /// The server closed a channel (its command ended) while something still waited on it.
+    ChannelClosed,
     /// The peer violated the SSH protocol or no common algorithm exists.
     Protocol,
 }
@@ -327,6 +329,16 @@ pub enum TransportError {
         command: String,
     },
 
+    /// The server closed the channel (its command ended) before `operation` was answered. A
+    /// server answers nothing on a channel it has closed (OpenSSH `serverloop.c`
+    /// `server_input_channel_req` skips the reply once it sent CHANNEL_CLOSE). The
+    /// connection itself is still usable.
+    #[error("SSH channel closed by the server before the {operation} request was answered")]
+    ChannelClosed {
+        /// What was waiting for an answer (`"barrier"`).
+        operation: &'static str,
+    },
+
     /// The connection is gone; `cause` is the real reason, captured from russh's session task.
     #[error("SSH connection lost ({stage}): {cause}")]
     Disconnected {
@@ -365,6 +377,7 @@ impl TransportError {
             TransportError::ChannelOpenRefused { .. } => ErrorKind::ChannelOpenRefused,
             TransportError::ExecRejected { .. } => ErrorKind::ExecRejected,
             TransportError::Disconnected { .. } => ErrorKind::Disconnected,
+            TransportError::ChannelClosed { .. } => ErrorKind::ChannelClosed,
             TransportError::Protocol { .. } => ErrorKind::Protocol,
         }
     }
@@ -387,6 +400,7 @@ impl TransportError {
             TransportError::AuthRejected { .. } | TransportError::Agent { .. } => Stage::Auth,
             TransportError::ChannelOpenRefused { .. } => Stage::ChannelOpen,
             TransportError::ExecRejected { .. } => Stage::Exec,
+            TransportError::ChannelClosed { .. } => Stage::Connected,
         }
     }
 
@@ -395,13 +409,14 @@ impl TransportError {
     ///
     /// Host-key, authentication and configuration errors are not retryable: retrying them
     /// only hammers the server (and, for host keys, hides an attack). Unreachable hosts,
-    /// timeouts, lost connections and channel refusals are.
+    /// timeouts, lost connections, channels closed under a waiter and channel refusals are.
     pub fn is_retryable(&self) -> bool {
         match self.kind() {
             ErrorKind::Unreachable
             | ErrorKind::Timeout
             | ErrorKind::ChannelOpenRefused
-            | ErrorKind::Disconnected => true,
+            | ErrorKind::Disconnected
+            | ErrorKind::ChannelClosed => true,
             ErrorKind::Config
             | ErrorKind::HostKey
             | ErrorKind::Auth

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::oneshot;
 
 use super::state::{ChannelCore, ChannelStats, ExitStatus, Lease};
 use crate::error::{Stage, TransportError};
@@ -171,6 +172,36 @@ impl ExecStatus {
             // An error means the drain task and every handle are gone: closed too.
             let _ = rx.wait_for(|s| s.closed || s.lost.is_some()).await;
         }
+    }
+
+    /// Sends a no-op channel request the server must answer; resolves with its id once the
+    /// answer has been handled by the drain task (stdout before it is buffered, stderr before
+    /// it is in the tail and, as [`StderrEvent::Barrier(id)`](crate::StderrEvent::Barrier),
+    /// in the log queue).
+    ///
+    /// So after reading a reply on stdout, `barrier()` and then reading the log queue up to
+    /// that `Barrier(id)` yields every byte of stderr the server sent before the reply. This
+    /// rests on SSH ordering: the server answers a request after everything it sent on the
+    /// channel before, and answers requests in order (RFC 4254 §5.4). The request is an
+    /// `env` request (`NIXMUX_BARRIER=<id>`), which OpenSSH refuses once the command runs;
+    /// a refusal (CHANNEL_FAILURE) completes the barrier like an acceptance. Ids count from 1
+    /// per channel; concurrent barriers are answered in the order they were sent.
+    ///
+    /// Fails with [`TransportError::Disconnected`] if the connection ends first, and with
+    /// [`TransportError::ChannelClosed`] if the channel closes first (a server does not
+    /// answer on a channel it has closed; the log queue then ends after the last stderr).
+    /// The wait is bounded like [`exit`](Self::exit): a dead or frozen peer ends it within
+    /// `keepalive_interval * (keepalive_max_misses + 1)`; with keepalives disabled, bound it
+    /// yourself. Works without a log queue too (there is just no `Barrier` item).
+    pub async fn barrier(&self) -> Result<u64, TransportError> {
+        let (reply, answer) = oneshot::channel();
+        if self.core.barriers.send(reply).is_err() {
+            return Err(self.core.end_error("barrier"));
+        }
+        // The drain task drops the reply only once it has ended.
+        answer
+            .await
+            .unwrap_or_else(|_| Err(self.core.end_error("barrier")))
     }
 
     /// The last `stderr_tail_bytes` of stderr.

@@ -10,9 +10,12 @@
 //!   unread bytes, new data goes to an unlinked temporary file (if enabled) and is read back
 //!   from there in order;
 //! * stderr goes to a tail ring buffer (the last N KiB, what explains a dead remote
-//!   process) and, optionally, to a bounded chunk queue for a log consumer that drops and
-//!   counts when the consumer is behind;
-//! * window adjustments, exit status, EOF and close are recorded.
+//!   process) and, optionally, to a log queue bounded in bytes that, when the consumer is
+//!   behind, drops stderr and says so in place (bytes and lines);
+//! * window adjustments, exit status, EOF and close are recorded;
+//! * answers to our channel requests complete, in order, the exec request and then barrier
+//!   requests ([`ExecStatus::barrier`]), which mark in the log queue the point up to which
+//!   everything the server sent has been handled.
 //!
 //! When the [`ExecChannel`] and every part taken from it are dropped, the drain task sends
 //! CHANNEL_CLOSE (a dropped russh `Channel` does not, leaking an sshd session slot until the
@@ -41,7 +44,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub use self::handles::{ChannelStdin, ChannelStdout, ExecStatus};
 pub(crate) use self::parts::ChannelParts;
 pub use self::state::{ChannelStats, ExitStatus};
-pub use self::stderr::StderrLog;
+pub use self::stderr::{StderrEvent, StderrLog};
 
 use self::drain::OnDrop;
 use self::state::ChanState;
@@ -62,7 +65,7 @@ pub(crate) async fn start_exec(
         terminate: options.terminate_on_drop,
         grace: conn.config.close_grace,
     };
-    let mut parts = ChannelParts::build(conn, channel, options.stderr_log_capacity, on_drop);
+    let mut parts = ChannelParts::build(conn, channel, true, options.stderr_log_max_bytes, on_drop);
     // The request goes out before the drain task starts; the answer waits in russh's
     // channel queue until it does.
     let sent = match &parts.write {
@@ -156,7 +159,7 @@ impl ExecChannel {
         self.status.stats()
     }
 
-    /// The stderr log queue, if [`ExecOptions::stderr_log_capacity`] was set (once).
+    /// The stderr log queue, if [`ExecOptions::stderr_log_max_bytes`] was set (once).
     pub fn take_stderr_log(&mut self) -> Option<StderrLog> {
         self.log.take()
     }

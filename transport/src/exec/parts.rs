@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use russh::ChannelWriteHalf;
 use russh::client::Msg;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::drain::{DrainStart, OnDrop, drain};
 use super::handles::{ChannelStdin, ChannelStdout, ExecStatus};
@@ -24,21 +24,26 @@ pub(crate) struct ChannelParts {
 }
 
 impl ChannelParts {
+    /// `exec`: an exec request goes out before the drain starts (its answer is the first
+    /// CHANNEL_SUCCESS or CHANNEL_FAILURE). `log_max_bytes`: size of the stderr log queue,
+    /// if there is one.
     pub(super) fn build(
         conn: Arc<ConnInner>,
         channel: russh::Channel<Msg>,
-        log_capacity: Option<usize>,
+        exec: bool,
+        log_max_bytes: Option<usize>,
         on_drop: OnDrop,
     ) -> Self {
         let (rx, write) = channel.split();
-        let core = Arc::new(ChannelCore::new(conn));
+        let (barrier_tx, barriers) = mpsc::unbounded_channel();
+        let core = Arc::new(ChannelCore::new(conn, barrier_tx));
         let (abandon_tx, abandoned) = oneshot::channel();
         let lease = Arc::new(Lease {
             _abandon: abandon_tx,
         });
-        let (log_tx, log) = match log_capacity {
-            Some(cap) => {
-                let (tx, log) = StderrLog::channel(cap);
+        let (log_tx, log) = match log_max_bytes {
+            Some(max) => {
+                let (tx, log) = StderrLog::channel(max);
                 (Some(tx), Some(log))
             }
             None => (None, None),
@@ -62,7 +67,9 @@ impl ChannelParts {
             start: Some(DrainStart {
                 rx,
                 abandoned,
-                log_tx,
+                log: log_tx,
+                barriers,
+                exec_reply_pending: exec,
                 on_drop,
             }),
         }
@@ -81,7 +88,7 @@ impl ChannelParts {
             terminate: false,
             grace: Duration::ZERO,
         };
-        let mut parts = Self::build(conn, channel, None, on_drop);
+        let mut parts = Self::build(conn, channel, false, None, on_drop);
         parts.start_drain();
         parts
     }

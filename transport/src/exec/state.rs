@@ -5,12 +5,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::task::AtomicWaker;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::stderr::TailRing;
 use super::stdout::Stdout;
 use crate::connection::{ConnInner, ConnShared};
-use crate::error::DisconnectCause;
+use crate::error::{DisconnectCause, Stage, TransportError};
 
 /// How a remote command ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,8 +79,10 @@ pub struct ChannelStats {
     /// Stdout bytes that ever went to the spill file (a failed write is not counted: its
     /// bytes stay in memory).
     pub stdout_spilled_total: u64,
-    /// Stderr chunks the log consumer missed because its queue was full.
-    pub stderr_log_dropped: u64,
+    /// Stderr bytes the log consumer missed because its queue was full.
+    pub stderr_log_dropped_bytes: u64,
+    /// Newline bytes among them: log lines whose end the consumer missed.
+    pub stderr_log_dropped_lines: u64,
 }
 
 /// What the drain task has learnt about the channel, watched by the handles.
@@ -92,8 +94,14 @@ pub(super) struct ChanState {
     pub(super) lost: Option<DisconnectCause>,
 }
 
+/// Where the drain task sends the outcome of one barrier request: its id once the server's
+/// answer has been handled.
+pub(super) type BarrierReply = oneshot::Sender<Result<u64, TransportError>>;
+
 pub(crate) struct ChannelCore {
     pub(super) conn: Arc<ConnInner>,
+    /// Barrier requests for the drain task, which owns the channel's write half.
+    pub(super) barriers: mpsc::UnboundedSender<BarrierReply>,
     pub(super) stdout: Arc<Stdout>,
     pub(super) stderr: Mutex<TailRing>,
     pub(super) state: watch::Sender<ChanState>,
@@ -104,13 +112,15 @@ pub(crate) struct ChannelCore {
     pub(super) stdout_bytes: AtomicU64,
     pub(super) stderr_bytes: AtomicU64,
     pub(super) stdin_bytes: AtomicU64,
-    pub(super) stderr_log_dropped: AtomicU64,
+    pub(super) stderr_log_dropped_bytes: AtomicU64,
+    pub(super) stderr_log_dropped_lines: AtomicU64,
 }
 
 impl ChannelCore {
-    pub(super) fn new(conn: Arc<ConnInner>) -> Self {
+    pub(super) fn new(conn: Arc<ConnInner>, barriers: mpsc::UnboundedSender<BarrierReply>) -> Self {
         let cfg = &conn.config;
         ChannelCore {
+            barriers,
             stdout: Stdout::new(
                 cfg.stdout_memory_limit,
                 cfg.stdout_spill.clone(),
@@ -124,7 +134,8 @@ impl ChannelCore {
             stdout_bytes: AtomicU64::new(0),
             stderr_bytes: AtomicU64::new(0),
             stdin_bytes: AtomicU64::new(0),
-            stderr_log_dropped: AtomicU64::new(0),
+            stderr_log_dropped_bytes: AtomicU64::new(0),
+            stderr_log_dropped_lines: AtomicU64::new(0),
             conn,
         }
     }
@@ -142,7 +153,20 @@ impl ChannelCore {
             stdout_buffered: buffered,
             stdout_spilled_pending: pending,
             stdout_spilled_total: spilled,
-            stderr_log_dropped: self.stderr_log_dropped.load(Ordering::Relaxed),
+            stderr_log_dropped_bytes: self.stderr_log_dropped_bytes.load(Ordering::Relaxed),
+            stderr_log_dropped_lines: self.stderr_log_dropped_lines.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Why a request on this channel can no longer be answered: the connection is lost, or
+    /// else the channel is closed.
+    pub(super) fn end_error(&self, operation: &'static str) -> TransportError {
+        match self.state.borrow().lost.clone() {
+            Some(cause) => TransportError::Disconnected {
+                stage: Stage::Connected,
+                cause,
+            },
+            None => TransportError::ChannelClosed { operation },
         }
     }
 

@@ -12,3 +12,4 @@ mod host_keys;
 mod liveness;
 mod measure;
 mod rig;
+mod stderr_log;
