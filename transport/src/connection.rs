@@ -1,6 +1,7 @@
 //! Connecting, and the shared [`SshConnection`] handle.
 
 use std::collections::VecDeque;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -20,7 +21,7 @@ use crate::error::{
 use crate::exec::{ChannelParts, ExecChannel, TcpipStream};
 use crate::host_key::{HostKeyCheck, HostKeySource, Verifier, fingerprint};
 use crate::observer::{ConnectEventKind, ConnectObserver, Stopwatch};
-use crate::stream::{MonitoredStream, StreamEnd, StreamMonitor};
+use crate::stream::{MonitoredStream, Startup, StreamEnd, StreamMonitor};
 
 /// How long to wait for the session task to publish its end cause once we know it is ending.
 pub(crate) const CAUSE_GRACE: Duration = Duration::from_secs(2);
@@ -549,6 +550,9 @@ where
             }
             return Err(match e {
                 HandlerError::Russh(e) => {
+                    if let Some(dropped) = startup_drop(&monitor) {
+                        return Err(dropped);
+                    }
                     let from_stream = match monitor.end() {
                         Some(StreamEnd::Eof) => Some(DisconnectCause::ConnectionClosed),
                         Some(StreamEnd::Error { kind, message }) => {
@@ -610,6 +614,38 @@ where
             identity,
             config: config.clone(),
         }),
+    })
+}
+
+/// [`TransportError::ClosedAtStartup`] if the handshake failed because the server ended the
+/// stream (EOF or reset) before its first key-exchange packet was complete.
+fn startup_drop(monitor: &StreamMonitor) -> Option<TransportError> {
+    let cause = match monitor.end()? {
+        StreamEnd::Eof => DisconnectCause::ConnectionClosed,
+        StreamEnd::Error { kind, message }
+            if matches!(
+                kind,
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            DisconnectCause::Io { kind, message }
+        }
+        // Our own kill switch, or an error that is not the peer going away.
+        StreamEnd::Error { .. } | StreamEnd::Killed => return None,
+    };
+    let (startup, server_text) = monitor.startup();
+    let identification_received = match startup {
+        Startup::BeforeIdentification => false,
+        Startup::Identified => true,
+        Startup::KexStarted => return None,
+    };
+    Some(TransportError::ClosedAtStartup {
+        cause,
+        identification_received,
+        server_text,
     })
 }
 

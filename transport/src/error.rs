@@ -61,7 +61,8 @@ impl fmt::Display for Stage {
 pub enum ErrorKind {
     /// Our own configuration is unusable (bad algorithm name, unreadable known_hosts file).
     Config,
-    /// The host could not be reached (resolution or TCP).
+    /// The host could not be reached (resolution or TCP), or it dropped the connection
+    /// before the SSH key exchange began ([`TransportError::ClosedAtStartup`]).
     Unreachable,
     /// A stage did not finish within its timeout.
     Timeout,
@@ -242,6 +243,30 @@ pub enum TransportError {
         io: io::Error,
     },
 
+    /// The server ended the connection before the SSH key exchange began: it closed or
+    /// reset it before sending its identification string, or right after it. OpenSSH does
+    /// this to new connections beyond `MaxStartups` (`sshd.c` `drop_connection`, which first
+    /// writes "Exceeded MaxStartups"; a client that already sent its own identification
+    /// usually sees a reset instead); a TCP wrapper (`hosts.deny`) or a fail2ban-style block
+    /// looks the same. Worth retrying with a jittered backoff: see
+    /// [`is_startup_drop`](Self::is_startup_drop).
+    #[error(
+        "server closed the connection {} ({cause}){}: likely sshd MaxStartups throttling a \
+         burst of new connections, or a TCP wrapper or fail2ban refusing this client",
+        if *identification_received { "after its SSH identification, before the key exchange" }
+        else { "before sending its SSH identification" },
+        if server_text.is_empty() { String::new() } else { format!(", saying {server_text:?}") }
+    )]
+    ClosedAtStartup {
+        /// How the stream ended: EOF (`ConnectionClosed`) or an I/O error such as a reset.
+        cause: DisconnectCause,
+        /// Whether the server's `SSH-2.0-...` line had arrived.
+        identification_received: bool,
+        /// Text the server sent before its identification (lines joined by `; `, at most
+        /// 256 bytes), e.g. OpenSSH's `Exceeded MaxStartups`; empty if none.
+        server_text: String,
+    },
+
     /// A stage did not finish within its configured timeout.
     #[error("{stage} timed out after {after:?}")]
     Timeout {
@@ -363,9 +388,9 @@ impl TransportError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             TransportError::Config(_) | TransportError::KnownHostsRead { .. } => ErrorKind::Config,
-            TransportError::Resolve { .. } | TransportError::Connect { .. } => {
-                ErrorKind::Unreachable
-            }
+            TransportError::Resolve { .. }
+            | TransportError::Connect { .. }
+            | TransportError::ClosedAtStartup { .. } => ErrorKind::Unreachable,
             TransportError::Timeout { .. } => ErrorKind::Timeout,
             TransportError::HostKeyUnknown(_)
             | TransportError::HostKeyMismatch(_)
@@ -390,6 +415,7 @@ impl TransportError {
             | TransportError::KeyLoad { .. } => Stage::Setup,
             TransportError::Resolve { .. } => Stage::Resolve,
             TransportError::Connect { .. } => Stage::TcpConnect,
+            TransportError::ClosedAtStartup { .. } => Stage::Handshake,
             TransportError::Timeout { stage, .. }
             | TransportError::Disconnected { stage, .. }
             | TransportError::Protocol { stage, .. } => *stage,
@@ -423,6 +449,13 @@ impl TransportError {
             | ErrorKind::ExecRejected
             | ErrorKind::Protocol => false,
         }
+    }
+
+    /// Whether the server dropped the connection before the key exchange
+    /// ([`TransportError::ClosedAtStartup`]): typically sshd `MaxStartups` shedding a burst
+    /// of connections, so a new attempt after a short, jittered pause usually succeeds.
+    pub fn is_startup_drop(&self) -> bool {
+        matches!(self, TransportError::ClosedAtStartup { .. })
     }
 
     /// The disconnect cause, if this is [`TransportError::Disconnected`].
@@ -538,6 +571,25 @@ mod tests {
         };
         assert!(r.is_retryable());
         assert_eq!(r.stage(), Stage::ChannelOpen);
+        let d = TransportError::ClosedAtStartup {
+            cause: DisconnectCause::ConnectionClosed,
+            identification_received: false,
+            server_text: "Exceeded MaxStartups".into(),
+        };
+        assert!(d.is_startup_drop() && d.is_retryable());
+        assert_eq!(
+            (d.kind(), d.stage()),
+            (ErrorKind::Unreachable, Stage::Handshake)
+        );
+        assert!(!t.is_startup_drop());
+        let c = TransportError::ChannelClosed {
+            operation: "barrier",
+        };
+        assert!(c.is_retryable() && !c.is_startup_drop());
+        assert_eq!(
+            (c.kind(), c.stage()),
+            (ErrorKind::ChannelClosed, Stage::Connected)
+        );
     }
 
     #[test]

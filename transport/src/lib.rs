@@ -80,9 +80,13 @@
 //!
 //! **Classification.** `russh::Error` never leaves this crate. Every failure is a
 //! [`TransportError`] with a [`Stage`], an [`ErrorKind`] and
-//! [`is_retryable`](TransportError::is_retryable). When a connection dies, its real cause
-//! (keepalive timeout, reset, DISCONNECT from the server) is captured once from russh's
-//! session task and given to every waiter ([`SshConnection::closed`]) and every channel.
+//! [`is_retryable`](TransportError::is_retryable). A connection the server drops before the
+//! key exchange (sshd `MaxStartups` shedding a burst, a TCP wrapper) is
+//! [`TransportError::ClosedAtStartup`], for a retry with backoff
+//! ([`is_startup_drop`](TransportError::is_startup_drop)). When a connection dies, its real
+//! cause (keepalive timeout, reset, DISCONNECT from the server) is captured once from
+//! russh's session task and given to every waiter ([`SshConnection::closed`]) and every
+//! channel.
 //!
 //! **Timeouts.** Resolve, TCP connect, handshake, authentication, channel open and exec each
 //! have their own timeout; an established connection is watched by keepalives, which bound

@@ -18,6 +18,9 @@ use nixmux_transport::{Endpoint, HostKeyCheck, Identity, TransportConfig};
 
 pub(crate) struct SshdOptions {
     pub(crate) max_sessions: u32,
+    /// `start:rate:full`. Its own option because sshd takes the *last* `MaxStartups` line
+    /// (unlike most keywords), so an extra line could not override it.
+    pub(crate) max_startups: String,
     pub(crate) extra_config: Vec<String>,
 }
 
@@ -25,6 +28,7 @@ impl Default for SshdOptions {
     fn default() -> Self {
         SshdOptions {
             max_sessions: 10,
+            max_startups: "100:30:200".into(),
             extra_config: Vec::new(),
         }
     }
@@ -111,12 +115,13 @@ impl Sshd {
                 "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nPidFile {d}/sshd.pid\n\
                  AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n\
                  PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-                 UsePAM no\nStrictModes no\nMaxSessions {ms}\nMaxStartups 100:30:200\nLogLevel DEBUG1\n\
+                 UsePAM no\nStrictModes no\nMaxSessions {ms}\nMaxStartups {mst}\nLogLevel DEBUG1\n\
                  SetEnv HOME={d}/home\nPrintMotd no\nPrintLastLog no\nAllowTcpForwarding yes\n\
                  UseDNS no\n",
                 hk = host_key.display(),
                 d = d.display(),
                 ms = opts.max_sessions,
+                mst = opts.max_startups,
             ));
             let cfg_path = d.join("sshd_config");
             std::fs::write(&cfg_path, cfg).expect("sshd_config");
