@@ -207,10 +207,11 @@ impl Default for TransportConfig {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ExecOptions {
-    /// If set, stderr chunks are also sent to a bounded queue of this many chunks, taken with
-    /// [`crate::ExecChannel::take_stderr_log`]. When the queue is full, chunks are dropped
-    /// and counted, never waited for.
-    pub stderr_log_capacity: Option<usize>,
+    /// If set, stderr is also sent to a log queue holding at most this many bytes of
+    /// undelivered stderr, taken with [`crate::ExecChannel::take_stderr_log`]. When the
+    /// queue is full, stderr is dropped and reported in the queue
+    /// ([`crate::StderrEvent::Dropped`]) and in the statistics, never waited for.
+    pub stderr_log_max_bytes: Option<usize>,
     /// When the channel is dropped before the command exited, send it SIGTERM (and SIGKILL
     /// after [`TransportConfig::close_grace`]) with an SSH `signal` request. Without this,
     /// a command that does not stop on stdin EOF keeps running, and keeps its sshd session
@@ -221,17 +222,17 @@ pub struct ExecOptions {
 impl Default for ExecOptions {
     fn default() -> Self {
         ExecOptions {
-            stderr_log_capacity: None,
+            stderr_log_max_bytes: None,
             terminate_on_drop: true,
         }
     }
 }
 
 impl ExecOptions {
-    /// Options with a stderr log queue of `capacity` chunks.
-    pub fn with_stderr_log(capacity: usize) -> Self {
+    /// Options with a stderr log queue holding at most `max_bytes` of undelivered stderr.
+    pub fn with_stderr_log(max_bytes: usize) -> Self {
         ExecOptions {
-            stderr_log_capacity: Some(capacity),
+            stderr_log_max_bytes: Some(max_bytes),
             ..Self::default()
         }
     }

@@ -1,6 +1,7 @@
 //! Connecting, and the shared [`SshConnection`] handle.
 
 use std::collections::VecDeque;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -20,7 +21,7 @@ use crate::error::{
 use crate::exec::{ChannelParts, ExecChannel, TcpipStream};
 use crate::host_key::{HostKeyCheck, HostKeySource, Verifier, fingerprint};
 use crate::observer::{ConnectEventKind, ConnectObserver, Stopwatch};
-use crate::stream::{MonitoredStream, StreamEnd, StreamMonitor};
+use crate::stream::{MonitoredStream, Startup, StreamEnd, StreamMonitor};
 
 /// How long to wait for the session task to publish its end cause once we know it is ending.
 pub(crate) const CAUSE_GRACE: Duration = Duration::from_secs(2);
@@ -42,7 +43,8 @@ pub(crate) struct Counters {
     pub(crate) open_refusals: AtomicU64,
     pub(crate) stdout_buffered: AtomicU64,
     pub(crate) stdout_spilled: AtomicU64,
-    pub(crate) stderr_log_dropped: AtomicU64,
+    pub(crate) stderr_log_dropped_bytes: AtomicU64,
+    pub(crate) stderr_log_dropped_lines: AtomicU64,
 }
 
 /// What the handler was told when the session ended.
@@ -94,6 +96,16 @@ impl ConnShared {
             open_failures: Mutex::new(VecDeque::new()),
             open_failure_notify: Notify::new(),
         }
+    }
+
+    /// A connection's shared state with nothing behind it, for unit tests of the parts that
+    /// only update its counters.
+    #[cfg(test)]
+    pub(crate) fn detached() -> Arc<Self> {
+        Arc::new(Self::new(
+            Arc::new(StreamMonitor::default()),
+            &TransportConfig::default(),
+        ))
     }
 
     pub(crate) fn cause(&self) -> Option<DisconnectCause> {
@@ -538,6 +550,9 @@ where
             }
             return Err(match e {
                 HandlerError::Russh(e) => {
+                    if let Some(dropped) = startup_drop(&monitor) {
+                        return Err(dropped);
+                    }
                     let from_stream = match monitor.end() {
                         Some(StreamEnd::Eof) => Some(DisconnectCause::ConnectionClosed),
                         Some(StreamEnd::Error { kind, message }) => {
@@ -602,6 +617,38 @@ where
     })
 }
 
+/// [`TransportError::ClosedAtStartup`] if the handshake failed because the server ended the
+/// stream (EOF or reset) before its first key-exchange packet was complete.
+fn startup_drop(monitor: &StreamMonitor) -> Option<TransportError> {
+    let cause = match monitor.end()? {
+        StreamEnd::Eof => DisconnectCause::ConnectionClosed,
+        StreamEnd::Error { kind, message }
+            if matches!(
+                kind,
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            DisconnectCause::Io { kind, message }
+        }
+        // Our own kill switch, or an error that is not the peer going away.
+        StreamEnd::Error { .. } | StreamEnd::Killed => return None,
+    };
+    let (startup, server_text) = monitor.startup();
+    let identification_received = match startup {
+        Startup::BeforeIdentification => false,
+        Startup::Identified => true,
+        Startup::KexStarted => return None,
+    };
+    Some(TransportError::ClosedAtStartup {
+        cause,
+        identification_received,
+        server_text,
+    })
+}
+
 // ===== SshConnection =====
 
 /// Statistics of one connection. Byte counts are channel payload as seen by our channel
@@ -627,8 +674,10 @@ pub struct ConnectionStats {
     pub stdout_buffered_bytes: u64,
     /// Stdout bytes that went to spill files because a reader fell behind.
     pub stdout_spilled_bytes: u64,
-    /// Stderr chunks dropped because a log consumer was not keeping up.
-    pub stderr_log_dropped: u64,
+    /// Stderr bytes dropped from log queues because their consumer was not keeping up.
+    pub stderr_log_dropped_bytes: u64,
+    /// Newline bytes among them: log lines whose end a consumer missed.
+    pub stderr_log_dropped_lines: u64,
 }
 
 pub(crate) struct ConnInner {
@@ -810,7 +859,8 @@ impl SshConnection {
             channel_open_refusals: c.open_refusals.load(Ordering::Relaxed),
             stdout_buffered_bytes: c.stdout_buffered.load(Ordering::Relaxed),
             stdout_spilled_bytes: c.stdout_spilled.load(Ordering::Relaxed),
-            stderr_log_dropped: c.stderr_log_dropped.load(Ordering::Relaxed),
+            stderr_log_dropped_bytes: c.stderr_log_dropped_bytes.load(Ordering::Relaxed),
+            stderr_log_dropped_lines: c.stderr_log_dropped_lines.load(Ordering::Relaxed),
         }
     }
 

@@ -61,7 +61,8 @@ impl fmt::Display for Stage {
 pub enum ErrorKind {
     /// Our own configuration is unusable (bad algorithm name, unreadable known_hosts file).
     Config,
-    /// The host could not be reached (resolution or TCP).
+    /// The host could not be reached (resolution or TCP), or it dropped the connection
+    /// before the SSH key exchange began ([`TransportError::ClosedAtStartup`]).
     Unreachable,
     /// A stage did not finish within its timeout.
     Timeout,
@@ -75,6 +76,8 @@ pub enum ErrorKind {
     ExecRejected,
     /// An established connection is gone.
     Disconnected,
+    /// The server closed a channel (its command ended) while something still waited on it.
+    ChannelClosed,
     /// The peer violated the SSH protocol or no common algorithm exists.
     Protocol,
 }
@@ -240,6 +243,30 @@ pub enum TransportError {
         io: io::Error,
     },
 
+    /// The server ended the connection before the SSH key exchange began: it closed or
+    /// reset it before sending its identification string, or right after it. OpenSSH does
+    /// this to new connections beyond `MaxStartups` (`sshd.c` `drop_connection`, which first
+    /// writes "Exceeded MaxStartups"; a client that already sent its own identification
+    /// usually sees a reset instead); a TCP wrapper (`hosts.deny`) or a fail2ban-style block
+    /// looks the same. Worth retrying with a jittered backoff: see
+    /// [`is_startup_drop`](Self::is_startup_drop).
+    #[error(
+        "server closed the connection {} ({cause}){}: likely sshd MaxStartups throttling a \
+         burst of new connections, or a TCP wrapper or fail2ban refusing this client",
+        if *identification_received { "after its SSH identification, before the key exchange" }
+        else { "before sending its SSH identification" },
+        if server_text.is_empty() { String::new() } else { format!(", saying {server_text:?}") }
+    )]
+    ClosedAtStartup {
+        /// How the stream ended: EOF (`ConnectionClosed`) or an I/O error such as a reset.
+        cause: DisconnectCause,
+        /// Whether the server's `SSH-2.0-...` line had arrived.
+        identification_received: bool,
+        /// Text the server sent before its identification (lines joined by `; `, at most
+        /// 256 bytes), e.g. OpenSSH's `Exceeded MaxStartups`; empty if none.
+        server_text: String,
+    },
+
     /// A stage did not finish within its configured timeout.
     #[error("{stage} timed out after {after:?}")]
     Timeout {
@@ -327,6 +354,16 @@ pub enum TransportError {
         command: String,
     },
 
+    /// The server closed the channel (its command ended) before `operation` was answered. A
+    /// server answers nothing on a channel it has closed (OpenSSH `serverloop.c`
+    /// `server_input_channel_req` skips the reply once it sent CHANNEL_CLOSE). The
+    /// connection itself is still usable.
+    #[error("SSH channel closed by the server before the {operation} request was answered")]
+    ChannelClosed {
+        /// What was waiting for an answer (`"barrier"`).
+        operation: &'static str,
+    },
+
     /// The connection is gone; `cause` is the real reason, captured from russh's session task.
     #[error("SSH connection lost ({stage}): {cause}")]
     Disconnected {
@@ -351,9 +388,9 @@ impl TransportError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             TransportError::Config(_) | TransportError::KnownHostsRead { .. } => ErrorKind::Config,
-            TransportError::Resolve { .. } | TransportError::Connect { .. } => {
-                ErrorKind::Unreachable
-            }
+            TransportError::Resolve { .. }
+            | TransportError::Connect { .. }
+            | TransportError::ClosedAtStartup { .. } => ErrorKind::Unreachable,
             TransportError::Timeout { .. } => ErrorKind::Timeout,
             TransportError::HostKeyUnknown(_)
             | TransportError::HostKeyMismatch(_)
@@ -365,6 +402,7 @@ impl TransportError {
             TransportError::ChannelOpenRefused { .. } => ErrorKind::ChannelOpenRefused,
             TransportError::ExecRejected { .. } => ErrorKind::ExecRejected,
             TransportError::Disconnected { .. } => ErrorKind::Disconnected,
+            TransportError::ChannelClosed { .. } => ErrorKind::ChannelClosed,
             TransportError::Protocol { .. } => ErrorKind::Protocol,
         }
     }
@@ -377,6 +415,7 @@ impl TransportError {
             | TransportError::KeyLoad { .. } => Stage::Setup,
             TransportError::Resolve { .. } => Stage::Resolve,
             TransportError::Connect { .. } => Stage::TcpConnect,
+            TransportError::ClosedAtStartup { .. } => Stage::Handshake,
             TransportError::Timeout { stage, .. }
             | TransportError::Disconnected { stage, .. }
             | TransportError::Protocol { stage, .. } => *stage,
@@ -387,6 +426,7 @@ impl TransportError {
             TransportError::AuthRejected { .. } | TransportError::Agent { .. } => Stage::Auth,
             TransportError::ChannelOpenRefused { .. } => Stage::ChannelOpen,
             TransportError::ExecRejected { .. } => Stage::Exec,
+            TransportError::ChannelClosed { .. } => Stage::Connected,
         }
     }
 
@@ -395,19 +435,27 @@ impl TransportError {
     ///
     /// Host-key, authentication and configuration errors are not retryable: retrying them
     /// only hammers the server (and, for host keys, hides an attack). Unreachable hosts,
-    /// timeouts, lost connections and channel refusals are.
+    /// timeouts, lost connections, channels closed under a waiter and channel refusals are.
     pub fn is_retryable(&self) -> bool {
         match self.kind() {
             ErrorKind::Unreachable
             | ErrorKind::Timeout
             | ErrorKind::ChannelOpenRefused
-            | ErrorKind::Disconnected => true,
+            | ErrorKind::Disconnected
+            | ErrorKind::ChannelClosed => true,
             ErrorKind::Config
             | ErrorKind::HostKey
             | ErrorKind::Auth
             | ErrorKind::ExecRejected
             | ErrorKind::Protocol => false,
         }
+    }
+
+    /// Whether the server dropped the connection before the key exchange
+    /// ([`TransportError::ClosedAtStartup`]): typically sshd `MaxStartups` shedding a burst
+    /// of connections, so a new attempt after a short, jittered pause usually succeeds.
+    pub fn is_startup_drop(&self) -> bool {
+        matches!(self, TransportError::ClosedAtStartup { .. })
     }
 
     /// The disconnect cause, if this is [`TransportError::Disconnected`].
@@ -523,6 +571,25 @@ mod tests {
         };
         assert!(r.is_retryable());
         assert_eq!(r.stage(), Stage::ChannelOpen);
+        let d = TransportError::ClosedAtStartup {
+            cause: DisconnectCause::ConnectionClosed,
+            identification_received: false,
+            server_text: "Exceeded MaxStartups".into(),
+        };
+        assert!(d.is_startup_drop() && d.is_retryable());
+        assert_eq!(
+            (d.kind(), d.stage()),
+            (ErrorKind::Unreachable, Stage::Handshake)
+        );
+        assert!(!t.is_startup_drop());
+        let c = TransportError::ChannelClosed {
+            operation: "barrier",
+        };
+        assert!(c.is_retryable() && !c.is_startup_drop());
+        assert_eq!(
+            (c.kind(), c.stage()),
+            (ErrorKind::ChannelClosed, Stage::Connected)
+        );
     }
 
     #[test]

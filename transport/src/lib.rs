@@ -39,9 +39,13 @@
 //! One unread channel therefore stalls every channel of its connection. Here every channel
 //! has a task that reads its queue promptly whatever the application does: stdout goes to a
 //! per-channel buffer (in memory up to [`TransportConfig::stdout_memory_limit`], then to an
-//! unlinked temporary file, written synchronously by the drain task, i.e. page-cache copies
-//! of one packet at a time), stderr to a bounded tail plus an optional lossy log queue. A
-//! slow or absent reader costs memory or disk for *its* channel, never progress of others.
+//! unlinked temporary file), stderr to a bounded tail plus an optional log queue that drops
+//! what does not fit and reports it in place ([`StderrEvent::Dropped`]). A slow or absent
+//! reader costs memory or disk for *its* channel, never progress of others.
+//! The spill file is written and read back by a per-channel worker on tokio's blocking pool,
+//! in order, so no file I/O runs on the async worker threads; the drain task waits for it
+//! only when more than 4 MiB of writes are queued (a disk slower than the network), and a
+//! reader whose next bytes are in the file waits for a read-back of up to 1 MiB.
 //!
 //! Why spill to disk rather than keep everything in memory: the only real flow control
 //! would be to stop reading, which is exactly the stall above; so buffering is unbounded by
@@ -68,18 +72,29 @@
 //! command that ignores stdin EOF and never writes keeps its slot until it finishes;
 //! commands that stop on EOF (`nix-store --serve`, `nix-daemon --stdio`) are unaffected.
 //!
+//! **Ordering between stdout and stderr.** They travel as separate streams, so a reply read
+//! on stdout says nothing about whether the stderr written before it has arrived.
+//! [`ExecStatus::barrier`] settles it: a channel request the server answers only after
+//! everything it sent before (RFC 4254 §5.4), marked in the log queue by
+//! [`StderrEvent::Barrier`].
+//!
 //! **Classification.** `russh::Error` never leaves this crate. Every failure is a
 //! [`TransportError`] with a [`Stage`], an [`ErrorKind`] and
-//! [`is_retryable`](TransportError::is_retryable). When a connection dies, its real cause
-//! (keepalive timeout, reset, DISCONNECT from the server) is captured once from russh's
-//! session task and given to every waiter ([`SshConnection::closed`]) and every channel.
+//! [`is_retryable`](TransportError::is_retryable). A connection the server drops before the
+//! key exchange (sshd `MaxStartups` shedding a burst, a TCP wrapper) is
+//! [`TransportError::ClosedAtStartup`], for a retry with backoff
+//! ([`is_startup_drop`](TransportError::is_startup_drop)). When a connection dies, its real
+//! cause (keepalive timeout, reset, DISCONNECT from the server) is captured once from
+//! russh's session task and given to every waiter ([`SshConnection::closed`]) and every
+//! channel.
 //!
 //! **Timeouts.** Resolve, TCP connect, handshake, authentication, channel open and exec each
 //! have their own timeout; an established connection is watched by keepalives, which bound
-//! everything that waits on the remote side ([`ExecStatus::exit`], stdout reads, stdin writes
-//! waiting for window): a dead or frozen peer ends them with [`TransportError::Disconnected`]
-//! within `keepalive_interval * (keepalive_max_misses + 1)`. A live peer that is merely slow
-//! (a long build, a command not reading stdin) is not a timeout at this layer.
+//! everything that waits on the remote side ([`ExecStatus::exit`], [`ExecStatus::barrier`],
+//! stdout reads, stdin writes waiting for window): a dead or frozen peer ends them with
+//! [`TransportError::Disconnected`] within `keepalive_interval * (keepalive_max_misses + 1)`.
+//! A live peer that is merely slow (a long build, a command not reading stdin) is not a
+//! timeout at this layer.
 //!
 //! # Known limits (russh 0.65.1)
 //!
@@ -125,8 +140,8 @@ pub use config::{Endpoint, ExecOptions, Identity, StdoutSpill, TransportConfig};
 pub use connection::{ConnectionStats, SshConnection, connect, connect_over};
 pub use error::{ChannelOpenRefusal, DisconnectCause, ErrorKind, Stage, TransportError};
 pub use exec::{
-    ChannelStats, ChannelStdin, ChannelStdout, ExecChannel, ExecStatus, ExitStatus, StderrLog,
-    TcpipStream,
+    ChannelStats, ChannelStdin, ChannelStdout, ExecChannel, ExecStatus, ExitStatus, StderrEvent,
+    StderrLog, TcpipStream,
 };
 pub use host_key::{
     HostKeyCheck, HostKeyPolicy, HostKeyProblem, HostKeyReport, HostKeySource, HostPublicKey,

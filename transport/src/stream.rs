@@ -1,10 +1,12 @@
 //! A wrapper around the byte stream russh runs on.
 //!
-//! It does three things russh cannot do for us:
+//! It does what russh cannot do for us:
 //! * records the first I/O error or end-of-file, so a reset connection is reported as a reset
 //!   even when russh's own error path loses it (its session task returns early if shutting
 //!   down the socket fails, without telling the handler why);
 //! * counts encrypted bytes on the wire;
+//! * follows the server's side of the version exchange, so that a connection the server
+//!   drops before the key exchange (sshd `MaxStartups`) is recognised as such;
 //! * swallows errors from shutting down a dead socket, for the same reason;
 //! * has a kill switch: russh's session task is spawned inside `connect_stream` and its join
 //!   handle is not reachable, so a handshake that times out would otherwise leave that task
@@ -31,9 +33,101 @@ pub(crate) enum StreamEnd {
     Killed,
 }
 
+/// How far the server got before the key exchange, read off the bytes it sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Startup {
+    /// No identification line (`SSH-2.0-...`) yet; maybe lines of text.
+    BeforeIdentification,
+    /// The identification arrived, its first binary packet (KEXINIT) not completely.
+    Identified,
+    /// A complete binary packet arrived: the key exchange is under way.
+    KexStarted,
+}
+
+/// Text lines kept from before the server's identification, at most.
+const STARTUP_TEXT_MAX: usize = 256;
+
+/// Follows RFC 4253 §4.2 from the server's side: lines of text, the line starting with
+/// `SSH-`, then binary packets, the first of which (KEXINIT) is in clear, its length in its
+/// first four bytes.
+#[derive(Debug)]
+struct StartupScan {
+    phase: Startup,
+    /// The current line, up to `STARTUP_TEXT_MAX` bytes.
+    line: Vec<u8>,
+    /// Lines before the identification, up to `STARTUP_TEXT_MAX` bytes.
+    text: Vec<u8>,
+    /// The first packet's length field as far as it arrived.
+    length: Vec<u8>,
+    /// Bytes of the first packet still to come, once its length is known.
+    remaining: Option<u64>,
+}
+
+impl Default for StartupScan {
+    fn default() -> Self {
+        StartupScan {
+            phase: Startup::BeforeIdentification,
+            line: Vec::new(),
+            text: Vec::new(),
+            length: Vec::new(),
+            remaining: None,
+        }
+    }
+}
+
+impl StartupScan {
+    fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            match self.phase {
+                Startup::BeforeIdentification => {
+                    let (part, rest, line_ends) = match data.iter().position(|&b| b == b'\n') {
+                        Some(i) => (&data[..=i], &data[i + 1..], true),
+                        None => (data, &data[data.len()..], false),
+                    };
+                    let room = STARTUP_TEXT_MAX.saturating_sub(self.line.len());
+                    self.line.extend_from_slice(&part[..part.len().min(room)]);
+                    data = rest;
+                    if line_ends {
+                        if self.line.starts_with(b"SSH-") {
+                            self.phase = Startup::Identified;
+                        } else {
+                            let room = STARTUP_TEXT_MAX.saturating_sub(self.text.len());
+                            self.text
+                                .extend_from_slice(&self.line[..self.line.len().min(room)]);
+                        }
+                        self.line.clear();
+                    }
+                }
+                Startup::Identified => match self.remaining {
+                    None => {
+                        let n = (4 - self.length.len()).min(data.len());
+                        self.length.extend_from_slice(&data[..n]);
+                        data = &data[n..];
+                        if let Ok(len) = <[u8; 4]>::try_from(self.length.as_slice()) {
+                            self.remaining = Some(u64::from(u32::from_be_bytes(len)));
+                        }
+                    }
+                    Some(left) => {
+                        let n = usize::try_from(left).unwrap_or(usize::MAX).min(data.len());
+                        self.remaining = Some(left - n as u64);
+                        data = &data[n..];
+                    }
+                },
+                Startup::KexStarted => return,
+            }
+            if self.remaining == Some(0) {
+                self.phase = Startup::KexStarted;
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct StreamMonitor {
     killed: AtomicBool,
+    /// Set once the key exchange is under way, so reads no longer scan.
+    kex_started: AtomicBool,
+    startup: Mutex<StartupScan>,
     read_waker: AtomicWaker,
     write_waker: AtomicWaker,
     pub(crate) bytes_read: AtomicU64,
@@ -52,6 +146,35 @@ impl StreamMonitor {
 
     pub(crate) fn end(&self) -> Option<StreamEnd> {
         self.end.lock().map(|g| g.clone()).unwrap_or(None)
+    }
+
+    /// How far the server got before the key exchange, and the text lines it sent before
+    /// its identification (lossy UTF-8, line ends trimmed, joined by `; `).
+    pub(crate) fn startup(&self) -> (Startup, String) {
+        match self.startup.lock() {
+            Ok(scan) => {
+                let text = String::from_utf8_lossy(&scan.text)
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                (scan.phase, text)
+            }
+            Err(_) => (Startup::KexStarted, String::new()),
+        }
+    }
+
+    fn scan_startup(&self, data: &[u8]) {
+        if self.kex_started.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Ok(mut scan) = self.startup.lock() {
+            scan.feed(data);
+            if scan.phase == Startup::KexStarted {
+                self.kex_started.store(true, Ordering::Relaxed);
+            }
+        }
     }
 
     fn record(&self, end: StreamEnd) {
@@ -118,8 +241,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for MonitoredStream<S> {
                 let n = buf.filled().len() - before;
                 if n == 0 && buf.remaining() > 0 {
                     this.mon.record(StreamEnd::Eof);
-                } else if let Some(f) = &this.after_read {
-                    f();
+                } else {
+                    this.mon.scan_startup(&buf.filled()[before..]);
+                    if let Some(f) = &this.after_read {
+                        f();
+                    }
                 }
                 this.mon.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
                 Poll::Ready(Ok(()))
@@ -207,5 +333,54 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for MonitoredStream<S> {
             }
             other => other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(chunks: &[&[u8]]) -> StartupScan {
+        let mut s = StartupScan::default();
+        for c in chunks {
+            s.feed(c);
+        }
+        s
+    }
+
+    #[test]
+    fn startup_phases_from_server_bytes() {
+        let s = scan(&[b"Exceeded Max", b"Startups\r\n"]);
+        assert_eq!(s.phase, Startup::BeforeIdentification);
+        assert_eq!(s.text, b"Exceeded MaxStartups\r\n");
+
+        // Identification split across reads, then a 12-byte packet (length 8) in pieces.
+        let s = scan(&[b"SS", b"H-2.0-OpenSSH_9.2\r\n\0\0", b"\0\x08abcd"]);
+        assert_eq!(s.phase, Startup::Identified);
+        let s = scan(&[b"hello\nSSH-2.0-x\r\n\0\0\0\x08abcdefgh", b"more"]);
+        assert_eq!(s.phase, Startup::KexStarted);
+        assert_eq!(s.text, b"hello\n");
+
+        // A long text line is kept only in part.
+        let long = vec![b'x'; 1000];
+        let s = scan(&[&long, b"\n"]);
+        assert_eq!(s.text.len(), STARTUP_TEXT_MAX);
+        assert_eq!(s.phase, Startup::BeforeIdentification);
+    }
+
+    #[test]
+    fn monitor_reports_startup_text() {
+        let m = StreamMonitor::default();
+        m.scan_startup(b"Exceeded MaxStartups\r\n");
+        assert_eq!(
+            m.startup(),
+            (
+                Startup::BeforeIdentification,
+                "Exceeded MaxStartups".to_string()
+            )
+        );
+        m.scan_startup(b"SSH-2.0-x\r\n\0\0\0\x01z");
+        assert_eq!(m.startup().0, Startup::KexStarted);
+        assert!(m.kex_started.load(Ordering::Relaxed));
     }
 }

@@ -3,8 +3,8 @@
 use std::time::{Duration, Instant};
 
 use nixmux_transport::{
-    ChannelOpenRefusal, ExecOptions, NoopObserver, SshConnection, StdoutSpill, TransportConfig,
-    TransportError, connect,
+    ChannelOpenRefusal, ExecOptions, NoopObserver, SshConnection, StderrEvent, StdoutSpill,
+    TransportConfig, TransportError, connect,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -160,7 +160,7 @@ async fn wait_channels_open(conn: &SshConnection, n: u64) {
 
 /// One channel's stdout is never read while another channel on the same connection moves
 /// 64 MiB: the second completes, the first is received in full in the background (spilling
-/// to disk above the memory limit), and a stderr log nobody reads drops chunks instead of
+/// to disk above the memory limit), and a stderr log nobody reads drops stderr instead of
 /// blocking. Then the first is read back completely and in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undrained_stdout_does_not_stall_other_channels() {
@@ -177,7 +177,10 @@ async fn undrained_stdout_does_not_stall_other_channels() {
         .await
         .expect("idle channel");
     let mut noisy = conn
-        .exec_with("head -c 32M /dev/zero >&2", ExecOptions::with_stderr_log(2))
+        .exec_with(
+            "head -c 32M /dev/zero >&2",
+            ExecOptions::with_stderr_log(64 << 10),
+        )
         .await
         .expect("stderr flood");
     let _unread_log = noisy.take_stderr_log().expect("log");
@@ -209,7 +212,7 @@ async fn undrained_stdout_does_not_stall_other_channels() {
     assert!(noisy.exit().await.expect("exit").success());
     let nst = noisy.stats();
     assert_eq!(nst.stderr_bytes, 32 * MIB);
-    assert!(nst.stderr_log_dropped > 0, "{nst:?}");
+    assert!(nst.stderr_log_dropped_bytes > 0, "{nst:?}");
     assert_eq!(noisy.stderr_tail().len(), 64 * 1024);
 
     let data = read_all(idle.stdout(), T).await;
@@ -264,11 +267,14 @@ async fn stdin_eof_broken_pipe_and_stderr_log() {
         .expect("exec");
     let mut log = logged.take_stderr_log().expect("log");
     let mut all = Vec::new();
-    while let Some(chunk) = tokio::time::timeout(T, log.recv())
+    while let Some(event) = tokio::time::timeout(T, log.recv())
         .await
         .expect("log timed out")
     {
-        all.extend_from_slice(&chunk);
+        match event {
+            StderrEvent::Data(chunk) => all.extend_from_slice(&chunk),
+            other => panic!("{other:?}"),
+        }
     }
     assert_eq!(all, b"line1\nline2\nline3\n");
     assert!(logged.exit().await.expect("exit").success());

@@ -12,3 +12,5 @@ mod host_keys;
 mod liveness;
 mod measure;
 mod rig;
+mod startup;
+mod stderr_log;

@@ -18,6 +18,9 @@ use nixmux_transport::{Endpoint, HostKeyCheck, Identity, TransportConfig};
 
 pub(crate) struct SshdOptions {
     pub(crate) max_sessions: u32,
+    /// `start:rate:full`. Its own option because sshd takes the *last* `MaxStartups` line
+    /// (unlike most keywords), so an extra line could not override it.
+    pub(crate) max_startups: String,
     pub(crate) extra_config: Vec<String>,
 }
 
@@ -25,6 +28,7 @@ impl Default for SshdOptions {
     fn default() -> Self {
         SshdOptions {
             max_sessions: 10,
+            max_startups: "100:30:200".into(),
             extra_config: Vec::new(),
         }
     }
@@ -111,12 +115,13 @@ impl Sshd {
                 "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nPidFile {d}/sshd.pid\n\
                  AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n\
                  PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-                 UsePAM no\nStrictModes no\nMaxSessions {ms}\nMaxStartups 100:30:200\nLogLevel DEBUG1\n\
+                 UsePAM no\nStrictModes no\nMaxSessions {ms}\nMaxStartups {mst}\nLogLevel DEBUG1\n\
                  SetEnv HOME={d}/home\nPrintMotd no\nPrintLastLog no\nAllowTcpForwarding yes\n\
                  UseDNS no\n",
                 hk = host_key.display(),
                 d = d.display(),
                 ms = opts.max_sessions,
+                mst = opts.max_startups,
             ));
             let cfg_path = d.join("sshd_config");
             std::fs::write(&cfg_path, cfg).expect("sshd_config");
@@ -283,6 +288,126 @@ pub(crate) fn descendants_of(root: u32) -> Vec<u32> {
     }
     found.retain(|&p| p != root);
     found
+}
+
+/// A Dropbear server on loopback, for checks against a second SSH implementation. It runs in
+/// a private mount namespace in which a temp dir is mounted over `/root` (Dropbear reads
+/// `~/.ssh/authorized_keys` and has no option to look elsewhere), so nothing outside the temp
+/// dir is touched. Killed by pid on drop, with its per-connection children.
+pub(crate) struct Dropbear {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) port: u16,
+    child: Child,
+    pub(crate) client_key: PathBuf,
+    pub(crate) known_hosts: PathBuf,
+}
+
+impl Dropbear {
+    /// `None` if Dropbear is not installed (`apt-get install dropbear-bin`).
+    pub(crate) fn start() -> Option<Dropbear> {
+        if !Path::new("/usr/sbin/dropbear").exists() {
+            return None;
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("nixmux-transport-dropbear-")
+            .tempdir()
+            .expect("tempdir");
+        let d = dir.path().to_path_buf();
+        let home = d.join("home");
+        std::fs::create_dir_all(home.join(".ssh")).expect("home");
+        let host_key = d.join("host_ed25519");
+        run(Command::new("dropbearkey")
+            .args(["-t", "ed25519", "-f"])
+            .arg(&host_key)
+            .stdout(Stdio::null()));
+        let out = Command::new("dropbearkey")
+            .args(["-y", "-f"])
+            .arg(&host_key)
+            .output()
+            .expect("dropbearkey -y");
+        let host_pub = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.starts_with("ssh-"))
+            .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+            .expect("dropbear host key");
+        let client_key = keygen(&d, "client_ed25519", "ed25519", "");
+        std::fs::write(
+            home.join(".ssh/authorized_keys"),
+            format!("{}\n", pub_line(&client_key)),
+        )
+        .expect("authorized_keys");
+        run(Command::new("chmod").args(["-R", "go-rwx"]).arg(&home));
+        for _attempt in 0..8 {
+            let port = free_port();
+            let script = format!(
+                "mount --bind {home} /root && exec dropbear -F -E -s -p 127.0.0.1:{port} -r {key}",
+                home = home.display(),
+                key = host_key.display(),
+            );
+            let mut child = Command::new("unshare")
+                .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(d.join("dropbear.log")).expect("log"))
+                .spawn()
+                .expect("spawn dropbear");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut ready = false;
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                    let mut banner = [0u8; 4];
+                    if s.read_exact(&mut banner).is_ok() && &banner == b"SSH-" {
+                        ready = true;
+                        break;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if !ready {
+                let _ = child.kill();
+                let _ = child.wait();
+                continue;
+            }
+            let known_hosts = d.join("known_hosts");
+            std::fs::write(&known_hosts, format!("[127.0.0.1]:{port} {host_pub}\n"))
+                .expect("known_hosts");
+            return Some(Dropbear {
+                dir,
+                port,
+                child,
+                client_key,
+                known_hosts,
+            });
+        }
+        panic!(
+            "dropbear did not start: {}",
+            std::fs::read_to_string(d.join("dropbear.log")).unwrap_or_default()
+        );
+    }
+
+    pub(crate) fn endpoint(&self) -> Endpoint {
+        Endpoint::new("127.0.0.1", self.port, "root")
+    }
+
+    pub(crate) fn identities(&self) -> Vec<Identity> {
+        vec![Identity::key_file(&self.client_key)]
+    }
+
+    pub(crate) fn host_key_check(&self) -> HostKeyCheck {
+        HostKeyCheck::strict([self.known_hosts.clone()])
+    }
+}
+
+impl Drop for Dropbear {
+    fn drop(&mut self) {
+        signal(&descendants_of(self.child.id()), "KILL");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// An `ssh-agent -D` of our own, killed by pid on drop.
