@@ -22,12 +22,14 @@ use nixmux_proto::serve;
 use nixmux_proto::store_path::StorePath;
 use nixmux_proto::worker::{BuildMode, ClientOptions, Trust};
 use nixmux_session::{NarSummary, ServeSession, SessionError, Upload, WorkerSession};
+use nixmux_transport::ExecStatus;
 use tokio::io::AsyncWrite;
 
 use crate::builder::RemoteInfo;
 use crate::logs::LogSender;
 use crate::ops::BuildOptions;
-use crate::remote::{LogRoute, Protocol};
+use crate::remote::Protocol;
+use crate::serve_log::LogRoute;
 
 /// The conversation itself.
 #[derive(Debug)]
@@ -37,10 +39,11 @@ pub(crate) enum Conversation {
 }
 
 /// Where a build's log goes: `logs`, and for the serve protocol (whose log is the channel's
-/// stderr) the route its stderr pump follows.
+/// stderr) the route its stderr pump follows, and the channel (for the end-of-log barrier).
 pub(crate) struct BuildLog<'a> {
     pub(crate) logs: &'a LogSender,
     pub(crate) stderr: &'a LogRoute,
+    pub(crate) channel: &'a ExecStatus,
 }
 
 impl Conversation {
@@ -212,13 +215,12 @@ impl Conversation {
     }
 }
 
-/// Runs a serve build with the channel's stderr (the build log) routed into `log.logs`.
+/// Runs a serve build with the channel's stderr (the build log) routed into `log.logs`,
+/// until every line the server wrote before its reply has been delivered.
 async fn with_serve_log<T>(log: BuildLog<'_>, op: impl std::future::Future<Output = T>) -> T {
     log.stderr.set(Some(log.logs.clone()));
     let r = op.await;
-    // The reply (stdout) and the last log lines (stderr) arrive through separate queues; give
-    // the stderr pump a moment to deliver what came before the reply.
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    log.stderr.settle(log.channel).await;
     log.stderr.set(None);
     r
 }

@@ -242,7 +242,9 @@ impl From<TransportError> for Error {
             TErr::Auth => (ErrorKind::Auth, Initiator::Builder),
             TErr::ChannelOpenRefused => (ErrorKind::Connect, Initiator::Builder),
             TErr::ExecRejected => (ErrorKind::RemoteCommandMissing, Initiator::Builder),
-            TErr::Disconnected => (ErrorKind::Disconnected, Initiator::Builder),
+            TErr::Disconnected | TErr::ChannelClosed => {
+                (ErrorKind::Disconnected, Initiator::Builder)
+            }
             TErr::Protocol => (ErrorKind::Protocol, Initiator::Builder),
             _ => (ErrorKind::Connect, Initiator::Builder),
         };

@@ -63,6 +63,7 @@ pub mod ops;
 pub mod ping;
 mod pool;
 mod remote;
+mod serve_log;
 pub mod setup;
 pub mod stats;
 pub mod target;

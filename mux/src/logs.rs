@@ -60,6 +60,12 @@ impl LogSender {
         }
     }
 
+    /// Counts `n` events lost before they reached this sender (lines the transport had to
+    /// drop).
+    pub(crate) fn count_dropped(&self, n: u64) {
+        self.dropped.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// A sender that discards everything (when the caller does not want logs).
     pub fn discard() -> Self {
         let (tx, _) = mpsc::channel(1);

@@ -530,6 +530,7 @@ impl Builder {
         let log = BuildLog {
             logs,
             stderr: &session.route,
+            channel: &session.status,
         };
         let result = session
             .conv
@@ -570,6 +571,7 @@ impl Builder {
         let log = BuildLog {
             logs,
             stderr: &session.route,
+            channel: &session.status,
         };
         let result = session
             .conv

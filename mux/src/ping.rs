@@ -201,9 +201,13 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
     report.algorithms = ssh.algorithms().map(|(k, c)| (k.to_owned(), c.to_owned()));
 
     let spec = SessionSpec::for_builder(config);
+    let activity = nixmux_session::Activity::new();
     let t0 = Instant::now();
     let channel = match ssh
-        .exec_with(&spec.command, remote::exec_options(spec.protocol))
+        .exec_with(
+            &spec.command,
+            remote::exec_options(spec.protocol, &activity),
+        )
         .await
     {
         Ok(c) => c,
@@ -223,7 +227,7 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
         ms: ms(t0.elapsed()),
     });
     let t1 = Instant::now();
-    let mut session = match remote::start(channel, None, &spec, &config.name).await {
+    let mut session = match remote::start(channel, None, &spec, &config.name, activity).await {
         Ok(s) => s,
         Err(e) => {
             fail(&mut report, PingStage::Handshake, e);

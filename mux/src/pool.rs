@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use nixmux_session::Activity;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::connections::{ConnectionSet, Opened};
@@ -171,14 +172,16 @@ impl SessionPool {
                 s = self.next_returned() => return Ok(pooled(s)),
             };
             let slot = reserved.map_err(|e| e.on(&self.name))?;
-            let options = remote::exec_options(self.spec.protocol);
+            let activity = Activity::new();
+            let options = remote::exec_options(self.spec.protocol, &activity);
             match slot
                 .open(&self.spec.command, options)
                 .await
                 .map_err(|e| e.on(&self.name))?
             {
                 Opened::Ready(channel, ticket) => {
-                    let s = remote::start(channel, Some(ticket), &self.spec, &self.name).await?;
+                    let s = remote::start(channel, Some(ticket), &self.spec, &self.name, activity)
+                        .await?;
                     self.counters.created.fetch_add(1, Ordering::Relaxed);
                     return Ok(pooled(s));
                 }

@@ -3,21 +3,20 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nixmux_proto::log::{LineSplitter, LogEvent};
 use nixmux_proto::store_path::StoreDir;
 use nixmux_session::{
     Activity, RemoteDiagnostics, ServeSession, SessionConfig, SessionError, WorkerConfig,
     WorkerSession,
 };
-use nixmux_transport::{ExecChannel, ExecOptions, ExecStatus, ExitStatus};
+use nixmux_transport::{ChannelObserver, ExecChannel, ExecOptions, ExecStatus, ExitStatus};
 
 use crate::connections::ChannelTicket;
 use crate::conversation::Conversation;
 use crate::error::{Error, ErrorKind, Result, from_session};
-use crate::logs::LogSender;
+use crate::serve_log::LogRoute;
 
 /// Which protocol a builder speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -61,39 +60,6 @@ impl SessionSpec {
             worker: config.worker.clone(),
             store_dir: config.store_dir.clone(),
             channel_wait: config.pool.acquire_timeout,
-        }
-    }
-}
-
-/// Where the serve protocol's stderr lines go: the log of whichever operation is running.
-/// Stderr is also proof of life: the session's clock is touched with every chunk, so that a
-/// build that logs is never taken for a silent one.
-#[derive(Default)]
-pub(crate) struct LogRoute {
-    current: Mutex<Option<LogSender>>,
-    activity: Mutex<Option<Activity>>,
-}
-
-impl LogRoute {
-    pub(crate) fn set(&self, s: Option<LogSender>) {
-        if let Ok(mut c) = self.current.lock() {
-            *c = s;
-        }
-    }
-
-    fn touch(&self) {
-        if let Ok(a) = self.activity.lock()
-            && let Some(a) = a.as_ref()
-        {
-            a.touch();
-        }
-    }
-
-    fn send(&self, ev: LogEvent) {
-        if let Ok(c) = self.current.lock()
-            && let Some(s) = c.as_ref()
-        {
-            s.send(ev);
         }
     }
 }
@@ -180,49 +146,47 @@ fn command_missing(status: &ExecStatus) -> bool {
         || (tail.contains("No such file or directory") && tail.contains("exec"))
 }
 
-/// Exec options for a session channel of `protocol`.
-pub(crate) fn exec_options(protocol: Protocol) -> ExecOptions {
-    match protocol {
-        // The serve protocol's stderr is the build log: give it a queue of its own.
-        Protocol::Serve => ExecOptions::with_stderr_log(1024),
-        Protocol::Worker => ExecOptions::default(),
+/// Undelivered serve build log kept per session before lines are dropped (and counted): a
+/// few seconds of a very chatty build.
+const SERVE_LOG_QUEUE: usize = 1 << 20;
+
+/// Touches a session's clock whenever the server sends anything on its channel, so that an
+/// upload whose data the server is consuming (window adjustments) is not taken for silence.
+struct PeerHeard(Activity);
+
+impl ChannelObserver for PeerHeard {
+    fn heard(&self) {
+        self.0.touch();
     }
 }
 
-/// Performs the handshake of `spec` on a freshly exec'd channel.
+/// Exec options for a session channel of `protocol` whose session will use `activity`.
+pub(crate) fn exec_options(protocol: Protocol, activity: &Activity) -> ExecOptions {
+    let options = match protocol {
+        // The serve protocol's stderr is the build log: give it a queue of its own.
+        Protocol::Serve => ExecOptions::with_stderr_log(SERVE_LOG_QUEUE),
+        Protocol::Worker => ExecOptions::default(),
+    };
+    options.observed(Arc::new(PeerHeard(activity.clone())))
+}
+
+/// Performs the handshake of `spec` on a freshly exec'd channel, opened with
+/// [`exec_options`] for `activity`.
 pub(crate) async fn start(
     mut channel: ExecChannel,
     ticket: Option<ChannelTicket>,
     spec: &SessionSpec,
     builder: &str,
+    activity: Activity,
 ) -> Result<RemoteSession> {
     let log = channel.take_stderr_log();
     let (stdin, stdout, status) = channel.into_parts();
     let mut config = spec.session.clone();
     config.diagnostics = Some(Arc::new(ChannelDiagnostics(status.clone())));
-    let route = Arc::new(LogRoute::default());
-    let pump = log.map(|mut log| {
-        let route = route.clone();
-        let max = usize::try_from(spec.session.limits.max_log_line).unwrap_or(64 << 10);
-        tokio::spawn(async move {
-            let mut split = LineSplitter::new(max);
-            while let Some(chunk) = log.recv().await {
-                route.touch();
-                for line in split.feed(&chunk) {
-                    route.send(LogEvent::Line {
-                        activity: None,
-                        text: line,
-                    });
-                }
-            }
-            if let Some(line) = split.finish() {
-                route.send(LogEvent::Line {
-                    activity: None,
-                    text: line,
-                });
-            }
-        })
-    });
+    config.activity = Some(activity.clone());
+    let route = LogRoute::new(activity);
+    let max_line = usize::try_from(spec.session.limits.max_log_line).unwrap_or(64 << 10);
+    let pump = log.map(|log| route.pump(log, max_line));
     let reader = Box::new(stdout);
     let writer = Box::new(stdin);
     let conv = match spec.protocol {
@@ -244,9 +208,6 @@ pub(crate) async fn start(
         Ok(c) => c,
         Err(e) => return Err(handshake_error(e, &status, spec, builder).await),
     };
-    if let (Conversation::Serve(s), Ok(mut a)) = (&conv, route.activity.lock()) {
-        *a = Some(s.activity());
-    }
     let now = Instant::now();
     Ok(RemoteSession {
         conv,

@@ -148,6 +148,9 @@ impl LogEvent {
 pub struct LineSplitter {
     partial: Vec<u8>,
     max: usize,
+    /// After a gap in the stream: the bytes up to the next newline are the end of a line
+    /// whose start was lost.
+    skipping: bool,
 }
 
 impl LineSplitter {
@@ -156,12 +159,30 @@ impl LineSplitter {
         LineSplitter {
             partial: Vec::new(),
             max: max.max(1),
+            skipping: false,
         }
+    }
+
+    /// Some bytes of the stream were lost here: the line in progress and the line the next
+    /// bytes belong to are incomplete, so neither is returned (the caller counts them as
+    /// lost). Never returns a fragment as if it were a line.
+    pub fn gap(&mut self) {
+        self.partial.clear();
+        self.skipping = true;
     }
 
     /// Feeds bytes; returns the complete lines (without newline, `\r` stripped).
     pub fn feed(&mut self, mut data: &[u8]) -> Vec<String> {
         let mut lines = Vec::new();
+        if self.skipping {
+            match data.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    self.skipping = false;
+                    data = &data[i + 1..];
+                }
+                None => return lines,
+            }
+        }
         while let Some(&first) = data.first() {
             if self.partial.len() >= self.max {
                 // Cut only once more data arrives, so a newline right at the limit ends the
@@ -206,6 +227,18 @@ impl LineSplitter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gap_drops_the_lines_it_cut() {
+        let mut s = LineSplitter::new(64);
+        assert_eq!(s.feed(b"one\ntw"), vec!["one"]);
+        s.gap();
+        assert_eq!(s.feed(b"ree\nfour\nfi"), vec!["four"]);
+        assert_eq!(s.finish(), Some("fi".to_owned()));
+        s.gap();
+        assert_eq!(s.feed(b"no newline yet"), Vec::<String>::new());
+        assert_eq!(s.feed(b"\nsix\n"), vec!["six"]);
+    }
 
     #[test]
     fn splitter_handles_partial_and_long_lines() {

@@ -51,6 +51,10 @@ pub struct SessionConfig {
     pub build_idle_timeout: Option<Duration>,
     /// Explains remote deaths (stderr tail, exit status).
     pub diagnostics: Option<Arc<dyn RemoteDiagnostics>>,
+    /// The session's clock, when the transport under it can see progress the session
+    /// cannot (an SSH window adjustment while we upload, the serve protocol's log on the
+    /// channel's stderr) and touches it. `None`: a clock of its own.
+    pub activity: Option<Activity>,
 }
 
 impl std::fmt::Debug for SessionConfig {
@@ -70,6 +74,7 @@ impl Default for SessionConfig {
             idle_timeout: Duration::from_secs(60),
             build_idle_timeout: None,
             diagnostics: None,
+            activity: None,
         }
     }
 }
@@ -153,7 +158,8 @@ pub(crate) struct Conn {
 
 impl Conn {
     pub(crate) fn new(reader: BoxReader, writer: BoxWriter, config: SessionConfig) -> Self {
-        let activity = Activity::new();
+        let activity = config.activity.clone().unwrap_or_default();
+        activity.touch();
         Conn {
             reader: Metered {
                 inner: reader,

@@ -4,11 +4,13 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use russh::keys::Algorithm;
 
 use crate::error::TransportError;
+use crate::observer::ChannelObserver;
 
 /// An SSH server and the user to log in as.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -204,7 +206,7 @@ impl Default for TransportConfig {
 }
 
 /// Per-exec options.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct ExecOptions {
     /// If set, stderr is also sent to a log queue holding at most this many bytes of
@@ -217,6 +219,18 @@ pub struct ExecOptions {
     /// a command that does not stop on stdin EOF keeps running, and keeps its sshd session
     /// slot, until it finishes. Default true.
     pub terminate_on_drop: bool,
+    /// Told of the channel's stages and of everything the server sends on it.
+    pub observer: Option<Arc<dyn ChannelObserver>>,
+}
+
+impl fmt::Debug for ExecOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExecOptions")
+            .field("stderr_log_max_bytes", &self.stderr_log_max_bytes)
+            .field("terminate_on_drop", &self.terminate_on_drop)
+            .field("observer", &self.observer.as_ref().map(|_| "..."))
+            .finish()
+    }
 }
 
 impl Default for ExecOptions {
@@ -224,6 +238,7 @@ impl Default for ExecOptions {
         ExecOptions {
             stderr_log_max_bytes: None,
             terminate_on_drop: true,
+            observer: None,
         }
     }
 }
@@ -235,6 +250,12 @@ impl ExecOptions {
             stderr_log_max_bytes: Some(max_bytes),
             ..Self::default()
         }
+    }
+
+    /// These options, with `observer` told of the channel's stages and traffic.
+    pub fn observed(mut self, observer: Arc<dyn ChannelObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// Options that leave the remote command running when the channel is dropped.

@@ -147,4 +147,6 @@ pub use host_key::{
     HostKeyCheck, HostKeyPolicy, HostKeyProblem, HostKeyReport, HostKeySource, HostPublicKey,
     InsecureMarker, KeyLocation,
 };
-pub use observer::{ConnectEvent, ConnectEventKind, ConnectObserver, NoopObserver};
+pub use observer::{
+    ChannelObserver, ConnectEvent, ConnectEventKind, ConnectObserver, NoopObserver,
+};

@@ -120,3 +120,17 @@ impl Stopwatch {
         self.observer.on_event(&event);
     }
 }
+
+/// Events of one exec channel, for the layer above (to know the other end is alive) and for
+/// tools and tests (to act at a precise stage). Called from the connection's tasks: must be
+/// quick and must not block. Every method does nothing by default.
+pub trait ChannelObserver: Send + Sync {
+    /// The server confirmed the channel; the exec request goes out next.
+    fn opened(&self) {}
+    /// The server accepted the exec request: the command runs.
+    fn exec_accepted(&self) {}
+    /// A message from the server arrived on the channel (stdout, stderr, a window
+    /// adjustment, a request reply, exit status...): the other end is alive. While we
+    /// upload, window adjustments are the only sign that the server consumes our data.
+    fn heard(&self) {}
+}

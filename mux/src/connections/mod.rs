@@ -638,7 +638,9 @@ impl ConnectionSet {
                 self.watch(id, ssh);
             }
             Err(e) => {
-                let throttled = e.transport_error().is_some_and(startup_drop_shim);
+                let throttled = e
+                    .transport_error()
+                    .is_some_and(TransportError::is_startup_drop);
                 if throttled {
                     self.counters.startup_drops.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(host = %self.target.endpoint.host, "connection dropped at start-up, retrying: {e}");
@@ -904,9 +906,4 @@ impl Registry {
             .map(|s| s.values().cloned().collect())
             .unwrap_or_default()
     }
-}
-
-// TEMPORARY until the transport branch lands: TransportError::is_startup_drop.
-fn startup_drop_shim(_: &TransportError) -> bool {
-    false
 }

@@ -47,6 +47,9 @@ async fn handle_msg(
     log: &mut Option<LogSender>,
     discard: bool,
 ) -> Handled {
+    if let Some(o) = &core.observer {
+        o.heard();
+    }
     let shared = core.shared();
     match msg {
         ChannelMsg::Data { data } => {

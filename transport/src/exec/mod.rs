@@ -65,7 +65,17 @@ pub(crate) async fn start_exec(
         terminate: options.terminate_on_drop,
         grace: conn.config.close_grace,
     };
-    let mut parts = ChannelParts::build(conn, channel, true, options.stderr_log_max_bytes, on_drop);
+    if let Some(o) = &options.observer {
+        o.opened();
+    }
+    let mut parts = ChannelParts::build(
+        conn,
+        channel,
+        true,
+        options.stderr_log_max_bytes,
+        on_drop,
+        options.observer.clone(),
+    );
     // The request goes out before the drain task starts; the answer waits in russh's
     // channel queue until it does.
     let sent = match &parts.write {
@@ -100,12 +110,17 @@ pub(crate) async fn start_exec(
         Ok(Ok(s)) => s.clone(),
     };
     match (s.exec_reply, s.lost) {
-        (Some(true), _) => Ok(ExecChannel {
-            stdin: parts.stdin,
-            stdout: parts.stdout,
-            status: parts.status,
-            log: parts.log,
-        }),
+        (Some(true), _) => {
+            if let Some(o) = &options.observer {
+                o.exec_accepted();
+            }
+            Ok(ExecChannel {
+                stdin: parts.stdin,
+                stdout: parts.stdout,
+                status: parts.status,
+                log: parts.log,
+            })
+        }
         (_, Some(cause)) => Err(TransportError::Disconnected {
             stage: Stage::Exec,
             cause,

@@ -12,6 +12,7 @@ use super::handles::{ChannelStdin, ChannelStdout, ExecStatus};
 use super::state::{ChannelCore, Lease};
 use super::stderr::StderrLog;
 use crate::connection::ConnInner;
+use crate::observer::ChannelObserver;
 
 /// The pieces of a freshly drained channel.
 pub(crate) struct ChannelParts {
@@ -33,10 +34,11 @@ impl ChannelParts {
         exec: bool,
         log_max_bytes: Option<usize>,
         on_drop: OnDrop,
+        observer: Option<Arc<dyn ChannelObserver>>,
     ) -> Self {
         let (rx, write) = channel.split();
         let (barrier_tx, barriers) = mpsc::unbounded_channel();
-        let core = Arc::new(ChannelCore::new(conn, barrier_tx));
+        let core = Arc::new(ChannelCore::new(conn, barrier_tx, observer));
         let (abandon_tx, abandoned) = oneshot::channel();
         let lease = Arc::new(Lease {
             _abandon: abandon_tx,
@@ -88,7 +90,7 @@ impl ChannelParts {
             terminate: false,
             grace: Duration::ZERO,
         };
-        let mut parts = Self::build(conn, channel, false, None, on_drop);
+        let mut parts = Self::build(conn, channel, false, None, on_drop, None);
         parts.start_drain();
         parts
     }

@@ -11,6 +11,7 @@ use super::stderr::TailRing;
 use super::stdout::Stdout;
 use crate::connection::{ConnInner, ConnShared};
 use crate::error::{DisconnectCause, Stage, TransportError};
+use crate::observer::ChannelObserver;
 
 /// How a remote command ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,10 +115,16 @@ pub(crate) struct ChannelCore {
     pub(super) stdin_bytes: AtomicU64,
     pub(super) stderr_log_dropped_bytes: AtomicU64,
     pub(super) stderr_log_dropped_lines: AtomicU64,
+    /// Told of everything the server sends on the channel.
+    pub(super) observer: Option<Arc<dyn ChannelObserver>>,
 }
 
 impl ChannelCore {
-    pub(super) fn new(conn: Arc<ConnInner>, barriers: mpsc::UnboundedSender<BarrierReply>) -> Self {
+    pub(super) fn new(
+        conn: Arc<ConnInner>,
+        barriers: mpsc::UnboundedSender<BarrierReply>,
+        observer: Option<Arc<dyn ChannelObserver>>,
+    ) -> Self {
         let cfg = &conn.config;
         ChannelCore {
             barriers,
@@ -136,6 +143,7 @@ impl ChannelCore {
             stdin_bytes: AtomicU64::new(0),
             stderr_log_dropped_bytes: AtomicU64::new(0),
             stderr_log_dropped_lines: AtomicU64::new(0),
+            observer,
             conn,
         }
     }
