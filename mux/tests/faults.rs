@@ -33,11 +33,6 @@ fn short_keepalive(cfg: &mut nixmux::BuilderConfig) {
     cfg.target.transport.keepalive_max_misses = MISSES;
 }
 
-/// Runs a blocking rig control off the async workers.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.expect("blocking task")
-}
-
 /// Starts a build of a derivation running `body` (which must contain `marker`, a string no
 /// other process of the builder has in its command line) in a task, and returns once the
 /// builder runs it.

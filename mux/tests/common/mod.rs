@@ -91,3 +91,50 @@ pub async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> Optio
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// How to reach builder `i` of `rig` through `relay` (an emulated link in front of its sshd):
+/// its host key is pinned, since known_hosts names the builder's own port.
+pub fn relayed_config(
+    rig: &Rig,
+    i: usize,
+    protocol: Protocol,
+    relay: &nixmux_rig::relay::Relay,
+) -> BuilderConfig {
+    let key =
+        nixmux::transport::HostPublicKey::from_machines_field(rig.builder(i).host_key_base64())
+            .expect("the rig's host key parses");
+    BuilderConfig::new(
+        format!("{}://builder{i}-via-relay", protocol.scheme()),
+        protocol,
+        ConnectTarget {
+            endpoint: Endpoint::new("127.0.0.1", relay.port(), "root"),
+            identities: vec![Identity::key_file(rig.client_key())],
+            host_keys: HostKeyCheck::pinned([key]),
+            transport: TransportConfig::default(),
+            jump: None,
+        },
+    )
+}
+
+/// A file of `size` pseudo-random (incompressible) bytes added to `store`; returns its store
+/// path. `seed` makes paths of different tests differ.
+pub fn random_path(store: &PrivateStore, name: &str, size: usize, seed: u64) -> StorePath {
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join(name);
+    let mut x = seed | 1;
+    let mut data = Vec::with_capacity(size + 8);
+    while data.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    data.truncate(size);
+    std::fs::write(&file, &data).expect("write");
+    sp(&store.add(&file).expect("nix-store --add"))
+}
+
+/// Runs a blocking rig control off the async workers.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking task")
+}
