@@ -261,6 +261,7 @@ impl Env {
                     host_keys,
                     transport: TransportConfig::default(),
                     jump: None,
+                    hooks: Default::default(),
                 };
                 let mut c = BuilderConfig::new(
                     format!("{}://{}", protocol.scheme(), b.name()),

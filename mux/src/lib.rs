@@ -76,7 +76,7 @@ pub use pool::PoolSettings;
 pub use remote::Protocol;
 pub use setup::Overrides;
 pub use stats::{BuilderStats, Health, HealthState};
-pub use target::ConnectTarget;
+pub use target::{ConnectTarget, StageHooks};
 
 pub use nixmux_proto as proto;
 pub use nixmux_session as session;

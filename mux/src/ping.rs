@@ -206,7 +206,7 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
     let channel = match ssh
         .exec_with(
             &spec.command,
-            remote::exec_options(spec.protocol, &activity),
+            remote::exec_options(spec.protocol, &activity, None),
         )
         .await
     {

@@ -173,7 +173,8 @@ impl SessionPool {
             };
             let slot = reserved.map_err(|e| e.on(&self.name))?;
             let activity = Activity::new();
-            let options = remote::exec_options(self.spec.protocol, &activity);
+            let hook = self.set.target.hooks.channel.clone();
+            let options = remote::exec_options(self.spec.protocol, &activity, hook);
             match slot
                 .open(&self.spec.command, options)
                 .await

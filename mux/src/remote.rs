@@ -151,23 +151,50 @@ fn command_missing(status: &ExecStatus) -> bool {
 const SERVE_LOG_QUEUE: usize = 1 << 20;
 
 /// Touches a session's clock whenever the server sends anything on its channel, so that an
-/// upload whose data the server is consuming (window adjustments) is not taken for silence.
-struct PeerHeard(Activity);
+/// upload whose data the server is consuming (window adjustments) is not taken for silence;
+/// and passes the channel's events on to the target's hook, if any.
+struct PeerHeard {
+    activity: Activity,
+    hook: Option<Arc<dyn ChannelObserver>>,
+}
 
 impl ChannelObserver for PeerHeard {
+    fn opened(&self) {
+        if let Some(h) = &self.hook {
+            h.opened();
+        }
+    }
+
+    fn exec_accepted(&self) {
+        if let Some(h) = &self.hook {
+            h.exec_accepted();
+        }
+    }
+
     fn heard(&self) {
-        self.0.touch();
+        self.activity.touch();
+        if let Some(h) = &self.hook {
+            h.heard();
+        }
     }
 }
 
-/// Exec options for a session channel of `protocol` whose session will use `activity`.
-pub(crate) fn exec_options(protocol: Protocol, activity: &Activity) -> ExecOptions {
+/// Exec options for a session channel of `protocol` whose session will use `activity`;
+/// `hook` is the target's channel hook ([`crate::StageHooks::channel`]).
+pub(crate) fn exec_options(
+    protocol: Protocol,
+    activity: &Activity,
+    hook: Option<Arc<dyn ChannelObserver>>,
+) -> ExecOptions {
     let options = match protocol {
         // The serve protocol's stderr is the build log: give it a queue of its own.
         Protocol::Serve => ExecOptions::with_stderr_log(SERVE_LOG_QUEUE),
         Protocol::Worker => ExecOptions::default(),
     };
-    options.observed(Arc::new(PeerHeard(activity.clone())))
+    options.observed(Arc::new(PeerHeard {
+        activity: activity.clone(),
+        hook,
+    }))
 }
 
 /// Performs the handshake of `spec` on a freshly exec'd channel, opened with
@@ -181,6 +208,12 @@ pub(crate) async fn start(
 ) -> Result<RemoteSession> {
     let log = channel.take_stderr_log();
     let (stdin, stdout, status) = channel.into_parts();
+    // Until the session exists, the slot goes back once the channel has closed, whether the
+    // handshake fails or this future is dropped half-way.
+    let mut unstarted = UnstartedSlot {
+        ticket,
+        closed: Some(Box::pin(status.closed_signal())),
+    };
     let mut config = spec.session.clone();
     config.diagnostics = Some(Arc::new(ChannelDiagnostics(status.clone())));
     config.activity = Some(activity.clone());
@@ -212,11 +245,25 @@ pub(crate) async fn start(
     Ok(RemoteSession {
         conv,
         status,
-        ticket,
+        ticket: unstarted.ticket.take(),
         route,
         last_used: now,
         pump,
     })
+}
+
+/// A slot whose session is not started yet (see [`start`]).
+struct UnstartedSlot {
+    ticket: Option<ChannelTicket>,
+    closed: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl Drop for UnstartedSlot {
+    fn drop(&mut self) {
+        if let (Some(ticket), Some(closed)) = (self.ticket.take(), self.closed.take()) {
+            ticket.release_when_closed(closed);
+        }
+    }
 }
 
 /// Turns a failed handshake into the most useful error: a missing remote command, text

@@ -149,5 +149,6 @@ fn target_for(
         host_keys,
         transport,
         jump: None,
+        hooks: Default::default(),
     })
 }

@@ -1,10 +1,11 @@
 //! Everything needed to reach one SSH host, in transport terms.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use nixmux_transport::{
-    ConnectObserver, Endpoint, HostKeyCheck, Identity, NoopObserver, SshConnection,
-    TransportConfig, TransportError, connect, connect_over,
+    ChannelObserver, ConnectEvent, ConnectObserver, Endpoint, HostKeyCheck, Identity, NoopObserver,
+    SshConnection, TransportConfig, TransportError, connect, connect_over,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -22,6 +23,39 @@ pub struct ConnectTarget {
     pub transport: TransportConfig,
     /// The previous hop, if this host is reached through another.
     pub jump: Option<Box<ConnectTarget>>,
+    /// Callbacks at the stages of pooled connections and channels to this host.
+    pub hooks: StageHooks,
+}
+
+/// Callbacks at the stages of reaching a host, for diagnostics and tests (which act at a
+/// precise stage, e.g. stall a link right after the key exchange). They run on the
+/// connection's tasks: quick, never blocking.
+#[derive(Clone, Default)]
+pub struct StageHooks {
+    /// Every stage of every pooled connection attempt (TCP, key exchange, host key, auth).
+    pub connect: Option<Arc<dyn ConnectObserver>>,
+    /// Every session channel: opened, command started, and everything the server sends.
+    pub channel: Option<Arc<dyn ChannelObserver>>,
+}
+
+impl std::fmt::Debug for StageHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StageHooks")
+            .field("connect", &self.connect.is_some())
+            .field("channel", &self.channel.is_some())
+            .finish()
+    }
+}
+
+/// A [`ConnectObserver`] that forwards to [`StageHooks::connect`], if any.
+pub(crate) struct ConnectHook(pub(crate) Option<Arc<dyn ConnectObserver>>);
+
+impl ConnectObserver for ConnectHook {
+    fn on_event(&self, event: &ConnectEvent) {
+        if let Some(o) = &self.0 {
+            o.on_event(event);
+        }
+    }
 }
 
 impl ConnectTarget {

@@ -51,6 +51,7 @@ fn builder_as(s: &Setup, protocol: Protocol, user: &str) -> Builder {
         host_keys: HostKeyCheck::strict([s.rig.known_hosts()]),
         transport: TransportConfig::default(),
         jump: None,
+        hooks: Default::default(),
     };
     s.pool.add(BuilderConfig::new(
         format!("{}://{user}@builder0", protocol.scheme()),

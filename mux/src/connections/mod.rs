@@ -30,15 +30,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use nixmux_transport::{
-    DisconnectCause, ExecChannel, ExecOptions, NoopObserver, SshConnection, TransportError,
-};
+use nixmux_transport::{DisconnectCause, ExecChannel, ExecOptions, SshConnection, TransportError};
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::error::{Error, ErrorKind, Initiator, Result};
 use crate::stats::{Health, HealthState};
-use crate::target::ConnectTarget;
+use crate::target::{ConnectHook, ConnectTarget};
 use planner::{Action, AttemptId, ConnId, ConnectFailure, FailReason, Planner, WaiterId, Want};
 
 /// Limits of a connection set.
@@ -844,7 +842,11 @@ async fn connect_one(
     let bound = target.connect_budget() + Duration::from_secs(5);
     let attempt = async {
         let r = match &target.jump {
-            None => target.connect(NoopObserver).await,
+            None => {
+                target
+                    .connect(ConnectHook(target.hooks.connect.clone()))
+                    .await
+            }
             Some(jump) => {
                 let registry = registry
                     .upgrade()
@@ -855,7 +857,9 @@ async fn connect_one(
                 let stream = ssh
                     .open_direct_tcpip(&target.endpoint.host, target.endpoint.port)
                     .await?;
-                target.connect_over(stream, NoopObserver).await
+                target
+                    .connect_over(stream, ConnectHook(target.hooks.connect.clone()))
+                    .await
             }
         };
         r.map_err(Error::from)

@@ -24,6 +24,7 @@ pub fn target(rig: &Rig, i: usize, transport: TransportConfig) -> ConnectTarget 
         host_keys: HostKeyCheck::strict([rig.known_hosts()]),
         transport,
         jump: None,
+        hooks: Default::default(),
     }
 }
 
@@ -112,6 +113,7 @@ pub fn relayed_config(
             host_keys: HostKeyCheck::pinned([key]),
             transport: TransportConfig::default(),
             jump: None,
+            hooks: Default::default(),
         },
     )
 }
