@@ -387,3 +387,48 @@ async fn over_one_gib_each_way_through_one_connection() {
     assert_eq!(rig.builder(0).accepted_connections(), 1);
     pool.shutdown().await;
 }
+
+/// A burst against an sshd that throttles new connections hard (`MaxStartups 1:100:1`: a
+/// second unauthenticated connection is dropped at once) and takes one session per
+/// connection: the pool opens connections four at a time, so most attempts are dropped at
+/// start-up; each is retried after a short jittered delay, none counts as a failure, and every
+/// operation succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_bursts_survive_max_startups_throttling() {
+    let rig = rig(RigConfig {
+        max_sessions: 1,
+        max_startups: "1:100:1".into(),
+        ..RigConfig::with_builders(1)
+    });
+    let pool = Pool::new();
+    let mut cfg = config(&rig, 0, Protocol::Worker);
+    cfg.pool = PoolSettings {
+        max_sessions: 16,
+        ..PoolSettings::default()
+    };
+    let b = pool.add(cfg);
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let b = b.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..5 {
+                b.query_valid_paths(&BTreeSet::new(), false).await?;
+            }
+            Ok::<_, nixmux::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await.expect("join").expect("every operation succeeds");
+    }
+    let st = b.stats();
+    eprintln!("{st:?}");
+    let dropped_by_sshd = rig.builder(0).count_log("past MaxStartups");
+    assert_eq!(st.connect_failures, 0, "{st:?}");
+    assert!(st.startup_drops > 0, "four connects at once meet MaxStartups 1: {st:?}");
+    assert_eq!(
+        st.startup_drops, dropped_by_sshd as u64,
+        "every drop sshd logged was seen and retried"
+    );
+    assert!(st.connections_opened <= 8, "{st:?}");
+    pool.shutdown().await;
+}
