@@ -1,6 +1,7 @@
 //! `nixmux`: connectivity tester, remote builds and benchmarks over pooled SSH connections.
 //! A thin layer over the `nixmux` library: argument parsing, rendering, exit codes.
 
+mod agent_cmd;
 mod bench;
 mod build;
 mod exit_code;
@@ -40,6 +41,14 @@ enum Command {
     /// Local builders on loopback (real sshd + Nix, each with its own store).
     #[command(subcommand)]
     Rig(RigCommand),
+    /// Give an unmodified Nix or Lix pooled connections: serve builders on a Unix socket
+    /// (`agent`), print the machines file for Nix (`agent machines`), show its state
+    /// (`agent status`). See docs/agent.md.
+    Agent(agent_cmd::AgentCmd),
+    /// The remote program of the agent's machines file: hands this process's stdin, stdout
+    /// and stderr to the agent's session with builder NAME. Nix runs it as
+    /// `nixmux connect NAME --stdio` (ssh-ng://) or `--serve --write` (ssh://).
+    Connect(agent_cmd::ConnectCmd),
 }
 
 /// Where builders come from, shared by every command that talks to builders.
@@ -166,6 +175,11 @@ fn init_tracing(verbose: u8) {
 
 fn main() {
     let cli = Cli::parse();
+    if let Command::Connect(c) = cli.command {
+        // Started by Nix for every remote session: nothing but the session on stdout, and
+        // nothing that costs start-up time.
+        std::process::exit(agent_cmd::connect(c));
+    }
     init_tracing(cli.verbose);
     let code = match run(cli) {
         Ok(code) => code,
@@ -194,6 +208,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             rt.block_on(run_build(args))
         }
         Command::Bench(args) => bench::main(args),
+        Command::Agent(cmd) => agent_cmd::main(cmd),
+        // Handled in `main`, before anything else starts.
+        Command::Connect(c) => Ok(agent_cmd::connect(c)),
     }
 }
 

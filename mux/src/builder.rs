@@ -321,6 +321,25 @@ impl Pool {
         self.builders.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
+    /// Removes `builder` from the pool: idle sessions close; sessions in use finish
+    /// undisturbed (they hold what they need). A host that no builder uses any more is
+    /// disconnected once nothing uses its connections. Returns false if it was not here.
+    pub async fn remove(&self, builder: &Builder) -> bool {
+        let removed = match self.builders.lock() {
+            Ok(mut v) => {
+                let before = v.len();
+                v.retain(|b| !Arc::ptr_eq(&b.inner, &builder.inner));
+                v.len() != before
+            }
+            Err(_) => false,
+        };
+        builder.close_idle();
+        for set in self.registry.prune_unused() {
+            set.disconnect_all().await;
+        }
+        removed
+    }
+
     /// Closes idle sessions and every connection.
     pub async fn shutdown(&self) {
         for b in self.builders() {

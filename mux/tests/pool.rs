@@ -424,7 +424,10 @@ async fn connection_bursts_survive_max_startups_throttling() {
     eprintln!("{st:?}");
     let dropped_by_sshd = rig.builder(0).count_log("past MaxStartups");
     assert_eq!(st.connect_failures, 0, "{st:?}");
-    assert!(st.startup_drops > 0, "four connects at once meet MaxStartups 1: {st:?}");
+    assert!(
+        st.startup_drops > 0,
+        "four connects at once meet MaxStartups 1: {st:?}"
+    );
     assert_eq!(
         st.startup_drops, dropped_by_sshd as u64,
         "every drop sshd logged was seen and retried"

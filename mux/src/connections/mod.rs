@@ -219,6 +219,18 @@ impl ChannelTicket {
             .update(|inner, now| inner.planner.channel_failed(now, conn));
     }
 
+    /// Frees the slot once its channel has closed, however long it stays open: for channels
+    /// handed out whole (raw sessions), whose handles may go anywhere. The wait is bounded
+    /// by the connection, whose end closes every channel.
+    pub(crate) fn release_on_close(self, closed: impl Future<Output = ()> + Send + 'static) {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                closed.await;
+                drop(self);
+            });
+        }
+    }
+
     /// Frees the slot once `closed` resolves: for a channel whose handles are being dropped,
     /// the transport's close notification, which comes once the server has closed the
     /// channel (sshd does so when the remote command has exited, which is when its session
@@ -570,6 +582,32 @@ impl ConnectionSet {
             )),
         }
     }
+    /// A slot on a live connection with room, now, if there is one and nobody is queued
+    /// ahead: never a new connection, never a wait (for channels opened ahead of demand).
+    pub(crate) fn reserve_if_free(self: &Arc<Self>) -> Option<Slot> {
+        let (conn, ssh) = self.update(|inner, now| {
+            let conn = inner.planner.reserve_if_free(now)?;
+            match inner.ssh.get(&conn) {
+                Some(ssh) => Some((conn, ssh.clone())),
+                None => {
+                    // Cannot happen (the planner only knows live connections); undo.
+                    inner.planner.channel_failed(now, conn);
+                    None
+                }
+            }
+        })?;
+        self.counters.slot_events.fetch_add(1, Ordering::Relaxed);
+        Some(Slot {
+            ticket: ChannelTicket {
+                set: self.clone(),
+                conn,
+                confirmed: false,
+                settled: false,
+            },
+            ssh,
+        })
+    }
+
     /// A live connection, opening one if there is none (for ProxyJump hops, whose
     /// `direct-tcpip` channels are not session channels and do not count against sshd's
     /// `MaxSessions`).
@@ -902,6 +940,26 @@ impl Registry {
         sets.entry(key)
             .or_insert_with(|| ConnectionSet::new(target, limits, weak))
             .clone()
+    }
+
+    /// Forgets the sets nothing else holds (no builder, no session, no ticket) and that are
+    /// no other set's jump host; returns them to be disconnected.
+    pub(crate) fn prune_unused(&self) -> Vec<Arc<ConnectionSet>> {
+        let mut sets = self.sets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut hops = std::collections::HashSet::new();
+        for s in sets.values() {
+            let mut jump = s.target.jump.as_deref();
+            while let Some(j) = jump {
+                hops.insert(j.connection_key());
+                jump = j.jump.as_deref();
+            }
+        }
+        let unused: Vec<String> = sets
+            .iter()
+            .filter(|(k, s)| Arc::strong_count(s) == 1 && !hops.contains(*k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        unused.iter().filter_map(|k| sets.remove(k)).collect()
     }
 
     pub(crate) fn all(&self) -> Vec<Arc<ConnectionSet>> {

@@ -356,8 +356,27 @@ impl Planner {
         seq
     }
 
-    #[cfg(test)]
+    /// Reserves a channel slot at once if a live connection has room and nobody is waiting
+    /// ahead (queued callers come first): for channels opened ahead of demand (the agent's
+    /// spare sessions), which must never cause a new connection or jump the queue. While the
+    /// host's limit is unknown, sshd's default `MaxSessions` (10) counts as the limit here.
+    pub(crate) fn reserve_if_free(&mut self, now: Instant) -> Option<ConnId> {
+        if !self.queue.is_empty() {
+            return None;
+        }
+        let cap = self.channel_cap();
+        let cap = if cap == usize::MAX { PROBE_OPENS } else { cap };
+        let c = self
+            .conns
+            .iter_mut()
+            .filter(|c| c.has_room(cap, true) && !c.paused(now))
+            .min_by_key(|c| c.open)?;
+        c.open += 1;
+        Some(c.id)
+    }
+
     /// The place in line of a queued waiter.
+    #[cfg(test)]
     pub(crate) fn seq_of(&self, waiter: WaiterId) -> Option<u64> {
         self.queue.iter().find(|w| w.id == waiter).map(|w| w.seq)
     }
