@@ -720,3 +720,63 @@ fn connect_says_what_is_wrong() {
         "{err}"
     );
 }
+
+/// SIGTERM: the agent stops accepting at once and lets the running build finish; the
+/// status and the Prometheus metrics say what it served.
+#[test]
+fn sigterm_drains_and_metrics_report() {
+    let rig = rig(1);
+    let dir = tempfile::tempdir().expect("tmp");
+    let machines = dir.path().join("machines");
+    machines_of(&rig, "ssh-ng", &[0], &machines);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut agent = Agent::start(dir.path(), &machines, &["--metrics", &port.to_string()]);
+    let for_nix = dir.path().join("machines-for-nix");
+    agent.machines_for_nix(&machines, &for_nix);
+    let (fake, _) = fake_ssh(dir.path());
+    let client = rig.client_store();
+    let slow = expr_file(dir.path(), "slow.nix", SLOW);
+    let s = salt();
+    let build = nix_build(
+        client,
+        &for_nix,
+        &fake,
+        &slow,
+        &["--argstr", "salt", &s, "--argstr", "secs", "3"],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("nix-build");
+    wait_for("the build on the builder", Duration::from_secs(60), || {
+        rig.builder(0)
+            .processes()
+            .iter()
+            .any(|p| p.cmdline.contains("sleep 3"))
+    });
+
+    let mut http = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics");
+    http.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("request");
+    let mut page = String::new();
+    http.read_to_string(&mut page).expect("response");
+    assert!(page.starts_with("HTTP/1.1 200 OK"), "{page}");
+    assert!(page.contains("nixmux_agent_sessions_active 1"), "{page}");
+    assert!(page.contains("nixmux_builder_up{builder=\"root@127.0.0.1:"), "{page}");
+
+    let pid = agent.child.id().to_string();
+    Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    wait_for("the socket to go away", Duration::from_secs(5), || {
+        !agent.socket.exists()
+    });
+    let o = build.wait_with_output().expect("nix-build");
+    verify(client, &ok(&o, "the build that was running at SIGTERM"));
+    let status = agent.child.wait().expect("agent exits");
+    assert!(status.success(), "{status}: {}", agent.log());
+    assert!(agent.log().contains("waiting for 1 running sessions"), "{}", agent.log());
+}
