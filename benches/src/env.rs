@@ -186,6 +186,53 @@ impl Env {
         self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// The `nixmux` program (for `nixmux agent` and the `nixmux connect` Nix runs):
+    /// `$NIXMUX_BIN`, else this program if it is `nixmux`, else a `nixmux` next to it or one
+    /// directory up (a test binary in `target/*/deps`).
+    pub fn nixmux_program(&self) -> Option<PathBuf> {
+        if let Some(p) = std::env::var_os("NIXMUX_BIN") {
+            return Some(PathBuf::from(p));
+        }
+        let me = std::env::current_exe().ok()?;
+        if me.file_name().is_some_and(|n| n == "nixmux") {
+            return Some(me);
+        }
+        let dir = me.parent()?;
+        [dir.join("nixmux"), dir.parent()?.join("nixmux")]
+            .into_iter()
+            .find(|p| p.is_file())
+    }
+
+    /// A machines file nixmux (and its agent) can use for the first `n` rig builders: one
+    /// `scheme://root@127.0.0.1:PORT` line each (the relay's port under `--wan`), with the
+    /// client key, max-jobs 8 and the pinned host key.
+    ///
+    /// # Errors
+    /// No embedded rig, or the file cannot be written.
+    pub fn nixmux_machines_file(&self, protocol: Protocol, n: usize) -> anyhow::Result<PathBuf> {
+        let rig = self
+            .rig
+            .as_ref()
+            .ok_or_else(|| anyhow!("needs the embedded rig"))?;
+        let mut text = String::new();
+        for (i, b) in rig.builders().iter().enumerate().take(n) {
+            text.push_str(&format!(
+                "{}://root@127.0.0.1:{} {} {} 8 1 - - {}\n",
+                protocol.scheme(),
+                self.port(i)?,
+                nixmux::config::local_system(),
+                rig.client_key().display(),
+                b.host_key_base64()
+            ));
+        }
+        let path = self
+            .tmp
+            .path()
+            .join(format!("nixmux-machines-{}-{n}", protocol.scheme()));
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
     /// The client's local store (embedded rig only: the rig's private client store).
     pub fn local(&self) -> Option<Arc<LocalStore>> {
         self.local.clone()

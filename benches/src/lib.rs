@@ -27,6 +27,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod agent_sides;
 pub mod env;
 pub mod peers;
 pub use nixmux_rig::relay;

@@ -10,6 +10,7 @@ use anyhow::anyhow;
 use nixmux::Protocol;
 use nixmux::proto::store_path::{StoreDir, StorePath};
 
+use crate::agent_sides::{AgentBuild, AgentConnect, RawHello};
 use crate::env::{Env, Targets};
 use crate::peers::synthetic_paths;
 use crate::report::{
@@ -36,6 +37,7 @@ pub const ALL: &[&str] = &[
     "build",
     "concurrency",
     "builders",
+    "agent-connect",
     "push-1gib",
 ];
 
@@ -568,12 +570,15 @@ async fn spec(
                 sides.push(Box::new(NixmuxBuild::new(env.clone(), 0, p, n, 8)));
             }
             for p in both() {
+                sides.push(Box::new(AgentBuild::new(env.clone(), p, n, plan.timeout())));
+            }
+            for p in both() {
                 sides.push(Box::new(NixBuild::new(env.clone(), p, n, plan.timeout())));
             }
             Spec {
                 title: "Remote build of N trivial derivations, end to end".into(),
                 description: format!(
-                    "{n} fresh derivations (`echo SALT i > $out`) instantiated in the client store before the clock starts. nixmux: `Builder::build` then `fetch_outputs` per derivation, at most 8 at once (the machines file's max-jobs), over a warm pool; the outputs are then checked valid in the client store (timed too, which only counts against nixmux). Nix: `nix-build --builders @machines -j0` of the same number of .drv files with one builder line (max-jobs 8), in the client's private store: a build-hook process and an ssh connection per build, as Nix does today."
+                    "{n} fresh derivations (`echo SALT i > $out`) instantiated in the client store before the clock starts. nixmux: `Builder::build` then `fetch_outputs` per derivation, at most 8 at once (the machines file's max-jobs), over a warm pool; the outputs are then checked valid in the client store (timed too, which only counts against nixmux). Nix through the agent: the same `nix-build` as stock, with the machines file of `nixmux agent machines` (the build hook runs `nixmux connect` instead of ssh; one `nixmux agent` with 2 spares, started before the samples). Nix: `nix-build --builders @machines -j0` of the same number of .drv files with one builder line (max-jobs 8), in the client's private store: a build-hook process and an ssh connection per build, as Nix does today."
                 ),
                 primary: Figure::Wall,
                 cases: vec![plan.case(&format!("{n} derivations"), Some(n as f64), sides, reps)],
@@ -623,6 +628,20 @@ async fn spec(
                 ),
                 primary: Figure::Wall,
                 cases,
+                notes: Vec::new(),
+            }
+        }
+        "agent-connect" => {
+            let reps = plan.reps((5, 30), (2, 10), (2, 10));
+            let sides: Vec<Box<dyn crate::runner::Side>> = vec![
+                Box::new(AgentConnect::new(env.clone())),
+                Box::new(RawHello::new(env.clone())),
+            ];
+            Spec {
+                title: "What nixmux connect adds to a session".into(),
+                description: "A session as Nix's build hook starts one through the agent: start `nixmux connect NAME --stdio`, which hands its stdio to the agent, which hands it a channel whose remote `nix-daemon --stdio` it started ahead (a spare; the side waits for the refill between samples); timed until the worker hello's answer has come back. Yardstick: the same hello on a channel of an in-process pool whose remote daemon was started beforehand. The difference is the cost of the process start and the splice.".into(),
+                primary: Figure::Wall,
+                cases: vec![plan.case("", None, sides, reps)],
                 notes: Vec::new(),
             }
         }
@@ -850,7 +869,47 @@ pub fn goals(result: &WorkloadResult, wan: Option<WanSettings>) -> Vec<Goal> {
                 );
             }
         }
-        "build" if lan && case.param == Some(20.0) => {
+        "agent-connect" => {
+            let ours = med(case, "nixmux-connect", Figure::Wall);
+            let floor = med(case, "in-process-channel", Figure::Wall);
+            goal(
+                "p50 cost `nixmux connect` adds per session (process start + agent splice) ≤ 5 ms",
+                "#10",
+                ours.zip(floor).map(|(a, b)| (a - b).max(0.0)),
+                &|x| x <= 0.005,
+                &|x| {
+                    format!(
+                        "{:.2} ms (connect {:.2} ms − in-process {:.2} ms)",
+                        x * 1e3,
+                        ours.unwrap_or(0.0) * 1e3,
+                        floor.unwrap_or(0.0) * 1e3
+                    )
+                },
+            );
+        }
+        "build" if case.param == Some(20.0) => {
+            for p in ["ssh-ng", "ssh"] {
+                let agent = med(case, &format!("nix-build-agent-{p}"), Figure::Wall);
+                let stock = med(case, &format!("nix-build-{p}"), Figure::Wall);
+                goal(
+                    &format!(
+                        "nix-build of 20 trivial derivations through the agent ({p}) ≥ 5× faster than stock `nix-build --builders`"
+                    ),
+                    "#10",
+                    agent.zip(stock).map(|(a, s)| s / a),
+                    &|x| x >= 5.0,
+                    &|x| {
+                        format!(
+                            "{x:.1}× ({:.2} s vs {:.2} s)",
+                            agent.unwrap_or(0.0),
+                            stock.unwrap_or(0.0)
+                        )
+                    },
+                );
+            }
+            if !lan {
+                return out;
+            }
             for p in ["ssh-ng", "ssh"] {
                 goal(
                     &format!(

@@ -34,7 +34,8 @@ pub(crate) struct BenchArgs {
     known_hosts: Vec<PathBuf>,
     /// Workloads to run (repeatable or comma-separated; default: all but push-1gib, and
     /// without push-large under --wan). Known: cold-session, warm-op, new-channel, query,
-    /// throughput, push-small, push-large, build, concurrency, builders, push-1gib.
+    /// throughput, push-small, push-large, build, concurrency, builders, agent-connect,
+    /// push-1gib.
     #[arg(long = "workload", value_name = "NAME", value_delimiter = ',')]
     workloads: Vec<String>,
     /// Write the report as JSON (schema: the types in nixmux-benches' `report` module).
