@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use nixmux_proto::ProtocolVersion;
 use nixmux_proto::path_info::PathInfo;
 use nixmux_proto::store_path::{StoreDir, StorePath};
 use nixmux_session::{SessionConfig, WorkerConfig};
@@ -14,7 +13,8 @@ use nixmux_session::{SessionConfig, WorkerConfig};
 use crate::connections::{ConnectionLimits, ConnectionSet, Registry};
 use crate::error::{Result, from_session};
 use crate::pool::{PoolSettings, PooledSession, SessionPool};
-use crate::remote::{Protocol, SessionSpec};
+use crate::protocol::{Protocol, RemoteInfo};
+use crate::remote::SessionSpec;
 use crate::stats::{BuilderStats, Health};
 use crate::target::ConnectTarget;
 
@@ -76,6 +76,18 @@ pub struct BuilderConfig {
 }
 
 impl BuilderConfig {
+    /// How its sessions are started and greeted.
+    pub(crate) fn session_spec(&self) -> SessionSpec {
+        SessionSpec {
+            protocol: self.protocol,
+            command: self.remote_command.clone(),
+            session: self.session.clone(),
+            worker: self.worker.clone(),
+            store_dir: self.store_dir.clone(),
+            channel_wait: self.pool.acquire_timeout,
+        }
+    }
+
     /// A builder with default settings and the standard remote command for `protocol`.
     pub fn new(name: impl Into<String>, protocol: Protocol, target: ConnectTarget) -> Self {
         BuilderConfig {
@@ -95,19 +107,6 @@ impl BuilderConfig {
             machine: MachineInfo::default(),
         }
     }
-}
-
-/// What a session learned about the builder.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RemoteInfo {
-    /// The protocol.
-    pub protocol: Protocol,
-    /// Negotiated version.
-    pub version: ProtocolVersion,
-    /// The builder's Nix version, when the protocol tells (worker 1.33+).
-    pub nix_version: Option<String>,
-    /// Trust, when the protocol tells (worker 1.35+); `None` is unknown.
-    pub trusted: Option<bool>,
 }
 
 pub(crate) struct BuilderInner {
@@ -134,7 +133,7 @@ impl std::fmt::Debug for Builder {
 impl Builder {
     pub(crate) fn new(config: BuilderConfig, registry: &Registry) -> Self {
         let set = registry.get(config.target.clone(), config.connections.clone());
-        let spec = SessionSpec::for_builder(&config);
+        let spec = config.session_spec();
         let pool = SessionPool::new(config.name.clone(), set.clone(), spec, config.pool.clone());
         Builder {
             inner: Arc::new(BuilderInner { config, set, pool }),

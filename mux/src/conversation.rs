@@ -12,23 +12,20 @@
 //!   derivation); worker `BuildPathsWithResults` gives a full result.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 
 use nixmux_proto::build_result::{BuildResult, BuiltOutput};
 use nixmux_proto::derivation::{BasicDerivation, Derivation};
 use nixmux_proto::derived_path::{DerivedPath, OutputsSpec};
 use nixmux_proto::path_info::PathInfo;
-use nixmux_proto::serve;
 use nixmux_proto::store_path::StorePath;
-use nixmux_proto::worker::{BuildMode, ClientOptions, Trust};
+use nixmux_proto::worker::{BuildMode, Trust};
 use nixmux_session::{NarSummary, ServeSession, SessionError, Upload, WorkerSession};
 use nixmux_transport::ExecStatus;
 use tokio::io::AsyncWrite;
 
-use crate::builder::RemoteInfo;
 use crate::logs::LogSender;
-use crate::ops::BuildOptions;
-use crate::remote::Protocol;
+use crate::options::{BuildOptions, client_options, serve_options};
+use crate::protocol::{Protocol, RemoteInfo};
 use crate::serve_log::LogRoute;
 
 /// The conversation itself.
@@ -223,38 +220,4 @@ async fn with_serve_log<T>(log: BuildLog<'_>, op: impl std::future::Future<Outpu
     log.stderr.settle(log.channel).await;
     log.stderr.set(None);
     r
-}
-
-fn secs(d: Option<Duration>) -> u64 {
-    d.map(|d| d.as_secs().max(1)).unwrap_or(0)
-}
-
-/// The serve protocol's options block, sent with every build.
-fn serve_options(o: &BuildOptions) -> serve::BuildOptions {
-    serve::BuildOptions {
-        max_silent_time: secs(o.max_silent_time),
-        build_timeout: secs(o.timeout),
-        max_log_size: o.max_log_size.unwrap_or(0),
-        keep_failed: o.keep_failed,
-    }
-}
-
-/// The worker protocol's `SetOptions`, sent before every build.
-fn client_options(o: &BuildOptions) -> ClientOptions {
-    let mut overrides = BTreeMap::new();
-    // `timeout` is one of the few overrides an untrusted client may set; max-build-log-size
-    // is honoured for trusted clients (and ignored, at debug level, for untrusted ones).
-    overrides.insert("timeout".to_owned(), secs(o.timeout).to_string());
-    if let Some(n) = o.max_log_size {
-        overrides.insert("max-build-log-size".to_owned(), n.to_string());
-    }
-    ClientOptions {
-        keep_failed: o.keep_failed,
-        max_silent_time: secs(o.max_silent_time),
-        build_cores: o.cores.unwrap_or(0),
-        use_substitutes: o.substitute,
-        verbosity: 3,
-        overrides,
-        ..ClientOptions::default()
-    }
 }

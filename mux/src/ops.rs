@@ -5,7 +5,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use nixmux_proto::build_result::BuildResult;
 use nixmux_proto::derivation::Derivation;
@@ -13,6 +12,8 @@ use nixmux_proto::path_info::PathInfo;
 use nixmux_proto::store_path::StorePath;
 use nixmux_session::{SessionError, Upload};
 use tokio::io::{AsyncRead, AsyncWriteExt, DuplexStream, ReadBuf};
+
+pub use crate::options::BuildOptions;
 
 use crate::builder::Builder;
 use crate::conversation::{BuildLog, Conversation};
@@ -47,24 +48,6 @@ pub struct TransferReport {
     pub transferred: Vec<StorePath>,
     /// NAR bytes transferred.
     pub bytes: u64,
-}
-
-/// Build settings that reach the builder on both protocols (serve: the options block of each
-/// build; worker: `SetOptions` before the build).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct BuildOptions {
-    /// Kill the build after this long without log output.
-    pub max_silent_time: Option<Duration>,
-    /// Kill the build after this long.
-    pub timeout: Option<Duration>,
-    /// Kill the build after this many bytes of log.
-    pub max_log_size: Option<u64>,
-    /// Keep the build directory of a failed build on the builder.
-    pub keep_failed: bool,
-    /// `cores` for the build (worker protocol only; serve builds use the builder's setting).
-    pub cores: Option<u64>,
-    /// Let the builder substitute inputs from its own caches (`builders-use-substitutes`).
-    pub substitute: bool,
 }
 
 /// How a build was sent, which depends on protocol and trust.

@@ -14,7 +14,8 @@ use serde::Serialize;
 
 use crate::builder::BuilderConfig;
 use crate::error::{Error, ErrorKind};
-use crate::remote::{self, Protocol, SessionSpec};
+use crate::protocol::Protocol;
+use crate::remote;
 
 /// One stage of a ping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -200,7 +201,7 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
     };
     report.algorithms = ssh.algorithms().map(|(k, c)| (k.to_owned(), c.to_owned()));
 
-    let spec = SessionSpec::for_builder(config);
+    let spec = config.session_spec();
     let activity = nixmux_session::Activity::new();
     let t0 = Instant::now();
     let channel = match ssh

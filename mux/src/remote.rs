@@ -16,26 +16,8 @@ use nixmux_transport::{ChannelObserver, ExecChannel, ExecOptions, ExecStatus, Ex
 use crate::connections::ChannelTicket;
 use crate::conversation::Conversation;
 use crate::error::{Error, ErrorKind, Result, from_session};
+use crate::protocol::Protocol;
 use crate::serve_log::LogRoute;
-
-/// Which protocol a builder speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Protocol {
-    /// `ssh://`: `nix-store --serve --write`.
-    Serve,
-    /// `ssh-ng://`: `nix-daemon --stdio`.
-    Worker,
-}
-
-impl Protocol {
-    /// The URL scheme.
-    pub fn scheme(self) -> &'static str {
-        match self {
-            Protocol::Serve => "ssh",
-            Protocol::Worker => "ssh-ng",
-        }
-    }
-}
 
 /// How to start and greet one kind of session.
 #[derive(Debug, Clone)]
@@ -48,20 +30,6 @@ pub(crate) struct SessionSpec {
     pub(crate) store_dir: StoreDir,
     /// Longest wait for a channel slot.
     pub(crate) channel_wait: Duration,
-}
-
-impl SessionSpec {
-    /// The sessions `config` describes.
-    pub(crate) fn for_builder(config: &crate::builder::BuilderConfig) -> Self {
-        SessionSpec {
-            protocol: config.protocol,
-            command: config.remote_command.clone(),
-            session: config.session.clone(),
-            worker: config.worker.clone(),
-            store_dir: config.store_dir.clone(),
-            channel_wait: config.pool.acquire_timeout,
-        }
-    }
 }
 
 /// A live session.
