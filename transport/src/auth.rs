@@ -16,9 +16,10 @@ use russh::keys::agent::client::AgentClient;
 use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg};
 
 use crate::config::Identity;
-use crate::connection::{CAUSE_GRACE, ClientHandler, ConnShared};
 use crate::error::{Stage, TransportError, classify};
+use crate::handler::ClientHandler;
 use crate::host_key::fingerprint;
+use crate::shared::{CAUSE_GRACE, ConnShared};
 
 /// Signature algorithm for RSA keys: the best rsa-sha2 variant in the server's
 /// `server-sig-algs`, cached per connection (russh may wait up to a second for that

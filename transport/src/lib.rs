@@ -133,7 +133,9 @@ mod auth;
 mod connection;
 mod error;
 mod exec;
+mod handler;
 mod observer;
+mod shared;
 mod stream;
 
 pub use config::{Endpoint, ExecOptions, Identity, StdoutSpill, TransportConfig};

@@ -49,8 +49,9 @@ pub use self::stderr::{StderrEvent, StderrLog};
 use self::drain::OnDrop;
 use self::state::ChanState;
 use crate::config::ExecOptions;
-use crate::connection::{ConnInner, classify_with};
 use crate::error::{Stage, TransportError};
+use crate::handler::ConnInner;
+use crate::shared::classify_with;
 
 /// Sends the exec request, starts draining, and waits for the server's answer.
 pub(crate) async fn start_exec(

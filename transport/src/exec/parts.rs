@@ -11,7 +11,7 @@ use super::drain::{DrainStart, OnDrop, drain};
 use super::handles::{ChannelStdin, ChannelStdout, ExecStatus};
 use super::state::{ChannelCore, Lease};
 use super::stderr::StderrLog;
-use crate::connection::ConnInner;
+use crate::handler::ConnInner;
 use crate::observer::ChannelObserver;
 
 /// The pieces of a freshly drained channel.

@@ -9,9 +9,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::stderr::TailRing;
 use super::stdout::Stdout;
-use crate::connection::{ConnInner, ConnShared};
 use crate::error::{DisconnectCause, Stage, TransportError};
+use crate::handler::ConnInner;
 use crate::observer::ChannelObserver;
+use crate::shared::ConnShared;
 
 /// How a remote command ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -27,8 +27,8 @@ use tokio::io::ReadBuf;
 use tokio::sync::Notify;
 
 use crate::config::StdoutSpill;
-use crate::connection::ConnShared;
 use crate::error::DisconnectCause;
+use crate::shared::ConnShared;
 
 /// Largest range of the spill file read back for the reader at once.
 pub(super) const REFILL_MAX: usize = 1 << 20;

@@ -88,8 +88,10 @@ async fn exec_when_slot_frees(conn: &SshConnection, cmd: &str) -> nixmux_transpo
 /// `close_grace` close the channel ourselves, which closes the command's pipes.
 ///
 /// With `MaxSessions 2`: 20 channels running a command that stops on stdin EOF (`cat`,
-/// like `nix-store --serve`), opened and dropped one after another, never see a refusal:
-/// when `channels_open` drops, sshd has freed the slot. A command that ignores stdin but
+/// like `nix-store --serve`), opened and dropped one after another, almost never see a
+/// refusal: when `channels_open` drops, sshd has usually freed the slot (it frees it just
+/// after handling our CLOSE reply, so an open right behind that reply can still be refused
+/// on a loaded machine; seen once in about ten runs with builds running beside it). A command that ignores stdin but
 /// writes dies of SIGPIPE only after our CLOSE, so its slot frees a moment after
 /// `channels_open` drops: the next open may need a retry. The control: a command that
 /// ignores stdin and never writes (`sleep`) keeps its slot, since root's sessions cannot be
@@ -101,17 +103,15 @@ async fn dropped_channels_free_their_slot() {
     cfg.close_grace = Duration::from_millis(300);
     let conn = conn_with(&sshd, &cfg).await;
     let t = Instant::now();
-    for i in 0..20 {
-        let ch = conn
-            .exec("cat")
-            .await
-            .unwrap_or_else(|e| panic!("iteration {i}: {e}"));
+    for _ in 0..20 {
+        let ch = exec_when_slot_frees(&conn, "cat").await;
         drop(ch);
         wait_channels_open(&conn, 0).await;
     }
-    println!("20 x cat open+drop+closed: {:.2?}", t.elapsed());
-    assert_eq!(conn.stats().channel_open_refusals, 0);
-    assert_eq!(sshd.count_log("no more sessions"), 0);
+    let refusals = conn.stats().channel_open_refusals;
+    println!("20 x cat open+drop+closed: {:.2?}, {refusals} refusals", t.elapsed());
+    assert!(refusals <= 2, "{refusals} of 20 opens refused");
+    assert_eq!(sshd.count_log("no more sessions") as u64, refusals);
 
     let t = Instant::now();
     for _ in 0..6 {
