@@ -279,3 +279,37 @@ async fn large_path_over_a_16_mbit_link_over_ssh() {
 async fn large_path_over_a_16_mbit_link_over_ssh_ng() {
     large_path_over_a_slow_link(Protocol::Worker).await;
 }
+
+/// The overall deadline (off by default) is the one bound that does cut a transfer still
+/// moving: set to 2 s, a 12 s push fails at 2 s, as the caller's error (TimedOut, caller),
+/// and the builder is left with nothing half-imported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_deadline_cuts_even_a_moving_transfer() {
+    let s = setup(Protocol::Worker, Link::new(20.0, 8.0), |c| {
+        c.operation_deadline = Some(Duration::from_secs(2));
+    })
+    .await;
+    let p = random_path(s.rig.client_store(), "deadline", 12 * MIB, 51);
+    let (r, took) =
+        timed(
+            s.builder
+                .push_closure(&s.local, &BTreeSet::from([p.clone()]), false, None),
+        )
+        .await;
+    let e = r.expect_err("the deadline ends it");
+    eprintln!("after {took:?}: {e}");
+    assert_eq!(e.kind(), ErrorKind::TimedOut);
+    assert_eq!(e.initiator(), nixmux::Initiator::Caller);
+    assert!(e.message().contains("deadline"), "{e}");
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    let valid = wait_until(Duration::from_secs(10), || {
+        matching_processes(&s.rig, 0, &["nix-daemon --stdio"]).is_empty()
+    })
+    .await;
+    assert!(valid.is_some(), "the remote import stopped");
+    assert!(!s.rig.builder(0).store().is_valid(&abs(&p)).expect("query"));
+    s.pool.shutdown().await;
+}
