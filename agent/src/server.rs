@@ -591,7 +591,14 @@ async fn session(
             }
         },
     };
-    entry.spares.refill(entry.builder.clone(), false);
+    // The refill starts a remote Nix, which costs the builder (and, on one machine, the
+    // client) CPU just when this session's handshake is under way: it waits for the
+    // session's first answer (or 50 ms), so it does not slow the session it replaces.
+    let refill = Notify::new();
+    let refill_after = async {
+        let _ = tokio::time::timeout(Duration::from_millis(50), refill.notified()).await;
+        entry.spares.refill(entry.builder.clone(), false);
+    };
     let nixmux::RawSession {
         mut stdin,
         mut stdout,
@@ -630,6 +637,7 @@ async fn session(
                     n => {
                         entry.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
                         Frame::encode_data(&buf[..n], false, &mut out);
+                        refill.notify_one();
                     }
                 },
                 ev = stderr.recv(), if stderr_open => match ev {
@@ -669,7 +677,8 @@ async fn session(
     // The session ends when the builder side is done (exit code sent) or the client is
     // gone (a write to it fails). Input ending is normal and only half of it.
     tokio::pin!(down);
-    tokio::select! {
+    let work = async {
+        tokio::select! {
         r = &mut down => {
             if let Err(e) = r {
                 tracing::debug!(builder = %entry.name, "session ended by the client: {e}");
@@ -683,7 +692,9 @@ async fn session(
                 tracing::debug!(builder = %entry.name, "session ended by the client: {e}");
             }
         }
-    }
+        }
+    };
+    tokio::join!(work, refill_after);
 }
 
 /// A minimal HTTP responder for Prometheus: any request gets the metrics. Hand-written

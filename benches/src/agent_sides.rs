@@ -314,10 +314,11 @@ impl Side for AgentConnect {
             let mut stdout = child.stdout.take().ok_or_else(|| anyhow!("stdout"))?;
             hello_round_trip(&mut stdin, &mut stdout).await?;
             let took = t.elapsed();
+            // Ending the session (EOF, the remote's exit) is not part of the figure.
             drop(stdin);
             let _ = child.wait().await;
             let mut s = Sample::one();
-            s.ops.push(took);
+            s.timed = Some(took);
             Ok(s)
         })
     }
@@ -385,7 +386,7 @@ impl Side for RawHello {
             let t = Instant::now();
             hello_round_trip(&mut s.stdin, &mut s.stdout).await?;
             let mut sample = Sample::one();
-            sample.ops.push(t.elapsed());
+            sample.timed = Some(t.elapsed());
             Ok(sample)
         })
     }
