@@ -18,6 +18,7 @@
 
 pub mod builders;
 pub mod client;
+mod greeting;
 pub mod machines;
 pub mod server;
 mod spares;

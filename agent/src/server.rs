@@ -193,7 +193,7 @@ impl Agent {
                     uri: r.uri,
                     fingerprint: r.fingerprint,
                     builder,
-                    spares: Spares::new(self.config.spares, self.config.spare_idle),
+                    spares: Spares::new(r.protocol, self.config.spares, self.config.spare_idle),
                     sessions_active: AtomicU64::new(0),
                     sessions_total: AtomicU64::new(0),
                     session_failures: AtomicU64::new(0),
@@ -545,6 +545,40 @@ async fn serve_client(agent: Arc<Agent>, stream: UnixStream) {
     }
 }
 
+/// Reads the client's first 8 bytes (some may be in `early`): they must be the protocol's
+/// client magic. Returns what came after them.
+async fn client_magic(
+    from_client: &mut OwnedReadHalf,
+    early: bytes::Bytes,
+    protocol: SessionProtocol,
+) -> Result<bytes::Bytes, String> {
+    let mut buf = BytesMut::from(&early[..]);
+    let read = async {
+        while buf.len() < 8 {
+            if from_client.read_buf(&mut buf).await? == 0 {
+                break;
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    match tokio::time::timeout(Duration::from_secs(30), read).await {
+        Ok(Ok(())) if buf.len() >= 8 => {}
+        Ok(Ok(())) => return Err("the client ended before greeting the builder".into()),
+        Ok(Err(e)) => return Err(format!("reading the client's greeting: {e}")),
+        Err(_) => return Err("the client did not greet the builder within 30 s".into()),
+    }
+    if buf[..8] != crate::greeting::client_magic(protocol) {
+        return Err(format!(
+            "the client did not start with the {} protocol's magic number",
+            match protocol {
+                SessionProtocol::Serve => "serve",
+                SessionProtocol::Worker => "worker",
+            }
+        ));
+    }
+    Ok(buf.split_off(8).freeze())
+}
+
 /// Counts a session as running for as long as it lives.
 struct Running<'a> {
     agent: &'a Agent,
@@ -571,10 +605,10 @@ async fn session(
     entry.sessions_total.fetch_add(1, Ordering::Relaxed);
     entry.sessions_active.fetch_add(1, Ordering::Relaxed);
     let _running = Running { agent, entry };
-    let raw = match entry.spares.take() {
-        Some(s) => s,
+    let (raw, greeting) = match entry.spares.take() {
+        Some(s) => (s.session, Some(s.greeting)),
         None => match entry.builder.open_raw().await {
-            Ok(s) => s,
+            Ok(s) => (s, None),
             Err(e) => {
                 entry.session_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(builder = %entry.name, "cannot start a session: {e}");
@@ -605,6 +639,33 @@ async fn session(
         mut stderr,
         status,
     } = raw;
+    // A spare has answered the client's magic already: answer it here, from the record.
+    let mut early = early;
+    if let Some(recorded) = greeting {
+        match client_magic(&mut from_client, early, entry.protocol).await {
+            Ok(rest) => {
+                let mut out = BytesMut::new();
+                Frame::encode_data(&recorded, false, &mut out);
+                if to_client.write_all(&out).await.is_err() {
+                    return;
+                }
+                early = rest;
+            }
+            Err(e) => {
+                tracing::warn!(builder = %entry.name, "dropping a session: {e}");
+                let msg = format!("nixmux agent: {e}");
+                answer(
+                    to_client,
+                    &[
+                        Frame::Error(msg),
+                        Frame::Exit(crate::client::EXIT_AGENT_FAILED),
+                    ],
+                )
+                .await;
+                return;
+            }
+        }
+    }
 
     // Client to builder: its input, then EOF when it half-closes (end of input).
     let up = async {

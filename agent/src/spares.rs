@@ -1,7 +1,8 @@
 //! Remote programs started ahead of demand: per builder, a few channels whose
-//! `nix-daemon --stdio` / `nix-store --serve --write` is already running and waiting for
-//! its client's hello. A session handed one does not wait for the remote Nix to start
-//! (tens of milliseconds on a fast machine, more on a loaded one).
+//! `nix-daemon --stdio` / `nix-store --serve --write` is already running, with the part of
+//! the handshake that does not depend on the client done (see [`crate::greeting`]). A
+//! session handed one does not wait for the remote Nix to start (tens of milliseconds on a
+//! fast machine, more on a loaded one), nor for the first round trip of the handshake.
 //!
 //! Bounded: at most `target` per builder, refilled in the background after each use and
 //! only on a connection that has a free session slot (never opening a connection, never
@@ -16,13 +17,22 @@ use std::time::{Duration, Instant};
 
 use nixmux::{Builder, RawSession};
 
-struct Spare {
-    session: RawSession,
+use crate::greeting::{self, Answer};
+use crate::wire::SessionProtocol;
+
+/// How long a spare's remote program may take to start and answer the greeting.
+const GREETING_LIMIT: Duration = Duration::from_secs(30);
+
+/// A session started ahead, and the server's answer to the client's magic.
+pub(crate) struct Spare {
+    pub(crate) session: RawSession,
+    pub(crate) greeting: Answer,
     since: Instant,
 }
 
 /// The spares of one builder.
 pub(crate) struct Spares {
+    protocol: SessionProtocol,
     target: usize,
     idle: Duration,
     ready: Mutex<VecDeque<Spare>>,
@@ -34,8 +44,9 @@ pub(crate) struct Spares {
 }
 
 impl Spares {
-    pub(crate) fn new(target: usize, idle: Duration) -> Arc<Self> {
+    pub(crate) fn new(protocol: SessionProtocol, target: usize, idle: Duration) -> Arc<Self> {
         Arc::new(Spares {
+            protocol,
             target,
             idle,
             ready: Mutex::new(VecDeque::new()),
@@ -48,12 +59,12 @@ impl Spares {
 
     /// A spare whose remote program is still running, if any (oldest first: the others stay
     /// fresh for the reaper).
-    pub(crate) fn take(&self) -> Option<RawSession> {
+    pub(crate) fn take(&self) -> Option<Spare> {
         let mut ready = self.ready.lock().ok()?;
         while let Some(s) = ready.pop_front() {
             if !s.session.status.is_closed() {
                 self.hits.fetch_add(1, Ordering::Relaxed);
-                return Some(s.session);
+                return Some(s);
             }
         }
         if self.target > 0 {
@@ -67,11 +78,12 @@ impl Spares {
         self.ready.lock().map(|r| r.len()).unwrap_or(0)
     }
 
-    fn push(&self, session: RawSession) -> bool {
+    fn push(&self, session: RawSession, greeting: Answer) -> bool {
         match self.ready.lock() {
             Ok(mut r) if !self.closed.load(Ordering::Relaxed) && r.len() < self.target => {
                 r.push_back(Spare {
                     session,
+                    greeting,
                     since: Instant::now(),
                 });
                 true
@@ -100,9 +112,17 @@ impl Spares {
                     builder.open_spare_raw().await
                 };
                 match opened {
-                    Ok(Some(s)) => {
-                        if !spares.push(s) {
-                            break;
+                    Ok(Some(mut s)) => {
+                        match greeting::exchange(&mut s, spares.protocol, GREETING_LIMIT).await {
+                            Ok(answer) => {
+                                if !spares.push(s, answer) {
+                                    break;
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(builder = builder.name(), "a spare session: {e}");
+                                break;
+                            }
                         }
                     }
                     Ok(None) => break,
