@@ -759,12 +759,16 @@ fn sigterm_drains_and_metrics_report() {
     });
 
     let mut http = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics");
-    http.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("request");
+    http.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .expect("request");
     let mut page = String::new();
     http.read_to_string(&mut page).expect("response");
     assert!(page.starts_with("HTTP/1.1 200 OK"), "{page}");
     assert!(page.contains("nixmux_agent_sessions_active 1"), "{page}");
-    assert!(page.contains("nixmux_builder_up{builder=\"root@127.0.0.1:"), "{page}");
+    assert!(
+        page.contains("nixmux_builder_up{builder=\"root@127.0.0.1:"),
+        "{page}"
+    );
 
     let pid = agent.child.id().to_string();
     Command::new("kill")
@@ -778,5 +782,9 @@ fn sigterm_drains_and_metrics_report() {
     verify(client, &ok(&o, "the build that was running at SIGTERM"));
     let status = agent.child.wait().expect("agent exits");
     assert!(status.success(), "{status}: {}", agent.log());
-    assert!(agent.log().contains("waiting for 1 running sessions"), "{}", agent.log());
+    assert!(
+        agent.log().contains("waiting for 1 running sessions"),
+        "{}",
+        agent.log()
+    );
 }

@@ -109,7 +109,10 @@ async fn dropped_channels_free_their_slot() {
         wait_channels_open(&conn, 0).await;
     }
     let refusals = conn.stats().channel_open_refusals;
-    println!("20 x cat open+drop+closed: {:.2?}, {refusals} refusals", t.elapsed());
+    println!(
+        "20 x cat open+drop+closed: {:.2?}, {refusals} refusals",
+        t.elapsed()
+    );
     assert!(refusals <= 2, "{refusals} of 20 opens refused");
     assert_eq!(sshd.count_log("no more sessions") as u64, refusals);
 
