@@ -7,6 +7,7 @@
 //! has closed, whoever holds its parts; dropping every part closes it (EOF and SIGTERM to the
 //! remote program, see the transport's closing rules).
 
+use bytes::Bytes;
 use nixmux_transport::{ChannelStdin, ChannelStdout, ExecOptions, ExecStatus, StderrLog};
 
 use crate::builder::Builder;
@@ -34,8 +35,9 @@ pub struct RawSession {
 
 impl Builder {
     /// Opens a raw session on the builder's pooled connection, waiting for a channel slot
-    /// like any session (connecting when needed).
-    pub async fn open_raw(&self) -> Result<RawSession> {
+    /// like any session (connecting when needed). `first_input` goes to the remote program's
+    /// stdin right behind the exec request, a round trip before the channel is handed out.
+    pub async fn open_raw(&self, first_input: Option<Bytes>) -> Result<RawSession> {
         let set = &self.inner.set;
         let patience = self.inner.config.pool.acquire_timeout;
         let mut seq = None;
@@ -44,7 +46,7 @@ impl Builder {
                 .reserve(patience, &mut seq)
                 .await
                 .map_err(|e| e.on(self.name()))?;
-            if let Some(raw) = self.open_on(slot).await? {
+            if let Some(raw) = self.open_on(slot, first_input.clone()).await? {
                 return Ok(raw);
             }
         }
@@ -54,16 +56,17 @@ impl Builder {
     /// for one; never opens a connection and never waits for a slot. For sessions started
     /// ahead of demand, which must stay within the builder's session limit. `None`: no room
     /// (or sshd refused the channel).
-    pub async fn open_spare_raw(&self) -> Result<Option<RawSession>> {
+    pub async fn open_spare_raw(&self, first_input: Option<Bytes>) -> Result<Option<RawSession>> {
         match self.inner.set.reserve_if_free() {
-            Some(slot) => self.open_on(slot).await,
+            Some(slot) => self.open_on(slot, first_input).await,
             None => Ok(None),
         }
     }
 
-    async fn open_on(&self, slot: Slot) -> Result<Option<RawSession>> {
+    async fn open_on(&self, slot: Slot, first_input: Option<Bytes>) -> Result<Option<RawSession>> {
         let mut options = ExecOptions::with_stderr_log(RAW_LOG_QUEUE);
         options.observer = self.inner.set.target.hooks.channel.clone();
+        options.first_input = first_input;
         let command = &self.inner.config.remote_command;
         match slot
             .open(command, options)

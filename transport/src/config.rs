@@ -221,6 +221,10 @@ pub struct ExecOptions {
     pub terminate_on_drop: bool,
     /// Told of the channel's stages and of everything the server sends on it.
     pub observer: Option<Arc<dyn ChannelObserver>>,
+    /// Bytes sent on the command's stdin right behind the exec request, without waiting for
+    /// the server's answer: a command that reads them at start gets them a round trip
+    /// earlier.
+    pub first_input: Option<bytes::Bytes>,
 }
 
 impl fmt::Debug for ExecOptions {
@@ -229,6 +233,7 @@ impl fmt::Debug for ExecOptions {
             .field("stderr_log_max_bytes", &self.stderr_log_max_bytes)
             .field("terminate_on_drop", &self.terminate_on_drop)
             .field("observer", &self.observer.as_ref().map(|_| "..."))
+            .field("first_input", &self.first_input.as_ref().map(|b| b.len()))
             .finish()
     }
 }
@@ -239,6 +244,7 @@ impl Default for ExecOptions {
             stderr_log_max_bytes: None,
             terminate_on_drop: true,
             observer: None,
+            first_input: None,
         }
     }
 }

@@ -36,6 +36,7 @@ mod stdout;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use russh::client::Msg;
@@ -79,8 +80,34 @@ pub(crate) async fn start_exec(
     );
     // The request goes out before the drain task starts; the answer waits in russh's
     // channel queue until it does.
+    let first_input = options.first_input.clone();
     let sent = match &parts.write {
-        Some(w) => tokio::time::timeout(exec_timeout, w.exec(true, command)).await,
+        Some(w) => {
+            tokio::time::timeout(exec_timeout, async {
+                w.exec(true, command).await?;
+                // Right behind the request, without waiting for its answer (RFC 4254
+                // allows data once the channel is open; the server queues it for the
+                // command, or drops it if the exec fails).
+                if let Some(first) = first_input {
+                    let n = first.len() as u64;
+                    w.data_bytes(first).await?;
+                    parts
+                        .status
+                        .core
+                        .stdin_bytes
+                        .fetch_add(n, Ordering::Relaxed);
+                    parts
+                        .status
+                        .core
+                        .shared()
+                        .counters
+                        .bytes_out
+                        .fetch_add(n, Ordering::Relaxed);
+                }
+                Ok::<(), russh::Error>(())
+            })
+            .await
+        }
         None => Ok(Ok(())),
     };
     parts.start_drain();
