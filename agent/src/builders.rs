@@ -122,6 +122,23 @@ pub(crate) struct Entry {
     pub(crate) bytes_down: AtomicU64,
 }
 
+impl Entry {
+    /// Tops up the spares within the builder's free build slots (see `Spares`).
+    pub(crate) fn refill_spares(&self, connect: bool) {
+        let max_jobs = usize::try_from(self.builder.config().machine.max_jobs).unwrap_or(1);
+        let active = usize::try_from(
+            self.sessions_active
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+        .unwrap_or(usize::MAX);
+        self.spares.refill(
+            self.builder.clone(),
+            connect,
+            max_jobs.max(1).saturating_sub(active),
+        );
+    }
+}
+
 /// A builder line resolved into a configuration.
 pub(crate) struct Resolved {
     pub(crate) name: String,

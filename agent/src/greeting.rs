@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use nixmux::RawSession;
 use nixmux::proto::{serve, worker};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 use crate::wire::SessionProtocol;
 
@@ -35,22 +35,18 @@ fn server_magic(p: SessionProtocol) -> [u8; 8] {
     .to_le_bytes()
 }
 
-/// Sends the client's magic on a fresh session and reads the server's answer, within
-/// `limit` (the remote Nix has to start first).
-pub(crate) async fn exchange(
+/// Reads the server's answer to the client's magic, which went out as the session's first
+/// input ([`client_magic`]), within `limit` (the remote Nix has to start first).
+pub(crate) async fn answer(
     raw: &mut RawSession,
     protocol: SessionProtocol,
     limit: Duration,
 ) -> Result<Answer, String> {
     let mut answer = [0u8; 16];
-    let io = async {
-        raw.stdin.write_all(&client_magic(protocol)).await?;
-        raw.stdout.read_exact(&mut answer).await?;
-        Ok::<_, std::io::Error>(())
-    };
+    let io = raw.stdout.read_exact(&mut answer);
     match tokio::time::timeout(limit, io).await {
-        Ok(Ok(())) if answer[..8] == server_magic(protocol) => Ok(answer),
-        Ok(Ok(())) => Err(format!(
+        Ok(Ok(_)) if answer[..8] == server_magic(protocol) => Ok(answer),
+        Ok(Ok(_)) => Err(format!(
             "the remote program answered {:02x?} instead of the protocol's magic number",
             &answer[..8]
         )),

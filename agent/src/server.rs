@@ -214,7 +214,7 @@ impl Agent {
             self.pool.remove(&e.builder).await;
         }
         for e in fresh {
-            e.spares.refill(e.builder.clone(), true);
+            e.refill_spares(true);
         }
         Ok(report)
     }
@@ -590,6 +590,8 @@ impl Drop for Running<'_> {
         self.entry.sessions_active.fetch_sub(1, Ordering::Relaxed);
         self.agent.sessions_active.fetch_sub(1, Ordering::Relaxed);
         self.agent.session_ended.notify_waiters();
+        // A build slot is free again: the next session may find a spare there.
+        self.entry.refill_spares(false);
     }
 }
 
@@ -605,9 +607,10 @@ async fn session(
     entry.sessions_total.fetch_add(1, Ordering::Relaxed);
     entry.sessions_active.fetch_add(1, Ordering::Relaxed);
     let _running = Running { agent, entry };
+    let started = Instant::now();
     let (raw, greeting) = match entry.spares.take() {
         Some(s) => (s.session, Some(s.greeting)),
-        None => match entry.builder.open_raw().await {
+        None => match entry.builder.open_raw(None).await {
             Ok(s) => (s, None),
             Err(e) => {
                 entry.session_failures.fetch_add(1, Ordering::Relaxed);
@@ -625,13 +628,14 @@ async fn session(
             }
         },
     };
+    tracing::debug!(builder = %entry.name, spare = greeting.is_some(), "session started");
     // The refill starts a remote Nix, which costs the builder (and, on one machine, the
     // client) CPU just when this session's handshake is under way: it waits for the
     // session's first answer (or 50 ms), so it does not slow the session it replaces.
     let refill = Notify::new();
     let refill_after = async {
         let _ = tokio::time::timeout(Duration::from_millis(50), refill.notified()).await;
-        entry.spares.refill(entry.builder.clone(), false);
+        entry.refill_spares(false);
     };
     let nixmux::RawSession {
         mut stdin,
@@ -756,6 +760,7 @@ async fn session(
         }
     };
     tokio::join!(work, refill_after);
+    tracing::debug!(builder = %entry.name, "session ended after {:?}", started.elapsed());
 }
 
 /// A minimal HTTP responder for Prometheus: any request gets the metrics. Hand-written

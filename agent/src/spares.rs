@@ -4,14 +4,17 @@
 //! session handed one does not wait for the remote Nix to start (tens of milliseconds on a
 //! fast machine, more on a loaded one), nor for the first round trip of the handshake.
 //!
-//! Bounded: at most `target` per builder, refilled in the background after each use and
+//! Bounded: at most `target` per builder, and never more than the builder's free build
+//! slots (its max-jobs less the sessions running): Nix runs at most max-jobs sessions on a
+//! machine, so spares beyond that would only hold sshd session slots (`MaxSessions`) that
+//! running sessions need. Refilled in the background after a session takes one or ends, and
 //! only on a connection that has a free session slot (never opening a connection, never
 //! taking a slot a waiting session needs: see `Builder::open_spare_raw`). Reaped when
 //! unused for `idle`: a quiet agent keeps no remote processes waiting; the next session
 //! starts the refill again.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,6 +22,11 @@ use nixmux::{Builder, RawSession};
 
 use crate::greeting::{self, Answer};
 use crate::wire::SessionProtocol;
+
+/// The client's magic, sent right behind the exec request of a spare.
+fn magic(p: SessionProtocol) -> bytes::Bytes {
+    bytes::Bytes::copy_from_slice(&greeting::client_magic(p))
+}
 
 /// How long a spare's remote program may take to start and answer the greeting.
 const GREETING_LIMIT: Duration = Duration::from_secs(30);
@@ -36,7 +44,8 @@ pub(crate) struct Spares {
     target: usize,
     idle: Duration,
     ready: Mutex<VecDeque<Spare>>,
-    refilling: AtomicBool,
+    /// Spares being started now.
+    starting: AtomicUsize,
     /// Closed (by a reload or shutdown): nothing is refilled any more.
     closed: AtomicBool,
     pub(crate) hits: AtomicU64,
@@ -50,7 +59,7 @@ impl Spares {
             target,
             idle,
             ready: Mutex::new(VecDeque::new()),
-            refilling: AtomicBool::new(false),
+            starting: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -92,48 +101,74 @@ impl Spares {
         }
     }
 
-    /// Tops the spares up in the background, within `builder`'s free session slots. With
-    /// `connect`, the first may open the builder's connection (at start, so that the first
-    /// session is quick too).
-    pub(crate) fn refill(self: &Arc<Self>, builder: Builder, connect: bool) {
-        if self.target == 0
-            || self.closed.load(Ordering::Relaxed)
-            || self.refilling.swap(true, Ordering::AcqRel)
-        {
+    /// Tops the spares up in the background, within `builder`'s free session slots and its
+    /// `room` (free build slots), all the missing ones at once (a burst of sessions can take
+    /// them faster than one remote Nix starts). With `connect`, the first may open the
+    /// builder's connection (at start, so that the first session is quick too); the others
+    /// follow once it is up.
+    pub(crate) fn refill(self: &Arc<Self>, builder: Builder, connect: bool, room: usize) {
+        if self.closed.load(Ordering::Relaxed) {
             return;
         }
-        let spares = self.clone();
-        tokio::spawn(async move {
-            let mut may_connect = connect;
-            while spares.ready() < spares.target && !spares.closed.load(Ordering::Relaxed) {
-                let opened = if std::mem::take(&mut may_connect) && spares.ready() == 0 {
-                    builder.open_raw().await.map(Some)
-                } else {
-                    builder.open_spare_raw().await
-                };
-                match opened {
-                    Ok(Some(mut s)) => {
-                        match greeting::exchange(&mut s, spares.protocol, GREETING_LIMIT).await {
-                            Ok(answer) => {
-                                if !spares.push(s, answer) {
-                                    break;
-                                }
-                            }
-                            Err(e) => {
-                                tracing::warn!(builder = builder.name(), "a spare session: {e}");
-                                break;
-                            }
-                        }
-                    }
-                    Ok(None) => break,
+        let missing = move |s: &Self| {
+            s.target
+                .min(room)
+                .saturating_sub(s.ready() + s.starting.load(Ordering::Acquire))
+        };
+        if connect {
+            if missing(self) == 0 {
+                return;
+            }
+            self.starting.fetch_add(1, Ordering::AcqRel);
+            let spares = self.clone();
+            tokio::spawn(async move {
+                let first = builder
+                    .open_raw(Some(magic(spares.protocol)))
+                    .await
+                    .map(Some);
+                let ok = spares.start_one(&builder, first).await;
+                spares.starting.fetch_sub(1, Ordering::AcqRel);
+                if ok {
+                    spares.refill(builder, false, room);
+                }
+            });
+            return;
+        }
+        for _ in 0..missing(self) {
+            self.starting.fetch_add(1, Ordering::AcqRel);
+            let spares = self.clone();
+            let builder = builder.clone();
+            tokio::spawn(async move {
+                let opened = builder.open_spare_raw(Some(magic(spares.protocol))).await;
+                spares.start_one(&builder, opened).await;
+                spares.starting.fetch_sub(1, Ordering::AcqRel);
+            });
+        }
+    }
+
+    /// Greets a freshly opened session and keeps it; false when there was none or it failed.
+    async fn start_one(
+        &self,
+        builder: &Builder,
+        opened: nixmux::Result<Option<RawSession>>,
+    ) -> bool {
+        match opened {
+            Ok(Some(mut s)) => {
+                match greeting::answer(&mut s, self.protocol, GREETING_LIMIT).await {
+                    Ok(answer) => self.push(s, answer),
                     Err(e) => {
-                        tracing::debug!(builder = builder.name(), "starting a spare session: {e}");
-                        break;
+                        tracing::warn!(builder = builder.name(), "a spare session: {e}");
+                        false
                     }
                 }
             }
-            spares.refilling.store(false, Ordering::Release);
-        });
+            // No free slot on a live connection: the spares wait for the next refill.
+            Ok(None) => false,
+            Err(e) => {
+                tracing::debug!(builder = builder.name(), "starting a spare session: {e}");
+                false
+            }
+        }
     }
 
     /// Closes spares unused for longer than the idle limit.
