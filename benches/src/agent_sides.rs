@@ -89,21 +89,45 @@ impl AgentProcess {
         })
     }
 
+    /// The agent's status report, if it answers.
+    async fn status(&self, env: &EnvRef) -> Option<serde_json::Value> {
+        let program = env.nixmux_program()?;
+        let out = Command::new(&program)
+            .args(["agent", "status", "--json", "--socket"])
+            .arg(&self.socket)
+            .output()
+            .await
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// What the agent did, for the report: sessions, spare hits and misses, connections.
+    async fn details(&self, env: &EnvRef) -> BTreeMap<String, String> {
+        let mut d = BTreeMap::new();
+        if let Some(b) = self
+            .status(env)
+            .await
+            .and_then(|s| s["builders"].as_array().and_then(|b| b.first().cloned()))
+        {
+            for k in [
+                "sessions_total",
+                "spare_hits",
+                "spare_misses",
+                "connections_opened",
+            ] {
+                d.insert(format!("agent_{k}"), b[k].to_string());
+            }
+        }
+        d
+    }
+
     /// Waits until the agent has `n` spares of its builder ready (after a sample took one).
     async fn spares_ready(&self, env: &EnvRef, n: usize) {
-        let Some(program) = env.nixmux_program() else {
-            return;
-        };
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            let out = Command::new(&program)
-                .args(["agent", "status", "--json", "--socket"])
-                .arg(&self.socket)
-                .output()
-                .await;
-            let ready = out
-                .ok()
-                .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+            let ready = self
+                .status(env)
+                .await
                 .and_then(|v| {
                     v["builders"]
                         .as_array()
@@ -128,6 +152,7 @@ pub struct AgentBuild {
     agent: Option<AgentProcess>,
     drvs: Vec<StorePath>,
     timeout: Duration,
+    details: BTreeMap<String, String>,
 }
 
 impl AgentBuild {
@@ -140,6 +165,7 @@ impl AgentBuild {
             agent: None,
             drvs: Vec::new(),
             timeout,
+            details: BTreeMap::new(),
         }
     }
 }
@@ -169,7 +195,11 @@ impl Side for AgentBuild {
     }
     fn setup(&mut self) -> BoxFuture<'_, SideResultT<()>> {
         Box::pin(async move {
-            self.agent = Some(AgentProcess::start(&self.env, self.protocol, 2).await?);
+            let spares = std::env::var("XSPARES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2);
+            self.agent = Some(AgentProcess::start(&self.env, self.protocol, spares).await?);
             Ok(())
         })
     }
@@ -205,9 +235,13 @@ impl Side for AgentBuild {
     fn teardown(&mut self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             if let Some(mut a) = self.agent.take() {
+                self.details = a.details(&self.env).await;
                 let _ = a.child.kill().await;
             }
         })
+    }
+    fn details(&self) -> BTreeMap<String, String> {
+        self.details.clone()
     }
 }
 
@@ -373,7 +407,7 @@ impl Side for RawHello {
     fn before(&mut self) -> BoxFuture<'_, SideResultT<()>> {
         Box::pin(async move {
             let (_, b) = self.pool.as_ref().ok_or_else(|| anyhow!("not set up"))?;
-            let s = b.open_raw().await?;
+            let s = b.open_raw(None).await?;
             // Let the remote program start, as a spare has.
             tokio::time::sleep(Duration::from_millis(50)).await;
             self.session = Some(s);
