@@ -371,3 +371,21 @@ async fn closed_signal_resolves_after_drop_without_holding_the_channel() {
         .await
         .expect("an already closed channel resolves at once");
 }
+
+/// `first_input` reaches the command with the exec request: it is there when the command
+/// reads, before anything is written on stdin, and counts in the statistics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_input_goes_with_the_exec_request() {
+    let sshd = sshd_max_sessions(10);
+    let conn = conn_with(&sshd, &config()).await;
+    let mut options = nixmux_transport::ExecOptions::default();
+    options.first_input = Some(bytes::Bytes::from_static(b"hello"));
+    let mut ch = conn.exec_with("head -c 5", options).await.expect("exec");
+    let mut out = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(ch.stdout(), &mut out)
+        .await
+        .expect("read");
+    assert_eq!(out, b"hello");
+    assert_eq!(ch.stats().stdin_bytes, 5);
+    assert!(ch.exit().await.expect("exit").success());
+}
