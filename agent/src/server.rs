@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use nixmux::Pool;
 use nixmux::setup::Overrides;
 use nixmux::transport::{ExitStatus, StderrEvent};
@@ -27,6 +27,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
 
 use crate::builders::{self, Entry, Key, MachinesSource, ReloadReport};
+use crate::greeting;
 use crate::spares::Spares;
 use crate::status::{BuilderStatus, StatusReport};
 use crate::wire::{Frame, Hello, MAX_HELLO, Request, SessionProtocol};
@@ -245,6 +246,8 @@ impl Agent {
                     session_failures: e.session_failures.load(Ordering::Relaxed),
                     spare_hits: e.spares.hits.load(Ordering::Relaxed),
                     spare_misses: e.spares.misses.load(Ordering::Relaxed),
+                    hello_hits: e.spares.hello_hits.load(Ordering::Relaxed),
+                    hello_misses: e.spares.hello_misses.load(Ordering::Relaxed),
                     spares_ready: e.spares.ready(),
                     bytes_to_builder: e.bytes_up.load(Ordering::Relaxed),
                     bytes_from_builder: e.bytes_down.load(Ordering::Relaxed),
@@ -549,9 +552,9 @@ async fn serve_client(agent: Arc<Agent>, stream: UnixStream) {
 /// client magic. Returns what came after them.
 async fn client_magic(
     from_client: &mut OwnedReadHalf,
-    early: bytes::Bytes,
+    early: Bytes,
     protocol: SessionProtocol,
-) -> Result<bytes::Bytes, String> {
+) -> Result<Bytes, String> {
     let mut buf = BytesMut::from(&early[..]);
     let read = async {
         while buf.len() < 8 {
@@ -595,12 +598,100 @@ impl Drop for Running<'_> {
     }
 }
 
+/// What a spare did ahead of its session: the client's side of it is done here.
+struct Handoff {
+    /// The server's answer to the magic, replayed to the client.
+    answer: greeting::Answer,
+    /// The client's second message the spare sent ahead, if any.
+    sent_hello: Option<Bytes>,
+}
+
+impl Handoff {
+    /// Answers the client's magic from the record; for the worker protocol, also reads the
+    /// client's second message, which must be the one sent ahead (the daemon's answer is
+    /// then on its way) or is learned for the next spares. Returns the session to splice and
+    /// the client's input that is still to be forwarded.
+    async fn finish(
+        self,
+        entry: &Entry,
+        raw: nixmux::RawSession,
+        from_client: &mut OwnedReadHalf,
+        to_client: &mut OwnedWriteHalf,
+        early: Bytes,
+    ) -> Result<(nixmux::RawSession, Bytes), String> {
+        let rest = client_magic(from_client, early, entry.protocol).await?;
+        let mut out = BytesMut::new();
+        Frame::encode_data(&self.answer, false, &mut out);
+        to_client
+            .write_all(&out)
+            .await
+            .map_err(|e| format!("the client went away: {e}"))?;
+        if entry.protocol != SessionProtocol::Worker {
+            return Ok((raw, rest));
+        }
+        let (input, end) = client_hello(from_client, rest, &self.answer).await?;
+        let hello = end.map(|n| input.slice(..n));
+        match (&self.sent_hello, &hello) {
+            (Some(sent), Some(h)) if sent == h => {
+                entry.spares.hello_hits.fetch_add(1, Ordering::Relaxed);
+                Ok((raw, input.slice(sent.len()..)))
+            }
+            (None, _) => {
+                entry.spares.learn(hello);
+                Ok((raw, input))
+            }
+            (Some(_), _) => {
+                // The daemon of this spare read another second message than the client's:
+                // it cannot serve this client. A fresh one gets the client's own bytes.
+                entry.spares.hello_misses.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(builder = %entry.name, "the client sent another second message than the spare");
+                entry.spares.learn(hello);
+                drop(raw);
+                let fresh = entry.spares.fresh(&entry.builder, &self.answer).await?;
+                Ok((fresh, input))
+            }
+        }
+    }
+}
+
+/// Reads the worker client's second message (some may be in `early`). Returns everything
+/// read, and where the message ends in it (`None`: a version whose message is not learned;
+/// then only the version word has been read for sure).
+async fn client_hello(
+    from_client: &mut OwnedReadHalf,
+    early: Bytes,
+    answer: &greeting::Answer,
+) -> Result<(Bytes, Option<usize>), String> {
+    let mut buf = BytesMut::from(&early[..]);
+    let read = async {
+        loop {
+            match greeting::worker_hello_end(answer, &buf) {
+                greeting::HelloEnd::At(n) => return Ok::<_, std::io::Error>(Some(n)),
+                greeting::HelloEnd::Unsupported => return Ok(None),
+                greeting::HelloEnd::NeedMore => {
+                    if from_client.read_buf(&mut buf).await? == 0 {
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(30), read).await {
+        Ok(Ok(end)) => Ok((buf.freeze(), end)),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err("the client ended in the middle of its greeting".into())
+        }
+        Ok(Err(e)) => Err(format!("reading the client's greeting: {e}")),
+        Err(_) => Err("the client did not finish its greeting within 30 s".into()),
+    }
+}
+
 async fn session(
     agent: &Agent,
     entry: &Entry,
     mut from_client: OwnedReadHalf,
     mut to_client: OwnedWriteHalf,
-    early: bytes::Bytes,
+    early: Bytes,
 ) {
     agent.sessions_total.fetch_add(1, Ordering::Relaxed);
     agent.sessions_active.fetch_add(1, Ordering::Relaxed);
@@ -608,8 +699,14 @@ async fn session(
     entry.sessions_active.fetch_add(1, Ordering::Relaxed);
     let _running = Running { agent, entry };
     let started = Instant::now();
-    let (raw, greeting) = match entry.spares.take() {
-        Some(s) => (s.session, Some(s.greeting)),
+    let (raw, spare) = match entry.spares.take() {
+        Some(s) => (
+            s.session,
+            Some(Handoff {
+                answer: s.greeting,
+                sent_hello: s.sent_hello,
+            }),
+        ),
         None => match entry.builder.open_raw(None).await {
             Ok(s) => (s, None),
             Err(e) => {
@@ -628,7 +725,7 @@ async fn session(
             }
         },
     };
-    tracing::debug!(builder = %entry.name, spare = greeting.is_some(), "session started");
+    tracing::debug!(builder = %entry.name, spare = spare.is_some(), "session started");
     // The refill starts a remote Nix, which costs the builder (and, on one machine, the
     // client) CPU just when this session's handshake is under way: it waits for the
     // session's first answer (or 50 ms), so it does not slow the session it replaces.
@@ -637,39 +734,37 @@ async fn session(
         let _ = tokio::time::timeout(Duration::from_millis(50), refill.notified()).await;
         entry.refill_spares(false);
     };
+    // A spare has done part of the handshake already: finish the client's side of it here.
+    let (raw, early) = match spare {
+        None => (raw, early),
+        Some(handoff) => {
+            match handoff
+                .finish(entry, raw, &mut from_client, &mut to_client, early)
+                .await
+            {
+                Ok(ready) => ready,
+                Err(e) => {
+                    tracing::warn!(builder = %entry.name, "dropping a session: {e}");
+                    let msg = format!("nixmux agent: {e}");
+                    answer(
+                        to_client,
+                        &[
+                            Frame::Error(msg),
+                            Frame::Exit(crate::client::EXIT_AGENT_FAILED),
+                        ],
+                    )
+                    .await;
+                    return;
+                }
+            }
+        }
+    };
     let nixmux::RawSession {
         mut stdin,
         mut stdout,
         mut stderr,
         status,
     } = raw;
-    // A spare has answered the client's magic already: answer it here, from the record.
-    let mut early = early;
-    if let Some(recorded) = greeting {
-        match client_magic(&mut from_client, early, entry.protocol).await {
-            Ok(rest) => {
-                let mut out = BytesMut::new();
-                Frame::encode_data(&recorded, false, &mut out);
-                if to_client.write_all(&out).await.is_err() {
-                    return;
-                }
-                early = rest;
-            }
-            Err(e) => {
-                tracing::warn!(builder = %entry.name, "dropping a session: {e}");
-                let msg = format!("nixmux agent: {e}");
-                answer(
-                    to_client,
-                    &[
-                        Frame::Error(msg),
-                        Frame::Exit(crate::client::EXIT_AGENT_FAILED),
-                    ],
-                )
-                .await;
-                return;
-            }
-        }
-    }
 
     // Client to builder: its input, then EOF when it half-closes (end of input).
     let up = async {

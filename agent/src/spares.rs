@@ -4,6 +4,10 @@
 //! session handed one does not wait for the remote Nix to start (tens of milliseconds on a
 //! fast machine, more on a loaded one), nor for the first round trip of the handshake.
 //!
+//! Worker spares also get the client's second message ahead, once a session has shown what
+//! this agent's clients send ([`Spares::learn`]): a session that takes one finds the daemon's
+//! answer to it waiting.
+//!
 //! Bounded: at most `target` per builder, and never more than the builder's free build
 //! slots (its max-jobs less the sessions running): Nix runs at most max-jobs sessions on a
 //! machine, so spares beyond that would only hold sshd session slots (`MaxSessions`) that
@@ -18,14 +22,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use nixmux::{Builder, RawSession};
 
 use crate::greeting::{self, Answer};
 use crate::wire::SessionProtocol;
 
-/// The client's magic, sent right behind the exec request of a spare.
-fn magic(p: SessionProtocol) -> bytes::Bytes {
-    bytes::Bytes::copy_from_slice(&greeting::client_magic(p))
+/// The client's magic, sent right behind the exec request of a session.
+pub(crate) fn magic(p: SessionProtocol) -> Bytes {
+    Bytes::copy_from_slice(&greeting::client_magic(p))
 }
 
 /// How long a spare's remote program may take to start and answer the greeting.
@@ -35,6 +40,8 @@ const GREETING_LIMIT: Duration = Duration::from_secs(30);
 pub(crate) struct Spare {
     pub(crate) session: RawSession,
     pub(crate) greeting: Answer,
+    /// The client's second message, sent ahead behind the magic (worker, once learned).
+    pub(crate) sent_hello: Option<Bytes>,
     since: Instant,
 }
 
@@ -44,12 +51,18 @@ pub(crate) struct Spares {
     target: usize,
     idle: Duration,
     ready: Mutex<VecDeque<Spare>>,
+    /// The client's second message, as this agent's clients send it (worker only).
+    hello: Mutex<Option<Bytes>>,
     /// Spares being started now.
     starting: AtomicUsize,
     /// Closed (by a reload or shutdown): nothing is refilled any more.
     closed: AtomicBool,
     pub(crate) hits: AtomicU64,
     pub(crate) misses: AtomicU64,
+    /// Sessions whose client sent the second message the spare had sent ahead, and those
+    /// whose client sent another (the session then moved to a fresh channel).
+    pub(crate) hello_hits: AtomicU64,
+    pub(crate) hello_misses: AtomicU64,
 }
 
 impl Spares {
@@ -59,10 +72,13 @@ impl Spares {
             target,
             idle,
             ready: Mutex::new(VecDeque::new()),
+            hello: Mutex::new(None),
             starting: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            hello_hits: AtomicU64::new(0),
+            hello_misses: AtomicU64::new(0),
         })
     }
 
@@ -87,12 +103,50 @@ impl Spares {
         self.ready.lock().map(|r| r.len()).unwrap_or(0)
     }
 
-    fn push(&self, session: RawSession, greeting: Answer) -> bool {
+    /// Records the client's second message as a session's client sent it (`None`: one this
+    /// agent does not send ahead). Spares that sent another one ahead are closed: the next
+    /// refill starts them again with this one.
+    pub(crate) fn learn(&self, hello: Option<Bytes>) {
+        if self.protocol != SessionProtocol::Worker {
+            return;
+        }
+        let Ok(mut learned) = self.hello.lock() else {
+            return;
+        };
+        if *learned == hello {
+            return;
+        }
+        tracing::debug!(hello = ?hello.as_deref(), "learned the client's second message");
+        *learned = hello;
+        let stale: Vec<Spare> = match self.ready.lock() {
+            Ok(mut r) => {
+                let (keep, stale) = r.drain(..).partition(|s| s.sent_hello == *learned);
+                *r = keep;
+                stale.into()
+            }
+            Err(_) => Vec::new(),
+        };
+        drop(stale);
+    }
+
+    /// What a new spare sends behind its exec request: the magic, and the learned second
+    /// message if there is one.
+    fn first_input(&self) -> (Bytes, Option<Bytes>) {
+        let hello = self.hello.lock().ok().and_then(|h| h.clone());
+        let mut first = BytesMut::from(&magic(self.protocol)[..]);
+        if let Some(h) = &hello {
+            first.extend_from_slice(h);
+        }
+        (first.freeze(), hello)
+    }
+
+    fn push(&self, session: RawSession, greeting: Answer, sent_hello: Option<Bytes>) -> bool {
         match self.ready.lock() {
             Ok(mut r) if !self.closed.load(Ordering::Relaxed) && r.len() < self.target => {
                 r.push_back(Spare {
                     session,
                     greeting,
+                    sent_hello,
                     since: Instant::now(),
                 });
                 true
@@ -122,11 +176,9 @@ impl Spares {
             self.starting.fetch_add(1, Ordering::AcqRel);
             let spares = self.clone();
             tokio::spawn(async move {
-                let first = builder
-                    .open_raw(Some(magic(spares.protocol)))
-                    .await
-                    .map(Some);
-                let ok = spares.start_one(&builder, first).await;
+                let (input, hello) = spares.first_input();
+                let first = builder.open_raw(Some(input)).await.map(Some);
+                let ok = spares.start_one(&builder, first, hello).await;
                 spares.starting.fetch_sub(1, Ordering::AcqRel);
                 if ok {
                     spares.refill(builder, false, room);
@@ -139,8 +191,9 @@ impl Spares {
             let spares = self.clone();
             let builder = builder.clone();
             tokio::spawn(async move {
-                let opened = builder.open_spare_raw(Some(magic(spares.protocol))).await;
-                spares.start_one(&builder, opened).await;
+                let (input, hello) = spares.first_input();
+                let opened = builder.open_spare_raw(Some(input)).await;
+                spares.start_one(&builder, opened, hello).await;
                 spares.starting.fetch_sub(1, Ordering::AcqRel);
             });
         }
@@ -151,11 +204,12 @@ impl Spares {
         &self,
         builder: &Builder,
         opened: nixmux::Result<Option<RawSession>>,
+        sent_hello: Option<Bytes>,
     ) -> bool {
         match opened {
             Ok(Some(mut s)) => {
                 match greeting::answer(&mut s, self.protocol, GREETING_LIMIT).await {
-                    Ok(answer) => self.push(s, answer),
+                    Ok(answer) => self.push(s, answer, sent_hello),
                     Err(e) => {
                         tracing::warn!(builder = builder.name(), "a spare session: {e}");
                         false
@@ -169,6 +223,27 @@ impl Spares {
                 false
             }
         }
+    }
+
+    /// A session started now, greeted with the magic only: for a session whose client sent
+    /// another second message than its spare had sent ahead. Its answer must be the one the
+    /// client already has.
+    pub(crate) async fn fresh(
+        &self,
+        builder: &Builder,
+        answered: &Answer,
+    ) -> Result<RawSession, String> {
+        let mut s = builder
+            .open_raw(Some(magic(self.protocol)))
+            .await
+            .map_err(|e| format!("cannot start a session on {}: {e}", builder.name()))?;
+        let answer = greeting::answer(&mut s, self.protocol, GREETING_LIMIT).await?;
+        if answer != *answered {
+            return Err(format!(
+                "the builder answered {answer:02x?} where another session answered {answered:02x?}"
+            ));
+        }
+        Ok(s)
     }
 
     /// Closes spares unused for longer than the idle limit.

@@ -65,6 +65,13 @@ pub struct BuilderStatus {
     pub spare_hits: u64,
     /// Sessions that had to start the remote program first.
     pub spare_misses: u64,
+    /// Worker sessions whose client's second message had been sent ahead by their spare.
+    #[serde(default)]
+    pub hello_hits: u64,
+    /// Worker sessions whose client sent another second message than their spare had sent
+    /// ahead (the session moved to a freshly started remote program).
+    #[serde(default)]
+    pub hello_misses: u64,
     /// Remote programs started and waiting now.
     pub spares_ready: usize,
     /// Bytes from clients to the builder.
@@ -114,7 +121,7 @@ impl StatusReport {
             self.sessions_total as f64,
         );
         type Field = fn(&BuilderStatus) -> f64;
-        let per_builder: [(&str, &str, &str, Field); 11] = [
+        let per_builder: [(&str, &str, &str, Field); 12] = [
             (
                 "nixmux_builder_up",
                 "1 when the builder is connected and healthy.",
@@ -162,6 +169,12 @@ impl StatusReport {
                 "Sessions handed a remote program already running.",
                 "counter",
                 |b| b.spare_hits as f64,
+            ),
+            (
+                "nixmux_builder_hello_hits_total",
+                "Worker sessions whose handshake the spare had done ahead.",
+                "counter",
+                |b| b.hello_hits as f64,
             ),
             (
                 "nixmux_builder_spares_ready",

@@ -113,6 +113,8 @@ impl AgentProcess {
                 "sessions_total",
                 "spare_hits",
                 "spare_misses",
+                "hello_hits",
+                "hello_misses",
                 "connections_opened",
             ] {
                 d.insert(format!("agent_{k}"), b[k].to_string());

@@ -258,6 +258,13 @@ fn builds_through_the_agent(scheme: &str) {
     );
     let served = agent.sessions_served();
     assert!(served >= 31, "a session per build (11 + 20): {served}");
+    if scheme == "ssh-ng" {
+        // Nix 2.8's client sends the same second message every time: after the first
+        // session, spares have sent it ahead, and no client sent another.
+        let b = &agent.status().expect("status")["builders"][0];
+        assert!(b["hello_hits"].as_u64() > Some(0), "{b}");
+        assert_eq!(b["hello_misses"].as_u64(), Some(0), "{b}");
+    }
     eprintln!(
         "{}",
         serde_json::to_string_pretty(&agent.status()).unwrap_or_default()
@@ -677,6 +684,91 @@ fn connect_with_pipes_over_ssh() {
 #[test]
 fn connect_with_one_socket_over_ssh() {
     connect_relays_after_end_of_input("--serve", true);
+}
+
+/// One worker handshake through `nixmux connect`, as a client announcing `version` sends it
+/// (magic, version, affinity 0, reserve 0): returns everything the daemon answered. The
+/// input ends once `expect` bytes have arrived.
+fn worker_handshake(agent: &Agent, name: &str, version: u64, expect: usize) -> Vec<u8> {
+    let mut child = Command::new(NIXMUX)
+        .args(["connect", "--socket"])
+        .arg(&agent.socket)
+        .args([name, "--stdio"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("connect");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let hello: Vec<u8> = [0x6e69_7863_u64, version, 0, 0]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    stdin.write_all(&hello).expect("write");
+    let mut reply = vec![0u8; expect];
+    stdout.read_exact(&mut reply).expect("read the answer");
+    drop(stdin);
+    stdout.read_to_end(&mut reply).expect("read");
+    let _ = child.wait();
+    reply
+}
+
+/// The agent learns a worker client's second message and sends it ahead with its spares;
+/// a client that sends another one must still get the daemon's answer to its own: a 1.32
+/// client gets no Nix version string (that is 1.33), a 1.34 client does.
+#[test]
+fn spares_send_the_learned_hello_ahead_and_other_clients_get_their_own_answer() {
+    let rig = rig(1);
+    let dir = tempfile::tempdir().expect("tmp");
+    let machines = dir.path().join("machines");
+    machines_of(&rig, "ssh-ng", &[0], &machines);
+    let agent = Agent::start(dir.path(), &machines, &[]);
+    let name = format!("root@127.0.0.1:{}", rig.builder(0).port());
+    let builder_stat = |k: &str| {
+        agent
+            .status()
+            .and_then(|s| s["builders"][0][k].as_u64())
+            .unwrap_or(0)
+    };
+    let spares_ready = || {
+        wait_for("two spares", Duration::from_secs(30), || {
+            builder_stat("spares_ready") == 2
+        })
+    };
+    let last = 0x616c_7473_u64.to_le_bytes();
+    // Magic 2 and version (16), "2.8.0" as a padded string (16), STDERR_LAST (8).
+    let with_version = 40;
+    // Magic 2 and version, STDERR_LAST.
+    let without_version = 24;
+    for (i, (version, expect)) in [
+        (0x122, with_version),
+        (0x122, with_version),
+        (0x120, without_version),
+        (0x120, without_version),
+        (0x122, with_version),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        spares_ready();
+        let reply = worker_handshake(&agent, &name, version, expect);
+        assert_eq!(
+            reply.len(),
+            expect,
+            "session {i} (version {version:#x}): {reply:02x?}"
+        );
+        assert_eq!(reply[..8], 0x6478_696f_u64.to_le_bytes(), "session {i}");
+        assert_eq!(reply[expect - 8..], last, "session {i}");
+        if expect == with_version {
+            assert_eq!(&reply[24..29], b"2.8.0", "session {i}");
+        }
+    }
+    // Learned from the first; sent ahead and matched by the second and fourth; the third
+    // and fifth changed version and moved to a fresh remote program.
+    assert_eq!(builder_stat("hello_hits"), 2, "{}", agent.log());
+    assert_eq!(builder_stat("hello_misses"), 2, "{}", agent.log());
+    assert_eq!(builder_stat("session_failures"), 0, "{}", agent.log());
 }
 
 /// Without an agent, or for a builder it does not know: a clear message on stderr, nothing
