@@ -264,6 +264,11 @@ async fn hello_round_trip(
 ) -> anyhow::Result<()> {
     w.write_all(&worker_hello()).await?;
     w.flush().await?;
+    hello_answer(r).await
+}
+
+/// Reads `r` until the daemon's answer to the hello ends.
+async fn hello_answer(r: &mut (impl AsyncRead + Unpin)) -> anyhow::Result<()> {
     let mut got = Vec::with_capacity(64);
     let mut buf = [0u8; 256];
     while !got.ends_with(&STDERR_LAST) {
@@ -367,9 +372,10 @@ impl Side for AgentConnect {
     }
 }
 
-/// The yardstick for [`AgentConnect`]: the same hello round trip on a channel of a warm
-/// in-process pool whose remote `nix-daemon --stdio` was started beforehand (untimed). The
-/// difference between the two is what `nixmux connect` and the agent add.
+/// The yardstick for [`AgentConnect`]: the same hello on a channel of a warm in-process pool
+/// whose remote `nix-daemon --stdio` was started and sent the hello beforehand (untimed), as
+/// the agent's spares are; timed: reading the daemon's answer. The difference between the
+/// two is what `nixmux connect` and the agent add.
 pub struct RawHello {
     env: EnvRef,
     pool: Option<(Pool, nixmux::Builder)>,
@@ -392,7 +398,7 @@ impl Side for RawHello {
         "in-process-channel".into()
     }
     fn label(&self) -> String {
-        "worker hello round trip on a started remote nix-daemon, in process (no connect, no agent)"
+        "worker hello answer from a remote nix-daemon started and greeted ahead, in process (no connect, no agent)"
             .into()
     }
     fn role(&self) -> Role {
@@ -409,9 +415,10 @@ impl Side for RawHello {
     fn before(&mut self) -> BoxFuture<'_, SideResultT<()>> {
         Box::pin(async move {
             let (_, b) = self.pool.as_ref().ok_or_else(|| anyhow!("not set up"))?;
-            let s = b.open_raw(None).await?;
-            // Let the remote program start, as a spare has.
+            let mut s = b.open_raw(Some(worker_hello().into())).await?;
+            // Let the remote program start and answer, as a spare's has.
             tokio::time::sleep(Duration::from_millis(50)).await;
+            s.stdin.flush().await?;
             self.session = Some(s);
             Ok(())
         })
@@ -420,7 +427,7 @@ impl Side for RawHello {
         Box::pin(async move {
             let s = self.session.as_mut().ok_or_else(|| anyhow!("no session"))?;
             let t = Instant::now();
-            hello_round_trip(&mut s.stdin, &mut s.stdout).await?;
+            hello_answer(&mut s.stdout).await?;
             let mut sample = Sample::one();
             sample.timed = Some(t.elapsed());
             Ok(sample)

@@ -639,7 +639,7 @@ async fn spec(
             ];
             Spec {
                 title: "What nixmux connect adds to a session".into(),
-                description: "A session as Nix's build hook starts one through the agent: start `nixmux connect NAME --stdio`, which hands its stdio to the agent, which hands it a channel whose remote `nix-daemon --stdio` it started ahead (a spare; the side waits for the refill between samples); timed until the worker hello's answer has come back. Yardstick: the same hello on a channel of an in-process pool whose remote daemon was started beforehand. The difference is the cost of the process start and the splice.".into(),
+                description: "A session as Nix's build hook starts one through the agent: start `nixmux connect NAME --stdio`, which hands its stdio to the agent, which hands it a channel whose remote `nix-daemon --stdio` it started ahead (a spare; the side waits for the refill between samples); timed until the worker hello's answer has come back. A spare has sent the hello ahead (the agent learned it from the first session), so no round trip to the builder is in the figure. Yardstick: the same hello sent ahead on a channel of an in-process pool whose remote daemon was started beforehand; timed: reading its answer. The difference is the cost of the process start, the agent's checks and the splice.".into(),
                 primary: Figure::Wall,
                 cases: vec![plan.case("", None, sides, reps)],
                 notes: Vec::new(),
