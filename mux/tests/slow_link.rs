@@ -249,7 +249,7 @@ async fn frozen_builder_fails_a_fetch_within_the_idle_timeout_over_ssh_ng() {
 /// The case users hit: 150 MiB over 16 Mbit/s (about 80 s each way) with default settings,
 /// pushed and then fetched back into a fresh client store.
 async fn large_path_over_a_slow_link(protocol: Protocol) {
-    let s = setup(protocol, Link::new(20.0, 16.0), |_| {}).await;
+    let mut s = setup(protocol, Link::new(20.0, 16.0), |_| {}).await;
     let size = 150 * MIB;
     let p = random_path(s.rig.client_store(), "big", size, 31);
     let paths = BTreeSet::from([p.clone()]);
@@ -258,11 +258,19 @@ async fn large_path_over_a_slow_link(protocol: Protocol) {
     eprintln!("pushed {} bytes in {took:?}", rep.bytes);
     assert!(s.rig.builder(0).store().is_valid(&abs(&p)).expect("query"));
 
-    // Fetch it back into the client store, from which it is deleted first.
-    s.rig
+    // Fetch it back into the client store, from which it is deleted first. The local
+    // `nix-daemon --stdio` that read it may hold a temporary GC root on it until it has
+    // exited: a fresh local store session, and a few tries.
+    s.local = local_store(&s.rig);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = s
+        .rig
         .client_store()
         .run("nix-store", ["--delete", &abs(&p)])
-        .expect("delete locally");
+    {
+        assert!(Instant::now() < deadline, "delete locally: {e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (r, took) = timed(s.builder.fetch_outputs(&s.local, &paths, None)).await;
     let rep = r.unwrap_or_else(|e| panic!("fetch failed after {took:?}: {e}"));
     eprintln!("fetched {} bytes in {took:?}", rep.bytes);
