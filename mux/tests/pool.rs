@@ -86,8 +86,13 @@ async fn hundred_concurrent_operations_with_max_sessions_2() {
         st.channel_refusals,
         "every refusal sshd logged was seen and counted"
     );
-    // Four connections of two sessions each serve the eight pool sessions.
-    assert_eq!(st.connections_opened, 4, "{st:?}");
+    // Four connections of two sessions each would serve the eight pool sessions, but fewer
+    // may do: a caller waiting for a new channel takes a warm session that comes back first
+    // and withdraws its demand (queries this short finish faster than a connection opens),
+    // and a connection opened for demand that was then withdrawn stays idle. Never more than
+    // the sessions need plus the margin the bench holds bursts to (issue 9: ceil(C / limit)
+    // + 2).
+    assert!((1..=4 + 2).contains(&st.connections_opened), "{st:?}");
     assert_eq!(h.state, HealthState::Up);
     pool.shutdown().await;
 }
