@@ -11,7 +11,7 @@ use nixmux::config::{
     resolve_endpoint,
 };
 use nixmux::setup::Overrides;
-use nixmux::{Builder, BuilderConfig, Protocol};
+use nixmux::{Builder, BuilderConfig};
 
 use crate::spares::Spares;
 use crate::wire::SessionProtocol;
@@ -31,14 +31,6 @@ impl std::fmt::Display for MachinesSource {
             MachinesSource::File(p) => write!(f, "{}", p.display()),
             MachinesSource::LocalNix => f.write_str("the local Nix's `builders` setting"),
         }
-    }
-}
-
-/// The protocol of a builder line.
-pub fn session_protocol(p: Protocol) -> SessionProtocol {
-    match p {
-        Protocol::Serve => SessionProtocol::Serve,
-        Protocol::Worker => SessionProtocol::Worker,
     }
 }
 
@@ -63,7 +55,7 @@ pub fn builder_names(specs: &[BuilderSpec]) -> Vec<String> {
                 base.push_str(&p.to_string());
             }
             let n = seen
-                .entry((base.clone(), session_protocol(s.protocol)))
+                .entry((base.clone(), SessionProtocol::of(s.protocol)))
                 .or_insert(0);
             *n += 1;
             if *n == 1 { base } else { format!("{base}#{n}") }
@@ -167,7 +159,7 @@ pub(crate) fn resolve(
             Ok(config) => out.push(Resolved {
                 fingerprint: format!("{config:?}"),
                 name,
-                protocol: session_protocol(spec.protocol),
+                protocol: SessionProtocol::of(spec.protocol),
                 uri: spec.uri.clone(),
                 config,
             }),
@@ -247,11 +239,7 @@ pub(crate) fn diff(
 }
 
 fn label(key: &Key) -> String {
-    let scheme = match key.1 {
-        SessionProtocol::Serve => "ssh",
-        SessionProtocol::Worker => "ssh-ng",
-    };
-    format!("{} ({scheme})", key.0)
+    format!("{} ({})", key.0, key.1.scheme())
 }
 
 #[cfg(test)]

@@ -211,7 +211,7 @@ pub fn status(socket: &Path) -> Result<StatusReport, ClientError> {
     let report = read_frames(&mut stream, |frame| match frame {
         Frame::Status(json) => serde_json::from_slice(&json)
             .map(Some)
-            .map_err(|e| ClientError::Wire(WireError::BadHello(e.to_string()))),
+            .map_err(|e| ClientError::Wire(WireError::BadStatus(e.to_string()))),
         Frame::Error(msg) => Err(ClientError::Refused(msg)),
         _ => Err(WireError::Malformed("session data (in a status answer)").into()),
     })?;

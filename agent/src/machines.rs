@@ -7,7 +7,6 @@
 //! with the original systems, max jobs, speed factor and features. The SSH key and host key
 //! fields are empty: the agent holds those.
 
-use nixmux::Protocol;
 use nixmux::config::BuilderSpec;
 
 use crate::builders::builder_names;
@@ -73,10 +72,7 @@ pub fn render(
             words.push(s.to_owned());
         }
         words.push(name);
-        let scheme = match spec.protocol {
-            Protocol::Serve => "ssh",
-            Protocol::Worker => "ssh-ng",
-        };
+        let scheme = spec.protocol.scheme();
         out.push_str(&format!(
             "{scheme}://localhost?remote-program={} {} - {} {} {} {} -\n",
             encode(&words.join(" ")),

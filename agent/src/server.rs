@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use nixmux::Pool;
+use nixmux::config::local_env;
 use nixmux::setup::Overrides;
 use nixmux::transport::{ExitStatus, StderrEvent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -63,7 +64,7 @@ impl AgentConfig {
     /// Defaults for `socket` and `machines`: mode 0600, this process's uid and root allowed,
     /// 2 spares per builder closed after 5 minutes unused, 60 s to drain, checks every 2 s.
     pub fn new(socket: PathBuf, machines: MachinesSource) -> Self {
-        let me = rustix_uid();
+        let me = local_env::effective_uid().unwrap_or(0);
         let mut allowed = vec![0, me];
         allowed.dedup();
         AgentConfig {
@@ -80,19 +81,6 @@ impl AgentConfig {
             reload_check: Duration::from_secs(2),
         }
     }
-}
-
-/// This process's effective uid, read from procfs (no unsafe code in the workspace).
-fn rustix_uid() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2))
-                .and_then(|u| u.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// Why the agent could not run.
@@ -229,10 +217,7 @@ impl Agent {
                 let st = e.builder.stats();
                 BuilderStatus {
                     name: e.name.clone(),
-                    protocol: match e.protocol {
-                        SessionProtocol::Serve => "ssh".into(),
-                        SessionProtocol::Worker => "ssh-ng".into(),
-                    },
+                    protocol: e.protocol.scheme().into(),
                     uri: e.uri.clone(),
                     health: format!("{:?}", h.state).to_lowercase(),
                     last_error: h.last_error,
@@ -427,7 +412,7 @@ async fn housekeeping(agent: Arc<Agent>) {
     }
 }
 
-/// Sends one frame and closes.
+/// Sends `frames` and closes.
 async fn answer(mut w: OwnedWriteHalf, frames: &[Frame]) {
     let mut buf = BytesMut::new();
     for f in frames {
@@ -437,16 +422,21 @@ async fn answer(mut w: OwnedWriteHalf, frames: &[Frame]) {
     let _ = w.shutdown().await;
 }
 
+/// Ends a session the agent cannot serve: `msg` for the person reading Nix's output, and
+/// the exit code `ssh` uses for its own failures.
+async fn fail_session(w: OwnedWriteHalf, msg: String) {
+    answer(
+        w,
+        &[
+            Frame::Error(msg),
+            Frame::Exit(crate::client::EXIT_AGENT_FAILED),
+        ],
+    )
+    .await;
+}
+
 fn describe_uid(uid: u32) -> String {
-    let name = std::fs::read_to_string("/etc/passwd").ok().and_then(|p| {
-        p.lines().find_map(|l| {
-            let mut f = l.split(':');
-            let name = f.next()?;
-            let id: u32 = f.nth(1)?.parse().ok()?;
-            (id == uid).then(|| name.to_owned())
-        })
-    });
-    match name {
+    match local_env::user_name(uid) {
         Some(n) => format!("uid {uid} ({n})"),
         None => format!("uid {uid}"),
     }
@@ -519,11 +509,8 @@ async fn serve_client(agent: Arc<Agent>, stream: UnixStream) {
                     .map(|e| e.name.clone())
                     .collect();
                 let msg = format!(
-                    "nixmux agent: no {} builder named {:?} (known: {}); regenerate the machines file with `nixmux agent machines`",
-                    match protocol {
-                        SessionProtocol::Serve => "ssh://",
-                        SessionProtocol::Worker => "ssh-ng://",
-                    },
+                    "nixmux agent: no {}:// builder named {:?} (known: {}); regenerate the machines file with `nixmux agent machines`",
+                    protocol.scheme(),
                     key.0,
                     if known.is_empty() {
                         "none".to_owned()
@@ -531,20 +518,46 @@ async fn serve_client(agent: Arc<Agent>, stream: UnixStream) {
                         known.join(", ")
                     }
                 );
-                answer(
-                    w,
-                    &[
-                        Frame::Error(msg),
-                        Frame::Exit(crate::client::EXIT_AGENT_FAILED),
-                    ],
-                )
-                .await;
+                fail_session(w, msg).await;
                 return;
             };
             // `buf` may already hold the first bytes of the client's input.
             let early = buf.split().freeze();
             session(&agent, &entry, r, w, early).await;
         }
+    }
+}
+
+/// How long a client may take to send its part of the handshake (a few dozen bytes on a
+/// local socket, sent at once by Nix).
+const CLIENT_GREETING_WAIT: Duration = Duration::from_secs(30);
+
+/// Reads from the client (after what is already in `buf`) until `done` finds what it needs
+/// in `buf`, within [`CLIENT_GREETING_WAIT`].
+async fn read_greeting<T>(
+    from_client: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    mut done: impl FnMut(&[u8]) -> Option<T>,
+) -> Result<T, String> {
+    let read = async {
+        loop {
+            if let Some(t) = done(buf) {
+                return Ok::<T, std::io::Error>(t);
+            }
+            if from_client.read_buf(buf).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    };
+    match tokio::time::timeout(CLIENT_GREETING_WAIT, read).await {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err("the client ended before finishing its greeting".into())
+        }
+        Ok(Err(e)) => Err(format!("reading the client's greeting: {e}")),
+        Err(_) => Err(format!(
+            "the client did not finish its greeting within {CLIENT_GREETING_WAIT:?}"
+        )),
     }
 }
 
@@ -556,27 +569,11 @@ async fn client_magic(
     protocol: SessionProtocol,
 ) -> Result<Bytes, String> {
     let mut buf = BytesMut::from(&early[..]);
-    let read = async {
-        while buf.len() < 8 {
-            if from_client.read_buf(&mut buf).await? == 0 {
-                break;
-            }
-        }
-        Ok::<_, std::io::Error>(())
-    };
-    match tokio::time::timeout(Duration::from_secs(30), read).await {
-        Ok(Ok(())) if buf.len() >= 8 => {}
-        Ok(Ok(())) => return Err("the client ended before greeting the builder".into()),
-        Ok(Err(e)) => return Err(format!("reading the client's greeting: {e}")),
-        Err(_) => return Err("the client did not greet the builder within 30 s".into()),
-    }
-    if buf[..8] != crate::greeting::client_magic(protocol) {
+    read_greeting(from_client, &mut buf, |b| (b.len() >= 8).then_some(())).await?;
+    if buf[..8] != greeting::client_magic(protocol) {
         return Err(format!(
             "the client did not start with the {} protocol's magic number",
-            match protocol {
-                SessionProtocol::Serve => "serve",
-                SessionProtocol::Worker => "worker",
-            }
+            protocol.name()
         ));
     }
     Ok(buf.split_off(8).freeze())
@@ -663,27 +660,17 @@ async fn client_hello(
     answer: &greeting::Answer,
 ) -> Result<(Bytes, Option<usize>), String> {
     let mut buf = BytesMut::from(&early[..]);
-    let read = async {
-        loop {
-            match greeting::worker_hello_end(answer, &buf) {
-                greeting::HelloEnd::At(n) => return Ok::<_, std::io::Error>(Some(n)),
-                greeting::HelloEnd::Unsupported => return Ok(None),
-                greeting::HelloEnd::NeedMore => {
-                    if from_client.read_buf(&mut buf).await? == 0 {
-                        return Err(std::io::ErrorKind::UnexpectedEof.into());
-                    }
-                }
-            }
-        }
-    };
-    match tokio::time::timeout(Duration::from_secs(30), read).await {
-        Ok(Ok(end)) => Ok((buf.freeze(), end)),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            Err("the client ended in the middle of its greeting".into())
-        }
-        Ok(Err(e)) => Err(format!("reading the client's greeting: {e}")),
-        Err(_) => Err("the client did not finish its greeting within 30 s".into()),
-    }
+    let end = read_greeting(
+        from_client,
+        &mut buf,
+        |b| match greeting::worker_hello_end(answer, b) {
+            greeting::HelloEnd::At(n) => Some(Some(n)),
+            greeting::HelloEnd::Unsupported => Some(None),
+            greeting::HelloEnd::NeedMore => None,
+        },
+    )
+    .await?;
+    Ok((buf.freeze(), end))
 }
 
 async fn session(
@@ -713,14 +700,7 @@ async fn session(
                 entry.session_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(builder = %entry.name, "cannot start a session: {e}");
                 let msg = format!("nixmux agent: cannot start a session on {}: {e}", entry.uri);
-                answer(
-                    to_client,
-                    &[
-                        Frame::Error(msg),
-                        Frame::Exit(crate::client::EXIT_AGENT_FAILED),
-                    ],
-                )
-                .await;
+                fail_session(to_client, msg).await;
                 return;
             }
         },
@@ -746,14 +726,7 @@ async fn session(
                 Err(e) => {
                     tracing::warn!(builder = %entry.name, "dropping a session: {e}");
                     let msg = format!("nixmux agent: {e}");
-                    answer(
-                        to_client,
-                        &[
-                            Frame::Error(msg),
-                            Frame::Exit(crate::client::EXIT_AGENT_FAILED),
-                        ],
-                    )
-                    .await;
+                    fail_session(to_client, msg).await;
                     return;
                 }
             }

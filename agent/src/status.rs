@@ -121,7 +121,7 @@ impl StatusReport {
             self.sessions_total as f64,
         );
         type Field = fn(&BuilderStatus) -> f64;
-        let per_builder: [(&str, &str, &str, Field); 12] = [
+        let per_builder: &[(&str, &str, &str, Field)] = &[
             (
                 "nixmux_builder_up",
                 "1 when the builder is connected and healthy.",
@@ -195,7 +195,7 @@ impl StatusReport {
                 |b| b.bytes_from_builder as f64,
             ),
         ];
-        for (name, help, kind, value) in per_builder {
+        for &(name, help, kind, value) in per_builder {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for b in &self.builders {
                 let _ = writeln!(

@@ -35,6 +35,33 @@ pub enum SessionProtocol {
     Worker,
 }
 
+impl SessionProtocol {
+    /// The protocol of builder lines with this scheme.
+    pub fn of(p: nixmux::Protocol) -> Self {
+        match p {
+            nixmux::Protocol::Serve => SessionProtocol::Serve,
+            nixmux::Protocol::Worker => SessionProtocol::Worker,
+        }
+    }
+
+    /// The store URL scheme of its builder lines: `ssh` or `ssh-ng`.
+    pub fn scheme(self) -> &'static str {
+        match self {
+            SessionProtocol::Serve => nixmux::Protocol::Serve,
+            SessionProtocol::Worker => nixmux::Protocol::Worker,
+        }
+        .scheme()
+    }
+
+    /// The protocol's name: `serve` or `worker`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SessionProtocol::Serve => "serve",
+            SessionProtocol::Worker => "worker",
+        }
+    }
+}
+
 /// What a client asks for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "kebab-case")]
@@ -84,6 +111,9 @@ pub enum WireError {
     /// The hello is not what this version understands.
     #[error("unreadable hello: {0}")]
     BadHello(String),
+    /// The status report is not what this version understands.
+    #[error("unreadable status report: {0}")]
+    BadStatus(String),
     /// The peer speaks another version.
     #[error(
         "the other side speaks version {theirs}, this one {VERSION}: use the same nixmux for the agent and `nixmux connect`"

@@ -3,22 +3,20 @@
 //! adds to a session (the `agent-connect` workload).
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use futures::future::BoxFuture;
-use nixmux::proto::store_path::{StoreDir, StorePath};
+use nixmux::proto::store_path::StorePath;
 use nixmux::{Pool, Protocol, RawSession};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
-use crate::env::run_output;
 use crate::report::Role;
 use crate::runner::{Sample, Side, SideResultT};
-use crate::sides::EnvRef;
+use crate::sides::{EnvRef, nix_build_with};
 
 /// A `nixmux agent` child serving builder 0 of the run, and the machines file for Nix.
 struct AgentProcess {
@@ -157,6 +155,9 @@ pub struct AgentBuild {
     details: BTreeMap<String, String>,
 }
 
+/// Spares the build side's agent keeps per builder: the agent's default.
+const SPARES: usize = 2;
+
 impl AgentBuild {
     /// A side for builder 0.
     pub fn new(env: EnvRef, protocol: Protocol, n: usize, timeout: Duration) -> Self {
@@ -178,7 +179,7 @@ impl Side for AgentBuild {
     }
     fn label(&self) -> String {
         format!(
-            "nix-build through nixmux agent ({}://, max-jobs 8, 2 spares) -j0 of {} .drv",
+            "nix-build through nixmux agent ({}://, max-jobs 8, {SPARES} spares) -j0 of {} .drv",
             self.protocol.scheme(),
             self.n
         )
@@ -197,11 +198,7 @@ impl Side for AgentBuild {
     }
     fn setup(&mut self) -> BoxFuture<'_, SideResultT<()>> {
         Box::pin(async move {
-            let spares = std::env::var("XSPARES")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(2);
-            self.agent = Some(AgentProcess::start(&self.env, self.protocol, spares).await?);
+            self.agent = Some(AgentProcess::start(&self.env, self.protocol, SPARES).await?);
             Ok(())
         })
     }
@@ -214,23 +211,14 @@ impl Side for AgentBuild {
     fn run(&mut self) -> BoxFuture<'_, SideResultT<Sample>> {
         Box::pin(async move {
             let agent = self.agent.as_ref().ok_or_else(|| anyhow!("not set up"))?;
-            let mut args: Vec<OsString> = vec![
-                "--builders".into(),
-                format!("@{}", agent.machines_for_nix.display()).into(),
-                "-j0".into(),
-                "--no-out-link".into(),
-            ];
-            args.extend(
-                self.drvs
-                    .iter()
-                    .map(|d| OsString::from(d.to_absolute(&StoreDir::default()))),
-            );
-            let mut cmd = self.env.nix_command("nix-build", args)?;
-            let out = run_output(&mut cmd, self.timeout).await?;
-            let n = String::from_utf8_lossy(&out).lines().count();
-            if n != self.n {
-                bail!("nix-build printed {n} outputs, not {}", self.n);
-            }
+            nix_build_with(
+                &self.env,
+                &agent.machines_for_nix,
+                &self.drvs,
+                self.n,
+                self.timeout,
+            )
+            .await?;
             Ok(Sample::one())
         })
     }

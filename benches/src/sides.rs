@@ -1456,24 +1456,36 @@ impl Side for NixBuild {
                 .machines
                 .as_ref()
                 .ok_or_else(|| anyhow!("not set up"))?;
-            let mut args: Vec<OsString> = vec![
-                "--builders".into(),
-                format!("@{}", machines.display()).into(),
-                "-j0".into(),
-                "--no-out-link".into(),
-            ];
-            args.extend(
-                self.drvs
-                    .iter()
-                    .map(|d| OsString::from(d.to_absolute(&StoreDir::default()))),
-            );
-            let mut cmd = self.env.nix_command("nix-build", args)?;
-            let out = run_output(&mut cmd, self.timeout).await?;
-            let n = String::from_utf8_lossy(&out).lines().count();
-            if n != self.n {
-                bail!("nix-build printed {n} outputs, not {}", self.n);
-            }
+            nix_build_with(&self.env, machines, &self.drvs, self.n, self.timeout).await?;
             Ok(Sample::one())
         })
     }
+}
+
+/// `nix-build --builders @machines -j0 --no-out-link DRV...` in the client's private store;
+/// fails unless it printed `n` outputs.
+pub(crate) async fn nix_build_with(
+    env: &EnvRef,
+    machines: &std::path::Path,
+    drvs: &[StorePath],
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let mut args: Vec<OsString> = vec![
+        "--builders".into(),
+        format!("@{}", machines.display()).into(),
+        "-j0".into(),
+        "--no-out-link".into(),
+    ];
+    args.extend(
+        drvs.iter()
+            .map(|d| OsString::from(d.to_absolute(&StoreDir::default()))),
+    );
+    let mut cmd = env.nix_command("nix-build", args)?;
+    let out = run_output(&mut cmd, timeout).await?;
+    let printed = String::from_utf8_lossy(&out).lines().count();
+    if printed != n {
+        bail!("nix-build printed {printed} outputs, not {n}");
+    }
+    Ok(())
 }

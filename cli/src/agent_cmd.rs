@@ -132,14 +132,8 @@ fn parse_uid(user: &str) -> anyhow::Result<u32> {
     if let Ok(uid) = user.parse() {
         return Ok(uid);
     }
-    let passwd = std::fs::read_to_string("/etc/passwd").context("reading /etc/passwd")?;
-    passwd
-        .lines()
-        .find_map(|l| {
-            let mut f = l.split(':');
-            (f.next()? == user).then(|| f.nth(1)?.parse().ok())?
-        })
-        .with_context(|| format!("--allow {user}: no such user"))
+    nixmux::config::local_env::user_id(user)
+        .with_context(|| format!("--allow {user}: no such user in /etc/passwd"))
 }
 
 fn parse_metrics(s: &str) -> anyhow::Result<SocketAddr> {

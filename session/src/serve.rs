@@ -17,7 +17,7 @@ use nixmux_proto::wire::{ReadResult, WireReader};
 use nixmux_proto::{ProtoError, ProtocolVersion};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::activity::{Activity, Patience};
+use crate::activity::Patience;
 use crate::conn::{BoxReader, BoxWriter, Conn, SessionConfig};
 use crate::error::SessionError;
 
@@ -97,13 +97,6 @@ impl ServeSession {
     /// Bytes received and sent so far.
     pub fn byte_counts(&self) -> (u64, u64) {
         (self.conn.bytes_in, self.conn.bytes_out)
-    }
-
-    /// The session's clock: when its bytes last moved (see [`Activity`]). The build log
-    /// arrives outside the session (the channel's stderr); whoever reads it should
-    /// [`Activity::touch`] this, so that a build that logs is not silent.
-    pub fn activity(&self) -> Activity {
-        self.conn.activity.clone()
     }
 
     /// Ends the session cleanly: the server exits when it reads EOF where a command would be.

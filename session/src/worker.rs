@@ -23,7 +23,7 @@ use nixmux_proto::worker::{
 use nixmux_proto::{Misbehaved, ProtoError, ProtocolVersion};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
-use crate::activity::{Activity, Patience};
+use crate::activity::Patience;
 use crate::conn::{
     BoxReader, BoxWriter, Conn, ReadHalf, SessionConfig, WRITE_CHUNK, read_upload_chunk,
 };
@@ -272,11 +272,6 @@ impl WorkerSession {
         }
         .await;
         self.conn.end(r)
-    }
-
-    /// The session's clock: when its bytes last moved (see [`Activity`]).
-    pub fn activity(&self) -> Activity {
-        self.conn.activity.clone()
     }
 
     /// Sends `SetOptions` again (e.g. different build limits for the next build).

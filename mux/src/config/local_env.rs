@@ -68,14 +68,45 @@ impl LocalEnv {
 
 /// The real uid from `/proc/self/status` (no `unsafe` libc call needed).
 fn real_uid() -> Result<u32, ConfigError> {
+    proc_uid(0)
+}
+
+/// This process's effective uid (what `SO_PEERCRED` reports to a peer), from
+/// `/proc/self/status`.
+pub fn effective_uid() -> Result<u32, ConfigError> {
+    proc_uid(1)
+}
+
+/// Field `index` of the `Uid:` line of `/proc/self/status` (real, effective, saved, fs).
+fn proc_uid(index: usize) -> Result<u32, ConfigError> {
     let status = fs::read_to_string("/proc/self/status")
         .map_err(|e| ConfigError::LocalUser(format!("reading /proc/self/status: {e}")))?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|rest| rest.split_whitespace().nth(index))
         .and_then(|u| u.parse().ok())
         .ok_or_else(|| ConfigError::LocalUser("no Uid line in /proc/self/status".to_owned()))
+}
+
+/// The name of `uid` in `/etc/passwd`, if it has an entry.
+pub fn user_name(uid: u32) -> Option<String> {
+    let text = fs::read_to_string("/etc/passwd").ok()?;
+    passwd_entry(&text, uid).map(|(name, _)| name)
+}
+
+/// The uid of user `name` in `/etc/passwd`, if it has an entry.
+pub fn user_id(name: &str) -> Option<u32> {
+    let text = fs::read_to_string("/etc/passwd").ok()?;
+    passwd_uid(&text, name)
+}
+
+/// The uid of the first `/etc/passwd` line for `name`.
+fn passwd_uid(text: &str, name: &str) -> Option<u32> {
+    text.lines().find_map(|line| {
+        let mut f = line.split(':');
+        (f.next()? == name).then(|| f.nth(1)?.parse().ok())?
+    })
 }
 
 /// `(name, home)` of the first `/etc/passwd` line for `uid`.
@@ -92,7 +123,7 @@ fn passwd_entry(text: &str, uid: u32) -> Option<(String, String)> {
 
 #[cfg(test)]
 mod tests {
-    use super::passwd_entry;
+    use super::{passwd_entry, passwd_uid};
 
     #[test]
     fn passwd() {
@@ -103,5 +134,7 @@ mod tests {
         );
         assert_eq!(passwd_entry(text, 0), Some(("root".into(), "/root".into())));
         assert_eq!(passwd_entry(text, 5), None);
+        assert_eq!(passwd_uid(text, "nix"), Some(1000));
+        assert_eq!(passwd_uid(text, "nobody"), None);
     }
 }

@@ -311,8 +311,8 @@ impl Planner {
     // ===== B. handlers =====
 
     /// A caller wants `want`; it waits until granted, or until nothing happened for
-    /// `patience`. `seq` is the place in line of a waiter coming back after a refusal (from
-    /// [`Planner::seq_of`] before it was granted); `None` queues at the end.
+    /// `patience`. `seq` is the place in line of a waiter coming back after a refusal (what
+    /// this returned when it first asked); `None` queues at the end. Returns the place in line.
     pub(crate) fn request(
         &mut self,
         now: Instant,

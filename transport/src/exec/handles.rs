@@ -56,12 +56,7 @@ impl AsyncWrite for ChannelStdin {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_write(cx, buf) {
             Poll::Ready(Ok(n)) => {
-                this.core.stdin_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                this.core
-                    .shared()
-                    .counters
-                    .bytes_out
-                    .fetch_add(n as u64, Ordering::Relaxed);
+                this.core.count_stdin(n as u64);
                 Poll::Ready(Ok(n))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),

@@ -36,7 +36,6 @@ mod stdout;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use russh::client::Msg;
@@ -91,18 +90,7 @@ pub(crate) async fn start_exec(
                 if let Some(first) = first_input {
                     let n = first.len() as u64;
                     w.data_bytes(first).await?;
-                    parts
-                        .status
-                        .core
-                        .stdin_bytes
-                        .fetch_add(n, Ordering::Relaxed);
-                    parts
-                        .status
-                        .core
-                        .shared()
-                        .counters
-                        .bytes_out
-                        .fetch_add(n, Ordering::Relaxed);
+                    parts.status.core.count_stdin(n);
                 }
                 Ok::<(), russh::Error>(())
             })

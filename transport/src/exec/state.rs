@@ -153,6 +153,16 @@ impl ChannelCore {
         &self.conn.shared
     }
 
+    /// Counts `n` bytes sent on the command's stdin (the channel's and the connection's
+    /// totals).
+    pub(super) fn count_stdin(&self, n: u64) {
+        self.stdin_bytes.fetch_add(n, Ordering::Relaxed);
+        self.shared()
+            .counters
+            .bytes_out
+            .fetch_add(n, Ordering::Relaxed);
+    }
+
     pub(super) fn stats(&self) -> ChannelStats {
         let (buffered, pending, spilled) = self.stdout.counts();
         ChannelStats {
