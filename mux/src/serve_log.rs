@@ -15,15 +15,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nixmux_proto::log::{LineSplitter, LogEvent};
-use nixmux_session::Activity;
+use nixmux_session::{Activity, within_idle};
 use nixmux_transport::{ExecStatus, StderrEvent, StderrLog};
 use tokio::sync::watch;
 
 use crate::logs::LogSender;
 
-/// Longest wait for the server to answer the barrier (one round trip) and for the pump to
-/// reach it. A server that does not answer that long is dead or frozen, which the session's
-/// next wait and the transport's keepalive report; the log is then complete as far as it got.
+/// Longest silence on the session while waiting for the server to answer the barrier and
+/// for the pump to reach it. The answer comes behind every stderr byte sent before it, which
+/// on a slow link may take a while to arrive: those bytes (and anything else the server
+/// sends) count as progress. A server silent this long is dead or frozen, which the
+/// session's next wait and the transport's keepalive report; the log is then complete as far
+/// as it got.
 const SETTLE_WAIT: Duration = Duration::from_secs(10);
 
 /// How far the pump got.
@@ -84,7 +87,13 @@ impl LogRoute {
         if pumped.borrow().done {
             return;
         }
-        let target = match tokio::time::timeout(SETTLE_WAIT, status.barrier()).await {
+        let answered = within_idle(
+            &self.activity,
+            Some(SETTLE_WAIT),
+            "log barrier",
+            status.barrier(),
+        );
+        let target = match answered.await {
             Ok(Ok(id)) => Some(id),
             // The channel closed (a serve server that failed exits): the queue ends after
             // its last byte, so wait for the end instead.
@@ -93,13 +102,16 @@ impl LogRoute {
                 None
             }
             Err(_) => {
-                tracing::debug!("log barrier unanswered for {SETTLE_WAIT:?}");
+                tracing::debug!("log barrier unanswered, the session silent for {SETTLE_WAIT:?}");
                 return;
             }
         };
         let reached = pumped.wait_for(|p| p.done || target.is_some_and(|t| p.barrier >= t));
-        if tokio::time::timeout(SETTLE_WAIT, reached).await.is_err() {
-            tracing::debug!("the log pump did not reach the barrier within {SETTLE_WAIT:?}");
+        if within_idle(&self.activity, Some(SETTLE_WAIT), "log pump", reached)
+            .await
+            .is_err()
+        {
+            tracing::debug!("the log pump did not reach the barrier, silent for {SETTLE_WAIT:?}");
         }
     }
 

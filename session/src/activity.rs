@@ -120,7 +120,7 @@ impl Drop for PauseGuard {
 
 /// Runs `fut`, a wait on the peer, failing with [`SessionError::Timeout`] only once `activity`
 /// has been still (and not paused) for `limit`. `None` waits without bound.
-pub(crate) async fn within_idle<F: Future>(
+pub async fn within_idle<F: Future>(
     activity: &Activity,
     limit: Option<Duration>,
     during: &'static str,

@@ -26,7 +26,7 @@ pub mod process;
 mod serve;
 mod worker;
 
-pub use activity::{Activity, PauseGuard};
+pub use activity::{Activity, PauseGuard, within_idle};
 pub use conn::{BoxReader, BoxWriter, RemoteDiagnostics, SessionConfig};
 pub use error::SessionError;
 pub use serve::{NarSummary, ServeSession, Upload};
