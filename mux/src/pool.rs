@@ -207,8 +207,12 @@ impl SessionPool {
     async fn wait_for_permit(&self) -> Result<OwnedSemaphorePermit> {
         let patience = self.settings.acquire_timeout;
         let mut mark = self.set.progress_mark();
+        // One acquire for the whole wait: the semaphore is FIFO, and a new acquire after each
+        // check would go to the back of the line.
+        let acquire = self.permits.clone().acquire_owned();
+        tokio::pin!(acquire);
         loop {
-            match tokio::time::timeout(patience, self.permits.clone().acquire_owned()).await {
+            match tokio::time::timeout(patience, &mut acquire).await {
                 Ok(Ok(p)) => return Ok(p),
                 Ok(Err(_)) => {
                     return Err(
