@@ -88,8 +88,9 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The machines file for Nix, from the agent's machines file `machines`.
-    fn machines_for_nix(&self, machines: &Path, out: &Path) {
+    /// The machines file for Nix, from the agent's machines file `machines`; written as
+    /// `machines-for-nix` beside it.
+    fn machines_for_nix(&self, machines: &Path) -> PathBuf {
         let o = Command::new(NIXMUX)
             .args(["agent", "machines", "--machines"])
             .arg(machines)
@@ -98,7 +99,9 @@ impl Agent {
             .output()
             .expect("agent machines");
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        std::fs::write(out, &o.stdout).expect("write");
+        let out = machines.with_file_name("machines-for-nix");
+        std::fs::write(&out, &o.stdout).expect("write");
+        out
     }
 
     fn sessions_served(&self) -> u64 {
@@ -106,6 +109,43 @@ impl Agent {
             .and_then(|s| s["sessions_total"].as_u64())
             .unwrap_or(0)
     }
+}
+
+/// Starts `nix-build` of [`SLOW`] (salted with `salt`, sleeping `secs`) through the machines
+/// file `for_nix`, with stdout and stderr piped, and waits until it runs on builder `on`.
+fn start_slow_build(
+    rig: &Rig,
+    on: usize,
+    for_nix: &Path,
+    fake: &Path,
+    slow: &Path,
+    salt: &str,
+    secs: u32,
+) -> Child {
+    let secs = secs.to_string();
+    let build = nix_build(
+        rig.client_store(),
+        for_nix,
+        fake,
+        slow,
+        &["--argstr", "salt", salt, "--argstr", "secs", &secs],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("nix-build");
+    let marker = format!("sleep {secs}");
+    wait_for(
+        &format!("the build on builder {on}"),
+        Duration::from_secs(60),
+        || {
+            rig.builder(on)
+                .processes()
+                .iter()
+                .any(|p| p.cmdline.contains(&marker))
+        },
+    );
+    build
 }
 
 /// The rig's machines lines of one scheme (`ssh://` or `ssh-ng://`), for builders `which`.
@@ -220,8 +260,7 @@ fn builds_through_the_agent(scheme: &str) {
     let machines = dir.path().join("machines");
     machines_of(&rig, scheme, &[0], &machines);
     let agent = Agent::start(dir.path(), &machines, &[]);
-    let for_nix = dir.path().join("machines-for-nix");
-    agent.machines_for_nix(&machines, &for_nix);
+    let for_nix = agent.machines_for_nix(&machines);
     let (fake, ssh_log) = fake_ssh(dir.path());
     let client = rig.client_store();
 
@@ -289,8 +328,7 @@ fn a_nix_daemons_build_hook_goes_through_the_agent() {
     let machines = dir.path().join("machines");
     machines_of(&rig, "ssh-ng", &[0], &machines);
     let agent = Agent::start(dir.path(), &machines, &[]);
-    let for_nix = dir.path().join("machines-for-nix");
-    agent.machines_for_nix(&machines, &for_nix);
+    let for_nix = agent.machines_for_nix(&machines);
     let (fake, ssh_log) = fake_ssh(dir.path());
     let client = rig.client_store();
     let builders = format!("@{}", for_nix.display());
@@ -416,8 +454,7 @@ fn the_agent_killed_mid_build() {
     let machines = dir.path().join("machines");
     machines_of(&rig, "ssh-ng", &[0], &machines);
     let mut agent = Agent::start(dir.path(), &machines, &[]);
-    let for_nix = dir.path().join("machines-for-nix");
-    agent.machines_for_nix(&machines, &for_nix);
+    let for_nix = agent.machines_for_nix(&machines);
     let (fake, _) = fake_ssh(dir.path());
     let client = rig.client_store();
     let slow = expr_file(dir.path(), "slow.nix", SLOW);
@@ -443,23 +480,7 @@ fn the_agent_killed_mid_build() {
             .expect("outputs");
         String::from_utf8_lossy(&o.stdout).trim().to_owned()
     };
-    let build = nix_build(
-        client,
-        &for_nix,
-        &fake,
-        &slow,
-        &["--argstr", "salt", &s, "--argstr", "secs", "30"],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("nix-build");
-    wait_for("the build on the builder", Duration::from_secs(60), || {
-        rig.builder(0)
-            .processes()
-            .iter()
-            .any(|p| p.cmdline.contains("sleep 30"))
-    });
+    let build = start_slow_build(&rig, 0, &for_nix, &fake, &slow, &s, 30);
     let _ = agent.child.kill();
     let _ = agent.child.wait();
     let o = build.wait_with_output().expect("nix-build ends");
@@ -511,29 +532,12 @@ fn a_reload_leaves_other_builders_alone() {
     // Nix only knows builder 1, where the build must run.
     let only1 = dir.path().join("machines-1");
     machines_of(&rig, "ssh-ng", &[1], &only1);
-    let for_nix = dir.path().join("machines-for-nix");
-    agent.machines_for_nix(&only1, &for_nix);
+    let for_nix = agent.machines_for_nix(&only1);
     let (fake, _) = fake_ssh(dir.path());
     let client = rig.client_store();
     let slow = expr_file(dir.path(), "slow.nix", SLOW);
     let s = salt();
-    let build = nix_build(
-        client,
-        &for_nix,
-        &fake,
-        &slow,
-        &["--argstr", "salt", &s, "--argstr", "secs", "6"],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("nix-build");
-    wait_for("the build on builder 1", Duration::from_secs(60), || {
-        rig.builder(1)
-            .processes()
-            .iter()
-            .any(|p| p.cmdline.contains("sleep 6"))
-    });
+    let build = start_slow_build(&rig, 1, &for_nix, &fake, &slow, &s, 6);
     // Builder 0 goes away (the file changes; the agent notices within 2 s).
     std::fs::copy(&only1, &both).expect("rewrite");
     wait_for("the reload", Duration::from_secs(20), || {
@@ -826,29 +830,12 @@ fn sigterm_drains_and_metrics_report() {
         .expect("free port")
         .port();
     let mut agent = Agent::start(dir.path(), &machines, &["--metrics", &port.to_string()]);
-    let for_nix = dir.path().join("machines-for-nix");
-    agent.machines_for_nix(&machines, &for_nix);
+    let for_nix = agent.machines_for_nix(&machines);
     let (fake, _) = fake_ssh(dir.path());
     let client = rig.client_store();
     let slow = expr_file(dir.path(), "slow.nix", SLOW);
     let s = salt();
-    let build = nix_build(
-        client,
-        &for_nix,
-        &fake,
-        &slow,
-        &["--argstr", "salt", &s, "--argstr", "secs", "3"],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("nix-build");
-    wait_for("the build on the builder", Duration::from_secs(60), || {
-        rig.builder(0)
-            .processes()
-            .iter()
-            .any(|p| p.cmdline.contains("sleep 3"))
-    });
+    let build = start_slow_build(&rig, 0, &for_nix, &fake, &slow, &s, 3);
 
     let mut http = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics");
     http.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")

@@ -289,10 +289,10 @@ mod tests {
         assert!(((t - t1).as_secs_f64() - 0.1).abs() < 1e-6);
     }
 
-    #[tokio::test]
-    async fn relay_adds_round_trip_and_limits_rate() {
+    /// A TCP server on loopback that sends back whatever it reads.
+    async fn echo_server() -> SocketAddr {
         let echo = TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
-        let target = echo.local_addr().expect("addr");
+        let addr = echo.local_addr().expect("addr");
         tokio::spawn(async move {
             while let Ok((mut s, _)) = echo.accept().await {
                 tokio::spawn(async move {
@@ -301,6 +301,12 @@ mod tests {
                 });
             }
         });
+        addr
+    }
+
+    #[tokio::test]
+    async fn relay_adds_round_trip_and_limits_rate() {
+        let target = echo_server().await;
         let relay = Relay::start(target, Link::new(40.0, 8.0))
             .await
             .expect("relay");
@@ -330,16 +336,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stalled_relay_holds_bytes_until_released() {
-        let echo = TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
-        let target = echo.local_addr().expect("addr");
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = echo.accept().await {
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        });
+        let target = echo_server().await;
         let relay = Relay::start(target, Link::new(0.0, 0.0))
             .await
             .expect("relay");

@@ -3,27 +3,14 @@
 use std::time::{Duration, Instant};
 
 use nixmux_transport::{
-    ChannelOpenRefusal, ExecOptions, NoopObserver, SshConnection, StderrEvent, StdoutSpill,
-    TransportConfig, TransportError, connect,
+    ChannelOpenRefusal, ExecOptions, SshConnection, StderrEvent, StdoutSpill, TransportError,
 };
 use tokio::io::AsyncWriteExt;
 
-use crate::support::{Sshd, SshdOptions, config, read_all};
+use crate::support::{Sshd, SshdOptions, config, conn_with, read_all};
 
 const T: Duration = Duration::from_secs(30);
 const MIB: u64 = 1024 * 1024;
-
-async fn conn_with(sshd: &Sshd, cfg: &TransportConfig) -> SshConnection {
-    connect(
-        &sshd.endpoint(),
-        &sshd.identities(),
-        &sshd.host_key_check(),
-        cfg,
-        NoopObserver,
-    )
-    .await
-    .expect("connect")
-}
 
 fn sshd_max_sessions(n: u32) -> Sshd {
     Sshd::start_with(SshdOptions {

@@ -4,24 +4,10 @@
 use std::io::ErrorKind as IoKind;
 use std::time::{Duration, Instant};
 
-use nixmux_transport::{
-    DisconnectCause, NoopObserver, SshConnection, Stage, TransportConfig, TransportError, connect,
-};
+use nixmux_transport::{DisconnectCause, NoopObserver, Stage, TransportError, connect};
 use tokio::io::AsyncReadExt;
 
-use crate::support::{Sshd, SshdOptions, config};
-
-async fn conn_with(sshd: &Sshd, cfg: &TransportConfig) -> SshConnection {
-    connect(
-        &sshd.endpoint(),
-        &sshd.identities(),
-        &sshd.host_key_check(),
-        cfg,
-        NoopObserver,
-    )
-    .await
-    .expect("connect")
-}
+use crate::support::{Sshd, SshdOptions, config, conn_with};
 
 /// SIGSTOP every sshd process of the connection: keepalives go unanswered and the
 /// connection is declared dead within interval × (max + 1), with cause KeepaliveTimeout

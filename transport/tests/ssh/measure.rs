@@ -8,10 +8,10 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nixmux_transport::{NoopObserver, SshConnection, TransportConfig, connect};
+use nixmux_transport::SshConnection;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{Sshd, config};
+use crate::support::{Sshd, config, conn_with as conn};
 
 const GIB: u64 = 1 << 30;
 
@@ -22,18 +22,6 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 fn mib_s(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / (1024.0 * 1024.0) / d.as_secs_f64()
-}
-
-async fn conn(sshd: &Sshd, cfg: &TransportConfig) -> SshConnection {
-    connect(
-        &sshd.endpoint(),
-        &sshd.identities(),
-        &sshd.host_key_check(),
-        cfg,
-        NoopObserver,
-    )
-    .await
-    .expect("connect")
 }
 
 async fn down(c: &SshConnection, bytes: u64) -> Duration {

@@ -10,7 +10,7 @@ use nixmux_transport::{
     connect, connect_over,
 };
 
-use crate::support::{Sshd, SshdOptions, config, keygen};
+use crate::support::{Sshd, SshdOptions, config, keygen, try_connect};
 
 /// With `MaxStartups 1:100:1` and one unauthenticated connection held open, sshd drops
 /// every further connection right after accepting it: each connect fails with
@@ -30,15 +30,9 @@ async fn max_startups_drop_is_closed_at_startup() {
     .expect("join");
 
     for attempt in 0..5 {
-        let err = connect(
-            &sshd.endpoint(),
-            &sshd.identities(),
-            &sshd.host_key_check(),
-            &config(),
-            NoopObserver,
-        )
-        .await
-        .expect_err("sshd must drop the connection");
+        let err = try_connect(&sshd, &config())
+            .await
+            .expect_err("sshd must drop the connection");
         println!("attempt {attempt}: {err}");
         match &err {
             TransportError::ClosedAtStartup {
@@ -65,15 +59,7 @@ async fn max_startups_drop_is_closed_at_startup() {
     drop(holder);
     let deadline = Instant::now() + Duration::from_secs(5);
     let conn = loop {
-        match connect(
-            &sshd.endpoint(),
-            &sshd.identities(),
-            &sshd.host_key_check(),
-            &config(),
-            NoopObserver,
-        )
-        .await
-        {
+        match try_connect(&sshd, &config()).await {
             Ok(c) => break c,
             Err(e) if e.is_startup_drop() && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(20)).await;

@@ -5,26 +5,14 @@
 use std::time::{Duration, Instant};
 
 use nixmux_transport::{
-    DisconnectCause, ExecChannel, ExecOptions, NoopObserver, SshConnection, StderrEvent, StderrLog,
-    TransportConfig, TransportError, connect,
+    DisconnectCause, ExecChannel, ExecOptions, NoopObserver, StderrEvent, StderrLog,
+    TransportError, connect,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{Dropbear, Sshd, config};
+use crate::support::{Dropbear, Sshd, config, conn_with};
 
 const T: Duration = Duration::from_secs(30);
-
-async fn conn_with(sshd: &Sshd, cfg: &TransportConfig) -> SshConnection {
-    connect(
-        &sshd.endpoint(),
-        &sshd.identities(),
-        &sshd.host_key_check(),
-        cfg,
-        NoopObserver,
-    )
-    .await
-    .expect("connect")
-}
 
 /// Reads stdout up to and including the next newline (the commands here write one line and
 /// then wait for us).
@@ -44,6 +32,21 @@ async fn read_line(ch: &mut ExecChannel) -> String {
         line.extend_from_slice(&buf[..n]);
     }
     String::from_utf8(line).expect("utf8")
+}
+
+/// The serve-protocol pattern in a shell: `rounds` times, `lines` lines of log on stderr
+/// (`log<round>.<i>`), then a reply on stdout (`reply<round>`), then wait for a line on stdin.
+fn rounds_command(rounds: u64, lines: usize) -> String {
+    format!(
+        "for r in $(seq 1 {rounds}); do \
+         for i in $(seq 1 {lines}); do echo log$r.$i >&2; done; \
+         echo reply$r; read go || exit 1; done; cat >/dev/null"
+    )
+}
+
+/// The stderr of round `round` of [`rounds_command`].
+fn round_log(round: u64, lines: usize) -> String {
+    (1..=lines).map(|i| format!("log{round}.{i}\n")).collect()
 }
 
 /// What the log queue held up to `Barrier(id)`.
@@ -91,11 +94,7 @@ async fn barrier_delivers_all_stderr_sent_before_the_reply() {
     for channel in 0..5 {
         let mut ch = conn
             .exec_with(
-                &format!(
-                    "for r in $(seq 1 {ROUNDS}); do \
-                     for i in $(seq 1 {LINES}); do echo log$r.$i >&2; done; \
-                     echo reply$r; read go || exit 1; done; cat >/dev/null"
-                ),
+                &rounds_command(ROUNDS, LINES),
                 ExecOptions::with_stderr_log(1 << 20),
             )
             .await
@@ -104,7 +103,7 @@ async fn barrier_delivers_all_stderr_sent_before_the_reply() {
         let mut sent_before = 0u64;
         for round in 1..=ROUNDS {
             assert_eq!(read_line(&mut ch).await, format!("reply{round}\n"));
-            let expected: String = (1..=LINES).map(|i| format!("log{round}.{i}\n")).collect();
+            let expected = round_log(round, LINES);
             if ch.stats().stderr_bytes < sent_before + expected.len() as u64 {
                 overtaken += 1;
             }
@@ -304,11 +303,7 @@ async fn barrier_against_dropbear() {
     const ROUNDS: u64 = 3;
     let mut ch = conn
         .exec_with(
-            &format!(
-                "for r in $(seq 1 {ROUNDS}); do \
-                 for i in $(seq 1 {LINES}); do echo log$r.$i >&2; done; \
-                 echo reply$r; read go || exit 1; done; cat >/dev/null"
-            ),
+            &rounds_command(ROUNDS, LINES),
             ExecOptions::with_stderr_log(1 << 20),
         )
         .await
@@ -318,7 +313,7 @@ async fn barrier_against_dropbear() {
         assert_eq!(read_line(&mut ch).await, format!("reply{round}\n"));
         let id = ch.status().barrier().await.expect("barrier");
         assert_eq!(id, round);
-        let expected: String = (1..=LINES).map(|i| format!("log{round}.{i}\n")).collect();
+        let expected = round_log(round, LINES);
         let got = collect_until_barrier(&mut log, id).await;
         assert!(got.data == expected.as_bytes(), "round {round}: {got:?}");
         ch.stdin().write_all(b"go\n").await.expect("next round");

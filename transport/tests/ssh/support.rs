@@ -14,7 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nixmux_transport::{Endpoint, HostKeyCheck, Identity, TransportConfig};
+use nixmux_transport::{
+    Endpoint, HostKeyCheck, Identity, NoopObserver, SshConnection, TransportConfig, TransportError,
+    connect,
+};
 
 pub(crate) struct SshdOptions {
     pub(crate) max_sessions: u32,
@@ -77,6 +80,26 @@ pub(crate) fn pub_line(private_key: &Path) -> String {
         .join(" ")
 }
 
+/// Waits (up to 10 s) until the server `child` started on `port` sends an SSH banner; false
+/// if it exited or never did.
+fn serves_ssh(child: &mut Child, port: u16) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut banner = [0u8; 4];
+            if s.read_exact(&mut banner).is_ok() && &banner == b"SSH-" {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").port()
@@ -137,23 +160,7 @@ impl Sshd {
                 .stderr(Stdio::piped())
                 .spawn()
                 .expect("spawn sshd");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let mut ready = false;
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                    let mut banner = [0u8; 8];
-                    if s.read_exact(&mut banner).is_ok() && &banner[..4] == b"SSH-" {
-                        ready = true;
-                        break;
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if !ready {
+            if !serves_ssh(&mut child, port) {
                 let _ = child.kill();
                 let _ = child.wait();
                 continue;
@@ -351,23 +358,7 @@ impl Dropbear {
                 .stderr(std::fs::File::create(d.join("dropbear.log")).expect("log"))
                 .spawn()
                 .expect("spawn dropbear");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let mut ready = false;
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                    let mut banner = [0u8; 4];
-                    if s.read_exact(&mut banner).is_ok() && &banner == b"SSH-" {
-                        ready = true;
-                        break;
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if !ready {
+            if !serves_ssh(&mut child, port) {
                 let _ = child.kill();
                 let _ = child.wait();
                 continue;
@@ -458,6 +449,26 @@ pub(crate) fn config() -> TransportConfig {
     c.handshake_timeout = Duration::from_secs(10);
     c.auth_timeout = Duration::from_secs(10);
     c
+}
+
+/// Connects to `sshd` with `cfg` as the tests' client (its key, its known_hosts).
+pub(crate) async fn try_connect(
+    sshd: &Sshd,
+    cfg: &TransportConfig,
+) -> Result<SshConnection, TransportError> {
+    connect(
+        &sshd.endpoint(),
+        &sshd.identities(),
+        &sshd.host_key_check(),
+        cfg,
+        NoopObserver,
+    )
+    .await
+}
+
+/// [`try_connect`], which must succeed.
+pub(crate) async fn conn_with(sshd: &Sshd, cfg: &TransportConfig) -> SshConnection {
+    try_connect(sshd, cfg).await.expect("connect")
 }
 
 /// Reads a channel's stdout to the end with a deadline.
