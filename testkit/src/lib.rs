@@ -1,0 +1,21 @@
+//! nixmux-testkit: in-process peers for tests that need neither root nor real Nix/OpenSSH.
+//!
+//! * [`fake`]: the server side of the serve and worker protocols over an in-memory pipe,
+//!   with fault knobs (used by `nixmux-session`'s tests directly).
+//! * [`server`]: a russh SSH server on `127.0.0.1:0` with a generated host key that
+//!   authenticates one client key, serves the fake Nix peers on `nix-store --serve --write`
+//!   and `nix-daemon --stdio`, runs scripted commands, and misbehaves on request (channel
+//!   opens never answered, zero or huge windows, endless or out-of-order output, rekey
+//!   storms).
+//! * [`raw_ssh`]: a minimal SSH server written below russh, for what russh's server API
+//!   cannot express: malformed channel requests, window adjustments that overflow, data
+//!   after CLOSE, a different host key at a rekey.
+//! * [`tcp`]: byte-level hostility: a trickling identification (slowloris), a proxy that
+//!   cuts the server's stream in the middle of a packet.
+//! * [`keys`]: host and client keys, key files (optionally passphrase-encrypted).
+
+pub mod fake;
+pub mod keys;
+pub mod raw_ssh;
+pub mod server;
+pub mod tcp;

@@ -1,0 +1,1 @@
+//! A minimal SSH server below russh (placeholder).
