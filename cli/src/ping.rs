@@ -59,7 +59,12 @@ pub(crate) fn render_table(reports: &[PingReport], out: &mut impl Write) -> std:
             let connect: f64 = r
                 .stages
                 .iter()
-                .filter(|s| !matches!(s.stage, PingStage::Exec | PingStage::Handshake))
+                .filter(|s| {
+                    !matches!(
+                        s.stage,
+                        PingStage::Exec | PingStage::DaemonSocket | PingStage::Handshake
+                    )
+                })
                 .map(|s| s.ms)
                 .sum();
             [
@@ -78,6 +83,7 @@ pub(crate) fn render_table(reports: &[PingReport], out: &mut impl Write) -> std:
                 fmt_ms((connect > 0.0).then_some(connect)),
                 fmt_ms(
                     stage_ms(r, PingStage::Exec)
+                        .or(stage_ms(r, PingStage::DaemonSocket))
                         .zip(stage_ms(r, PingStage::Handshake))
                         .map(|(a, b)| a + b),
                 ),
@@ -128,6 +134,12 @@ pub(crate) fn render_table(reports: &[PingReport], out: &mut impl Write) -> std:
         }
         if let Some((kex, cipher)) = &r.algorithms {
             writeln!(out, "  ssh: {kex}, {cipher}")?;
+        }
+        match (&r.session_path, &r.session_path_reason) {
+            (Some(path), Some(why)) => writeln!(out, "  session: {path} ({why})")?,
+            (Some(path), None) => writeln!(out, "  session: {path}")?,
+            (None, Some(why)) => writeln!(out, "  session: {why}")?,
+            (None, None) => {}
         }
         if let Some([min, med, max]) = r.rtt_ms {
             writeln!(

@@ -13,7 +13,7 @@ use nixmux_session::{SessionConfig, WorkerConfig};
 use crate::connections::{ConnectionLimits, ConnectionSet, Registry};
 use crate::error::{Result, from_session};
 use crate::pool::{PoolSettings, PooledSession, SessionPool};
-use crate::protocol::{Protocol, RemoteInfo};
+use crate::protocol::{DEFAULT_DAEMON_SOCKET, Protocol, RemoteInfo, WorkerRoute};
 use crate::remote::SessionSpec;
 use crate::stats::{BuilderStats, Health};
 use crate::target::ConnectTarget;
@@ -56,6 +56,12 @@ pub struct BuilderConfig {
     pub target: ConnectTarget,
     /// The command run on the builder for each session.
     pub remote_command: String,
+    /// How `ssh-ng://` sessions reach the builder's Nix (the daemon's socket or
+    /// `remote_command`); ignored for `ssh://`.
+    pub worker_route: WorkerRoute,
+    /// The daemon's socket on the builder ([`DEFAULT_DAEMON_SOCKET`] unless `remote-store`
+    /// or `daemon-socket` names another).
+    pub daemon_socket: String,
     /// The store directory of the builder (`/nix/store`).
     pub store_dir: StoreDir,
     /// Session pool limits.
@@ -81,6 +87,11 @@ impl BuilderConfig {
         SessionSpec {
             protocol: self.protocol,
             command: self.remote_command.clone(),
+            route: match self.protocol {
+                Protocol::Serve => WorkerRoute::Exec,
+                Protocol::Worker => self.worker_route,
+            },
+            daemon_socket: self.daemon_socket.clone(),
             session: self.session.clone(),
             worker: self.worker.clone(),
             store_dir: self.store_dir.clone(),
@@ -98,6 +109,8 @@ impl BuilderConfig {
                 Protocol::Serve => "nix-store --serve --write".into(),
                 Protocol::Worker => "nix-daemon --stdio".into(),
             },
+            worker_route: WorkerRoute::Auto,
+            daemon_socket: DEFAULT_DAEMON_SOCKET.to_owned(),
             store_dir: StoreDir::default(),
             pool: PoolSettings::default(),
             connections: ConnectionLimits::default(),
@@ -175,6 +188,9 @@ impl Builder {
             peak_channels_per_connection: c.peak_channels.load(Ordering::Relaxed),
             connections_lost: c.connections_lost.load(Ordering::Relaxed),
             sessions_created: p.created.load(Ordering::Relaxed),
+            sessions_via_socket: p.via_socket.load(Ordering::Relaxed),
+            daemon_socket_refusals: p.socket_refusals.load(Ordering::Relaxed),
+            daemon_socket_refused: self.inner.pool.socket.last_refusal().map(|r| r.why),
             sessions_discarded: p.discarded.load(Ordering::Relaxed),
             sessions_expired: p.expired.load(Ordering::Relaxed),
             idle_sessions: self.inner.pool.idle_count(),

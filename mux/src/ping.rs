@@ -14,7 +14,8 @@ use serde::Serialize;
 
 use crate::builder::BuilderConfig;
 use crate::error::{Error, ErrorKind};
-use crate::protocol::Protocol;
+use crate::daemon_socket::{self, SocketOpenError};
+use crate::protocol::{Protocol, SessionPath, WorkerRoute};
 use crate::remote;
 
 /// One stage of a ping.
@@ -31,6 +32,8 @@ pub enum PingStage {
     HostKey,
     /// Public-key authentication.
     Auth,
+    /// Opening a channel to the builder's nix-daemon socket (`ssh-ng://`).
+    DaemonSocket,
     /// Opening a session channel and starting the remote command.
     Exec,
     /// The Nix protocol handshake.
@@ -47,6 +50,7 @@ impl std::fmt::Display for PingStage {
             PingStage::KeyExchange => "key exchange",
             PingStage::HostKey => "host key",
             PingStage::Auth => "auth",
+            PingStage::DaemonSocket => "daemon socket",
             PingStage::Exec => "exec",
             PingStage::Handshake => "handshake",
             PingStage::RoundTrip => "round trip",
@@ -124,6 +128,11 @@ pub struct PingReport {
     pub protocol_version: Option<String>,
     /// The builder's Nix version, when the protocol says.
     pub remote_nix_version: Option<String>,
+    /// How the session reached the builder's Nix: `socket` (a channel to the nix-daemon
+    /// socket) or `exec` (a remote command); `None` when it got no further than connecting.
+    pub session_path: Option<String>,
+    /// Why that path: the socket used, or why exec (configured, or the socket refused).
+    pub session_path_reason: Option<String>,
     /// Trust.
     pub trust: TrustReport,
     /// Round-trip latency of a protocol request on the warm session: min / median / max ms.
@@ -180,6 +189,8 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
         },
         protocol_version: None,
         remote_nix_version: None,
+        session_path: None,
+        session_path_reason: None,
         trust: TrustReport::Unknown,
         rtt_ms: None,
         failure: None,
@@ -203,32 +214,72 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
 
     let spec = config.session_spec();
     let activity = nixmux_session::Activity::new();
-    let t0 = Instant::now();
-    let channel = match ssh
-        .exec_with(
-            &spec.command,
-            remote::exec_options(spec.protocol, &activity, None),
-        )
-        .await
-    {
-        Ok(c) => c,
-        Err(e) => {
-            fail(
-                &mut report,
-                PingStage::Exec,
-                Error::from(e).on(&config.name),
-            );
-            report.total_ms = ms(start.elapsed());
-            ssh.disconnect().await;
-            return report;
+    let options = || remote::exec_options(spec.protocol, &activity, None);
+    let mut opened = None;
+    if spec.route != WorkerRoute::Exec {
+        let t0 = Instant::now();
+        match daemon_socket::open(ssh.clone(), spec.daemon_socket.clone(), options()).await {
+            Ok(ch) => {
+                report.stages.push(StageTiming {
+                    stage: PingStage::DaemonSocket,
+                    ms: ms(t0.elapsed()),
+                });
+                report.session_path_reason =
+                    Some(format!("the nix-daemon socket {}", spec.daemon_socket));
+                opened = Some((ch, SessionPath::DaemonSocket));
+            }
+            Err(SocketOpenError::Refused(why)) if spec.route == WorkerRoute::Auto => {
+                report.session_path_reason = Some(format!("fell back to exec: {why}"));
+            }
+            Err(SocketOpenError::Refused(why)) => {
+                let e = Error::remote(ErrorKind::Connect, why)
+                    .hint("the store URL says `daemon-socket=`: allow stream-local forwarding for this user (sshd AllowStreamLocalForwarding), start nix-daemon on the builder, or drop the parameter to fall back to `nix-daemon --stdio`")
+                    .on(&config.name);
+                fail(&mut report, PingStage::DaemonSocket, e);
+                report.total_ms = ms(start.elapsed());
+                ssh.disconnect().await;
+                return report;
+            }
+            Err(SocketOpenError::Failed(e)) => {
+                fail(&mut report, PingStage::DaemonSocket, e.on(&config.name));
+                report.total_ms = ms(start.elapsed());
+                ssh.disconnect().await;
+                return report;
+            }
+        }
+    } else if spec.protocol == Protocol::Worker {
+        report.session_path_reason = Some(
+            "configured: `daemon-socket=no`, an own `remote-program`, or a `remote-store` that is not the daemon's socket".into(),
+        );
+    }
+    let (channel, path) = match opened {
+        Some(o) => o,
+        None => {
+            let t0 = Instant::now();
+            match ssh.exec_with(&spec.command, options()).await {
+                Ok(c) => {
+                    report.stages.push(StageTiming {
+                        stage: PingStage::Exec,
+                        ms: ms(t0.elapsed()),
+                    });
+                    (c, SessionPath::Exec)
+                }
+                Err(e) => {
+                    fail(
+                        &mut report,
+                        PingStage::Exec,
+                        Error::from(e).on(&config.name),
+                    );
+                    report.total_ms = ms(start.elapsed());
+                    ssh.disconnect().await;
+                    return report;
+                }
+            }
         }
     };
-    report.stages.push(StageTiming {
-        stage: PingStage::Exec,
-        ms: ms(t0.elapsed()),
-    });
+    report.session_path = Some(path.name().to_owned());
     let t1 = Instant::now();
-    let mut session = match remote::start(channel, None, &spec, &config.name, activity).await {
+    let mut session = match remote::start(channel, None, path, &spec, &config.name, activity.clone()).await {
         Ok(s) => s,
         Err(e) => {
             fail(&mut report, PingStage::Handshake, e);

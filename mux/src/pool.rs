@@ -20,6 +20,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::connections::{ConnectionSet, Opened};
 use crate::error::{Error, ErrorKind, Initiator, Result};
+use crate::daemon_socket::{self, SocketOpenError, SocketRoute};
+use crate::protocol::{SessionPath, WorkerRoute};
 use crate::remote::{self, RemoteSession, SessionSpec};
 
 /// Limits of a session pool.
@@ -55,6 +57,10 @@ pub(crate) struct PoolCounters {
     pub(crate) waited: AtomicU64,
     pub(crate) timeouts: AtomicU64,
     pub(crate) wait_micros: AtomicU64,
+    /// Sessions created over a channel to the daemon's socket.
+    pub(crate) via_socket: AtomicU64,
+    /// Channels to the daemon's socket the builder refused.
+    pub(crate) socket_refusals: AtomicU64,
 }
 
 /// The sessions of one builder.
@@ -68,6 +74,8 @@ pub(crate) struct SessionPool {
     returned: Notify,
     permits: Arc<Semaphore>,
     pub(crate) counters: PoolCounters,
+    /// Whether worker sessions go to the daemon's socket, and what refusals taught.
+    pub(crate) socket: SocketRoute,
 }
 
 /// A session checked out of the pool. Dropping it returns the session when it is healthy and
@@ -121,7 +129,9 @@ impl SessionPool {
         spec: SessionSpec,
         settings: PoolSettings,
     ) -> Arc<Self> {
+        let socket = SocketRoute::new(spec.route, spec.daemon_socket.clone());
         let pool = Arc::new(SessionPool {
+            socket,
             name,
             set,
             spec,
@@ -162,6 +172,9 @@ impl SessionPool {
         if let Some(s) = self.take_idle() {
             return Ok(pooled(s));
         }
+        if let Some(s) = self.open_via_socket().await? {
+            return Ok(pooled(s));
+        }
         // Open a new session, unless a warm one comes back while we wait for a channel slot:
         // then the reservation is withdrawn (dropping it is safe). Once a slot is ours, the
         // open goes through: a channel opened for nothing would cost the builder a Nix start.
@@ -181,14 +194,78 @@ impl SessionPool {
                 .map_err(|e| e.on(&self.name))?
             {
                 Opened::Ready(channel, ticket) => {
-                    let s = remote::start(channel, Some(ticket), &self.spec, &self.name, activity)
-                        .await?;
+                    let s = remote::start(
+                        channel,
+                        Some(ticket),
+                        SessionPath::Exec,
+                        &self.spec,
+                        &self.name,
+                        activity,
+                    )
+                    .await?;
                     self.counters.created.fetch_add(1, Ordering::Relaxed);
                     return Ok(pooled(s));
                 }
                 Opened::Retry => continue,
             }
         }
+    }
+
+    /// A new worker session over a channel to the daemon's socket, when the builder's route
+    /// says to try it. `None`: use exec instead ([`WorkerRoute::Auto`] after a refusal).
+    ///
+    /// No channel slot is reserved: sshd's `MaxSessions` does not count such channels, so
+    /// they all go on the host's first live connection; the pool's own `max_sessions` still
+    /// bounds them.
+    async fn open_via_socket(&self) -> Result<Option<RemoteSession>> {
+        if !self.socket.should_try(Instant::now()) {
+            return Ok(None);
+        }
+        let ssh = self
+            .set
+            .any_connection()
+            .await
+            .map_err(|e| e.on(&self.name))?;
+        let activity = Activity::new();
+        let hook = self.set.target.hooks.channel.clone();
+        let options = remote::exec_options(self.spec.protocol, &activity, hook);
+        match daemon_socket::open(ssh, self.socket.path.clone(), options).await {
+            Ok(channel) => {
+                self.socket.accepted();
+                let s = remote::start(
+                    channel,
+                    None,
+                    SessionPath::DaemonSocket,
+                    &self.spec,
+                    &self.name,
+                    activity,
+                )
+                .await?;
+                self.counters.created.fetch_add(1, Ordering::Relaxed);
+                self.counters.via_socket.fetch_add(1, Ordering::Relaxed);
+                Ok(Some(s))
+            }
+            Err(SocketOpenError::Refused(why)) => {
+                self.refused_socket(why)?;
+                Ok(None)
+            }
+            Err(SocketOpenError::Failed(e)) => Err(e.on(&self.name)),
+        }
+    }
+
+    /// Records that the builder refused its daemon's socket: an error when the route insists
+    /// on the socket, else a note (the caller falls back to exec).
+    pub(crate) fn refused_socket(&self, why: String) -> Result<()> {
+        self.counters.socket_refusals.fetch_add(1, Ordering::Relaxed);
+        self.socket.refused(why.clone());
+        if self.socket.route == WorkerRoute::Socket {
+            return Err(Error::remote(ErrorKind::Connect, why)
+                .hint("allow stream-local forwarding for this user (sshd AllowStreamLocalForwarding), start nix-daemon on the builder, or drop `daemon-socket=` from the store URL to fall back to `nix-daemon --stdio`")
+                .retryable(false)
+                .on(&self.name));
+        }
+        tracing::info!(builder = %self.name, "{why}; using `{}` instead", self.spec.command);
+        Ok(())
     }
 
     /// The next idle session to come back.
@@ -295,12 +372,16 @@ impl SessionPool {
 
 impl crate::connections::IdleEvict for SessionPool {
     fn evict_one(&self) -> bool {
-        // The oldest idle session goes first.
+        // The oldest idle session holding a session slot goes first; one over the daemon's
+        // socket holds none, so closing it would free nothing.
         match self.idle.lock() {
-            Ok(mut idle) if !idle.is_empty() => {
-                idle.remove(0);
-                true
-            }
+            Ok(mut idle) => match idle.iter().position(|s| s.ticket.is_some()) {
+                Some(i) => {
+                    idle.remove(i);
+                    true
+                }
+                None => false,
+            },
             _ => false,
         }
     }

@@ -1,5 +1,5 @@
-//! Raw sessions: an exec channel on a builder's pooled connection running the remote Nix
-//! program, with no handshake done. For callers that speak the protocol themselves: the
+//! Raw sessions: a channel on a builder's pooled connection to the remote Nix (its daemon's
+//! socket, or an exec of the remote program), with no handshake done. For callers that speak the protocol themselves: the
 //! agent (`nixmux agent`) splices a local Nix's own session onto one, so that an unmodified
 //! Nix gets the pooled connection.
 //!
@@ -10,7 +10,11 @@
 use bytes::Bytes;
 use nixmux_transport::{ChannelStdin, ChannelStdout, ExecOptions, ExecStatus, StderrLog};
 
+use std::time::Instant;
+
 use crate::builder::Builder;
+use crate::daemon_socket::{self, SocketOpenError};
+use crate::protocol::Protocol;
 use crate::connections::{Opened, Slot};
 use crate::error::{Error, ErrorKind, Result};
 
@@ -38,6 +42,9 @@ impl Builder {
     /// like any session (connecting when needed). `first_input` goes to the remote program's
     /// stdin right behind the exec request, a round trip before the channel is handed out.
     pub async fn open_raw(&self, first_input: Option<Bytes>) -> Result<RawSession> {
+        if let Some(raw) = self.open_raw_via_socket(first_input.clone()).await? {
+            return Ok(raw);
+        }
         let set = &self.inner.set;
         let patience = self.inner.config.pool.acquire_timeout;
         let mut seq = None;
@@ -57,9 +64,53 @@ impl Builder {
     /// ahead of demand, which must stay within the builder's session limit. `None`: no room
     /// (or sshd refused the channel).
     pub async fn open_spare_raw(&self, first_input: Option<Bytes>) -> Result<Option<RawSession>> {
+        if let Some(raw) = self.open_raw_via_socket(first_input.clone()).await? {
+            return Ok(Some(raw));
+        }
         match self.inner.set.reserve_if_free() {
             Some(slot) => self.open_on(slot, first_input).await,
             None => Ok(None),
+        }
+    }
+
+    /// A raw `ssh-ng://` session over a channel to the daemon's socket, when the builder's
+    /// route says to try it (it needs no session slot). `None`: use exec.
+    async fn open_raw_via_socket(&self, first_input: Option<Bytes>) -> Result<Option<RawSession>> {
+        let pool = &self.inner.pool;
+        if self.protocol() != Protocol::Worker || !pool.socket.should_try(Instant::now()) {
+            return Ok(None);
+        }
+        let ssh = self
+            .inner
+            .set
+            .any_connection()
+            .await
+            .map_err(|e| e.on(self.name()))?;
+        let mut options = ExecOptions::with_stderr_log(RAW_LOG_QUEUE);
+        options.observer = self.inner.set.target.hooks.channel.clone();
+        options.first_input = first_input;
+        match daemon_socket::open(ssh, pool.socket.path.clone(), options).await {
+            Ok(mut channel) => {
+                pool.socket.accepted();
+                let Some(stderr) = channel.take_stderr_log() else {
+                    return Err(Error::local(
+                        ErrorKind::Protocol,
+                        "a raw session was opened without its stderr queue",
+                    ));
+                };
+                let (stdin, stdout, status) = channel.into_parts();
+                Ok(Some(RawSession {
+                    stdin,
+                    stdout,
+                    stderr,
+                    status,
+                }))
+            }
+            Err(SocketOpenError::Refused(why)) => {
+                pool.refused_socket(why)?;
+                Ok(None)
+            }
+            Err(SocketOpenError::Failed(e)) => Err(e.on(self.name())),
         }
     }
 

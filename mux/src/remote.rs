@@ -16,7 +16,7 @@ use nixmux_transport::{ChannelObserver, ExecChannel, ExecOptions, ExecStatus, Ex
 use crate::connections::ChannelTicket;
 use crate::conversation::Conversation;
 use crate::error::{Error, ErrorKind, Result, from_session};
-use crate::protocol::Protocol;
+use crate::protocol::{Protocol, SessionPath, WorkerRoute};
 use crate::serve_log::LogRoute;
 
 /// How to start and greet one kind of session.
@@ -25,6 +25,10 @@ pub(crate) struct SessionSpec {
     pub(crate) protocol: Protocol,
     /// The remote command line (`nix-daemon --stdio`, with `remote-program` / `--store`).
     pub(crate) command: String,
+    /// Whether worker sessions go to the daemon's socket (always `Exec` for serve).
+    pub(crate) route: WorkerRoute,
+    /// The daemon's socket on the builder.
+    pub(crate) daemon_socket: String,
     pub(crate) session: SessionConfig,
     pub(crate) worker: WorkerConfig,
     pub(crate) store_dir: StoreDir,
@@ -95,6 +99,21 @@ impl RemoteDiagnostics for ChannelDiagnostics {
                 (false, None) => Some(tail),
                 (false, Some(e)) => Some(format!("{tail} (remote command ended: {e})")),
             }
+        })
+    }
+}
+
+/// Explains a remote death on a channel to the daemon's socket: there is no exit status or
+/// stderr, only the fact that the daemon (or sshd) closed it.
+struct SocketDiagnostics(String);
+
+impl RemoteDiagnostics for SocketDiagnostics {
+    fn explain(&self) -> Pin<Box<dyn Future<Output = Option<String>> + Send + '_>> {
+        Box::pin(async move {
+            Some(format!(
+                "the nix-daemon behind {} closed the connection (its log on the builder says why)",
+                self.0
+            ))
         })
     }
 }
@@ -170,6 +189,7 @@ pub(crate) fn exec_options(
 pub(crate) async fn start(
     mut channel: ExecChannel,
     ticket: Option<ChannelTicket>,
+    path: SessionPath,
     spec: &SessionSpec,
     builder: &str,
     activity: Activity,
@@ -183,7 +203,10 @@ pub(crate) async fn start(
         closed: Some(Box::pin(status.closed_signal())),
     };
     let mut config = spec.session.clone();
-    config.diagnostics = Some(Arc::new(ChannelDiagnostics(status.clone())));
+    config.diagnostics = Some(match path {
+        SessionPath::Exec => Arc::new(ChannelDiagnostics(status.clone())),
+        SessionPath::DaemonSocket => Arc::new(SocketDiagnostics(spec.daemon_socket.clone())),
+    });
     config.activity = Some(activity.clone());
     let route = LogRoute::new(activity);
     let max_line = usize::try_from(spec.session.limits.max_log_line).unwrap_or(64 << 10);

@@ -50,6 +50,7 @@ impl BuilderConfig {
         target.jump = jump;
         let mut cfg = BuilderConfig::new(spec.name.clone(), spec.protocol, target);
         cfg.remote_command = spec.remote_command();
+        (cfg.worker_route, cfg.daemon_socket) = spec.worker_route();
         cfg.machine = MachineInfo {
             systems: spec.systems.clone(),
             max_jobs: spec.max_jobs,
@@ -74,6 +75,8 @@ fn target_for(
         transport.channel_open_timeout = t;
         transport.exec_timeout = t;
     }
+    // ssh -C, as Nix passes for `compress=true`; ssh_config `Compression yes` too.
+    transport.compression = transport.compression || ep.compress;
     if let Some(i) = ep.keepalive.interval {
         transport.keepalive_interval = Some(i);
         transport.keepalive_max_misses =

@@ -59,6 +59,14 @@ pub struct BuilderStats {
     pub connections_lost: u64,
     /// Protocol sessions created (channel + handshake).
     pub sessions_created: u64,
+    /// Of those, sessions over a channel to the builder's nix-daemon socket (`ssh-ng://`;
+    /// the rest ran a remote command).
+    pub sessions_via_socket: u64,
+    /// Channels to the daemon's socket the builder refused (each sends the builder's
+    /// sessions to exec for a while, see [`crate::WorkerRoute::Auto`]).
+    pub daemon_socket_refusals: u64,
+    /// Why the builder last refused its daemon's socket, while that still decides the route.
+    pub daemon_socket_refused: Option<String>,
     /// Sessions closed because they were broken, poisoned or cancelled.
     pub sessions_discarded: u64,
     /// Sessions closed for being idle too long.

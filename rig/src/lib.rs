@@ -40,20 +40,26 @@
 //! `spawn_blocking` in async tests.
 
 mod builder;
+mod daemon;
+mod dropbear;
 mod error;
 mod install;
+mod peers;
 mod procs;
 pub mod relay;
 mod rig;
 mod sshd;
 mod state;
 mod store;
+mod trixie;
 mod untrusted;
 mod util;
 
 pub use builder::{Builder, Protocol};
+pub use dropbear::dropbear_log_patterns;
 pub use error::{Result, RigError};
 pub use install::{ensure_peers_installed, missing_programs};
+pub use peers::{NixPeer, SshServer, trixie_root};
 pub use procs::ProcInfo;
 pub use rig::{Rig, RigConfig};
 pub use sshd::log_patterns;

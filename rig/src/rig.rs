@@ -13,6 +13,7 @@ use base64::Engine as _;
 use crate::builder::{Builder, KILL_TIMEOUT, Protocol};
 use crate::error::{IoContext, Result, RigError};
 use crate::install::ensure_peers_installed;
+use crate::peers::{NixPeer, SshServer};
 use crate::procs::{self, FileId, PinnedNs};
 use crate::sshd::{self, SshdSettings};
 use crate::state::{RigState, STATE_FILE, STATE_VERSION, StateFile};
@@ -51,6 +52,13 @@ pub struct RigConfig {
     /// exists only inside the builder's namespace: its `/etc/passwd`, `/etc/group` and
     /// `/etc/shadow` are private copies bind-mounted over the host's.
     pub untrusted_user: Option<String>,
+    /// Run a `nix-daemon` as root in every builder's namespace, as a multi-user install
+    /// does (implied by `untrusted_user`): `ssh-ng://` sessions can then use its socket.
+    pub nix_daemon: bool,
+    /// The builders' SSH server (default OpenSSH; see [`SshServer`]).
+    pub ssh_server: SshServer,
+    /// The Nix the builders' sessions run (default the host's 2.8; see [`NixPeer`]).
+    pub nix: NixPeer,
 }
 
 impl Default for RigConfig {
@@ -65,6 +73,9 @@ impl Default for RigConfig {
             max_jobs: 4,
             ready_timeout: Duration::from_secs(10),
             untrusted_user: None,
+            nix_daemon: false,
+            ssh_server: SshServer::OpenSsh,
+            nix: NixPeer::Host,
         }
     }
 }
@@ -196,8 +207,17 @@ impl Rig {
         let store = PrivateStore::with_config(dir.join("store"), &self.config.extra_nix_conf)?;
         let wrapper = match &self.config.untrusted_user {
             Some(user) => Some(crate::untrusted::prepare(&dir, user)?),
+            None if self.config.nix_daemon => Some(crate::daemon::prepare(&dir)?),
             None => None,
         };
+        let (server, wrapper) = crate::peers::prepare(
+            &self.config,
+            &dir,
+            &store,
+            &host_key_path,
+            &self.authorized_keys(),
+            wrapper,
+        )?;
         let config_path = dir.join("sshd_config");
         let log_path = dir.join("sshd.log");
         let mut last_err = None;
@@ -210,9 +230,12 @@ impl Rig {
                 store: &store,
                 config: &self.config,
                 builder_dir: &dir,
+                forced_command: server.forced_command.as_deref(),
             });
             fs::write(&config_path, text).ctx(|| format!("writing {}", config_path.display()))?;
-            match sshd::launch(
+            match crate::peers::launch(
+                &server,
+                &dir,
                 &name,
                 &store,
                 wrapper.as_deref(),
@@ -238,6 +261,7 @@ impl Rig {
                         max_jobs: self.config.max_jobs,
                         ready_timeout: self.config.ready_timeout,
                         wrapper: wrapper.clone(),
+                        server: server.clone(),
                         live: Mutex::new(live),
                         state: Arc::clone(&self.state),
                     });

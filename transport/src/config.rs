@@ -162,6 +162,11 @@ pub struct TransportConfig {
     /// to close the channel, before sending SIGKILL and closing it ourselves. sshd holds a
     /// `MaxSessions` slot until the command has exited, so this is what frees it. Default 2 s.
     pub close_grace: Duration,
+    /// Offer zlib compression (`zlib@openssh.com`, which starts after authentication, then
+    /// `zlib`), as `ssh -C` and a machines file's `compress=true` ask for; the server decides.
+    /// It pays on slow links with compressible data (NARs of text, uncompressed binaries) and
+    /// costs CPU on fast ones. Default false.
+    pub compression: bool,
 }
 
 impl Default for TransportConfig {
@@ -201,6 +206,7 @@ impl Default for TransportConfig {
             stdout_spill: StdoutSpill::TempFile(None),
             stderr_tail_bytes: 64 * 1024,
             close_grace: Duration::from_secs(2),
+            compression: false,
         }
     }
 }
@@ -352,6 +358,15 @@ impl TransportConfig {
             kex: Cow::Owned(kex),
             key: Cow::Owned(key),
             cipher: Cow::Owned(cipher),
+            compression: if self.compression {
+                Cow::Borrowed(&[
+                    russh::compression::ZLIB_LEGACY,
+                    russh::compression::ZLIB,
+                    russh::compression::NONE,
+                ])
+            } else {
+                Cow::Borrowed(&[russh::compression::NONE])
+            },
             ..defaults
         };
         Ok(russh::client::Config {

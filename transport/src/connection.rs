@@ -406,6 +406,35 @@ impl SshConnection {
         Ok(TcpipStream::new(parts))
     }
 
+    /// Opens a `direct-streamlocal@openssh.com` channel to the Unix socket at `path` on the
+    /// server (OpenSSH's `ssh -L local:/remote/socket`), drained like an exec channel and
+    /// returned as one: its stdout is what the socket's peer writes, its stdin what we write;
+    /// stderr stays empty and it ends without an exit status
+    /// ([`ExitStatus::ClosedWithoutStatus`](crate::ExitStatus::ClosedWithoutStatus)).
+    ///
+    /// Such a channel is a forwarding, not a session: sshd's `MaxSessions` does not count it,
+    /// and no process is started for it (a daemon already listening on the socket answers).
+    /// sshd refuses it ([`TransportError::ChannelOpenRefused`]) when stream-local forwarding
+    /// is off (`AllowStreamLocalForwarding no`, `DisableForwarding yes`), when the key is
+    /// `restrict`ed or `no-port-forwarding`, and when nothing listens on `path`; OpenSSH
+    /// gives the same reason code for all of these (`channel_connect_to_path` failing in
+    /// `serverloop.c`). Of `options`, the observer, `first_input` (sent right after the
+    /// open is confirmed) and `stderr_log_max_bytes` (the queue stays empty) apply; on drop
+    /// the channel is sent EOF and closed at once (there is no command to signal).
+    pub async fn open_streamlocal(
+        &self,
+        path: &str,
+        options: ExecOptions,
+    ) -> Result<ExecChannel, TransportError> {
+        let channel = self
+            .open(
+                Stage::ChannelOpen,
+                self.inner.handle.channel_open_direct_streamlocal(path),
+            )
+            .await?;
+        crate::exec::start_stream(self.inner.clone(), channel, options).await
+    }
+
     async fn open(
         &self,
         stage: Stage,

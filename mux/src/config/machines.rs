@@ -77,7 +77,7 @@ use std::sync::Arc;
 use super::b64::nix_base64_decode;
 use super::error::{ConfigError, Location, MachineProblem, Origin, StoreUrlProblem};
 use super::store_url::{StoreKind, StoreUrl, effective_store_uri, shell_escape, store_kind};
-use crate::Protocol;
+use crate::{DEFAULT_DAEMON_SOCKET, Protocol, WorkerRoute};
 
 /// Whitespace as Nix's `tokenizeString` and `trim` know it.
 const NIX_WS: &[char] = &[' ', '\t', '\n', '\r'];
@@ -237,6 +237,10 @@ pub struct BuilderSpec {
     pub remote_store: Option<String>,
     /// The `compress` parameter (ssh `-C`).
     pub compress: bool,
+    /// The `daemon-socket` parameter (nixmux's own; Nix would warn "unknown setting"):
+    /// `auto` (default), `no` (always `nix-daemon --stdio`), `yes` (only the daemon's
+    /// socket), or an absolute path (only the socket at that path). Worker protocol only.
+    pub daemon_socket: DaemonSocketParam,
     /// The `max-connections` parameter as written (at least 1, as Nix clamps it); `None` when
     /// absent. Nix forces 1 on `ssh://` machines; see the module docs for why we do not.
     pub max_connections: Option<u32>,
@@ -302,6 +306,46 @@ impl BuilderSpec {
         cmd
     }
 
+    /// How `ssh-ng://` sessions reach the builder's Nix, and the daemon socket's path there.
+    ///
+    /// The `daemon-socket` parameter decides when given. Otherwise ([`WorkerRoute::Auto`]):
+    /// a builder with its own `remote-program` is reached by running it (the socket would
+    /// bypass it); a `remote-store` of `unix://PATH` or `daemon` names the socket; any other
+    /// `remote-store` (a chroot store, another daemon's URL) is reached by exec, which is the
+    /// only way to pass `--store`.
+    pub fn worker_route(&self) -> (WorkerRoute, String) {
+        let store_socket = self.remote_store.as_deref().and_then(|s| {
+            let s = s.split('?').next().unwrap_or(s);
+            match s.strip_prefix("unix://") {
+                Some(p) if p.starts_with('/') => Some(p.to_owned()),
+                _ if s == "daemon" => Some(DEFAULT_DAEMON_SOCKET.to_owned()),
+                _ => None,
+            }
+        });
+        let default_path = || {
+            store_socket
+                .clone()
+                .unwrap_or_else(|| DEFAULT_DAEMON_SOCKET.to_owned())
+        };
+        if self.protocol == Protocol::Serve {
+            return (WorkerRoute::Exec, default_path());
+        }
+        match &self.daemon_socket {
+            DaemonSocketParam::Never => (WorkerRoute::Exec, default_path()),
+            DaemonSocketParam::Only => (WorkerRoute::Socket, default_path()),
+            DaemonSocketParam::Path(p) => (WorkerRoute::Socket, p.clone()),
+            DaemonSocketParam::Auto => {
+                let own_program = self.remote_program != ["nix-daemon"];
+                let other_store = self.remote_store.is_some() && store_socket.is_none();
+                if own_program || other_store {
+                    (WorkerRoute::Exec, default_path())
+                } else {
+                    (WorkerRoute::Auto, default_path())
+                }
+            }
+        }
+    }
+
     /// Whether this builder may take a derivation for `system` (Nix's `systemSupported`: the
     /// system is listed, or it is `builtin`).
     pub fn supports_system(&self, system: &str) -> bool {
@@ -321,6 +365,20 @@ impl BuilderSpec {
                 .iter()
                 .all(|f| required.contains(f.as_str()))
     }
+}
+
+/// The `daemon-socket` store-URL parameter.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum DaemonSocketParam {
+    /// Not given, or `auto`.
+    #[default]
+    Auto,
+    /// `no`, `false`, `0`, `never`, `exec`.
+    Never,
+    /// `yes`, `true`, `1`, `only`, `socket`.
+    Only,
+    /// An absolute path: only the socket at that path.
+    Path(String),
 }
 
 /// An entry whose store is not reached over SSH (`local`, `auto`, `daemon`, `unix://`, a
@@ -644,6 +702,7 @@ fn build_spec(
         ],
         remote_store: None,
         compress: false,
+        daemon_socket: DaemonSocketParam::Auto,
         max_connections: None,
         systems: fields.systems,
         max_jobs: fields.max_jobs,
@@ -687,6 +746,21 @@ fn build_spec(
                     "true" | "yes" | "1" => true,
                     "false" | "no" | "0" => false,
                     _ => return Err(bad_param(&k, &v, "expected true or false")),
+                };
+            }
+            "daemon-socket" => {
+                spec.daemon_socket = match v.as_str() {
+                    "" | "auto" => DaemonSocketParam::Auto,
+                    "no" | "false" | "0" | "never" | "exec" => DaemonSocketParam::Never,
+                    "yes" | "true" | "1" | "only" | "socket" => DaemonSocketParam::Only,
+                    p if p.starts_with('/') => DaemonSocketParam::Path(p.to_owned()),
+                    _ => {
+                        return Err(bad_param(
+                            &k,
+                            &v,
+                            "expected auto, yes, no or an absolute socket path",
+                        ));
+                    }
                 };
             }
             "max-connections" => {

@@ -147,7 +147,62 @@ pub(crate) async fn start_exec(
     }
 }
 
-/// A running remote command: stdin, stdout, stderr tail and exit status.
+/// Drains a forwarded channel (no exec request) and hands it out as an [`ExecChannel`]
+/// (see [`SshConnection::open_streamlocal`](crate::SshConnection::open_streamlocal)):
+/// `first_input` goes out before it is handed over, and a stderr log queue, if asked for,
+/// stays empty.
+pub(crate) async fn start_stream(
+    conn: Arc<ConnInner>,
+    channel: russh::Channel<Msg>,
+    options: ExecOptions,
+) -> Result<ExecChannel, TransportError> {
+    let timeout = conn.config.exec_timeout;
+    let shared = conn.shared.clone();
+    if let Some(o) = &options.observer {
+        o.opened();
+    }
+    let mut parts = ChannelParts::build(
+        conn,
+        channel,
+        false,
+        options.stderr_log_max_bytes,
+        // Nothing to signal: EOF and CLOSE at once, as for a direct-tcpip stream.
+        OnDrop {
+            terminate: false,
+            grace: std::time::Duration::ZERO,
+        },
+        options.observer,
+    );
+    let sent = match (&parts.write, options.first_input) {
+        (Some(w), Some(first)) => {
+            let n = first.len() as u64;
+            let r = tokio::time::timeout(timeout, w.data_bytes(first)).await;
+            if matches!(r, Ok(Ok(()))) {
+                parts.status.core.count_stdin(n);
+            }
+            Some(r)
+        }
+        _ => None,
+    };
+    parts.start_drain();
+    match sent {
+        Some(Err(_)) => Err(TransportError::Timeout {
+            stage: Stage::Exec,
+            after: timeout,
+        }),
+        Some(Ok(Err(e))) => Err(classify_with(&shared, Stage::Exec, e).await),
+        _ => Ok(ExecChannel {
+            stdin: parts.stdin,
+            stdout: parts.stdout,
+            status: parts.status,
+            log: parts.log,
+        }),
+    }
+}
+
+/// A running remote command (or a forwarded socket, see
+/// [`SshConnection::open_streamlocal`](crate::SshConnection::open_streamlocal)): stdin, stdout,
+/// stderr tail and exit status.
 ///
 /// It is itself an `AsyncRead` (stdout) + `AsyncWrite` (stdin), so it can be handed to a
 /// protocol driver as one byte stream. The channel is closed (CHANNEL_CLOSE sent) when this
