@@ -11,7 +11,7 @@ use rustix::process::Signal;
 
 use crate::error::{Result, RigError};
 use crate::procs::{self, PinnedNs, ProcInfo};
-use crate::sshd::{self, log_patterns};
+use crate::sshd::log_patterns;
 use crate::state::{BuilderRecord, StateFile};
 use crate::store::PrivateStore;
 use crate::util::{self, CLEAN_PATH, lock, program};
@@ -70,6 +70,8 @@ pub struct Builder {
     pub(crate) ready_timeout: Duration,
     /// Script that prepares the namespace (untrusted user, nix-daemon) before sshd starts.
     pub(crate) wrapper: Option<PathBuf>,
+    /// Which SSH server to (re)start (see `peers.rs`).
+    pub(crate) server: crate::peers::ServerSpec,
     pub(crate) live: Mutex<Live>,
     pub(crate) state: Arc<StateFile>,
 }
@@ -217,7 +219,9 @@ impl Builder {
         }
         // The listener may have died on its own, leaving sessions in the old namespace.
         self.stop_sshd()?;
-        let running = sshd::launch(
+        let running = crate::peers::launch(
+            &self.server,
+            &self.dir,
             &self.name,
             &self.store,
             self.wrapper.as_deref(),

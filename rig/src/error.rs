@@ -151,6 +151,13 @@ pub enum RigError {
         reason: String,
     },
 
+    /// A combination of [`RigConfig`](crate::RigConfig) settings the rig cannot provide.
+    #[error("unsupported rig configuration: {reason}")]
+    UnsupportedConfig {
+        /// Which settings and why.
+        reason: String,
+    },
+
     /// The `rig.json` state file of a kept rig is missing or unreadable.
     #[error(
         "rig state file {path:?}: {reason}; is this a directory left by Rig::keep()?",

@@ -40,7 +40,6 @@
 //! `spawn_blocking` in async tests.
 
 mod builder;
-mod daemon;
 mod dropbear;
 mod error;
 mod install;

@@ -99,6 +99,34 @@ fn all_pids() -> Vec<u32> {
         .collect()
 }
 
+/// Whether one of `pid`'s file descriptors is the TCP socket listening on 127.0.0.1:`port`
+/// (state `0A` in `/proc/<pid>/net/tcp`, matched by socket inode with `/proc/<pid>/fd`).
+pub(crate) fn owns_listener(pid: u32, port: u16) -> bool {
+    let Ok(table) = fs::read_to_string(format!("/proc/{pid}/net/tcp")) else {
+        return false;
+    };
+    let wanted = format!("0100007F:{port:04X}");
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(1) == Some(&wanted.as_str()) && f.get(3) == Some(&"0A"))
+                .then(|| f.get(9).map(|i| format!("socket:[{i}]")))
+                .flatten()
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        fs::read_link(fd.path()).is_ok_and(|l| inodes.iter().any(|i| l.as_os_str() == i.as_str()))
+    })
+}
+
 /// The processes of a builder: those in its sshd's mount namespace `ns`, plus those in other
 /// (non-host) namespaces that see the builder's store `store_nix` as their /nix. Nix 2.8's
 /// `nix-store` and `nix-daemon` unshare a private mount namespace of their own at start (a

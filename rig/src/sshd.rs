@@ -53,6 +53,53 @@ pub(crate) fn launch(
     timeout: Duration,
 ) -> Result<Live> {
     ensure_privsep_dir()?;
+    let sshd_args = [
+        os(Path::new("-D")),
+        os(Path::new("-f")),
+        os(config_path),
+        os(Path::new("-E")),
+        os(log_path),
+    ];
+    let server = ServerCommand {
+        program: Path::new(SSHD),
+        args: &sshd_args,
+        ready: Ready::LogLine(format!("Server listening on 127.0.0.1 port {port}.")),
+    };
+    launch_server(name, store, wrapper, &server, log_path, port, timeout)
+}
+
+/// How to start an SSH server in a builder's namespace (OpenSSH here, Dropbear in
+/// `dropbear.rs`).
+pub(crate) struct ServerCommand<'a> {
+    /// The server binary, absolute.
+    pub(crate) program: &'a Path,
+    /// Its arguments: it must stay in the foreground and log to stderr or `log_path`.
+    pub(crate) args: &'a [&'a std::ffi::OsStr],
+    /// How to tell that the server listens on our port.
+    pub(crate) ready: Ready,
+}
+
+/// Proof that the banner on our port is our server's, not that of a process that grabbed the
+/// port in between.
+pub(crate) enum Ready {
+    /// The server logs this line once it listens (sshd: `Server listening on ...`).
+    LogLine(String),
+    /// The server logs no such line (Dropbear): one of its file descriptors must be the
+    /// socket listening on the port.
+    OwnsListener,
+}
+
+/// Starts `server` in a fresh namespace over the builder's store (through `wrapper`, which
+/// prepares the namespace and execs the rest of its arguments) and waits until it answers.
+pub(crate) fn launch_server(
+    name: &str,
+    store: &PrivateStore,
+    wrapper: Option<&Path>,
+    server: &ServerCommand<'_>,
+    log_path: &Path,
+    port: u16,
+    timeout: Duration,
+) -> Result<Live> {
     let log_start = fs::metadata(log_path).map(|m| m.len()).unwrap_or(0);
     let log = fs::OpenOptions::new()
         .create(true)
@@ -62,21 +109,15 @@ pub(crate) fn launch(
     let log2 = log
         .try_clone()
         .ctx(|| format!("duplicating {}", log_path.display()))?;
-    let sshd_args = [
-        os(Path::new("-D")),
-        os(Path::new("-f")),
-        os(config_path),
-        os(Path::new("-E")),
-        os(log_path),
-    ];
     let mut cmd = match wrapper {
-        // The wrapper prepares the namespace, then execs sshd, so the pid is still sshd's.
+        // The wrapper prepares the namespace, then execs the server, so the pid is still
+        // the server's.
         Some(w) => {
-            let mut args = vec![os(w), os(Path::new(SSHD))];
-            args.extend(sshd_args);
+            let mut args = vec![os(w), os(server.program)];
+            args.extend(server.args);
             store.command("/bin/sh", args)
         }
-        None => store.command(SSHD, sshd_args),
+        None => store.command(server.program, server.args),
     };
     // sshd builds session environments from scratch plus `SetEnv`; give sshd itself a clean
     // one too so nothing of the test runner's environment leaks into the builder.
@@ -89,7 +130,16 @@ pub(crate) fn launch(
     let what = util::describe(&cmd);
     let mut child = cmd.spawn().ctx(|| format!("spawning `{what}`"))?;
     let pid = child.id();
-    let checked = wait_ready(name, &mut child, port, log_path, log_start, timeout).and_then(|()| {
+    let checked = wait_ready(
+        name,
+        &mut child,
+        port,
+        &server.ready,
+        log_path,
+        log_start,
+        timeout,
+    )
+    .and_then(|()| {
         // Only now is the pid sshd itself inside the new namespace (before the exec chain it
         // is unshare in ours, which PinnedNs refuses).
         let ns = PinnedNs::of(name, pid)?;
@@ -120,19 +170,19 @@ pub(crate) fn launch(
     }
 }
 
-/// Waits until sshd has logged that it listens on `port` and answers a TCP connection with an
-/// `SSH-2.0-` banner. Checking the log first makes sure the banner is our sshd's, not that of a
-/// process that grabbed the port in between.
+/// Waits until the server is known to listen on `port` (see [`Ready`]) and answers a TCP
+/// connection with an `SSH-2.0-` banner. Checking that first makes sure the banner is our
+/// server's, not that of a process that grabbed the port in between.
 fn wait_ready(
     name: &str,
     child: &mut Child,
     port: u16,
+    ready: &Ready,
     log_path: &Path,
     log_start: u64,
     timeout: Duration,
 ) -> Result<()> {
     let deadline = Instant::now() + timeout;
-    let listening = format!("Server listening on 127.0.0.1 port {port}.");
     let not_ready = |reason: String| RigError::SshdNotReady {
         builder: name.to_owned(),
         port,
@@ -147,6 +197,7 @@ fn wait_ready(
             .ctx(|| format!("waiting for sshd of {name}"))?
         {
             let log = read_from(log_path, log_start);
+            // sshd and Dropbear both quote strerror(EADDRINUSE).
             if log.contains("Address already in use") {
                 return Err(RigError::PortInUse {
                     builder: name.to_owned(),
@@ -155,12 +206,16 @@ fn wait_ready(
             }
             return Err(not_ready(format!("sshd exited ({status})")));
         }
-        if read_from(log_path, log_start).contains(&listening) && banner_ok(port) {
+        let listens = match ready {
+            Ready::LogLine(line) => read_from(log_path, log_start).contains(line.as_str()),
+            Ready::OwnsListener => procs::owns_listener(child.id(), port),
+        };
+        if listens && banner_ok(port) {
             return Ok(());
         }
         if Instant::now() >= deadline {
             return Err(not_ready(
-                "no `Server listening` line and SSH banner in time".to_owned(),
+                "not seen listening with an SSH banner in time".to_owned(),
             ));
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -239,6 +294,8 @@ pub(crate) struct SshdSettings<'a> {
     pub(crate) store: &'a PrivateStore,
     pub(crate) config: &'a RigConfig,
     pub(crate) builder_dir: &'a Path,
+    /// `ForceCommand` for every session (a trixie builder's chroot script).
+    pub(crate) forced_command: Option<&'a Path>,
 }
 
 pub(crate) fn sshd_config(s: &SshdSettings<'_>) -> String {
@@ -293,6 +350,9 @@ pub(crate) fn sshd_config(s: &SshdSettings<'_>) -> String {
         out.push_str(&l);
         out.push('\n');
     }
+    if let Some(c) = s.forced_command {
+        out.push_str(&format!("ForceCommand {}\n", c.display()));
+    }
     for l in matches {
         out.push_str(l);
         out.push('\n');
@@ -331,6 +391,7 @@ mod tests {
             store: &store,
             config: &config,
             builder_dir: Path::new("/b"),
+            forced_command: None,
         });
         let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
         assert_eq!(lines[0], "MaxSessions 3");
