@@ -40,6 +40,7 @@
 //! `spawn_blocking` in async tests.
 
 mod builder;
+mod daemon;
 mod dropbear;
 mod error;
 mod install;

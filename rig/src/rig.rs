@@ -52,6 +52,9 @@ pub struct RigConfig {
     /// exists only inside the builder's namespace: its `/etc/passwd`, `/etc/group` and
     /// `/etc/shadow` are private copies bind-mounted over the host's.
     pub untrusted_user: Option<String>,
+    /// Run a `nix-daemon` as root in every builder's namespace, as a multi-user install
+    /// does (implied by `untrusted_user`): `ssh-ng://` sessions can then use its socket.
+    pub nix_daemon: bool,
     /// The builders' SSH server (default OpenSSH; see [`SshServer`]).
     pub ssh_server: SshServer,
     /// The Nix the builders' sessions run (default the host's 2.8; see [`NixPeer`]).
@@ -70,6 +73,7 @@ impl Default for RigConfig {
             max_jobs: 4,
             ready_timeout: Duration::from_secs(10),
             untrusted_user: None,
+            nix_daemon: false,
             ssh_server: SshServer::OpenSsh,
             nix: NixPeer::Host,
         }
@@ -203,6 +207,7 @@ impl Rig {
         let store = PrivateStore::with_config(dir.join("store"), &self.config.extra_nix_conf)?;
         let wrapper = match &self.config.untrusted_user {
             Some(user) => Some(crate::untrusted::prepare(&dir, user)?),
+            None if self.config.nix_daemon => Some(crate::daemon::prepare(&dir)?),
             None => None,
         };
         let (server, wrapper) = crate::peers::prepare(
