@@ -1,4 +1,6 @@
 //! Fuzz target: see `nixmux_fuzz::derivation`.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| nixmux_fuzz::derivation(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    nixmux_fuzz::derivation(data);
+});

@@ -1,4 +1,6 @@
 //! Fuzz target: see `nixmux_fuzz::serve_requests`.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| nixmux_fuzz::serve_requests(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    nixmux_fuzz::serve_requests(data);
+});

@@ -11,7 +11,12 @@
 //! * a parsed `.drv` prints back to what parses to the same derivation.
 //!
 //! The first input byte selects the protocol version (and small or default [`Limits`]); the
-//! second, for the reply targets, which decoder runs.
+//! second, for the targets with several decoders, which decoder runs.
+//!
+//! Every target returns how many input bytes after its selector bytes the messages it
+//! accepted span (0 when it accepted nothing). The fuzzer ignores it; the seed generator
+//! (`examples/seed.rs`) uses it to cut real conversations into messages, and the corpus
+//! replay (`tests/corpus.rs`) runs the same functions on stable.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -125,147 +130,156 @@ fn accept<T: Debug + PartialEq>(
 // ===== serve =====
 
 /// Serve requests as a server reads them: a stream of up to 8 request headers.
-pub fn serve_requests(data: &[u8]) {
+pub fn serve_requests(data: &[u8]) -> usize {
     let Some((&sel, rest)) = data.split_first() else {
-        return;
+        return 0;
     };
     let l = limits(sel);
     let v = serve_version(sel);
     let d = dir();
     let mut r = WireReader::new(rest, &l);
     if sel & 0x40 != 0 {
-        let _ = accept(&mut r, &l, &serve::read_client_hello, &|v, o| {
+        return accept(&mut r, &l, &serve::read_client_hello, &|v, o| {
             serve::write_client_hello(o, *v)
-        });
-        return;
+        })
+        .map_or(0, |_| r.position());
     }
+    let mut used = 0;
     for _ in 0..8 {
         if accept(&mut r, &l, &|r| serve::Request::read(r, &d, v), &|q, o| {
             q.write(o, &d, v)
         })
         .is_none()
         {
-            return;
+            break;
         }
+        used = r.position();
     }
+    used
 }
 
 /// Serve replies as a client reads them; the second byte picks the decoder.
-pub fn serve_replies(data: &[u8]) {
+pub fn serve_replies(data: &[u8]) -> usize {
     let [sel, which, rest @ ..] = data else {
-        return;
+        return 0;
     };
     let l = limits(*sel);
     let v = serve_version(*sel);
     let d = dir();
     let mut r = WireReader::new(rest, &l);
-    match which % 8 {
-        0 => {
-            let _ = serve::read_server_hello(&mut r, serve::OUR_VERSION);
-        }
-        1 => {
-            accept(&mut r, &l, &|r| serve::read_path_set(r, &d), &|s, o| {
-                put_store_path_set(o, &d, s)
-            });
-        }
-        2 => {
-            accept(&mut r, &l, &|r| serve::read_path_infos(r, &d), &|i, o| {
-                serve::write_path_infos(o, &d, i)
-            });
-        }
-        3 => {
-            accept(&mut r, &l, &|r| serve::read_ack(r, "ack"), &|_, o| {
-                o.put_word(1)
-            });
-        }
-        4 => {
-            // Lossy by design (exit code → status); only the decoder runs.
-            let _ = serve::read_build_paths_reply(&mut r);
-        }
-        5 => {
-            accept(
-                &mut r,
-                &l,
-                &|r| serve::read_build_result(r, &d, v),
-                &|b, o| b.write(o, &d, serve::result_layout(v)),
-            );
-        }
-        6 => {
-            accept(
-                &mut r,
-                &l,
-                &|r| serve::read_export_trailer(r, &d),
-                &|t, o| serve::write_export_entry(o, &d, t),
-            );
-        }
+    let ok = match which % 8 {
+        0 => serve::read_server_hello(&mut r, serve::OUR_VERSION).is_ok(),
+        1 => accept(&mut r, &l, &|r| serve::read_path_set(r, &d), &|s, o| {
+            put_store_path_set(o, &d, s)
+        })
+        .is_some(),
+        2 => accept(&mut r, &l, &|r| serve::read_path_infos(r, &d), &|i, o| {
+            serve::write_path_infos(o, &d, i)
+        })
+        .is_some(),
+        3 => accept(&mut r, &l, &|r| serve::read_ack(r, "ack"), &|_, o| {
+            o.put_word(1)
+        })
+        .is_some(),
+        // Lossy by design (exit code → status); only the decoder runs.
+        4 => serve::read_build_paths_reply(&mut r).is_ok(),
+        5 => accept(
+            &mut r,
+            &l,
+            &|r| serve::read_build_result(r, &d, v),
+            &|b, o| b.write(o, &d, serve::result_layout(v)),
+        )
+        .is_some(),
+        6 => accept(
+            &mut r,
+            &l,
+            &|r| serve::read_export_trailer(r, &d),
+            &|t, o| serve::write_export_entry(o, &d, t),
+        )
+        .is_some(),
         _ => {
             // A whole export stream: items, NARs, trailers.
+            let mut used = 0;
             for _ in 0..4 {
                 match serve::read_export_item(&mut r) {
                     Ok(serve::ExportItem::Path) => {}
-                    _ => return,
+                    Ok(serve::ExportItem::End) => return r.position(),
+                    Err(_) => return used,
                 }
                 let mut p = NarParser::new(l);
-                let Ok(used) = p.feed(r.remaining()) else {
-                    return;
+                let Ok(n) = p.feed(r.remaining()) else {
+                    return used;
                 };
-                if !p.is_done() || r.read_raw(used).is_err() {
-                    return;
+                if !p.is_done() || r.read_raw(n).is_err() {
+                    return used;
                 }
                 if serve::read_export_trailer(&mut r, &d).is_err() {
-                    return;
+                    return used;
                 }
+                used = r.position();
             }
+            return used;
         }
-    }
+    };
+    if ok { r.position() } else { 0 }
 }
 
 // ===== worker =====
 
 /// Worker requests as a daemon reads them (handshake words, request headers, options, frames).
-pub fn worker_requests(data: &[u8]) {
+pub fn worker_requests(data: &[u8]) -> usize {
     let [sel, which, rest @ ..] = data else {
-        return;
+        return 0;
     };
     let l = limits(*sel);
     let n = negotiated(*sel);
     let v = n.version;
     let d = dir();
     let mut r = WireReader::new(rest, &l);
-    match which % 6 {
-        0 => {
-            let _ = accept(&mut r, &l, &worker::read_client_hello, &|v, o| {
-                worker::write_client_hello(o, *v)
-            });
-        }
+    let ok = match which % 6 {
+        0 => accept(&mut r, &l, &worker::read_client_hello, &|v, o| {
+            worker::write_client_hello(o, *v)
+        })
+        .is_some(),
         1 => {
-            let _ = accept(&mut r, &l, &worker::read_features, &|f, o| {
+            if accept(&mut r, &l, &worker::read_features, &|f, o| {
                 worker::write_features(o, f)
-            });
-            let _ = worker::read_client_tail(&mut r, v);
+            })
+            .is_none()
+            {
+                return 0;
+            }
+            let used = r.position();
+            if worker::read_client_tail(&mut r, v).is_ok() {
+                return r.position();
+            }
+            return used;
         }
-        2 => {
-            let _ = accept(&mut r, &l, &|r| ClientOptions::read(r, v), &|c, o| {
-                c.write(o, v)
-            });
-        }
+        2 => accept(&mut r, &l, &|r| ClientOptions::read(r, v), &|c, o| {
+            c.write(o, v)
+        })
+        .is_some(),
         3 => {
             // Frames up to the terminator.
             while let Ok(len) = worker::read_frame_header(&mut r) {
-                if len == 0 || r.read_raw(len).is_err() {
-                    return;
+                if len == 0 {
+                    return r.position();
+                }
+                if r.read_raw(len).is_err() {
+                    return 0;
                 }
             }
+            return 0;
         }
-        4 => {
-            let _ = accept(
-                &mut r,
-                &l,
-                &|r| worker::read_multiple_entry(r, &d),
-                &|i, o| worker::write_multiple_entry(o, &d, i),
-            );
-        }
+        4 => accept(
+            &mut r,
+            &l,
+            &|r| worker::read_multiple_entry(r, &d),
+            &|i, o| worker::write_multiple_entry(o, &d, i),
+        )
+        .is_some(),
         _ => {
+            let mut used = 0;
             for _ in 0..8 {
                 let Some(req) = accept(
                     &mut r,
@@ -273,23 +287,26 @@ pub fn worker_requests(data: &[u8]) {
                     &|r| worker::Request::read(r, &d, &n),
                     &|q, o| q.write(o, &d, &n),
                 ) else {
-                    return;
+                    break;
                 };
                 // Whatever a daemon decodes, a client could have sent on this connection.
                 assert!(
                     n.check_request(&req).is_ok() || n.check_op(req.op()).is_err(),
                     "decoded a request the connection cannot carry: {req:?}"
                 );
+                used = r.position();
             }
+            return used;
         }
-    }
+    };
+    if ok { r.position() } else { 0 }
 }
 
 /// Worker replies as a client reads them: the stderr loop, the daemon's greeting and every
 /// operation's reply.
-pub fn worker_replies(data: &[u8]) {
+pub fn worker_replies(data: &[u8]) -> usize {
     let [sel, which, rest @ ..] = data else {
-        return;
+        return 0;
     };
     let l = limits(*sel);
     let n = negotiated(*sel);
@@ -297,54 +314,61 @@ pub fn worker_replies(data: &[u8]) {
     let d = dir();
     let p = StorePath::new([7; 20], "p").expect("a valid path");
     let mut r = WireReader::new(rest, &l);
-    match which % 9 {
+    let ok = match which % 9 {
         0 => {
+            let mut used = 0;
             for _ in 0..16 {
                 let Some(m) = accept(&mut r, &l, &|r| StderrMsg::read(r, v), &|m, o| {
                     m.write(o, v)
                 }) else {
-                    return;
+                    break;
                 };
+                used = r.position();
                 if matches!(m, StderrMsg::Last | StderrMsg::Error(_)) {
-                    return;
+                    break;
                 }
             }
+            return used;
         }
         1 => {
-            let _ = worker::read_server_hello(&mut r, worker::OUR_VERSION);
-            let _ = accept(&mut r, &l, &|r| worker::read_daemon_info(r, v), &|i, o| {
+            if worker::read_server_hello(&mut r, worker::OUR_VERSION).is_err() {
+                return 0;
+            }
+            let used = r.position();
+            if accept(&mut r, &l, &|r| worker::read_daemon_info(r, v), &|i, o| {
                 worker::write_daemon_info(o, v, i)
-            });
+            })
+            .is_some()
+            {
+                return r.position();
+            }
+            return used;
         }
-        2 => {
-            accept(
-                &mut r,
-                &l,
-                &|r| worker::read_query_path_info(r, &d, &n, &p),
-                &|i, o| worker::write_query_path_info(o, &d, &n, i.as_ref()),
-            );
-        }
-        3 => {
-            accept(&mut r, &l, &|r| worker::read_missing(r, &d), &|m, o| {
-                worker::write_missing(o, &d, m)
-            });
-        }
-        4 => {
-            accept(
-                &mut r,
-                &l,
-                &|r| worker::read_build_result(r, &d, &n),
-                &|b, o| b.write(o, &d, n.result_layout()),
-            );
-        }
-        5 => {
-            accept(
-                &mut r,
-                &l,
-                &|r| worker::read_keyed_build_results(r, &d, &n),
-                &|k, o| worker::write_keyed_build_results(o, &d, &n, k),
-            );
-        }
+        2 => accept(
+            &mut r,
+            &l,
+            &|r| worker::read_query_path_info(r, &d, &n, &p),
+            &|i, o| worker::write_query_path_info(o, &d, &n, i.as_ref()),
+        )
+        .is_some(),
+        3 => accept(&mut r, &l, &|r| worker::read_missing(r, &d), &|m, o| {
+            worker::write_missing(o, &d, m)
+        })
+        .is_some(),
+        4 => accept(
+            &mut r,
+            &l,
+            &|r| worker::read_build_result(r, &d, &n),
+            &|b, o| b.write(o, &d, n.result_layout()),
+        )
+        .is_some(),
+        5 => accept(
+            &mut r,
+            &l,
+            &|r| worker::read_keyed_build_results(r, &d, &n),
+            &|k, o| worker::write_keyed_build_results(o, &d, &n, k),
+        )
+        .is_some(),
         6 => {
             let id = if n.features.is_empty() {
                 DrvOutputId::HashModulo {
@@ -362,43 +386,52 @@ pub fn worker_replies(data: &[u8]) {
                 &l,
                 &|r| worker::read_realisation(r, &d, &n, &id),
                 &|x, o| worker::write_realisation(o, &d, &n, x.as_ref()),
-            );
+            )
+            .is_some()
         }
         7 => {
-            accept(&mut r, &l, &|r| worker::read_path_set(r, &d), &|s, o| {
+            if accept(&mut r, &l, &|r| worker::read_path_set(r, &d), &|s, o| {
                 put_store_path_set(o, &d, s)
-            });
-            accept(&mut r, &l, &|r| worker::read_opt_path(r, &d), &|x, o| {
+            })
+            .is_none()
+            {
+                return 0;
+            }
+            let used = r.position();
+            if accept(&mut r, &l, &|r| worker::read_opt_path(r, &d), &|x, o| {
                 worker::write_opt_path(o, &d, x.as_ref())
-            });
+            })
+            .is_some()
+            {
+                return r.position();
+            }
+            return used;
         }
-        _ => {
-            let _ = worker::read_ack(&mut r, "ack");
-        }
-    }
+        _ => worker::read_ack(&mut r, "ack").is_ok(),
+    };
+    if ok { r.position() } else { 0 }
 }
 
 // ===== values =====
 
 /// Path infos in every encoding, build results in every layout, derivations, trailers.
-pub fn values(data: &[u8]) {
+pub fn values(data: &[u8]) -> usize {
     let [sel, which, rest @ ..] = data else {
-        return;
+        return 0;
     };
     let l = limits(*sel);
     let v = negotiated(*sel).version;
     let d = dir();
     let p = StorePath::new([7; 20], "p").expect("a valid path");
     let mut r = WireReader::new(rest, &l);
-    match which % 4 {
-        0 => {
-            accept(
-                &mut r,
-                &l,
-                &|r| PathInfo::read_worker_keyed(r, &d, v),
-                &|i, o| i.put_worker_keyed(o, &d, v),
-            );
-        }
+    let ok = match which % 4 {
+        0 => accept(
+            &mut r,
+            &l,
+            &|r| PathInfo::read_worker_keyed(r, &d, v),
+            &|i, o| i.put_worker_keyed(o, &d, v),
+        )
+        .is_some(),
         1 => {
             accept(
                 &mut r,
@@ -412,7 +445,8 @@ pub fn values(data: &[u8]) {
                     let _ = skip.read_bytes("path");
                     o.extend_from_slice(skip.remaining());
                 },
-            );
+            )
+            .is_some()
         }
         2 => {
             let layout = ResultLayout {
@@ -429,14 +463,15 @@ pub fn values(data: &[u8]) {
                 &l,
                 &|r| BuildResult::read(r, &d, layout),
                 &|b, o| b.write(o, &d, layout),
-            );
+            )
+            .is_some()
         }
-        _ => {
-            accept(&mut r, &l, &|r| BasicDerivation::read(r, &d), &|b, o| {
-                b.write(o, &d)
-            });
-        }
-    }
+        _ => accept(&mut r, &l, &|r| BasicDerivation::read(r, &d), &|b, o| {
+            b.write(o, &d)
+        })
+        .is_some(),
+    };
+    if ok { r.position() } else { 0 }
 }
 
 // ===== NAR and .drv =====
@@ -504,9 +539,9 @@ impl Tree {
 
 /// The NAR parser: same outcome whatever the chunking; what it accepts re-serialises byte for
 /// byte; what follows the archive is never consumed.
-pub fn nar(data: &[u8]) {
+pub fn nar(data: &[u8]) -> usize {
     let Some((&sel, input)) = data.split_first() else {
-        return;
+        return 0;
     };
     let l = limits(sel);
     let chunk = usize::from(sel & 0x7f) + 1;
@@ -550,17 +585,22 @@ pub fn nar(data: &[u8]) {
                     &input[..n],
                     "not re-serialised byte for byte"
                 );
+                return n;
             }
+            0
         }
-        Err(e) => assert_eq!(error, Some(e), "chunked feeding disagrees"),
+        Err(e) => {
+            assert_eq!(error, Some(e), "chunked feeding disagrees");
+            0
+        }
     }
 }
 
 /// The `.drv` parser: what it accepts prints back to something that parses to the same value,
 /// and printing is canonical.
-pub fn derivation(data: &[u8]) {
+pub fn derivation(data: &[u8]) -> usize {
     let Some((&sel, input)) = data.split_first() else {
-        return;
+        return 0;
     };
     let l = limits(sel);
     let d = dir();
@@ -573,5 +613,7 @@ pub fn derivation(data: &[u8]) {
         // itself need not be canonical: like Nix, the parser takes a raw tab or newline inside
         // a string, which prints escaped.)
         assert_eq!(back.to_aterm(&d), text, "printing is not stable");
+        return input.len();
     }
+    0
 }
