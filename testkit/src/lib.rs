@@ -13,9 +13,11 @@
 //! * [`tcp`]: byte-level hostility: a trickling identification (slowloris), a proxy that
 //!   cuts the server's stream in the middle of a packet.
 //! * [`keys`]: host and client keys, key files (optionally passphrase-encrypted).
+//! * [`logcap`]: every log line at TRACE (ours and russh's) into a searchable buffer.
 
 pub mod fake;
 pub mod keys;
+pub mod logcap;
 pub mod raw_ssh;
 pub mod server;
 pub mod tcp;

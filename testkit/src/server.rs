@@ -149,6 +149,10 @@ pub struct ServerStats {
     pub opens_unanswered: AtomicU64,
     /// Exec requests accepted.
     pub execs: AtomicU64,
+    /// Window adjustments after which the server asked for a `u32::MAX` target
+    /// ([`ServerOptions::huge_window_adjust`]): each is followed by a ~4 GiB adjustment at
+    /// the next data packet.
+    pub huge_window_targets: AtomicU64,
 }
 
 struct State {
@@ -421,13 +425,15 @@ impl Handler for ConnHandler {
         if !self.state.huge_window_adjust {
             return current;
         }
-        // russh sends `target - remaining` and then calls this for the next target: the first
-        // adjustment is normal, every later one tops the window up to 4 GiB.
-        if self.adjusted.insert(channel, ()).is_some() || current > 0 {
-            u32::MAX
-        } else {
-            current
-        }
+        // russh has just sent `target - remaining` and asks for the next target: from now on
+        // every adjustment tops the client's window up to 4 GiB (RFC 4254 §5.2 allows
+        // windows up to 2^32 - 1; the sum must not wrap on the client).
+        self.adjusted.insert(channel, ());
+        self.state
+            .stats
+            .huge_window_targets
+            .fetch_add(1, Ordering::Relaxed);
+        u32::MAX
     }
 }
 
