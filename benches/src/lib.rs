@@ -35,6 +35,7 @@ pub mod render;
 pub mod report;
 pub mod runner;
 pub mod sides;
+pub mod soak;
 pub mod stats;
 pub mod workloads;
 

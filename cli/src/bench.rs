@@ -13,6 +13,7 @@ use nixmux_benches::env::Targets;
 use nixmux_benches::render;
 use nixmux_benches::report::WanSettings;
 use nixmux_benches::runner::{Event, Progress};
+use nixmux_benches::soak;
 use nixmux_benches::workloads::{self, ALL};
 
 use crate::{BuilderArgs, exit_code, resolve};
@@ -35,9 +36,19 @@ pub(crate) struct BenchArgs {
     /// Workloads to run (repeatable or comma-separated; default: all but push-1gib, and
     /// without push-large under --wan). Known: cold-session, warm-op, new-channel, query,
     /// throughput, push-small, push-large, build, concurrency, builders, agent-connect,
-    /// push-1gib.
+    /// push-1gib; and `soak` (alone: see --duration).
     #[arg(long = "workload", value_name = "NAME", value_delimiter = ',')]
     workloads: Vec<String>,
+    /// Soak: how long operations run (`60s`, `10m`, `1h`), with faults on a schedule;
+    /// checks and the report come on top. Default 60s.
+    #[arg(long, value_name = "D")]
+    duration: Option<String>,
+    /// Soak: pause between faults (default 8s for runs under 2 minutes, else 20s).
+    #[arg(long = "fault-every", value_name = "D")]
+    fault_every: Option<String>,
+    /// Soak: operations in flight at once (default 3).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    concurrency: Option<u32>,
     /// Write the report as JSON (schema: the types in nixmux-benches' `report` module).
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -160,6 +171,13 @@ impl Progress for Display {
 
 /// Runs `nixmux bench`.
 pub(crate) fn main(args: BenchArgs) -> anyhow::Result<i32> {
+    if args.workloads.iter().any(|w| w.trim() == "soak") {
+        return soak(args);
+    }
+    if args.duration.is_some() || args.fault_every.is_some() || args.concurrency.is_some() {
+        eprintln!("nixmux: --duration, --fault-every and --concurrency apply to --workload soak");
+        return Ok(exit_code::CONFIG);
+    }
     let wan = args.wan.as_deref().map(parse_wan).transpose()?;
     let targets = if args.urls.is_empty() && args.machines.is_none() {
         if !args.identity.is_empty() || !args.known_hosts.is_empty() {
@@ -271,4 +289,75 @@ pub(crate) fn main(args: BenchArgs) -> anyhow::Result<i32> {
         );
     }
     Ok(exit_code::OK)
+}
+
+/// `nixmux bench --workload soak`: a long mixed run with faults on local rig builders; the
+/// exit code says whether every check held.
+fn soak(args: BenchArgs) -> anyhow::Result<i32> {
+    if args.workloads.iter().any(|w| w.trim() != "soak") {
+        eprintln!("nixmux: the soak workload runs alone");
+        return Ok(exit_code::CONFIG);
+    }
+    if !args.urls.is_empty() || args.machines.is_some() || args.wan.is_some() {
+        eprintln!(
+            "nixmux: the soak injects faults into local rig builders; it takes no STORE-URL, --machines or --wan"
+        );
+        return Ok(exit_code::CONFIG);
+    }
+    let duration =
+        soak::parse_duration(args.duration.as_deref().unwrap_or("60s")).context("--duration")?;
+    let mut options = soak::SoakOptions::new(duration);
+    if let Some(f) = &args.fault_every {
+        options.fault_every = soak::parse_duration(f).context("--fault-every")?;
+    }
+    if let Some(c) = args.concurrency {
+        options.concurrency = usize::try_from(c).unwrap_or(3);
+    }
+    if let Some(b) = args.builders {
+        options.builders = b.max(1);
+    }
+    let display = Display {
+        bar: Mutex::new(None),
+        tty: false,
+        workload: Mutex::new(String::new()),
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    let outcome = rt.block_on(async {
+        tokio::select! {
+            r = soak::run(options, &display) => r.map(Some),
+            _ = tokio::signal::ctrl_c() => Ok(None),
+        }
+    });
+    rt.shutdown_timeout(Duration::from_secs(10));
+    let Some(report) = outcome? else {
+        eprintln!("nixmux bench: interrupted; builders stopped");
+        return Ok(130);
+    };
+    print!("{}", soak::table(&report));
+    if let Some(path) = &args.json {
+        let text = report.to_json()?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("nixmux bench: JSON report in {}", path.display());
+    }
+    // The chart goes next to the JSON report (or into --charts).
+    let chart_dir = args.charts.clone().or_else(|| {
+        args.json.as_ref().map(|j| {
+            j.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_owned()
+        })
+    });
+    if let Some(dir) = chart_dir {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let p = dir.join("soak.svg");
+        std::fs::write(&p, soak::chart(&report))
+            .with_context(|| format!("writing {}", p.display()))?;
+        eprintln!("nixmux bench: chart in {}", p.display());
+    }
+    Ok(if report.passed {
+        exit_code::OK
+    } else {
+        exit_code::FAILURE
+    })
 }
