@@ -184,3 +184,18 @@ async fn never_confirmed_channel_open_then_recovery() {
     })
     .await
 }
+
+/// `Debug` of a builder's configuration never prints a key passphrase.
+#[tokio::test]
+async fn builder_config_debug_has_no_passphrase() {
+    let p = peer(|_| {}).await;
+    let mut cfg = builder(&p, Protocol::Worker);
+    let passphrase = "s3cret-passphrase-do-not-print";
+    cfg.target.identities = vec![Identity::KeyFile {
+        path: p.key.path.clone(),
+        passphrase: Some(passphrase.into()),
+    }];
+    let shown = format!("{cfg:?} {cfg:#?}");
+    assert!(!shown.contains(passphrase), "{shown}");
+    assert!(shown.contains("redacted"), "{shown}");
+}
