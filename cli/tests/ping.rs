@@ -237,3 +237,86 @@ fn ssh_config_host_alias_and_proxy_jump_are_honoured() {
     );
     assert_eq!(jump.count_log("Accepted publickey"), 1);
 }
+
+/// `nixmux ping` over both protocols against the rig's second SSH server and second Nix
+/// (Dropbear + Nix 2.8, OpenSSH + Nix 2.26, Dropbear + Nix 2.26), with the machines file's
+/// host key pins; a pin of another builder's key is refused by Dropbear's builder as by sshd's.
+#[test]
+fn interop_peers_ping_over_both_protocols_with_pinned_keys() {
+    use nixmux_rig::{NixPeer, SshServer};
+    nixmux_rig::ensure_peers_installed().expect("peers");
+    let pairs = [
+        (SshServer::Dropbear, NixPeer::Host),
+        (SshServer::OpenSsh, NixPeer::Trixie),
+        (SshServer::Dropbear, NixPeer::Trixie),
+    ];
+    let rigs: Vec<Rig> = pairs
+        .iter()
+        .map(|&(ssh_server, nix)| {
+            Rig::start(RigConfig {
+                ssh_server,
+                nix,
+                ..RigConfig::with_builders(1)
+            })
+            .expect("rig")
+        })
+        .collect();
+    for (rig, (server, nix)) in rigs.iter().zip(pairs) {
+        let machines = rig.machines();
+        let out = nixmux(&[
+            "ping",
+            "--json",
+            "--machines",
+            machines.to_str().expect("utf8"),
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{server:?} {nix:?}: {}",
+            text(&out)
+        );
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        let builders = doc["builders"].as_array().expect("array");
+        let find = |scheme: &str| {
+            builders
+                .iter()
+                .find(|b| b["scheme"] == scheme)
+                .unwrap_or_else(|| panic!("{scheme} builder in {doc}"))
+        };
+        assert_eq!(find("ssh")["protocol_version"], "2.7");
+        let worker = find("ssh-ng");
+        let (version, nix_version) = match nix {
+            NixPeer::Host => ("1.34", "2.8."),
+            NixPeer::Trixie => ("1.38", "2.26."),
+        };
+        assert_eq!(worker["protocol_version"], version, "{worker}");
+        assert!(
+            worker["remote_nix_version"]
+                .as_str()
+                .is_some_and(|v| v.starts_with(nix_version)),
+            "{worker}"
+        );
+        if nix == NixPeer::Trixie {
+            // 1.35+ says whether the daemon trusts us: root on its own store is trusted.
+            assert_eq!(worker["trust"], "trusted", "{worker}");
+        }
+    }
+    // Dropbear's builder (rigs[0]) pinned to the key of another builder (rigs[1]).
+    let b = rigs[0].builder(0);
+    let line = format!(
+        "{} x86_64-linux {} 1 1 - - {}",
+        b.store_url(Protocol::Serve),
+        rigs[0].client_key().display(),
+        rigs[1].builder(0).host_key_base64()
+    );
+    let machines = rigs[0].dir().join("machines-bad");
+    std::fs::write(&machines, line).expect("write");
+    let out = nixmux(&["ping", "--machines", machines.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(11), "{}", text(&out));
+    assert!(text(&out).contains("DOES NOT MATCH"), "{}", text(&out));
+    assert_eq!(
+        b.count_log(nixmux_rig::dropbear_log_patterns::ACCEPTED),
+        2,
+        "refused before auth: only the two pings authenticated"
+    );
+}

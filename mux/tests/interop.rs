@@ -71,7 +71,12 @@ async fn suite(ssh_server: SshServer, nix: NixPeer) {
         }
 
         // Push a closure bigger than many of Dropbear's 24 KiB windows, then query it.
-        let big = random_path(rig.client_store(), "interop-push", 6 << 20, 40 + 2 * i as u64);
+        let big = random_path(
+            rig.client_store(),
+            "interop-push",
+            6 << 20,
+            40 + 2 * i as u64,
+        );
         let roots: BTreeSet<StorePath> = [big.clone()].into();
         let report = b
             .push_closure(&local, &roots, false, None)
