@@ -53,7 +53,7 @@ pub struct SoakOptions {
 }
 
 impl SoakOptions {
-    /// Defaults for a run of `duration`: a fault every 20 s (every 10 s below 2 minutes, so
+    /// Defaults for a run of `duration`: a fault every 20 s (every 8 s below 2 minutes, so
     /// a CI run sees each kind), 3 operations at once, 2 builders.
     pub fn new(duration: Duration) -> Self {
         SoakOptions {
@@ -343,7 +343,7 @@ pub fn warmup_s(phase_s: f64) -> f64 {
     (phase_s * WARMUP_FRACTION).max(WARMUP_MIN.as_secs_f64().min(phase_s * 0.5))
 }
 /// An operation running this long is hung: every wait in nixmux is bounded well below it
-/// with the timeouts set in [`builder_config`] (keepalive 3 s, handshake 5 s, idle 15 s,
+/// with the timeouts set in [`builder_config`] (keepalive 6 s, handshake 10 s, idle 15 s,
 /// acquire 30 s while nothing moves).
 const WATCHDOG: Duration = Duration::from_secs(120);
 /// A failure ending this soon after a fault ended is the fault's: the connection's backoff
@@ -585,13 +585,16 @@ where
 /// operation within seconds, and idle sessions closed after 2 s so that sessions churn.
 fn builder_config(rig: &Rig, i: usize, protocol: Protocol) -> BuilderConfig {
     let mut transport = TransportConfig::default();
-    transport.tcp_connect_timeout = Duration::from_secs(5);
-    transport.handshake_timeout = Duration::from_secs(5);
-    transport.auth_timeout = Duration::from_secs(5);
-    transport.channel_open_timeout = Duration::from_secs(5);
-    transport.exec_timeout = Duration::from_secs(5);
-    // A frozen builder is noticed within 1 s × (2 + 1).
-    transport.keepalive_interval = Some(Duration::from_secs(1));
+    // Short enough that a fault fails an operation within seconds, long enough that a
+    // loaded 2-core machine (CI runs other rig tests beside this one) never trips them
+    // without a fault.
+    transport.tcp_connect_timeout = Duration::from_secs(10);
+    transport.handshake_timeout = Duration::from_secs(10);
+    transport.auth_timeout = Duration::from_secs(10);
+    transport.channel_open_timeout = Duration::from_secs(10);
+    transport.exec_timeout = Duration::from_secs(10);
+    // A frozen builder is noticed within 2 s × (2 + 1).
+    transport.keepalive_interval = Some(Duration::from_secs(2));
     transport.keepalive_max_misses = 2;
     let target = ConnectTarget {
         endpoint: Endpoint::new("127.0.0.1", rig.builder(i).port(), "root"),
@@ -743,6 +746,11 @@ async fn op(s: &Shared, kind: OpKind, h: &Handle, rng: &mut Rng) -> Outcome {
             let fetched = matches!(r, Some(Ok(true)));
             for o in &outputs {
                 s.record_path("client", fetched, o);
+                if !fetched {
+                    // An interrupted build must not leave a half-written output valid on
+                    // the builder either.
+                    s.record_path(&dest, false, o);
+                }
             }
             match r {
                 Some(Ok(true)) => Outcome::Ok,
@@ -893,8 +901,9 @@ async fn faults(s: Arc<Shared>, every: Duration, end: Instant, log: Arc<Mutex<Ve
         if Instant::now() + Duration::from_secs(8) >= end || s.stop.load(Ordering::Relaxed) {
             return;
         }
-        let i = k % n;
-        let kind = FAULTS[(k / n + k) % FAULTS.len()];
+        // Every kind in the first four faults; over eight, every builder gets every kind.
+        let kind = FAULTS[k % FAULTS.len()];
+        let i = (k / FAULTS.len() + k) % n;
         k += 1;
         let _ctl = s.control[i].lock().await;
         let start = Instant::now();
@@ -919,9 +928,9 @@ async fn faults(s: Arc<Shared>, every: Duration, end: Instant, log: Arc<Mutex<Ve
                 let r2 = rig.clone();
                 match blocking(move || r2.builder(i).freeze()).await {
                     Ok(()) => {
-                        // Longer than the keepalive bound (3 s): connections are declared
+                        // Longer than the keepalive bound (6 s): connections are declared
                         // dead while the builder is still frozen.
-                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        tokio::time::sleep(Duration::from_secs(8)).await;
                         blocking(move || rig.builder(i).thaw()).await
                     }
                     Err(e) => Err(e),
