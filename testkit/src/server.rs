@@ -4,9 +4,8 @@
 //! misbehave at the connection level ([`OpenMode`], [`ServerOptions::window_size`],
 //! [`ServerOptions::huge_window_adjust`], [`ServerOptions::rekey`]).
 //!
-//! What russh's server API cannot express (malformed requests, a lying window, a different
-//! host key at rekey) is in [`crate::raw_ssh`]; byte-level faults below SSH (a cut stream, a
-//! slow identification) in [`crate::tcp`].
+//! What russh's server API cannot express is listed in the crate docs; byte-level faults
+//! below SSH (a cut stream, a slow identification) are in [`crate::tcp`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -42,7 +41,7 @@ pub mod commands {
     /// `data-after-eof`: `before\n`, EOF, `after-eof\n`, exit status 0, close.
     pub const DATA_AFTER_EOF: &str = "data-after-eof";
     /// `data-after-close`: `before\n`, exit status 0, close, then `after-close\n` (which
-    /// russh's server drops: the channel is gone from its table; the raw server sends it).
+    /// russh's server drops: the channel is gone from its table).
     pub const DATA_AFTER_CLOSE: &str = "data-after-close";
     /// `exit-twice`: `x`, exit status 1, exit status 2, EOF, close.
     pub const EXIT_TWICE: &str = "exit-twice";

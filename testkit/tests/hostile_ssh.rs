@@ -349,8 +349,8 @@ async fn data_after_eof() {
     .await
 }
 
-/// Data after CLOSE (russh's server cannot send it, so this pins the clean case: the
-/// channel ends at the CLOSE with what came before). The raw server test sends it for real.
+/// Data after CLOSE (russh's server drops it, so this pins the clean case: the channel
+/// ends at the CLOSE with what came before, and the connection goes on).
 #[tokio::test]
 async fn data_after_close_from_russh() {
     bounded(async {
@@ -433,9 +433,13 @@ async fn exit_status_without_close() {
 // ===== key exchange =====
 
 /// A rekey storm: the server starts a new key exchange every few milliseconds. Data keeps
-/// its integrity, many channels come and go, and the host-key check runs exactly once
-/// (russh 0.65.1 does not call `check_server_key` at a rekey: the "Known limits" of
-/// nixmux-transport; if this count changes, update them).
+/// its integrity, many channels come and go, and the host-key check runs exactly once.
+///
+/// That pins a known limit of nixmux-transport: in russh 0.65.1 the client's rekey branch
+/// (`client/mod.rs`, "This is a rekey") calls only `Handler::kex_done`, never
+/// `check_server_key`; the exchange-hash signature is verified against whatever key that
+/// exchange carries (`client/kex.rs`), which is not compared with the first one. If this
+/// count changes, russh started checking at rekeys: update the "Known limits".
 #[tokio::test]
 async fn rekey_storm() {
     // This test's runtime is current-thread: russh's session task logs on this thread.

@@ -1,1 +1,0 @@
-//! A minimal SSH server below russh (placeholder).
