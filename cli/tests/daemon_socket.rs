@@ -100,8 +100,7 @@ fn a_builder_with_a_running_daemon_is_reached_through_its_socket() {
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(r["session_path"], "socket", "{out}");
     assert_eq!(
-        r["session_path_reason"],
-        "the nix-daemon socket /nix/var/nix/daemon-socket/socket",
+        r["session_path_reason"], "the nix-daemon socket /nix/var/nix/daemon-socket/socket",
         "{out}"
     );
     assert_eq!(
@@ -120,7 +119,12 @@ fn a_builder_with_a_running_daemon_is_reached_through_its_socket() {
     assert_eq!(r["protocol_version"], "1.34", "{out}");
     assert_eq!(r["remote_nix_version"], "2.8.0", "{out}");
     // No session channel was opened: sshd logged no exec.
-    assert_eq!(rig.builder(0).session_opens(), 0, "{}", rig.builder(0).sshd_log());
+    assert_eq!(
+        rig.builder(0).session_opens(),
+        0,
+        "{}",
+        rig.builder(0).sshd_log()
+    );
 
     // `daemon-socket=no` forces exec, and says it was configured.
     let (code, r, out) = ping(&url(&rig, "daemon-socket=no"));
@@ -172,10 +176,7 @@ fn a_restricted_key_falls_back_to_exec() {
     // sshd reads authorized_keys at every login, so restricting the key now takes effect.
     let keys = rig.authorized_keys();
     let line = std::fs::read_to_string(&keys).expect("authorized_keys");
-    let restricted: String = line
-        .lines()
-        .map(|l| format!("restrict {l}\n"))
-        .collect();
+    let restricted: String = line.lines().map(|l| format!("restrict {l}\n")).collect();
     std::fs::write(&keys, restricted).expect("restrict the key");
     assert_fell_back(&rig, "restrict");
 }

@@ -11,16 +11,31 @@
 //! [`RETRY_REFUSED_AFTER`] (a daemon may have been started since).
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use nixmux_transport::{ExecChannel, ExecOptions, SshConnection, TransportError};
-use tokio::sync::oneshot;
+use nixmux_transport::{
+    ChannelOpenRefusal, ExecChannel, ExecOptions, SshConnection, TransportError,
+};
+use tokio::sync::{Semaphore, oneshot};
 
 use crate::error::{Error, ErrorKind};
 use crate::protocol::WorkerRoute;
 
 /// How long a refusal keeps [`WorkerRoute::Auto`] on exec before the socket is tried again.
 pub(crate) const RETRY_REFUSED_AFTER: Duration = Duration::from_secs(600);
+
+/// Channel opens to the socket in flight at once, per builder. Each makes sshd `connect()`
+/// to the daemon, which takes them off its listen queue one `accept()` at a time; Nix 2.8
+/// listens with a backlog of 5 (src/libutil/util.cc `createUnixDomainSocket`; 100 in later
+/// versions), and sshd's non-blocking connect fails at once on a full queue. Opens take a
+/// fraction of a round trip each, so a few in flight do not slow a burst down.
+const OPENS_IN_FLIGHT: usize = 4;
+
+/// How long a burst keeps retrying a socket that has worked before but whose daemon did not
+/// take the connection (its listen queue was full): the refusal is then congestion, not
+/// configuration.
+const BUSY_RETRY_FOR: Duration = Duration::from_secs(5);
 
 /// Why the builder would not give us its daemon's socket.
 #[derive(Debug, Clone)]
@@ -35,6 +50,9 @@ pub(crate) struct SocketRoute {
     pub(crate) route: WorkerRoute,
     pub(crate) path: String,
     refused: Mutex<Option<Refusal>>,
+    /// The socket has taken a connection before.
+    worked: AtomicBool,
+    gate: Semaphore,
 }
 
 impl SocketRoute {
@@ -43,6 +61,41 @@ impl SocketRoute {
             route,
             path,
             refused: Mutex::new(None),
+            worked: AtomicBool::new(false),
+            gate: Semaphore::new(OPENS_IN_FLIGHT),
+        }
+    }
+
+    /// Opens a channel to the socket on `ssh` (see [`open`]), a few at a time, retrying for a
+    /// while when a socket that worked before refuses with "connect failed" (the daemon's
+    /// listen queue is full under a burst).
+    pub(crate) async fn open(
+        &self,
+        ssh: &SshConnection,
+        options: ExecOptions,
+    ) -> Result<ExecChannel, SocketOpenError> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let attempt = {
+                // Never closed, so acquiring cannot fail; without a permit, open anyway.
+                let _permit = self.gate.acquire().await.ok();
+                open(ssh.clone(), self.path.clone(), options.clone()).await
+            };
+            match attempt {
+                Ok(ch) => {
+                    self.worked.store(true, Ordering::Relaxed);
+                    return Ok(ch);
+                }
+                Err(SocketOpenError::Refused {
+                    reason: ChannelOpenRefusal::ConnectFailed,
+                    ..
+                }) if self.worked.load(Ordering::Relaxed) && started.elapsed() < BUSY_RETRY_FOR => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -83,9 +136,14 @@ impl SocketRoute {
 /// How opening a channel to the socket failed.
 #[derive(Debug)]
 pub(crate) enum SocketOpenError {
-    /// sshd refused the channel; the text says why it may have, for people (sshd itself
-    /// only says "open failed").
-    Refused(String),
+    /// sshd refused the channel; `why` says what may have caused it, for people (sshd
+    /// itself only says "open failed"). OpenSSH answers "connect failed" when nothing
+    /// listens (or the daemon's queue is full) and "administratively prohibited" when
+    /// forwarding is not allowed (serverloop.c `server_request_direct_streamlocal`).
+    Refused {
+        reason: ChannelOpenRefusal,
+        why: String,
+    },
     /// Anything else (the connection died, a timeout): the usual error.
     Failed(Error),
 }
@@ -107,13 +165,17 @@ pub(crate) async fn open(
     });
     match rx.await {
         Ok(Ok(ch)) => Ok(ch),
-        Ok(Err(e @ TransportError::ChannelOpenRefused { .. })) => {
-            Err(SocketOpenError::Refused(format!(
+        Ok(Err(e @ TransportError::ChannelOpenRefused { .. })) => Err(SocketOpenError::Refused {
+            reason: match &e {
+                TransportError::ChannelOpenRefused { reason, .. } => reason.clone(),
+                _ => ChannelOpenRefusal::Other(0),
+            },
+            why: format!(
                 "sshd refused a channel to the daemon socket {path} ({e}): stream-local \
                  forwarding is off (AllowStreamLocalForwarding, DisableForwarding), the key is \
                  restricted (restrict, no-port-forwarding), or no nix-daemon listens there"
-            )))
-        }
+            ),
+        }),
         Ok(Err(e)) => Err(SocketOpenError::Failed(e.into())),
         Err(_) => Err(SocketOpenError::Failed(Error::local(
             ErrorKind::Cancelled,

@@ -13,8 +13,8 @@ use nixmux_transport::{ConnectEvent, ConnectEventKind, TransportError};
 use serde::Serialize;
 
 use crate::builder::BuilderConfig;
-use crate::error::{Error, ErrorKind};
 use crate::daemon_socket::{self, SocketOpenError};
+use crate::error::{Error, ErrorKind};
 use crate::protocol::{Protocol, SessionPath, WorkerRoute};
 use crate::remote;
 
@@ -228,10 +228,10 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
                     Some(format!("the nix-daemon socket {}", spec.daemon_socket));
                 opened = Some((ch, SessionPath::DaemonSocket));
             }
-            Err(SocketOpenError::Refused(why)) if spec.route == WorkerRoute::Auto => {
+            Err(SocketOpenError::Refused { why, .. }) if spec.route == WorkerRoute::Auto => {
                 report.session_path_reason = Some(format!("fell back to exec: {why}"));
             }
-            Err(SocketOpenError::Refused(why)) => {
+            Err(SocketOpenError::Refused { why, .. }) => {
                 let e = Error::remote(ErrorKind::Connect, why)
                     .hint("the store URL says `daemon-socket=`: allow stream-local forwarding for this user (sshd AllowStreamLocalForwarding), start nix-daemon on the builder, or drop the parameter to fall back to `nix-daemon --stdio`")
                     .on(&config.name);
@@ -279,15 +279,16 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
     };
     report.session_path = Some(path.name().to_owned());
     let t1 = Instant::now();
-    let mut session = match remote::start(channel, None, path, &spec, &config.name, activity.clone()).await {
-        Ok(s) => s,
-        Err(e) => {
-            fail(&mut report, PingStage::Handshake, e);
-            report.total_ms = ms(start.elapsed());
-            ssh.disconnect().await;
-            return report;
-        }
-    };
+    let mut session =
+        match remote::start(channel, None, path, &spec, &config.name, activity.clone()).await {
+            Ok(s) => s,
+            Err(e) => {
+                fail(&mut report, PingStage::Handshake, e);
+                report.total_ms = ms(start.elapsed());
+                ssh.disconnect().await;
+                return report;
+            }
+        };
     report.stages.push(StageTiming {
         stage: PingStage::Handshake,
         ms: ms(t1.elapsed()),

@@ -19,8 +19,8 @@ use nixmux_session::Activity;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::connections::{ConnectionSet, Opened};
+use crate::daemon_socket::{SocketOpenError, SocketRoute};
 use crate::error::{Error, ErrorKind, Initiator, Result};
-use crate::daemon_socket::{self, SocketOpenError, SocketRoute};
 use crate::protocol::{SessionPath, WorkerRoute};
 use crate::remote::{self, RemoteSession, SessionSpec};
 
@@ -229,7 +229,7 @@ impl SessionPool {
         let activity = Activity::new();
         let hook = self.set.target.hooks.channel.clone();
         let options = remote::exec_options(self.spec.protocol, &activity, hook);
-        match daemon_socket::open(ssh, self.socket.path.clone(), options).await {
+        match self.socket.open(&ssh, options).await {
             Ok(channel) => {
                 self.socket.accepted();
                 let s = remote::start(
@@ -245,7 +245,7 @@ impl SessionPool {
                 self.counters.via_socket.fetch_add(1, Ordering::Relaxed);
                 Ok(Some(s))
             }
-            Err(SocketOpenError::Refused(why)) => {
+            Err(SocketOpenError::Refused { why, .. }) => {
                 self.refused_socket(why)?;
                 Ok(None)
             }
@@ -256,7 +256,9 @@ impl SessionPool {
     /// Records that the builder refused its daemon's socket: an error when the route insists
     /// on the socket, else a note (the caller falls back to exec).
     pub(crate) fn refused_socket(&self, why: String) -> Result<()> {
-        self.counters.socket_refusals.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .socket_refusals
+            .fetch_add(1, Ordering::Relaxed);
         self.socket.refused(why.clone());
         if self.socket.route == WorkerRoute::Socket {
             return Err(Error::remote(ErrorKind::Connect, why)

@@ -13,10 +13,10 @@ use nixmux_transport::{ChannelStdin, ChannelStdout, ExecOptions, ExecStatus, Std
 use std::time::Instant;
 
 use crate::builder::Builder;
-use crate::daemon_socket::{self, SocketOpenError};
-use crate::protocol::Protocol;
 use crate::connections::{Opened, Slot};
+use crate::daemon_socket::SocketOpenError;
 use crate::error::{Error, ErrorKind, Result};
+use crate::protocol::Protocol;
 
 /// Undelivered stderr kept per raw session before it is dropped (and reported in the log
 /// queue): for the serve protocol this is the build log.
@@ -89,7 +89,7 @@ impl Builder {
         let mut options = ExecOptions::with_stderr_log(RAW_LOG_QUEUE);
         options.observer = self.inner.set.target.hooks.channel.clone();
         options.first_input = first_input;
-        match daemon_socket::open(ssh, pool.socket.path.clone(), options).await {
+        match pool.socket.open(&ssh, options).await {
             Ok(mut channel) => {
                 pool.socket.accepted();
                 let Some(stderr) = channel.take_stderr_log() else {
@@ -106,7 +106,7 @@ impl Builder {
                     status,
                 }))
             }
-            Err(SocketOpenError::Refused(why)) => {
+            Err(SocketOpenError::Refused { why, .. }) => {
                 pool.refused_socket(why)?;
                 Ok(None)
             }
