@@ -37,8 +37,8 @@ pub use command_line::SshCommandLine;
 pub use error::{ConfigError, Location, MachineProblem, Origin, StoreUrlError, StoreUrlProblem};
 pub use local_env::LocalEnv;
 pub use machines::{
-    BuilderSpec, DaemonSocketParam, MachineEntry, Machines, NotSshBuilder, PinnedHostKey, local_system,
-    parse_builders, read_machines_file,
+    BuilderSpec, DaemonSocketParam, MachineEntry, Machines, NotSshBuilder, PinnedHostKey,
+    local_system, parse_builders, read_machines_file,
 };
 pub use nix_conf::{
     BuildersOrigin, BuildersSetting, NixConfSources, builders_setting, configured_machines,
