@@ -53,6 +53,8 @@ pub(crate) struct SocketRoute {
     /// The socket has taken a connection before.
     worked: AtomicBool,
     gate: Semaphore,
+    /// Held by the one session probing a socket not known to work yet.
+    probe: tokio::sync::Mutex<()>,
 }
 
 impl SocketRoute {
@@ -63,17 +65,31 @@ impl SocketRoute {
             refused: Mutex::new(None),
             worked: AtomicBool::new(false),
             gate: Semaphore::new(OPENS_IN_FLIGHT),
+            probe: tokio::sync::Mutex::new(()),
         }
     }
 
     /// Opens a channel to the socket on `ssh` (see [`open`]), a few at a time, retrying for a
     /// while when a socket that worked before refuses with "connect failed" (the daemon's
-    /// listen queue is full under a burst).
+    /// listen queue is full under a burst). `None`: do not use the socket (another session's
+    /// probe just found it refused).
+    ///
+    /// Until the socket has worked once, [`WorkerRoute::Auto`] sends one probe at a time, so
+    /// that a burst of sessions to a builder that refuses it pays one refusal, not one each.
     pub(crate) async fn open(
         &self,
         ssh: &SshConnection,
         options: ExecOptions,
-    ) -> Result<ExecChannel, SocketOpenError> {
+    ) -> Result<Option<ExecChannel>, SocketOpenError> {
+        let _probe = if self.route == WorkerRoute::Auto && !self.worked.load(Ordering::Relaxed) {
+            let probe = self.probe.lock().await;
+            (!self.worked.load(Ordering::Relaxed)).then_some(probe)
+        } else {
+            None
+        };
+        if !self.should_try(Instant::now()) {
+            return Ok(None);
+        }
         let started = Instant::now();
         let mut pause = Duration::from_millis(2);
         loop {
@@ -85,7 +101,8 @@ impl SocketRoute {
             match attempt {
                 Ok(ch) => {
                     self.worked.store(true, Ordering::Relaxed);
-                    return Ok(ch);
+                    self.accepted();
+                    return Ok(Some(ch));
                 }
                 Err(SocketOpenError::Refused {
                     reason: ChannelOpenRefusal::ConnectFailed,
@@ -110,8 +127,9 @@ impl SocketRoute {
         }
     }
 
-    /// The builder refused the socket.
+    /// The builder refused the socket (it is not known to work any more).
     pub(crate) fn refused(&self, why: String) {
+        self.worked.store(false, Ordering::Relaxed);
         if let Ok(mut r) = self.refused.lock() {
             *r = Some(Refusal {
                 at: Instant::now(),
@@ -121,7 +139,7 @@ impl SocketRoute {
     }
 
     /// The builder accepted it: forget an old refusal.
-    pub(crate) fn accepted(&self) {
+    fn accepted(&self) {
         if let Ok(mut r) = self.refused.lock() {
             *r = None;
         }

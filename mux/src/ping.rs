@@ -219,6 +219,7 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
     if spec.route != WorkerRoute::Exec {
         let t0 = Instant::now();
         match daemon_socket::open(ssh.clone(), spec.daemon_socket.clone(), options()).await {
+            // Ping opens one channel on a fresh connection: nothing to pace or remember.
             Ok(ch) => {
                 report.stages.push(StageTiming {
                     stage: PingStage::DaemonSocket,

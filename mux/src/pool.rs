@@ -230,8 +230,8 @@ impl SessionPool {
         let hook = self.set.target.hooks.channel.clone();
         let options = remote::exec_options(self.spec.protocol, &activity, hook);
         match self.socket.open(&ssh, options).await {
-            Ok(channel) => {
-                self.socket.accepted();
+            Ok(None) => Ok(None),
+            Ok(Some(channel)) => {
                 let s = remote::start(
                     channel,
                     None,

@@ -90,8 +90,8 @@ impl Builder {
         options.observer = self.inner.set.target.hooks.channel.clone();
         options.first_input = first_input;
         match pool.socket.open(&ssh, options).await {
-            Ok(mut channel) => {
-                pool.socket.accepted();
+            Ok(None) => Ok(None),
+            Ok(Some(mut channel)) => {
                 let Some(stderr) = channel.take_stderr_log() else {
                     return Err(Error::local(
                         ErrorKind::Protocol,

@@ -140,6 +140,22 @@ async fn a_refused_socket_is_remembered_and_exec_takes_over() {
         "{stats:?}"
     );
 
+    // A burst on a builder not probed yet pays one refusal, not one per session.
+    let mut cfg = config(&rig, 0, Protocol::Worker);
+    cfg.name = "burst".into();
+    let burst = pool.add(cfg);
+    let mut queries = JoinSet::new();
+    for _ in 0..8 {
+        let b = burst.clone();
+        queries.spawn(async move { b.query_valid_paths(&BTreeSet::new(), false).await });
+    }
+    while let Some(q) = queries.join_next().await {
+        q.expect("task").expect("query");
+    }
+    let stats = burst.stats();
+    assert_eq!(stats.daemon_socket_refusals, 1, "{stats:?}");
+    assert!(stats.sessions_created > 1, "{stats:?}");
+
     let mut cfg = config(&rig, 0, Protocol::Worker);
     cfg.name = "forced".into();
     cfg.worker_route = WorkerRoute::Socket;
