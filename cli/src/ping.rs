@@ -133,7 +133,10 @@ pub(crate) fn render_table(reports: &[PingReport], out: &mut impl Write) -> std:
             )?;
         }
         if let Some((kex, cipher)) = &r.algorithms {
-            writeln!(out, "  ssh: {kex}, {cipher}")?;
+            match r.compression.as_deref() {
+                Some(c) if c != "none" => writeln!(out, "  ssh: {kex}, {cipher}, {c}")?,
+                _ => writeln!(out, "  ssh: {kex}, {cipher}")?,
+            }
         }
         match (&r.session_path, &r.session_path_reason) {
             (Some(path), Some(why)) => writeln!(out, "  session: {path} ({why})")?,

@@ -122,6 +122,8 @@ pub struct PingReport {
     pub host_key: Option<HostKeyInfo>,
     /// Negotiated key exchange and cipher.
     pub algorithms: Option<(String, String)>,
+    /// Negotiated SSH compression (`none`, `zlib@openssh.com`): see the `compress` parameter.
+    pub compression: Option<String>,
     /// `serve` or `worker`.
     pub protocol: String,
     /// Negotiated protocol version (`2.7`, `1.34`...).
@@ -183,6 +185,7 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
         total_ms: 0.0,
         host_key: None,
         algorithms: None,
+        compression: None,
         protocol: match config.protocol {
             Protocol::Serve => "serve".into(),
             Protocol::Worker => "worker".into(),
@@ -211,6 +214,7 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
         }
     };
     report.algorithms = ssh.algorithms().map(|(k, c)| (k.to_owned(), c.to_owned()));
+    report.compression = ssh.compression().map(str::to_owned);
 
     let spec = config.session_spec();
     let activity = nixmux_session::Activity::new();

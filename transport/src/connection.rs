@@ -576,6 +576,12 @@ impl SshConnection {
             .map(|(k, c)| (k.as_str(), c.as_str()))
     }
 
+    /// The negotiated compression of what we send (`none`, `zlib@openssh.com`, `zlib`);
+    /// see [`TransportConfig::compression`].
+    pub fn compression(&self) -> Option<&str> {
+        self.inner.shared.compression.get().copied()
+    }
+
     /// The identity that authenticated.
     pub fn identity(&self) -> &str {
         &self.inner.identity

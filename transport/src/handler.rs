@@ -99,6 +99,11 @@ impl Handler for ClientHandler {
     ) -> Result<(), Self::Error> {
         let kex = names.kex.as_ref().to_string();
         let cipher = names.cipher.as_ref().to_string();
+        let _ = self.shared.compression.set(match names.client_compression {
+            russh::compression::Compression::None => "none",
+            russh::compression::Compression::Zlib => "zlib",
+            russh::compression::Compression::ZlibOpenSSH => "zlib@openssh.com",
+        });
         if self
             .shared
             .negotiated

@@ -54,6 +54,8 @@ pub(crate) struct ConnShared {
     pub(crate) keepalive: (Duration, usize),
     pub(crate) host_key: OnceLock<HostKeyInfo>,
     pub(crate) negotiated: OnceLock<(String, String)>,
+    /// The compression we send with, once negotiated (`none`, `zlib`, `zlib@openssh.com`).
+    pub(crate) compression: OnceLock<&'static str>,
     pub(crate) rejection: Mutex<Option<TransportError>>,
     pub(crate) open_failures: Mutex<VecDeque<(ChannelOpenRefusal, String)>>,
     pub(crate) open_failure_notify: Notify,
@@ -80,6 +82,7 @@ impl ConnShared {
             ),
             host_key: OnceLock::new(),
             negotiated: OnceLock::new(),
+            compression: OnceLock::new(),
             rejection: Mutex::new(None),
             open_failures: Mutex::new(VecDeque::new()),
             open_failure_notify: Notify::new(),
