@@ -91,6 +91,8 @@ impl Env {
                         // The session-counting helpers need DEBUG1; the bench does not, and
                         // sshd should spend as little as possible on logging.
                         log_level: "INFO".into(),
+                        // A multi-user builder: ssh-ng sessions reach its daemon's socket.
+                        nix_daemon: true,
                         ..RigConfig::with_builders(builders.max(1))
                     })
                 })

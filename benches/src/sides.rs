@@ -657,6 +657,87 @@ impl Side for NixmuxNewChannel {
     }
 }
 
+/// nixmux: a new channel to the builder's nix-daemon socket on a live connection
+/// (`direct-streamlocal`, no process start), then the worker handshake.
+pub struct NixmuxSocketChannel {
+    env: EnvRef,
+    builder: usize,
+    conn: Option<SshConnection>,
+    last: Option<(Conv, ExecStatus)>,
+}
+
+impl NixmuxSocketChannel {
+    /// A new-socket-channel side.
+    pub fn new(env: EnvRef, builder: usize) -> Self {
+        NixmuxSocketChannel {
+            env,
+            builder,
+            conn: None,
+            last: None,
+        }
+    }
+}
+
+impl Side for NixmuxSocketChannel {
+    fn id(&self) -> String {
+        "nixmux-ssh-ng-socket".into()
+    }
+    fn label(&self) -> String {
+        "nixmux ssh-ng: channel to the daemon socket + handshake on a live connection".into()
+    }
+    fn role(&self) -> Role {
+        Role::Subject
+    }
+    fn setup(&mut self) -> BoxFuture<'_, SideResultT<()>> {
+        Box::pin(async move {
+            self.conn = Some(transport_connect(&self.env, self.builder).await?);
+            Ok(())
+        })
+    }
+    fn before(&mut self) -> BoxFuture<'_, SideResultT<()>> {
+        Box::pin(async move {
+            if self.conn.as_ref().is_none_or(SshConnection::is_closed) {
+                self.conn = Some(transport_connect(&self.env, self.builder).await?);
+            }
+            Ok(())
+        })
+    }
+    fn run(&mut self) -> BoxFuture<'_, SideResultT<Sample>> {
+        Box::pin(async move {
+            let conn = self.conn.as_ref().ok_or_else(|| anyhow!("not set up"))?;
+            let ch = conn
+                .open_streamlocal(nixmux::DEFAULT_DAEMON_SOCKET, ExecOptions::default())
+                .await
+                .map_err(|e| anyhow!("channel to the daemon socket: {e}"))?;
+            let (stdin, stdout, status) = ch.into_parts();
+            let conv = Conv::handshake(
+                Protocol::Worker,
+                Box::new(stdout),
+                Box::new(stdin),
+                SessionConfig::default(),
+            )
+            .await?;
+            self.last = Some((conv, status));
+            Ok(Sample::one())
+        })
+    }
+    fn after(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some((conv, status)) = self.last.take() {
+                conv.close().await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), status.closed_signal()).await;
+            }
+        })
+    }
+    fn teardown(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(c) = self.conn.take() {
+                c.disconnect().await;
+            }
+        })
+    }
+}
+
 /// A plain remote command on a new channel of a live connection, to the remote exit: the
 /// transport's part of [`NixmuxNewChannel`] without the Nix process (a yardstick).
 pub struct NixmuxExec {

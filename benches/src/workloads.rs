@@ -20,7 +20,8 @@ use crate::report::{
 use crate::runner::{Case, Event, Progress, case_samples, run_case};
 use crate::sides::{
     Before, CmExec, CommandSide, Direction, EnvRef, NixBuild, NixmuxBuild, NixmuxCold, NixmuxExec,
-    NixmuxNewChannel, NixmuxPush, NixmuxStream, NixmuxWarm, SshHeld, SshSessions, SshStream, Via,
+    NixmuxNewChannel, NixmuxPush, NixmuxSocketChannel, NixmuxStream, NixmuxWarm, SshHeld,
+    SshSessions, SshStream, Via,
 };
 
 const MIB: u64 = 1 << 20;
@@ -312,6 +313,7 @@ async fn spec(
             for p in both() {
                 sides.push(Box::new(NixmuxNewChannel::new(env.clone(), 0, p)));
             }
+            sides.push(Box::new(NixmuxSocketChannel::new(env.clone(), 0)));
             for p in both() {
                 sides.push(Box::new(SshSessions::new(
                     env.clone(),
@@ -327,7 +329,7 @@ async fn spec(
             sides.push(Box::new(CmExec::new(env.clone(), 0, "true")));
             Spec {
                 title: "New channel on a live connection: open + exec + protocol handshake".into(),
-                description: "nixmux: a session channel on an established russh connection, exec of the remote command, handshake (worker: with SetOptions). OpenSSH: a new `ssh` client process multiplexed over a running ControlMaster (`-o ControlMaster=auto -o ControlPath=...`), then the same handshake over its pipes. The master is our child in the foreground (`ssh -N -o ControlMaster=yes`), which is the ControlPersist setup without the daemonisation. Yardsticks: the same new channel running `true` to its exit (nixmux's transport; a ControlMaster client), which separates the transport's share from the remote Nix process's start-up.".into(),
+                description: "nixmux: a session channel on an established russh connection, exec of the remote command, handshake (worker: with SetOptions); and for ssh-ng a `direct-streamlocal` channel to the builder's running nix-daemon socket, then the handshake (the default route when the builder allows it). OpenSSH: a new `ssh` client process multiplexed over a running ControlMaster (`-o ControlMaster=auto -o ControlPath=...`), then the same handshake over its pipes. The master is our child in the foreground (`ssh -N -o ControlMaster=yes`), which is the ControlPersist setup without the daemonisation. Yardsticks: the same new channel running `true` to its exit (nixmux's transport; a ControlMaster client), which separates the transport's share from the remote Nix process's start-up.".into(),
                 primary: Figure::Wall,
                 cases: vec![plan.case("", None, sides, reps)],
                 notes: Vec::new(),
@@ -746,6 +748,13 @@ pub fn goals(result: &WorkloadResult, wan: Option<WanSettings>) -> Vec<Goal> {
             }
         }
         "new-channel" if lan => {
+            goal(
+                "new channel to the daemon socket + handshake (ssh-ng) p50 ≤ 4 ms",
+                "#11",
+                med(case, "nixmux-ssh-ng-socket", Figure::Wall),
+                &|x| x <= 0.004,
+                &ms,
+            );
             for p in ["ssh-ng", "ssh"] {
                 goal(
                     &format!(
