@@ -67,21 +67,30 @@ impl DerivedPath {
 
     /// Parses either form. A bare `.drv` path is read the legacy way when `legacy` is set
     /// (all outputs), as an opaque path otherwise.
+    ///
+    /// In the legacy form, `path!` (no output named) is the same as the bare path: Nix 2.8's
+    /// `parsePathWithOutputs` reads it as the path with an empty output set, and
+    /// `StorePathWithOutputs::toDerivedPath` turns an empty set into an opaque path unless
+    /// the path is a `.drv` (src/libstore/path-with-outputs.cc). Reading it as "all outputs"
+    /// of a path that is not a `.drv` would also give a value [`Self::to_legacy_wire`]
+    /// cannot express.
     pub fn parse(
         dir: &StoreDir,
         s: &str,
         legacy: bool,
         field: &'static str,
     ) -> Result<Self, ProtoError> {
-        match s.split_once('!') {
-            None => {
-                let p = StorePath::parse_field(dir, s, field)?;
-                if legacy && p.is_derivation() {
-                    Ok(DerivedPath::all_outputs(p))
-                } else {
-                    Ok(DerivedPath::Opaque(p))
-                }
+        let bare = |s: &str| -> Result<Self, ProtoError> {
+            let p = StorePath::parse_field(dir, s, field)?;
+            if legacy && p.is_derivation() {
+                Ok(DerivedPath::all_outputs(p))
+            } else {
+                Ok(DerivedPath::Opaque(p))
             }
+        };
+        match s.split_once('!') {
+            None => bare(s),
+            Some((path, "")) if legacy => bare(path),
             Some((drv, outs)) => {
                 let drv = StorePath::parse_field(dir, drv, field)?;
                 // `*` is how newer Nix says "all outputs"; Nix 2.8 printed an empty list.
