@@ -1645,7 +1645,7 @@ fn esc(s: &str) -> String {
 pub fn chart(r: &SoakReport) -> String {
     use std::fmt::Write as _;
     let (width, left, right) = (960.0, 80.0, 170.0);
-    let (panel_h, gap, top) = (150.0, 40.0, 60.0);
+    let (panel_h, gap, top) = (150.0, 40.0, 80.0);
     type Series<'a> = (&'a str, &'a str, Box<dyn Fn(&SoakSample) -> f64>);
     let panels: Vec<(&str, Vec<Series<'_>>)> = vec![
         (
