@@ -218,7 +218,8 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
 
     let spec = config.session_spec();
     let activity = nixmux_session::Activity::new();
-    let options = || remote::exec_options(spec.protocol, &activity, None);
+    let opening = remote::opening(&spec);
+    let options = || remote::exec_options(spec.protocol, &activity, None, Some(&opening));
     let mut opened = None;
     if spec.route != WorkerRoute::Exec {
         let t0 = Instant::now();
@@ -284,16 +285,25 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
     };
     report.session_path = Some(path.name().to_owned());
     let t1 = Instant::now();
-    let mut session =
-        match remote::start(channel, None, path, &spec, &config.name, activity.clone()).await {
-            Ok(s) => s,
-            Err(e) => {
-                fail(&mut report, PingStage::Handshake, e);
-                report.total_ms = ms(start.elapsed());
-                ssh.disconnect().await;
-                return report;
-            }
-        };
+    let mut session = match remote::start(
+        channel,
+        None,
+        path,
+        Some(opening.clone()),
+        &spec,
+        &config.name,
+        activity.clone(),
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            fail(&mut report, PingStage::Handshake, e);
+            report.total_ms = ms(start.elapsed());
+            ssh.disconnect().await;
+            return report;
+        }
+    };
     report.stages.push(StageTiming {
         stage: PingStage::Handshake,
         ms: ms(t1.elapsed()),

@@ -187,7 +187,8 @@ impl SessionPool {
             let slot = reserved.map_err(|e| e.on(&self.name))?;
             let activity = Activity::new();
             let hook = self.set.target.hooks.channel.clone();
-            let options = remote::exec_options(self.spec.protocol, &activity, hook);
+            let opening = remote::opening(&self.spec);
+            let options = remote::exec_options(self.spec.protocol, &activity, hook, Some(&opening));
             match slot
                 .open(&self.spec.command, options)
                 .await
@@ -198,6 +199,7 @@ impl SessionPool {
                         channel,
                         Some(ticket),
                         SessionPath::Exec,
+                        Some(opening),
                         &self.spec,
                         &self.name,
                         activity,
@@ -228,7 +230,8 @@ impl SessionPool {
             .map_err(|e| e.on(&self.name))?;
         let activity = Activity::new();
         let hook = self.set.target.hooks.channel.clone();
-        let options = remote::exec_options(self.spec.protocol, &activity, hook);
+        let opening = remote::opening(&self.spec);
+        let options = remote::exec_options(self.spec.protocol, &activity, hook, Some(&opening));
         match self.socket.open(&ssh, options).await {
             Ok(None) => Ok(None),
             Ok(Some(channel)) => {
@@ -236,6 +239,7 @@ impl SessionPool {
                     channel,
                     None,
                     SessionPath::DaemonSocket,
+                    Some(opening),
                     &self.spec,
                     &self.name,
                     activity,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use nixmux_proto::store_path::StoreDir;
 use nixmux_session::{
-    Activity, RemoteDiagnostics, ServeSession, SessionConfig, SessionError, WorkerConfig,
+    Activity, Opening, RemoteDiagnostics, ServeSession, SessionConfig, SessionError, WorkerConfig,
     WorkerSession,
 };
 use nixmux_transport::{ChannelObserver, ExecChannel, ExecOptions, ExecStatus, ExitStatus};
@@ -167,29 +167,44 @@ impl ChannelObserver for PeerHeard {
 }
 
 /// Exec options for a session channel of `protocol` whose session will use `activity`;
-/// `hook` is the target's channel hook ([`crate::StageHooks::channel`]).
+/// `hook` is the target's channel hook ([`crate::StageHooks::channel`]); `opening` goes out
+/// with the open ([`opening`]).
 pub(crate) fn exec_options(
     protocol: Protocol,
     activity: &Activity,
     hook: Option<Arc<dyn ChannelObserver>>,
+    opening: Option<&Opening>,
 ) -> ExecOptions {
-    let options = match protocol {
+    let mut options = match protocol {
         // The serve protocol's stderr is the build log: give it a queue of its own.
         Protocol::Serve => ExecOptions::with_stderr_log(SERVE_LOG_QUEUE),
         Protocol::Worker => ExecOptions::default(),
     };
+    options.first_input = opening.map(Opening::bytes);
     options.observed(Arc::new(PeerHeard {
         activity: activity.clone(),
         hook,
     }))
 }
 
-/// Performs the handshake of `spec` on a freshly exec'd channel, opened with
-/// [`exec_options`] for `activity`.
+/// The first bytes of `spec`'s handshake, sent ahead with the channel's exec request (or
+/// right behind a socket channel's confirmation) through [`ExecOptions::first_input`]: the
+/// remote program finds them waiting when it starts, which saves the round trip of waiting
+/// for the exec's answer before saying hello.
+pub(crate) fn opening(spec: &SessionSpec) -> Opening {
+    match spec.protocol {
+        Protocol::Serve => ServeSession::opening(),
+        Protocol::Worker => WorkerSession::opening(&spec.store_dir, &spec.worker),
+    }
+}
+
+/// Performs the handshake of `spec` on a freshly opened channel, opened with
+/// [`exec_options`] for `activity`; `sent` is the [`opening`] if it went out with the open.
 pub(crate) async fn start(
     mut channel: ExecChannel,
     ticket: Option<ChannelTicket>,
     path: SessionPath,
+    sent: Option<Opening>,
     spec: &SessionSpec,
     builder: &str,
     activity: Activity,
@@ -213,20 +228,25 @@ pub(crate) async fn start(
     let pump = log.map(|log| route.pump(log, max_line));
     let reader = Box::new(stdout);
     let writer = Box::new(stdin);
-    let conv = match spec.protocol {
-        Protocol::Serve => ServeSession::handshake(reader, writer, spec.store_dir.clone(), config)
+    let dir = spec.store_dir.clone();
+    let log = &mut |ev| tracing::debug!(?ev, "log during handshake");
+    let conv = match (spec.protocol, sent) {
+        (Protocol::Serve, None) => ServeSession::handshake(reader, writer, dir, config)
             .await
             .map(Conversation::Serve),
-        Protocol::Worker => WorkerSession::handshake(
-            reader,
-            writer,
-            spec.store_dir.clone(),
-            config,
-            &spec.worker,
-            &mut |ev| tracing::debug!(?ev, "log during handshake"),
-        )
-        .await
-        .map(Conversation::Worker),
+        (Protocol::Serve, Some(o)) => ServeSession::handshake_after(o, reader, writer, dir, config)
+            .await
+            .map(Conversation::Serve),
+        (Protocol::Worker, None) => {
+            WorkerSession::handshake(reader, writer, dir, config, &spec.worker, log)
+                .await
+                .map(Conversation::Worker)
+        }
+        (Protocol::Worker, Some(o)) => {
+            WorkerSession::handshake_after(o, reader, writer, dir, config, &spec.worker, log)
+                .await
+                .map(Conversation::Worker)
+        }
     };
     let conv = match conv {
         Ok(c) => c,

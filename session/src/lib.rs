@@ -30,4 +30,4 @@ pub use activity::{Activity, PauseGuard, within_idle};
 pub use conn::{BoxReader, BoxWriter, RemoteDiagnostics, SessionConfig};
 pub use error::SessionError;
 pub use serve::{NarSummary, ServeSession, Upload};
-pub use worker::{LogFn, WorkerConfig, WorkerSession};
+pub use worker::{LogFn, Opening, WorkerConfig, WorkerSession};

@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::activity::Patience;
 use crate::conn::{BoxReader, BoxWriter, Conn, SessionConfig};
 use crate::error::SessionError;
+use crate::worker::Opening;
 
 /// Most `AddToStoreNar` acknowledgements left unread while uploading: enough to hide the
 /// round trips, and 512 bytes at most, so they never fill the pipe back to us (see
@@ -67,9 +68,45 @@ impl ServeSession {
         dir: StoreDir,
         config: SessionConfig,
     ) -> Result<Self, SessionError> {
+        Self::handshake_from(reader, writer, dir, config, None).await
+    }
+
+    /// What the handshake sends before it reads anything (the hello), for a caller that
+    /// sends it ahead with the SSH exec request that starts `nix-store --serve`, then calls
+    /// [`ServeSession::handshake_after`].
+    pub fn opening() -> Opening {
+        let mut buf = bytes::BytesMut::new();
+        serve::write_client_hello(&mut buf, serve::OUR_VERSION);
+        Opening(buf.freeze())
+    }
+
+    /// The handshake on a pipe to which `opening` ([`ServeSession::opening`]) was already
+    /// written.
+    pub async fn handshake_after(
+        opening: Opening,
+        reader: BoxReader,
+        writer: BoxWriter,
+        dir: StoreDir,
+        config: SessionConfig,
+    ) -> Result<Self, SessionError> {
+        Self::handshake_from(reader, writer, dir, config, Some(opening)).await
+    }
+
+    async fn handshake_from(
+        reader: BoxReader,
+        writer: BoxWriter,
+        dir: StoreDir,
+        config: SessionConfig,
+        sent: Option<Opening>,
+    ) -> Result<Self, SessionError> {
         let mut conn = Conn::new(reader, writer, config);
-        serve::write_client_hello(&mut conn.wbuf, serve::OUR_VERSION);
-        conn.flush("serve handshake").await?;
+        match sent {
+            Some(opening) => conn.bytes_out += opening.0.len() as u64,
+            None => {
+                serve::write_client_hello(&mut conn.wbuf, serve::OUR_VERSION);
+                conn.flush("serve handshake").await?;
+            }
+        }
         let version = conn
             .read("serve handshake", |r| {
                 serve::read_server_hello(r, serve::OUR_VERSION)

@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use nixmux_proto::build_result::BuildResult;
 use nixmux_proto::derivation::BasicDerivation;
 use nixmux_proto::derived_path::DerivedPath;
@@ -126,6 +126,18 @@ async fn stderr_loop(
     }
 }
 
+/// The first bytes of a handshake, sent ahead by the caller (see
+/// [`WorkerSession::opening`], [`crate::ServeSession::opening`]).
+#[derive(Debug, Clone)]
+pub struct Opening(pub(crate) Bytes);
+
+impl Opening {
+    /// The bytes to send.
+    pub fn bytes(&self) -> Bytes {
+        self.0.clone()
+    }
+}
+
 impl WorkerSession {
     /// Performs the handshake (and `SetOptions`, when configured) over a fresh pipe to
     /// `nix-daemon --stdio`.
@@ -137,22 +149,76 @@ impl WorkerSession {
         wconfig: &WorkerConfig,
         logs: LogFn<'_>,
     ) -> Result<Self, SessionError> {
-        const DURING: &str = "worker handshake";
-        let mut conn = Conn::new(reader, writer, config);
+        Self::handshake_from(reader, writer, dir, config, wconfig, logs, None).await
+    }
+
+    /// What the handshake with `wconfig` sends before it reads anything: the hello, and
+    /// below 1.38 also the rest of the client's part and `SetOptions`. A caller that can send
+    /// these bytes ahead (with the SSH exec request that starts the daemon, a round trip
+    /// before the channel is ready) does so, then calls [`WorkerSession::handshake_after`]
+    /// with the same `dir` and `wconfig`.
+    pub fn opening(dir: &StoreDir, wconfig: &WorkerConfig) -> Opening {
+        let mut buf = BytesMut::new();
+        Self::write_opening(&mut buf, dir, wconfig);
+        Opening(buf.freeze())
+    }
+
+    /// The handshake on a pipe to which `opening` ([`WorkerSession::opening`]) was already
+    /// written.
+    pub async fn handshake_after(
+        opening: Opening,
+        reader: BoxReader,
+        writer: BoxWriter,
+        dir: StoreDir,
+        config: SessionConfig,
+        wconfig: &WorkerConfig,
+        logs: LogFn<'_>,
+    ) -> Result<Self, SessionError> {
+        Self::handshake_from(reader, writer, dir, config, wconfig, logs, Some(opening)).await
+    }
+
+    /// Writes the opening; returns whether it holds the whole client part (below 1.38).
+    fn write_opening(out: &mut BytesMut, dir: &StoreDir, wconfig: &WorkerConfig) -> bool {
         let ours = wconfig.announce;
-        worker::write_client_hello(&mut conn.wbuf, ours);
+        worker::write_client_hello(out, ours);
         // Below 1.38 nothing depends on the daemon's answer: the obsolete words are gated on
         // 1.11/1.14, below anything we accept, and SetOptions can follow right away.
         let pipelined = !ours.at_least(1, 38);
         if pipelined {
-            worker::write_client_tail(&mut conn.wbuf, ours);
+            worker::write_client_tail(out, ours);
             if let Some(o) = &wconfig.options {
                 // Gated on the version we cannot know yet: only the 1.12 overrides map
                 // depends on it, and every daemon we accept is past 1.12.
-                Request::SetOptions(o.clone()).write(&mut conn.wbuf, &dir, &Negotiated::new(ours));
+                Request::SetOptions(o.clone()).write(out, dir, &Negotiated::new(ours));
             }
         }
-        conn.flush(DURING).await?;
+        pipelined
+    }
+
+    async fn handshake_from(
+        reader: BoxReader,
+        writer: BoxWriter,
+        dir: StoreDir,
+        config: SessionConfig,
+        wconfig: &WorkerConfig,
+        logs: LogFn<'_>,
+        sent: Option<Opening>,
+    ) -> Result<Self, SessionError> {
+        const DURING: &str = "worker handshake";
+        let mut conn = Conn::new(reader, writer, config);
+        let ours = wconfig.announce;
+        let pipelined = match sent {
+            // Already on its way: only note it as sent.
+            Some(opening) => {
+                conn.bytes_out += opening.0.len() as u64;
+                !ours.at_least(1, 38)
+            }
+            None => {
+                let pipelined = Self::write_opening(&mut conn.wbuf, &dir, wconfig);
+                conn.flush(DURING).await?;
+                pipelined
+            }
+        };
         let version = conn
             .read(DURING, |r| worker::read_server_hello(r, ours))
             .await?;
