@@ -5,9 +5,20 @@
 //! not stop the others from being tried; it is listed in the eventual
 //! [`TransportError::AuthRejected`]. Only if nothing at all could be offered is the first
 //! such problem returned as itself ([`TransportError::KeyLoad`] / [`TransportError::Agent`]).
+//!
+//! Round trips ([`TransportConfig::fast_auth`](crate::TransportConfig::fast_auth), on by
+//! default): the first request goes out with the `ssh-userauth` service request, and key
+//! files send their signed request at once instead of asking first whether the key would do
+//! (RFC 4252 §7 allows both), so an accepted key file costs one round trip instead of
+//! OpenSSH's three (service request, query, signed request; `sshconnect2.c`). Agent keys are
+//! queried first, as OpenSSH does, because an agent may ask its user to confirm each
+//! signature; once an endpoint has accepted an agent key, later connections to it in this
+//! process sign with that key at once ([`Accepted`]). A refused signed request moves on to the
+//! next identity exactly like a refused query.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use russh::MethodKind;
 use russh::client::{AuthResult, Handle};
@@ -15,7 +26,7 @@ use russh::keys::agent::AgentIdentity;
 use russh::keys::agent::client::AgentClient;
 use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg};
 
-use crate::config::Identity;
+use crate::config::{Endpoint, Identity};
 use crate::error::{Stage, TransportError, classify};
 use crate::handler::ClientHandler;
 use crate::host_key::fingerprint;
@@ -39,6 +50,54 @@ impl RsaHash {
         };
         self.0 = Some(h);
         h
+    }
+}
+
+/// Agent keys that endpoints accepted, in this process: (host, port, user, key fingerprint).
+/// Only consulted to skip the query for agent keys; bounded, since a long-running process may
+/// talk to many builders.
+struct Accepted;
+
+/// Entries kept at most; past that the set starts over (costing one query per endpoint).
+const ACCEPTED_MAX: usize = 4096;
+
+type AcceptedKey = (String, u16, String, String);
+
+impl Accepted {
+    fn set() -> &'static Mutex<HashSet<AcceptedKey>> {
+        static SET: OnceLock<Mutex<HashSet<AcceptedKey>>> = OnceLock::new();
+        SET.get_or_init(Mutex::default)
+    }
+
+    fn key(endpoint: &Endpoint, fingerprint: &str) -> AcceptedKey {
+        (
+            endpoint.host.clone(),
+            endpoint.port,
+            endpoint.user.clone(),
+            fingerprint.to_string(),
+        )
+    }
+
+    fn contains(endpoint: &Endpoint, fingerprint: &str) -> bool {
+        Self::set()
+            .lock()
+            .map(|s| s.contains(&Self::key(endpoint, fingerprint)))
+            .unwrap_or(false)
+    }
+
+    fn insert(endpoint: &Endpoint, fingerprint: &str) {
+        if let Ok(mut s) = Self::set().lock() {
+            if s.len() >= ACCEPTED_MAX {
+                s.clear();
+            }
+            s.insert(Self::key(endpoint, fingerprint));
+        }
+    }
+
+    fn remove(endpoint: &Endpoint, fingerprint: &str) {
+        if let Ok(mut s) = Self::set().lock() {
+            s.remove(&Self::key(endpoint, fingerprint));
+        }
     }
 }
 
@@ -83,10 +142,12 @@ async fn load_key(path: &Path, passphrase: Option<&str>) -> Result<PrivateKey, S
 /// Tries each identity until one is accepted; returns a description of the one that worked.
 pub(crate) async fn authenticate(
     handle: &mut Handle<ClientHandler>,
-    user: &str,
+    endpoint: &Endpoint,
     identities: &[Identity],
     shared: &ConnShared,
+    fast_auth: bool,
 ) -> Result<String, TransportError> {
+    let user = endpoint.user.as_str();
     let mut tried: Vec<String> = Vec::new();
     let mut offered_any = false;
     let mut setup_error: Option<TransportError> = None;
@@ -223,17 +284,28 @@ pub(crate) async fn authenticate(
                     } else {
                         None
                     };
-                    let desc = format!(
-                        "agent key {comment:?} ({} {})",
-                        sig_name(&alg, hash),
-                        fingerprint(&key)
-                    );
+                    let fp = fingerprint(&key);
+                    let desc = format!("agent key {comment:?} ({} {fp})", sig_name(&alg, hash));
                     offered_any = true;
-                    match handle
-                        .authenticate_publickey_with(user, key, hash, &mut agent)
-                        .await
-                    {
-                        Ok(AuthResult::Success) => return Ok(desc),
+                    let at_once = fast_auth && Accepted::contains(endpoint, &fp);
+                    let result = if at_once {
+                        handle
+                            .authenticate_publickey_signed_with(user, key, hash, &mut agent)
+                            .await
+                    } else {
+                        handle
+                            .authenticate_publickey_with(user, key, hash, &mut agent)
+                            .await
+                    };
+                    if at_once && !matches!(result, Ok(AuthResult::Success)) {
+                        // Refused now (or not signed): query it first again next time.
+                        Accepted::remove(endpoint, &fp);
+                    }
+                    match result {
+                        Ok(AuthResult::Success) => {
+                            Accepted::insert(endpoint, &fp);
+                            return Ok(desc);
+                        }
                         Ok(AuthResult::Failure { .. }) if handle.is_closed() => {
                             tried.push(format!("{desc}: rejected"));
                             return Err(ended(

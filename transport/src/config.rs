@@ -167,6 +167,15 @@ pub struct TransportConfig {
     /// It pays on slow links with compressible data (NARs of text, uncompressed binaries) and
     /// costs CPU on fast ones. Default false.
     pub compression: bool,
+    /// Authenticate in fewer round trips: the first authentication request goes out right
+    /// behind the `ssh-userauth` service request instead of after its acceptance, and key
+    /// files send their signed request at once instead of asking whether the key would do
+    /// (RFC 4252 §7 allows both; a refused key costs the same one round trip either way).
+    /// Agent keys ask first unless the same key was accepted by the same endpoint before in
+    /// this process (an agent may ask its user to confirm every signature). Saves 2 round
+    /// trips per new connection. Default true; false gives OpenSSH's client sequence (service
+    /// request, query, signed request), for a server that mishandles pipelining.
+    pub fast_auth: bool,
 }
 
 impl Default for TransportConfig {
@@ -207,6 +216,7 @@ impl Default for TransportConfig {
             stderr_tail_bytes: 64 * 1024,
             close_grace: Duration::from_secs(2),
             compression: false,
+            fast_auth: true,
         }
     }
 }
@@ -382,6 +392,9 @@ impl TransportConfig {
             keepalive_interval: self.keepalive_interval,
             keepalive_max: self.keepalive_max_misses,
             nodelay: self.nodelay,
+            // A patch of ours (vendor/README.md): both are false upstream.
+            pipeline_auth_request: self.fast_auth,
+            publickey_sign_at_once: self.fast_auth,
             ..Default::default()
         })
     }

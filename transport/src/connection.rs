@@ -250,7 +250,7 @@ where
 
     let auth = tokio::time::timeout(
         config.auth_timeout,
-        auth::authenticate(&mut handle, &endpoint.user, identities, &shared),
+        auth::authenticate(&mut handle, endpoint, identities, &shared, config.fast_auth),
     )
     .await;
     let identity = match auth {

@@ -12,5 +12,6 @@ mod host_keys;
 mod liveness;
 mod measure;
 mod rig;
+mod round_trips;
 mod startup;
 mod stderr_log;

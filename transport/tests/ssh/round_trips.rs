@@ -1,0 +1,214 @@
+//! Round trips of a new connection, counted through an emulated WAN link (the rig's relay)
+//! with a long round trip: each stage then takes a whole number of round trips plus a little
+//! local work, so dividing its duration by the round trip counts them.
+//!
+//! What is checked: authentication takes one round trip for an accepted key file (the
+//! `ssh-userauth` service request, the signed request, their answers), one more for each
+//! identity the server refuses first, and an agent key is queried first (one more) unless the
+//! same endpoint accepted it before in this process. `fast_auth = false` gives back the
+//! three round trips of the usual sequence.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nixmux_rig::relay::{Link, Relay};
+use nixmux_transport::{
+    ConnectEvent, ConnectEventKind, Endpoint, HostKeyCheck, HostPublicKey, Identity, SshConnection,
+    TransportConfig, TransportError, connect,
+};
+
+use crate::support::{Agent, Dropbear, Sshd, config, keygen, read_all};
+
+/// Long enough that local work (sshd forking, signatures, a loaded CI machine) stays well
+/// under half of it.
+const RTT_MS: f64 = 200.0;
+
+struct Relayed {
+    relay: Relay,
+    host_key: HostKeyCheck,
+}
+
+impl Relayed {
+    async fn new(target: u16, host_pub: &str) -> Relayed {
+        let addr: SocketAddr = ([127, 0, 0, 1], target).into();
+        let relay = Relay::start(addr, Link::new(RTT_MS, 0.0))
+            .await
+            .expect("relay");
+        let key = HostPublicKey::from_openssh(host_pub).expect("host key");
+        Relayed {
+            relay,
+            host_key: HostKeyCheck::pinned([key]),
+        }
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        Endpoint::new("127.0.0.1", self.relay.port(), "root")
+    }
+
+    /// Connects; returns the connection and the authentication stage in round trips.
+    async fn connect(
+        &self,
+        identities: &[Identity],
+        cfg: &TransportConfig,
+    ) -> Result<(SshConnection, f64), TransportError> {
+        let events: Arc<Mutex<Vec<ConnectEvent>>> = Arc::default();
+        let sink = events.clone();
+        let conn = connect(
+            &self.endpoint(),
+            identities,
+            &self.host_key,
+            cfg,
+            move |e: &ConnectEvent| sink.lock().expect("events").push(e.clone()),
+        )
+        .await?;
+        let events = events.lock().expect("events");
+        let auth = events
+            .iter()
+            .find(|e| matches!(e.kind, ConnectEventKind::Authenticated { .. }))
+            .expect("an Authenticated event")
+            .took;
+        Ok((conn, rtts(auth)))
+    }
+}
+
+/// The connection works after a pipelined authentication.
+async fn echo_ok(conn: &SshConnection) {
+    let mut ch = conn.exec("echo ok").await.expect("exec");
+    assert_eq!(
+        read_all(ch.stdout(), Duration::from_secs(10)).await,
+        b"ok\n"
+    );
+}
+
+fn rtts(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3 / RTT_MS
+}
+
+/// `n` round trips, give or take local work.
+fn assert_rtts(what: &str, measured: f64, n: u32) {
+    let n = f64::from(n);
+    println!("{what}: {measured:.2} round trips (expected {n})");
+    assert!(
+        measured > n - 0.3 && measured < n + 0.5,
+        "{what}: {measured:.2} round trips, expected {n}"
+    );
+}
+
+/// One round trip for an accepted key file (three without `fast_auth`), and one more per
+/// refused identity before it: a refused signed request falls through to the next identity
+/// like a refused query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_file_auth_round_trips() {
+    let sshd = Sshd::start();
+    let stranger = keygen(sshd.path(), "stranger", "ed25519", "");
+    let rsa = keygen(sshd.path(), "id_rsa", "rsa", "");
+    sshd.authorize(&rsa);
+    let relayed = Relayed::new(sshd.port, &sshd.host_pub).await;
+
+    let (conn, n) = relayed
+        .connect(&sshd.identities(), &config())
+        .await
+        .expect("connect");
+    assert_rtts("accepted key file", n, 1);
+    echo_ok(&conn).await;
+    conn.disconnect().await;
+
+    let ids = [Identity::key_file(&stranger), Identity::key_file(&rsa)];
+    let (conn, n) = relayed.connect(&ids, &config()).await.expect("connect");
+    assert_rtts("refused key file, then an RSA one", n, 2);
+    assert!(conn.identity().contains("id_rsa"), "{}", conn.identity());
+    assert!(
+        conn.identity().contains("rsa-sha2-512"),
+        "{}",
+        conn.identity()
+    );
+    conn.disconnect().await;
+
+    // Only refused keys: rejected, naming both, after one round trip each.
+    let other = keygen(sshd.path(), "other", "ecdsa", "");
+    let ids = [Identity::key_file(&stranger), Identity::key_file(&other)];
+    match relayed.connect(&ids, &config()).await {
+        Err(TransportError::AuthRejected { tried, .. }) => {
+            assert_eq!(tried.len(), 2, "{tried:?}");
+            assert!(tried.iter().all(|t| t.ends_with(": rejected")), "{tried:?}");
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("refused keys authenticated"),
+    }
+
+    let mut slow = config();
+    slow.fast_auth = false;
+    let (conn, n) = relayed
+        .connect(&sshd.identities(), &slow)
+        .await
+        .expect("connect");
+    assert_rtts("accepted key file without fast_auth", n, 3);
+    conn.disconnect().await;
+}
+
+/// Agent keys are queried first (the agent may ask its user to confirm each signature), so
+/// the first connection pays the query; once the endpoint accepted a key, later connections
+/// sign with it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_auth_round_trips() {
+    let sshd = Sshd::start();
+    let agent = Agent::start(sshd.path());
+    let stranger = keygen(sshd.path(), "stranger", "ed25519", "");
+    agent.add(&stranger);
+    agent.add(&sshd.client_key);
+    let relayed = Relayed::new(sshd.port, &sshd.host_pub).await;
+    let ids = [Identity::Agent {
+        socket: Some(agent.socket.clone()),
+    }];
+
+    // Stranger queried and refused (with the service request), ours queried, then signed.
+    let (conn, n) = relayed.connect(&ids, &config()).await.expect("connect");
+    assert_rtts("agent, first connection", n, 3);
+    assert!(
+        conn.identity().contains("client_ed25519"),
+        "{}",
+        conn.identity()
+    );
+    conn.disconnect().await;
+
+    // Stranger queried and refused, ours signed at once.
+    let (conn, n) = relayed.connect(&ids, &config()).await.expect("connect");
+    assert_rtts("agent, known key", n, 2);
+    assert!(
+        conn.identity().contains("client_ed25519"),
+        "{}",
+        conn.identity()
+    );
+    echo_ok(&conn).await;
+    conn.disconnect().await;
+}
+
+/// Dropbear takes the pipelined service and signed requests too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropbear_takes_fast_auth() {
+    let Some(server) = tokio::task::spawn_blocking(Dropbear::start)
+        .await
+        .expect("join")
+    else {
+        println!("dropbear not installed: skipped");
+        return;
+    };
+    let host_pub = std::fs::read_to_string(&server.known_hosts)
+        .expect("known_hosts")
+        .split_whitespace()
+        .skip(1)
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let relayed = Relayed::new(server.port, &host_pub).await;
+    let stranger = keygen(server.dir.path(), "stranger", "ed25519", "");
+    let ids = [
+        Identity::key_file(&stranger),
+        Identity::key_file(&server.client_key),
+    ];
+    let (conn, n) = relayed.connect(&ids, &config()).await.expect("connect");
+    assert_rtts("dropbear: refused key file, then ours", n, 2);
+    echo_ok(&conn).await;
+    conn.disconnect().await;
+}
