@@ -40,7 +40,8 @@ pub enum NixPeer {
     /// debootstrap'd root built by `scripts/setup-peers` (see [`trixie_root`]). Sessions run
     /// chrooted in it, with the builder's own store bind-mounted over its `/nix` inside the
     /// builder's namespace, so nothing is written into the shared root. Not available with
-    /// [`RigConfig::untrusted_user`] (the chroot needs root).
+    /// [`RigConfig::untrusted_user`] (the chroot needs root) or [`RigConfig::nix_daemon`]
+    /// (that daemon is the host's Nix).
     Trixie,
 }
 
@@ -97,6 +98,13 @@ pub(crate) fn prepare(
                 return Err(RigError::UnsupportedConfig {
                     reason: "NixPeer::Trixie with an untrusted_user: trixie sessions are \
                              chrooted, which needs root"
+                        .to_owned(),
+                });
+            }
+            if config.nix_daemon {
+                return Err(RigError::UnsupportedConfig {
+                    reason: "NixPeer::Trixie with nix_daemon: the daemon would be the host's \
+                             Nix 2.8, not the sessions' 2.26"
                         .to_owned(),
                 });
             }
