@@ -49,6 +49,7 @@ pub struct Env {
 struct Fixtures {
     small: Option<Vec<StorePath>>,
     large: Vec<(u64, StorePath)>,
+    real: Option<(Vec<StorePath>, u64)>,
 }
 
 impl std::fmt::Debug for Env {
@@ -621,6 +622,54 @@ impl Env {
             f.small = Some(paths.clone());
         }
         Ok(paths)
+    }
+
+    /// Real binaries in the client store, made once: each shared library `ldd nix-store`
+    /// lists, and GCC's internal directory (`/usr/lib/gcc`) as one path. Returns the paths
+    /// and their NAR bytes.
+    ///
+    /// # Errors
+    /// Not embedded, `ldd` or `nix-store --add` fails.
+    pub async fn real_closure(&self) -> anyhow::Result<(Vec<StorePath>, u64)> {
+        if let Ok(f) = self.fixtures.lock()
+            && let Some(r) = &f.real
+        {
+            return Ok(r.clone());
+        }
+        let nix_store = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .map(|d| d.join("nix-store"))
+            .find(|p| p.is_file())
+            .ok_or_else(|| anyhow!("nix-store is not on PATH"))?;
+        let ldd = tokio::process::Command::new("ldd")
+            .arg(&nix_store)
+            .output()
+            .await
+            .context("running ldd")?;
+        let mut inputs: Vec<PathBuf> = String::from_utf8_lossy(&ldd.stdout)
+            .lines()
+            .filter_map(|l| {
+                l.split("=>")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()
+                    .map(PathBuf::from)
+            })
+            .filter(|p| p.is_absolute())
+            .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
+            .collect();
+        inputs.sort();
+        inputs.dedup();
+        if Path::new("/usr/lib/gcc").is_dir() {
+            inputs.push(PathBuf::from("/usr/lib/gcc"));
+        }
+        let paths = self.add_to_client(inputs).await?;
+        let local = self.local().ok_or_else(|| anyhow!("no local store"))?;
+        let set: BTreeSet<StorePath> = paths.iter().cloned().collect();
+        let bytes = local.closure(&set).await?.iter().map(|i| i.nar_size).sum();
+        if let Ok(mut f) = self.fixtures.lock() {
+            f.real = Some((paths.clone(), bytes));
+        }
+        Ok((paths, bytes))
     }
 
     /// One path of `size` random bytes in the client store, made once per size.

@@ -1234,11 +1234,18 @@ pub struct NixmuxPush {
     protocol: Protocol,
     roots: BTreeSet<StorePath>,
     warm: bool,
+    compress: bool,
     pool: Option<(Pool, Builder)>,
     details: BTreeMap<String, String>,
 }
 
 impl NixmuxPush {
+    /// The same side with SSH zlib compression (`compress=true`).
+    pub fn compressed(mut self) -> Self {
+        self.compress = true;
+        self
+    }
+
     /// A push side; `warm`: the connection and a session exist before the clock starts.
     pub fn new(
         env: EnvRef,
@@ -1253,6 +1260,7 @@ impl NixmuxPush {
             protocol,
             roots,
             warm,
+            compress: false,
             pool: None,
             details: BTreeMap::new(),
         }
@@ -1261,14 +1269,21 @@ impl NixmuxPush {
 
 impl Side for NixmuxPush {
     fn id(&self) -> String {
-        if self.warm {
+        if self.compress {
+            format!("nixmux-{}-zlib", scheme(self.protocol))
+        } else if self.warm {
             format!("nixmux-{}", scheme(self.protocol))
         } else {
             format!("nixmux-{}-cold", scheme(self.protocol))
         }
     }
     fn label(&self) -> String {
-        if self.warm {
+        if self.compress {
+            format!(
+                "nixmux {}: push_closure over a warm pooled connection, SSH zlib",
+                scheme(self.protocol)
+            )
+        } else if self.warm {
             format!(
                 "nixmux {}: push_closure over a warm pooled connection",
                 scheme(self.protocol)
@@ -1293,7 +1308,9 @@ impl Side for NixmuxPush {
         Box::pin(async move {
             self.env.reset_store(self.builder).await?;
             let pool = Pool::new();
-            let b = pool.add(self.env.nixmux_config(self.builder, self.protocol)?);
+            let mut config = self.env.nixmux_config(self.builder, self.protocol)?;
+            config.target.transport.compression = self.compress;
+            let b = pool.add(config);
             if self.warm {
                 b.query_valid_paths(&BTreeSet::new(), false).await?;
             }

@@ -40,12 +40,17 @@ pub const ALL: &[&str] = &[
     "builders",
     "agent-connect",
     "push-1gib",
+    "push-real",
 ];
 
 /// What `nixmux bench` runs without `--workload`.
 pub fn default_workloads(wan: bool) -> Vec<String> {
     ALL.iter()
-        .filter(|w| **w != "push-1gib" && !(wan && **w == "push-large"))
+        .filter(|w| {
+            // On demand only: push-1gib (long) and push-real (reads system files).
+            let on_demand = ["push-1gib", "push-real"].contains(w);
+            !(on_demand || wan && **w == "push-large")
+        })
         .map(|w| (*w).to_owned())
         .collect()
 }
@@ -74,6 +79,8 @@ struct Plan {
     quick: bool,
     repeat: Option<u32>,
     wan: bool,
+    /// The emulated link's rate, Mbit/s, if limited.
+    wan_mbit: Option<f64>,
 }
 
 impl Plan {
@@ -487,6 +494,49 @@ async fn spec(
                 },
             }
         }
+        "push-real" => {
+            progress.event(&Event::Note(
+                "adding real binaries (Nix's shared libraries, GCC's internals) to the client store"
+                    .into(),
+            ));
+            let (paths, bytes) = if env.embedded() {
+                env.real_closure().await?
+            } else {
+                (Vec::new(), 0)
+            };
+            let roots: BTreeSet<StorePath> = paths.iter().cloned().collect();
+            let reps = plan.reps((0, 3), (0, 1), (0, 2));
+            let mut sides: Vec<Box<dyn crate::runner::Side>> = Vec::new();
+            for p in both() {
+                sides.push(Box::new(NixmuxPush::new(
+                    env.clone(),
+                    0,
+                    p,
+                    roots.clone(),
+                    true,
+                )));
+                sides.push(Box::new(
+                    NixmuxPush::new(env.clone(), 0, p, roots.clone(), true).compressed(),
+                ));
+            }
+            let floor = plan.wan_mbit.map(|m| {
+                format!(
+                    "link floor (bytes ÷ rate): {:.1} s",
+                    bytes as f64 * 8.0 / (m * 1e6)
+                )
+            });
+            Spec {
+                title: format!(
+                    "Closure push of real store content: {} paths, {:.0} MiB of NARs",
+                    paths.len(),
+                    bytes as f64 / MIB as f64
+                ),
+                description: "Nix's shared libraries (each a path, as `ldd nix-store` lists them) and GCC's internal directory (/usr/lib/gcc: cc1, lto1, plugins) added to the client store: binaries as a real closure holds them. Builder store emptied before every sample (untimed). nixmux push_closure on a warm connection, without compression and with SSH zlib (`compress=true`, Nix's `ssh -C`).".into(),
+                primary: Figure::Wall,
+                cases: vec![plan.case("", None, sides, reps)],
+                notes: floor.into_iter().collect(),
+            }
+        }
         "push-large" | "push-1gib" => {
             let big = name == "push-1gib";
             let size = if plan.quick {
@@ -834,6 +884,23 @@ pub fn goals(result: &WorkloadResult, wan: Option<WanSettings>) -> Vec<Goal> {
                 );
             }
         }
+        "push-real" => {
+            if let Some(mbit) = wan.and_then(|w| w.mbit) {
+                let link = mbit * 1e6 / 8.0;
+                for p in ["ssh-ng", "ssh"] {
+                    goal(
+                        &format!(
+                            "real store content at {mbit} Mbit/s ({p}), compressed: faster than the link floor (bytes ÷ rate)"
+                        ),
+                        "#11",
+                        med(case, &format!("nixmux-{p}-zlib"), Figure::Throughput)
+                            .map(|t| t / link),
+                        &|x| x > 1.0,
+                        &|x| format!("{x:.2}× the link rate"),
+                    );
+                }
+            }
+        }
         "push-1gib" => {
             for p in ["ssh-ng", "ssh"] {
                 goal(
@@ -980,6 +1047,7 @@ pub async fn run(options: Options, progress: &dyn Progress) -> anyhow::Result<Re
         quick: options.quick,
         repeat: options.repeat,
         wan: options.wan.is_some(),
+        wan_mbit: options.wan.and_then(|w| w.mbit),
     };
     let mut workloads = Vec::new();
     for name in &options.workloads {
