@@ -7,6 +7,9 @@
 //! client and a builder really transfer data. Nothing touches the host's `/nix`, `/etc/ssh` or
 //! `~/.ssh`.
 //!
+//! [`RigConfig::ssh_server`] and [`RigConfig::nix`] swap in a second SSH server (Dropbear)
+//! and a second Nix (Debian trixie's 2.26, chrooted; `scripts/setup-peers`) for interop tests.
+//!
 //! ```no_run
 //! use nixmux_rig::{Protocol, Rig, RigConfig};
 //!
