@@ -34,6 +34,8 @@ enum DrainEnd {
 /// What one message meant for the drain loop.
 enum Handled {
     Open,
+    /// EOF from the server.
+    Eof,
     Closed,
     /// CHANNEL_SUCCESS (true) or CHANNEL_FAILURE: the answer to our oldest unanswered
     /// request (RFC 4254 §5.4: answers come in request order).
@@ -91,6 +93,7 @@ async fn handle_msg(
         }
         ChannelMsg::Eof => {
             core.stdout.finish(Finish::Eof);
+            return Handled::Eof;
         }
         ChannelMsg::ExitStatus { exit_status } => {
             core.state
@@ -244,16 +247,33 @@ pub(super) async fn drain(start: DrainStart, write: ChannelWriteHalf<Msg>, core:
         on_drop,
     } = start;
     let mut barriers = Barriers::new(&write);
+    // A server that sent EOF and the exit status but never closes the channel would leave
+    // `exit()` waiting forever (RFC 4254 §5.3 only says it SHOULD close): after `grace` we
+    // close it ourselves.
+    let mut eof = false;
+    let mut close_by: Option<tokio::time::Instant> = None;
+    let grace = on_drop.grace.max(Duration::from_millis(500));
     let mut end = loop {
+        if close_by.is_none() && eof && core.state.borrow().exit.is_some() {
+            close_by = Some(tokio::time::Instant::now() + grace);
+        }
         tokio::select! {
             // Checked first so that a channel streaming data non-stop still notices that
             // nobody wants it any more.
             biased;
             _ = &mut abandoned => break DrainEnd::Abandoned,
             () = barriers.sent(), if barriers.sending.is_some() => {}
+            () = sleep_until_opt(close_by) => {
+                tracing::debug!("the server sent EOF and an exit status but did not close the channel within {grace:?}; closing it");
+                if let Err(e) = tokio::time::timeout(CLOSE_SEND_TIMEOUT, write.close()).await.unwrap_or(Ok(())) {
+                    tracing::debug!("sending CHANNEL_CLOSE failed: {e}");
+                }
+                break DrainEnd::Closed;
+            }
             msg = rx.wait() => match msg {
                 Some(msg) => match handle_msg(&core, msg, &mut log, false).await {
                     Handled::Open => {}
+                    Handled::Eof => eof = true,
                     Handled::Closed => break DrainEnd::Closed,
                     Handled::Reply(ok) if exec_reply_pending => {
                         exec_reply_pending = false;
@@ -302,6 +322,14 @@ pub(super) async fn drain(start: DrainStart, write: ChannelWriteHalf<Msg>, core:
     }
     // After the state above, which says why they failed.
     barriers.fail_all(&core, &mut barrier_requests);
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// What to do with the remote side when every handle of a channel is dropped.
