@@ -255,7 +255,7 @@ async fn dropbear_with_nix_2_26() {
 }
 
 /// Dropbear has no MaxSessions: its only per-connection bound is the compile-time
-/// `MAX_CHANNELS` (`sysoptions.h`; 1000 in current Dropbear), far above what a pool opens. So
+/// `MAX_CHANNELS` (`sysoptions.h`; 1000 in 2022.83), far above what a pool opens. So
 /// many more concurrent sessions than OpenSSH's default 10 share one connection: no refusal,
 /// no learned limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
