@@ -405,7 +405,7 @@ impl OpKind {
     }
 }
 
-/// One builder handle: rig builder `index` over `protocol`.
+/// One builder handle: rig builder `index` over one of the two protocols.
 struct Handle {
     index: usize,
     b: Builder,
@@ -474,13 +474,13 @@ impl Shared {
         })
     }
 
-    fn random_files(&self, rng: &mut Rng, n: usize, big: bool) -> anyhow::Result<Vec<PathBuf>> {
+    fn random_files(&self, rng: &mut Rng, n: usize) -> anyhow::Result<Vec<PathBuf>> {
         let mut files = Vec::with_capacity(n);
         for _ in 0..n {
             let k = self.seq.fetch_add(1, Ordering::Relaxed);
             let p = self.scratch.join(format!("soak-{k}"));
             // Mostly small paths; some of 0.25 to 1.5 MiB, so that a cancel lands mid-NAR.
-            let len = if big || below(rng, 4) == 0 {
+            let len = if below(rng, 4) == 0 {
                 262_144 + below(rng, 1_310_720)
             } else {
                 1024 + below(rng, 32_768)
@@ -495,7 +495,7 @@ impl Shared {
     async fn client_path(&self, rng: &mut Rng) -> anyhow::Result<StorePath> {
         let mut q = self.client_paths.lock().await;
         if q.is_empty() {
-            let files = self.random_files(rng, 12, false)?;
+            let files = self.random_files(rng, 12)?;
             let rig = self.rig.clone();
             let out =
                 add_files(move |args| rig.client_store().run("nix-store", args), files).await?;
@@ -508,7 +508,7 @@ impl Shared {
     async fn builder_path(&self, i: usize, rng: &mut Rng) -> anyhow::Result<StorePath> {
         let mut q = self.builder_paths[i].lock().await;
         if q.is_empty() {
-            let files = self.random_files(rng, 8, false)?;
+            let files = self.random_files(rng, 8)?;
             let _ctl = self.control[i].lock().await;
             let rig = self.rig.clone();
             let out = add_files(
