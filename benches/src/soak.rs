@@ -1817,7 +1817,12 @@ pub fn chart(r: &SoakReport) -> String {
             r#"<text x="{:.1}" y="{yb}" font-size="10" text-anchor="middle">{}</text>"#,
             px(t),
             if tmax >= 600.0 {
-                format!("{:.0} min", t / 60.0)
+                let m = t / 60.0;
+                if (m - m.round()).abs() < 0.05 {
+                    format!("{m:.0} min")
+                } else {
+                    format!("{m:.1} min")
+                }
             } else {
                 format!("{t:.0} s")
             }
