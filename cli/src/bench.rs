@@ -65,7 +65,7 @@ pub(crate) struct BenchArgs {
     /// Mbit/s (0: unlimited), e.g. `50:100`.
     #[arg(long, value_name = "RTT_MS:MBIT")]
     wan: Option<String>,
-    /// Number of local rig builders (default 4, 2 with --quick).
+    /// Number of local rig builders (default 4, 2 with --quick and for the soak).
     #[arg(long, value_name = "N")]
     builders: Option<usize>,
     /// sshd `MaxSessions` of the local rig builders (default 10, sshd's own): e.g. 2 to see
