@@ -53,14 +53,16 @@ impl DerivedPath {
     }
 
     /// The legacy `StorePathWithOutputs` form (serve protocol, worker below 1.30): a bare
-    /// `.drv` means every output, and an opaque `.drv` cannot be expressed.
+    /// `.drv` means every output, and an opaque `.drv` cannot be expressed. Every output of a
+    /// path that is not a `.drv` is written `path!*`: bare, it would read back as an opaque
+    /// path (see [`Self::parse`]).
     pub fn to_legacy_wire(&self, dir: &StoreDir) -> String {
         match self {
             DerivedPath::Opaque(p) => p.to_absolute(dir),
             DerivedPath::Built {
                 drv,
                 outputs: OutputsSpec::All,
-            } => drv.to_absolute(dir),
+            } if drv.is_derivation() => drv.to_absolute(dir),
             DerivedPath::Built { .. } => self.to_wire(dir),
         }
     }

@@ -70,3 +70,43 @@ fn legacy_bang_without_outputs_is_the_bare_path() {
     req.write(&mut again, &d, v);
     assert_eq!(serve_request(&again, v), (req, again.len()));
 }
+
+/// `serve_requests` (`fuzz/regressions/serve_requests/legacy-star-non-drv`), the same bug from
+/// the encoder's side: `path!*` reads as every output of `path`, but for a `path` that is not a
+/// `.drv` the legacy encoder wrote the bare path, which reads back as an opaque path. It now
+/// keeps the `!*`; a bare `.drv` still means every output.
+#[test]
+fn legacy_every_output_of_a_non_drv_keeps_the_star() {
+    let d = StoreDir::default();
+    let plain = "/nix/store/0xs5r8701k91sgcb65bmsjljz8rx1brb-c7dr";
+    let drv = "/nix/store/0xs5r8701k91sgcb65bmsjljz8rx1brb-c7dr.drv";
+    let all_plain = DerivedPath::all_outputs(StorePath::parse(&d, plain).expect("a store path"));
+    let all_drv = DerivedPath::all_outputs(StorePath::parse(&d, drv).expect("a store path"));
+
+    assert_eq!(
+        DerivedPath::parse(&d, &format!("{plain}!*"), true, "t").expect("parses"),
+        all_plain
+    );
+    assert_eq!(all_plain.to_legacy_wire(&d), format!("{plain}!*"));
+    assert_eq!(all_drv.to_legacy_wire(&d), drv);
+    for p in [all_plain, all_drv] {
+        assert_eq!(
+            DerivedPath::parse(&d, &p.to_legacy_wire(&d), true, "t").expect("parses"),
+            p
+        );
+    }
+
+    // The request the fuzzer built: serve 2.4, `BuildPaths` of `plain!*`.
+    let v = ProtocolVersion::new(2, 4);
+    let mut bytes = Vec::new();
+    bytes.put_word(6); // cmdBuildPaths
+    bytes.put_str_list([format!("{plain}!*")]);
+    for _ in 0..5 {
+        bytes.put_word(0); // maxSilentTime, buildTimeout, maxLogSize, nrRepeats, enforceDeterminism
+    }
+    let (req, used) = serve_request(&bytes, v);
+    assert_eq!(used, bytes.len());
+    let mut again = Vec::new();
+    req.write(&mut again, &d, v);
+    assert_eq!(serve_request(&again, v), (req, again.len()));
+}
