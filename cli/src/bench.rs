@@ -304,11 +304,22 @@ fn soak(args: BenchArgs) -> anyhow::Result<i32> {
         );
         return Ok(exit_code::CONFIG);
     }
-    let duration =
-        soak::parse_duration(args.duration.as_deref().unwrap_or("60s")).context("--duration")?;
+    let duration = match soak::parse_duration(args.duration.as_deref().unwrap_or("60s")) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("nixmux: --duration: {e:#}");
+            return Ok(exit_code::CONFIG);
+        }
+    };
     let mut options = soak::SoakOptions::new(duration);
     if let Some(f) = &args.fault_every {
-        options.fault_every = soak::parse_duration(f).context("--fault-every")?;
+        match soak::parse_duration(f) {
+            Ok(d) => options.fault_every = d,
+            Err(e) => {
+                eprintln!("nixmux: --fault-every: {e:#}");
+                return Ok(exit_code::CONFIG);
+            }
+        }
     }
     if let Some(c) = args.concurrency {
         options.concurrency = usize::try_from(c).unwrap_or(3);

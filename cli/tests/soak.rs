@@ -66,7 +66,9 @@ fn soak_arguments_are_checked() {
     let out = run(&["bench", "--workload", "query", "--duration", "10s"]);
     assert_eq!(out.status.code(), Some(2));
     let out = run(&["bench", "--workload", "soak", "--duration", "ten"]);
-    assert_ne!(out.status.code(), Some(0));
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(&["bench", "--workload", "soak", "--fault-every", "0s"]);
+    assert_eq!(out.status.code(), Some(2));
     let out = run(&["bench", "--workload", "soak", "--wan", "50:100"]);
     assert_eq!(out.status.code(), Some(2));
 }
