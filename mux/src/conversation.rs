@@ -83,6 +83,24 @@ impl Conversation {
         }
     }
 
+    /// Which of `paths` are valid, protecting them from the builder's garbage collector for
+    /// as long as this session lives: serve `QueryValidPaths` with `lock` (the server adds a
+    /// temporary root for each path first, src/nix-store/nix-store.cc `opServe`), worker
+    /// `AddTempRoot` for each, then `QueryValidPaths`, as Hydra's queue runner does.
+    pub(crate) async fn query_valid_protected(
+        &mut self,
+        paths: &BTreeSet<StorePath>,
+        substitute: bool,
+    ) -> Result<BTreeSet<StorePath>, SessionError> {
+        match self {
+            Conversation::Serve(x) => x.query_valid_paths(paths, true, substitute).await,
+            Conversation::Worker(w) => {
+                w.add_temp_roots(paths, &mut |_| {}).await?;
+                w.query_valid_paths(paths, substitute, &mut |_| {}).await
+            }
+        }
+    }
+
     /// Metadata of the valid ones among `paths`, in one round trip (serve batches natively;
     /// worker requests are pipelined).
     pub(crate) async fn query_path_infos(

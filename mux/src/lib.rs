@@ -76,6 +76,7 @@ pub use builder::{Builder, BuilderConfig, MachineInfo, Pool};
 pub use connections::ConnectionLimits;
 pub use error::{Error, ErrorKind, Initiator, Result};
 pub use logs::{LogEvent, LogSender, LogStream, log_channel};
+pub use ops::Lease;
 pub use pool::PoolSettings;
 pub use protocol::{DEFAULT_DAEMON_SOCKET, Protocol, RemoteInfo, SessionPath, WorkerRoute};
 pub use raw::RawSession;

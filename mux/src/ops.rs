@@ -20,6 +20,8 @@ use crate::conversation::{BuildLog, Conversation};
 use crate::error::{Error, ErrorKind, Result, from_session};
 use crate::local::{LocalStore, closure_with, topo_sort};
 use crate::logs::LogSender;
+use crate::pool::PooledSession;
+use crate::protocol::RemoteInfo;
 
 /// Progress of a transfer, reported after every chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -175,7 +177,45 @@ fn plan_transfer(
     (missing, report)
 }
 
+/// A session of one builder held across several operations: a scheduler's lease for a
+/// composite job (push the inputs, build, fetch the outputs).
+///
+/// It queues for a session once instead of once per step, and it keeps the builder's garbage
+/// collector off the job's paths for as long as it lives: every path it finds present is
+/// given a temporary root first (serve `QueryValidPaths` with `lock`; worker `AddTempRoot`),
+/// paths it uploads and outputs it builds get one from the builder's Nix itself, and the
+/// outputs of its builds are rooted again explicitly. Nix keeps a process's temporary roots
+/// until the process ends, which is when the lease's session ends (src/libstore/gc.cc).
+///
+/// Each operation runs under the builder's `operation_deadline`. An operation that fails or
+/// is cancelled half-way makes the session unusable; later operations on the lease then fail
+/// with the session's error, and dropping the lease closes it instead of returning it.
+pub struct Lease {
+    builder: Builder,
+    session: PooledSession,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("builder", &self.builder.name())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Builder {
+    /// Holds one of this builder's sessions for several operations (see [`Lease`]), waiting
+    /// for one like any operation does.
+    pub async fn lease(&self) -> Result<Lease> {
+        let mut session = self.acquire().await?;
+        // A fresh or idle session is in a known state: returned if dropped unused.
+        session.succeeded();
+        Ok(Lease {
+            builder: self.clone(),
+            session,
+        })
+    }
+
     /// Copies the closure of `roots` from `local` to this builder: asks the builder once
     /// which paths it lacks (letting it substitute them when `substitute` is set), then
     /// streams the missing NARs dependencies first, in one pipelined batch (serve: back to
@@ -188,23 +228,220 @@ impl Builder {
         progress: Option<ProgressFn>,
     ) -> Result<TransferReport> {
         self.bounded("push_closure", async {
-            let closure = local.closure(roots).await?;
-            self.push_infos(local, closure, substitute, progress).await
+            let mut lease = self.lease().await?;
+            lease
+                .run(async |l: &mut Lease| {
+                    l.push_closure_unbounded(local, roots, substitute, progress)
+                        .await
+                })
+                .await
         })
         .await
     }
 
-    /// [`Builder::push_closure`] for a closure whose metadata is already known (dependencies
+    /// Copies `paths` and everything they reference that the local store lacks from the
+    /// builder into `local`, dependencies first, checking every NAR's hash and size while it
+    /// streams. A path whose transfer fails is not registered locally.
+    pub async fn fetch_outputs(
+        &self,
+        local: &LocalStore,
+        paths: &BTreeSet<StorePath>,
+        progress: Option<ProgressFn>,
+    ) -> Result<TransferReport> {
+        self.bounded("fetch_outputs", async {
+            let mut lease = self.lease().await?;
+            lease
+                .run(async |l: &mut Lease| l.fetch_unbounded(local, paths, progress).await)
+                .await
+        })
+        .await
+    }
+
+    /// Builds the derivation `drv_path` of the local store on this builder: reads the `.drv`,
+    /// pushes what the build needs, runs it with `options` (which reach the builder on both
+    /// protocols), streams its log into `logs`, and returns the result. Outputs stay on the
+    /// builder; use [`Builder::fetch_outputs`] to copy them back (or a [`Lease`], whose
+    /// `build` and `fetch_outputs` keep the outputs protected in between).
+    ///
+    /// The strategy follows trust, as Nix's build hook does: the serve protocol and trusted
+    /// worker sessions get the derivation inline with its input closure; an untrusted worker
+    /// session (which may only build content-addressed derivations inline) gets the `.drv`
+    /// closure and builds the outputs by path.
+    pub async fn build(
+        &self,
+        local: &LocalStore,
+        drv_path: &StorePath,
+        options: &BuildOptions,
+        logs: &LogSender,
+    ) -> Result<BuildOutcome> {
+        self.build_with_progress(local, drv_path, options, logs, None)
+            .await
+    }
+
+    /// [`Builder::build`], reporting the progress of the input push.
+    pub async fn build_with_progress(
+        &self,
+        local: &LocalStore,
+        drv_path: &StorePath,
+        options: &BuildOptions,
+        logs: &LogSender,
+        progress: Option<ProgressFn>,
+    ) -> Result<BuildOutcome> {
+        self.bounded("build", async {
+            let mut lease = self.lease().await?;
+            lease
+                .run(async |l: &mut Lease| {
+                    l.build_unbounded(local, drv_path, options, logs, progress)
+                        .await
+                })
+                .await
+        })
+        .await
+    }
+}
+
+impl Lease {
+    /// The builder.
+    pub fn builder(&self) -> &Builder {
+        &self.builder
+    }
+
+    /// What the session's handshake told about the builder.
+    pub fn remote_info(&self) -> RemoteInfo {
+        self.session.peek().conv.info()
+    }
+
+    /// Runs one operation of the lease under the builder's deadline; the session stays
+    /// reusable only if it succeeds.
+    async fn step<T>(
+        &mut self,
+        what: &str,
+        op: impl AsyncFnOnce(&mut Lease) -> Result<T>,
+    ) -> Result<T> {
+        let builder = self.builder.clone();
+        builder.bounded(what, self.run(op)).await
+    }
+
+    /// Runs one operation: the session stays reusable only if it succeeds (a failure or a
+    /// cancellation half-way leaves it to be closed).
+    async fn run<T>(&mut self, op: impl AsyncFnOnce(&mut Lease) -> Result<T>) -> Result<T> {
+        self.session.begin();
+        let r = op(self).await;
+        if r.is_ok() {
+            self.session.succeeded();
+        }
+        r
+    }
+
+    /// Which of `paths` are valid on the builder (substituting missing ones first when
+    /// `substitute` is set); the valid ones are protected from its garbage collector for as
+    /// long as the lease lives.
+    pub async fn query_valid_paths(
+        &mut self,
+        paths: &BTreeSet<StorePath>,
+        substitute: bool,
+    ) -> Result<BTreeSet<StorePath>> {
+        self.step("query_valid_paths", async |l: &mut Lease| {
+            l.query_protected(paths, substitute).await
+        })
+        .await
+    }
+
+    /// [`Builder::push_closure`] on the leased session; what it pushes or finds present
+    /// stays protected while the lease lives.
+    pub async fn push_closure(
+        &mut self,
+        local: &LocalStore,
+        roots: &BTreeSet<StorePath>,
+        substitute: bool,
+        progress: Option<ProgressFn>,
+    ) -> Result<TransferReport> {
+        self.step("push_closure", async |l: &mut Lease| {
+            l.push_closure_unbounded(local, roots, substitute, progress)
+                .await
+        })
+        .await
+    }
+
+    /// [`Builder::build_with_progress`] on the leased session; its outputs stay protected
+    /// while the lease lives, for [`Lease::fetch_outputs`].
+    pub async fn build(
+        &mut self,
+        local: &LocalStore,
+        drv_path: &StorePath,
+        options: &BuildOptions,
+        logs: &LogSender,
+        progress: Option<ProgressFn>,
+    ) -> Result<BuildOutcome> {
+        self.step("build", async |l: &mut Lease| {
+            l.build_unbounded(local, drv_path, options, logs, progress)
+                .await
+        })
+        .await
+    }
+
+    /// [`Builder::fetch_outputs`] on the leased session.
+    pub async fn fetch_outputs(
+        &mut self,
+        local: &LocalStore,
+        paths: &BTreeSet<StorePath>,
+        progress: Option<ProgressFn>,
+    ) -> Result<TransferReport> {
+        self.step("fetch_outputs", async |l: &mut Lease| {
+            l.fetch_unbounded(local, paths, progress).await
+        })
+        .await
+    }
+
+    async fn query_protected(
+        &mut self,
+        paths: &BTreeSet<StorePath>,
+        substitute: bool,
+    ) -> Result<BTreeSet<StorePath>> {
+        let name = self.builder.name().to_owned();
+        self.session
+            .get()
+            .conv
+            .query_valid_protected(paths, substitute)
+            .await
+            .map_err(|e| from_session(e).on(&name))
+    }
+
+    /// Roots the outputs a build produced on the leased session, until they are fetched.
+    async fn protect_outputs(&mut self, result: &BuildResult) -> Result<()> {
+        let outputs: BTreeSet<StorePath> = result
+            .built_outputs
+            .values()
+            .map(|o| o.path.clone())
+            .collect();
+        if outputs.is_empty() {
+            return Ok(());
+        }
+        self.query_protected(&outputs, false).await.map(drop)
+    }
+
+    async fn push_closure_unbounded(
+        &mut self,
+        local: &LocalStore,
+        roots: &BTreeSet<StorePath>,
+        substitute: bool,
+        progress: Option<ProgressFn>,
+    ) -> Result<TransferReport> {
+        let closure = local.closure(roots).await?;
+        self.push_infos(local, closure, substitute, progress).await
+    }
+
+    /// [`Lease::push_closure`] for a closure whose metadata is already known (dependencies
     /// first).
     async fn push_infos(
-        &self,
+        &mut self,
         local: &LocalStore,
         closure: Vec<PathInfo>,
         substitute: bool,
         progress: Option<ProgressFn>,
     ) -> Result<TransferReport> {
         let all: BTreeSet<StorePath> = closure.iter().map(|i| i.path.clone()).collect();
-        let present = self.query_valid_paths(&all, substitute).await?;
+        let present = self.query_protected(&all, substitute).await?;
         let (missing, report) = plan_transfer(closure, &present);
         if !missing.is_empty() {
             self.upload(local, &missing, progress).await?;
@@ -214,7 +451,7 @@ impl Builder {
 
     /// Streams `infos` (topologically sorted) from `local` to the builder.
     async fn upload(
-        &self,
+        &mut self,
         local: &LocalStore,
         infos: &[PathInfo],
         progress: Option<ProgressFn>,
@@ -225,8 +462,8 @@ impl Builder {
             done,
         } = pipes(infos, progress);
         let mut lease = local.lease().await?;
-        let mut remote = self.acquire().await?;
-        let name = self.name().to_owned();
+        let name = self.builder.name().to_owned();
+        let remote = &mut self.session;
 
         let producer = async {
             let l = lease.get();
@@ -275,28 +512,11 @@ impl Builder {
         // off half-way poisons its session, which is then closed, so the remote aborts.
         tokio::try_join!(producer, consumer)?;
         lease.succeeded();
-        remote.succeeded();
         Ok(())
     }
 
-    /// Copies `paths` and everything they reference that the local store lacks from the
-    /// builder into `local`, dependencies first, checking every NAR's hash and size while it
-    /// streams. A path whose transfer fails is not registered locally.
-    pub async fn fetch_outputs(
-        &self,
-        local: &LocalStore,
-        paths: &BTreeSet<StorePath>,
-        progress: Option<ProgressFn>,
-    ) -> Result<TransferReport> {
-        self.bounded(
-            "fetch_outputs",
-            self.fetch_unbounded(local, paths, progress),
-        )
-        .await
-    }
-
     async fn fetch_unbounded(
-        &self,
+        &mut self,
         local: &LocalStore,
         paths: &BTreeSet<StorePath>,
         progress: Option<ProgressFn>,
@@ -313,9 +533,9 @@ impl Builder {
             writers,
             done,
         } = pipes(&missing, progress);
-        let mut remote = self.acquire().await?;
         let mut lease = local.lease().await?;
-        let name = self.name().to_owned();
+        let name = self.builder.name().to_owned();
+        let remote = &mut self.session;
         let producer = async {
             for (info, mut w) in missing.iter().zip(writers) {
                 let sum = remote
@@ -374,71 +594,30 @@ impl Builder {
         };
         // As in `upload`: the first failure drops the other side.
         tokio::try_join!(producer, consumer)?;
-        remote.succeeded();
         lease.succeeded();
         Ok(report)
     }
 
     /// The closure of `roots` on the builder, with metadata, dependencies first.
-    async fn remote_closure(&self, roots: &BTreeSet<StorePath>) -> Result<Vec<PathInfo>> {
-        let mut s = self.acquire().await?;
-        let name = self.name().to_owned();
+    async fn remote_closure(&mut self, roots: &BTreeSet<StorePath>) -> Result<Vec<PathInfo>> {
+        let name = self.builder.name().to_owned();
         let mut source = RemoteInfos {
-            conv: &mut s.get().conv,
+            conv: &mut self.session.get().conv,
             name: &name,
         };
         let r = closure_with(roots, &mut source).await;
-        if r.is_ok() {
-            s.succeeded();
-        }
         Ok(topo_sort(r?))
     }
 
-    /// Builds the derivation `drv_path` of the local store on this builder: reads the `.drv`,
-    /// pushes what the build needs, runs it with `options` (which reach the builder on both
-    /// protocols), streams its log into `logs`, and returns the result. Outputs stay on the
-    /// builder; use [`Builder::fetch_outputs`] to copy them back.
-    ///
-    /// The strategy follows trust, as Nix's build hook does: the serve protocol and trusted
-    /// worker sessions get the derivation inline with its input closure; an untrusted worker
-    /// session (which may only build content-addressed derivations inline) gets the `.drv`
-    /// closure and builds the outputs by path.
-    pub async fn build(
-        &self,
-        local: &LocalStore,
-        drv_path: &StorePath,
-        options: &BuildOptions,
-        logs: &LogSender,
-    ) -> Result<BuildOutcome> {
-        self.build_with_progress(local, drv_path, options, logs, None)
-            .await
-    }
-
-    /// [`Builder::build`], reporting the progress of the input push.
-    pub async fn build_with_progress(
-        &self,
-        local: &LocalStore,
-        drv_path: &StorePath,
-        options: &BuildOptions,
-        logs: &LogSender,
-        progress: Option<ProgressFn>,
-    ) -> Result<BuildOutcome> {
-        self.bounded(
-            "build",
-            self.build_unbounded(local, drv_path, options, logs, progress),
-        )
-        .await
-    }
-
     async fn build_unbounded(
-        &self,
+        &mut self,
         local: &LocalStore,
         drv_path: &StorePath,
         options: &BuildOptions,
         logs: &LogSender,
         progress: Option<ProgressFn>,
     ) -> Result<BuildOutcome> {
-        let name = self.name().to_owned();
+        let name = self.builder.name().to_owned();
         let drv = local.read_derivation(drv_path).await?;
         // Outputs of input derivations: input-addressed ones have their paths in the `.drv`.
         let mut input_outputs = BTreeSet::new();
@@ -460,7 +639,7 @@ impl Builder {
                 input_outputs.insert(path);
             }
         }
-        let info = self.remote_info().await?;
+        let info = self.session.peek().conv.info();
         let logs = logs.with_tail(30);
         let job = BuildJob {
             local,
@@ -478,6 +657,11 @@ impl Builder {
                     // The builder took the inputs but refuses input-addressed builds from
                     // this user: Nix allows building the `.drv` by path instead.
                     tracing::info!(builder = %name, "not trusted to build inline; building by path");
+                    // The serve protocol ends the session on any error: go on with a new one
+                    // (what the old one protected is pushed and protected again).
+                    if !self.session.peek().is_usable() {
+                        self.session.renew().await?;
+                    }
                 }
                 other => return other,
             }
@@ -487,7 +671,7 @@ impl Builder {
 
     /// Sends the derivation inline (serve `BuildDerivation`, worker `BuildDerivation`) after
     /// pushing its input closure: what Nix's build hook does for trusted builders.
-    async fn build_inline(&self, job: &BuildJob<'_>) -> Result<BuildOutcome> {
+    async fn build_inline(&mut self, job: &BuildJob<'_>) -> Result<BuildOutcome> {
         let BuildJob {
             local,
             drv_path,
@@ -498,7 +682,7 @@ impl Builder {
             ..
         } = *job;
         let progress = job.progress.clone();
-        let name = self.name().to_owned();
+        let name = self.builder.name().to_owned();
         let mut srcs = drv.input_srcs.clone();
         srcs.extend(input_outputs.iter().cloned());
         // The closure's metadata serves twice: the derivation's inputSrcs and the push.
@@ -508,8 +692,7 @@ impl Builder {
             .push_infos(local, infos, options.substitute, progress)
             .await?;
         let basic = drv.to_basic(closure);
-        let mut s = self.acquire().await?;
-        let session = s.get();
+        let session = self.session.get();
         let log = BuildLog {
             logs,
             stderr: &session.route,
@@ -520,7 +703,7 @@ impl Builder {
             .build_derivation(log, drv_path, &basic, options)
             .await
             .map_err(|e| build_error(e, &name))?;
-        s.succeeded();
+        self.protect_outputs(&result).await?;
         Ok(BuildOutcome {
             result,
             log_tail: logs.tail(),
@@ -532,7 +715,7 @@ impl Builder {
     /// Copies the `.drv` closure (and the outputs of its inputs) and builds the outputs by
     /// path (serve `BuildPaths`, worker `BuildPathsWithResults`): what Nix allows a user the
     /// builder's daemon does not trust.
-    async fn build_by_path(&self, job: &BuildJob<'_>) -> Result<BuildOutcome> {
+    async fn build_by_path(&mut self, job: &BuildJob<'_>) -> Result<BuildOutcome> {
         let BuildJob {
             local,
             drv_path,
@@ -543,14 +726,13 @@ impl Builder {
             ..
         } = *job;
         let progress = job.progress.clone();
-        let name = self.name().to_owned();
+        let name = self.builder.name().to_owned();
         let mut roots: BTreeSet<StorePath> = (*input_outputs).clone();
         roots.insert(drv_path.clone());
         let pushed = self
-            .push_closure(local, &roots, options.substitute, progress)
+            .push_closure_unbounded(local, &roots, options.substitute, progress)
             .await?;
-        let mut s = self.acquire().await?;
-        let session = s.get();
+        let session = self.session.get();
         let log = BuildLog {
             logs,
             stderr: &session.route,
@@ -561,7 +743,7 @@ impl Builder {
             .build_by_path(log, drv_path, drv, options)
             .await
             .map_err(|e| build_error(e, &name))?;
-        s.succeeded();
+        self.protect_outputs(&result).await?;
         Ok(BuildOutcome {
             result,
             log_tail: logs.tail(),

@@ -95,6 +95,31 @@ impl PooledSession {
             .expect("a pooled session holds its session until dropped")
     }
 
+    /// The session as it is.
+    pub(crate) fn peek(&self) -> &RemoteSession {
+        self.session
+            .as_ref()
+            .expect("a pooled session holds its session until dropped")
+    }
+
+    /// Takes another session in place of this one (broken by an earlier operation), keeping
+    /// this checkout's place in the builder's session limit; the old one is closed once the
+    /// new one is there (if none can be had, the old one stays, and fails what is tried on it).
+    pub(crate) async fn renew(&mut self) -> Result<()> {
+        let new = self.pool.session_for_permit().await?;
+        if self.session.replace(new).is_some() {
+            self.pool.counters.discarded.fetch_add(1, Ordering::Relaxed);
+        }
+        self.ok = false;
+        Ok(())
+    }
+
+    /// An operation starts: until it has [`succeeded`](Self::succeeded), dropping the
+    /// session closes it (for sessions held across several operations).
+    pub(crate) fn begin(&mut self) {
+        self.ok = false;
+    }
+
     /// The operation completed: the session may be reused.
     pub(crate) fn succeeded(&mut self) {
         self.ok = true;
@@ -163,17 +188,23 @@ impl SessionPool {
             u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
-        let pooled = |session| PooledSession {
+        let session = self.session_for_permit().await?;
+        Ok(PooledSession {
             session: Some(session),
             pool: self.clone(),
             ok: false,
             _permit: permit,
-        };
+        })
+    }
+
+    /// A session for a caller that holds a permit: an idle one, else a new one, unless an
+    /// idle one comes back while we wait for a channel slot.
+    async fn session_for_permit(&self) -> Result<RemoteSession> {
         if let Some(s) = self.take_idle() {
-            return Ok(pooled(s));
+            return Ok(s);
         }
         if let Some(s) = self.open_via_socket().await? {
-            return Ok(pooled(s));
+            return Ok(s);
         }
         // Open a new session, unless a warm one comes back while we wait for a channel slot:
         // then the reservation is withdrawn (dropping it is safe). Once a slot is ours, the
@@ -182,7 +213,7 @@ impl SessionPool {
         loop {
             let reserved = tokio::select! {
                 slot = self.set.reserve(self.spec.channel_wait, &mut seq) => slot,
-                s = self.next_returned() => return Ok(pooled(s)),
+                s = self.next_returned() => return Ok(s),
             };
             let slot = reserved.map_err(|e| e.on(&self.name))?;
             let activity = Activity::new();
@@ -206,7 +237,7 @@ impl SessionPool {
                     )
                     .await?;
                     self.counters.created.fetch_add(1, Ordering::Relaxed);
-                    return Ok(pooled(s));
+                    return Ok(s);
                 }
                 Opened::Retry => continue,
             }

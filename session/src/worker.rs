@@ -527,6 +527,63 @@ impl WorkerSession {
         .await
     }
 
+    /// `AddTempRoot` for each of `paths`, pipelined like [`WorkerSession::query_path_infos`]:
+    /// protects them from the builder's garbage collector for as long as this session lives
+    /// (Nix keeps a process's temporary roots until it exits: src/libstore/gc.cc).
+    pub async fn add_temp_roots(
+        &mut self,
+        paths: &BTreeSet<StorePath>,
+        logs: LogFn<'_>,
+    ) -> Result<(), SessionError> {
+        const DURING: &str = "worker AddTempRoot";
+        self.check(Op::AddTempRoot)?;
+        self.conn.begin()?;
+        let r = async {
+            let paths: Vec<&StorePath> = paths.iter().collect();
+            let v = self.neg.version;
+            let t = Patience::Transfer;
+            let mut first_error = None;
+            let mut sent = 0;
+            for i in 0..paths.len() {
+                if sent < paths.len() && sent - i <= PIPELINE_WINDOW / 2 {
+                    let upto = paths.len().min(i + PIPELINE_WINDOW);
+                    for q in &paths[sent..upto] {
+                        Request::AddTempRoot { path: (*q).clone() }.write(
+                            &mut self.conn.wbuf,
+                            &self.dir,
+                            &self.neg,
+                        );
+                    }
+                    sent = sent.max(upto);
+                    self.conn.flush(DURING).await?;
+                }
+                let res = {
+                    let (mut rh, _) = self.conn.halves();
+                    stderr_loop(&mut rh, v, DURING, t, logs).await
+                };
+                // An error answers its own request only: keep reading the others' replies,
+                // so that the session stays in step.
+                match res {
+                    Ok(()) => {
+                        self.conn
+                            .read(DURING, |r| worker::read_ack(r, "AddTempRoot"))
+                            .await?;
+                    }
+                    Err(SessionError::Remote(e)) => {
+                        first_error.get_or_insert(e);
+                    }
+                    Err(other) => return Err(other),
+                }
+            }
+            match first_error {
+                Some(e) => Err(SessionError::Remote(e)),
+                None => Ok(()),
+            }
+        }
+        .await;
+        self.conn.end(r)
+    }
+
     /// `EnsurePath`: makes `path` valid, substituting it if needed.
     pub async fn ensure_path(
         &mut self,
