@@ -139,6 +139,46 @@ async fn load_key(path: &Path, passphrase: Option<&str>) -> Result<PrivateKey, S
     })
 }
 
+/// Key files loaded (read, decrypted) while the key exchange is on the wire, so that
+/// authentication does not wait for them: decrypting an encrypted key (bcrypt-pbkdf) takes
+/// tens of milliseconds. One entry per identity, `None` for agents.
+pub(crate) struct Preloaded(tokio::task::JoinHandle<Vec<Option<Result<PrivateKey, String>>>>);
+
+impl Drop for Preloaded {
+    fn drop(&mut self) {
+        // The connection failed before authentication: nothing left to load for.
+        self.0.abort();
+    }
+}
+
+impl Preloaded {
+    /// The loaded keys; none if the loading task panicked (then each is loaded in turn).
+    async fn keys(mut self) -> Vec<Option<Result<PrivateKey, String>>> {
+        (&mut self.0).await.unwrap_or_default()
+    }
+}
+
+/// Starts loading every key file of `identities`, in order, on a task of its own.
+pub(crate) fn preload(identities: &[Identity]) -> Preloaded {
+    let files: Vec<Option<(PathBuf, Option<String>)>> = identities
+        .iter()
+        .map(|id| match id {
+            Identity::KeyFile { path, passphrase } => Some((path.clone(), passphrase.clone())),
+            Identity::Agent { .. } => None,
+        })
+        .collect();
+    Preloaded(tokio::spawn(async move {
+        let mut keys = Vec::with_capacity(files.len());
+        for file in files {
+            keys.push(match file {
+                Some((path, passphrase)) => Some(load_key(&path, passphrase.as_deref()).await),
+                None => None,
+            });
+        }
+        keys
+    }))
+}
+
 /// Tries each identity until one is accepted; returns a description of the one that worked.
 pub(crate) async fn authenticate(
     handle: &mut Handle<ClientHandler>,
@@ -146,8 +186,10 @@ pub(crate) async fn authenticate(
     identities: &[Identity],
     shared: &ConnShared,
     fast_auth: bool,
+    preloaded: Preloaded,
 ) -> Result<String, TransportError> {
     let user = endpoint.user.as_str();
+    let mut preloaded = preloaded.keys().await.into_iter();
     let mut tried: Vec<String> = Vec::new();
     let mut offered_any = false;
     let mut setup_error: Option<TransportError> = None;
@@ -161,9 +203,14 @@ pub(crate) async fn authenticate(
     }
 
     for identity in identities {
+        let preloaded = preloaded.next().flatten();
         match identity {
             Identity::KeyFile { path, passphrase } => {
-                let key = match load_key(path, passphrase.as_deref()).await {
+                let loaded = match preloaded {
+                    Some(loaded) => loaded,
+                    None => load_key(path, passphrase.as_deref()).await,
+                };
+                let key = match loaded {
                     Ok(k) => k,
                     Err(reason) => {
                         tracing::warn!("cannot load key {}: {reason}", path.display());

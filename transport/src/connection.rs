@@ -197,6 +197,7 @@ where
         stopwatch: stopwatch.clone(),
     };
     let stream = MonitoredStream::new(stream, monitor.clone(), after_read);
+    let preloaded = auth::preload(identities);
 
     let handshake = tokio::time::timeout(
         config.handshake_timeout,
@@ -250,7 +251,14 @@ where
 
     let auth = tokio::time::timeout(
         config.auth_timeout,
-        auth::authenticate(&mut handle, endpoint, identities, &shared, config.fast_auth),
+        auth::authenticate(
+            &mut handle,
+            endpoint,
+            identities,
+            &shared,
+            config.fast_auth,
+            preloaded,
+        ),
     )
     .await;
     let identity = match auth {
