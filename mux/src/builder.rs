@@ -3,12 +3,13 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use nixmux_proto::path_info::PathInfo;
 use nixmux_proto::store_path::{StoreDir, StorePath};
 use nixmux_session::{SessionConfig, WorkerConfig};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::connections::{ConnectionLimits, ConnectionSet, Registry};
 use crate::error::{Result, from_session};
@@ -23,7 +24,10 @@ use crate::target::ConnectTarget;
 pub struct MachineInfo {
     /// Platforms it builds for (`x86_64-linux`...).
     pub systems: Vec<String>,
-    /// Concurrent builds it accepts.
+    /// Concurrent builds it accepts (machines-file field 4): nixmux runs at most this many
+    /// builds on it at once, each holding a slot from the start of its build request to its
+    /// result (pushes, fetches and queries take none). 0: no limit, the default of a
+    /// configuration made in code; a machines line without the field says 1, as in Nix.
     pub max_jobs: u32,
     /// Relative speed.
     pub speed_factor: f64,
@@ -37,7 +41,7 @@ impl Default for MachineInfo {
     fn default() -> Self {
         MachineInfo {
             systems: Vec::new(),
-            max_jobs: 1,
+            max_jobs: 0,
             speed_factor: 1.0,
             supported_features: Vec::new(),
             mandatory_features: Vec::new(),
@@ -126,6 +130,22 @@ pub(crate) struct BuilderInner {
     pub(crate) config: BuilderConfig,
     pub(crate) set: Arc<ConnectionSet>,
     pub(crate) pool: Arc<SessionPool>,
+    /// Build slots (`machine.max_jobs`; `None`: unlimited).
+    build_slots: Option<Arc<Semaphore>>,
+    builds_running: AtomicU64,
+    builds_waiting: AtomicU64,
+}
+
+/// A build slot, held while a build runs; counts the build as running.
+pub(crate) struct BuildSlot<'a> {
+    builder: &'a BuilderInner,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for BuildSlot<'_> {
+    fn drop(&mut self) {
+        self.builder.builds_running.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A builder. Cheap to clone; all clones share its connection and sessions.
@@ -148,8 +168,21 @@ impl Builder {
         let set = registry.get(config.target.clone(), config.connections.clone());
         let spec = config.session_spec();
         let pool = SessionPool::new(config.name.clone(), set.clone(), spec, config.pool.clone());
+        let build_slots = match config.machine.max_jobs {
+            0 => None,
+            n => Some(Arc::new(Semaphore::new(
+                usize::try_from(n).unwrap_or(Semaphore::MAX_PERMITS),
+            ))),
+        };
         Builder {
-            inner: Arc::new(BuilderInner { config, set, pool }),
+            inner: Arc::new(BuilderInner {
+                config,
+                set,
+                pool,
+                build_slots,
+                builds_running: AtomicU64::new(0),
+                builds_waiting: AtomicU64::new(0),
+            }),
         }
     }
 
@@ -201,6 +234,9 @@ impl Builder {
             wait_time: Duration::from_micros(p.wait_micros.load(Ordering::Relaxed)),
             bytes_in,
             bytes_out,
+            builds_running: self.inner.builds_running.load(Ordering::Relaxed),
+            builds_waiting: self.inner.builds_waiting.load(Ordering::Relaxed),
+            build_slots: self.inner.config.machine.max_jobs,
         }
     }
 
@@ -211,6 +247,28 @@ impl Builder {
 
     pub(crate) async fn acquire(&self) -> Result<PooledSession> {
         self.inner.pool.acquire().await
+    }
+
+    /// Waits for one of the builder's build slots (`machine.max_jobs`), for as long as the
+    /// builds ahead take: queueing behind running builds is not a failure.
+    pub(crate) async fn build_slot(&self) -> Result<BuildSlot<'_>> {
+        let inner = &*self.inner;
+        let permit = match &inner.build_slots {
+            None => None,
+            Some(slots) => {
+                inner.builds_waiting.fetch_add(1, Ordering::Relaxed);
+                let p = slots.clone().acquire_owned().await;
+                inner.builds_waiting.fetch_sub(1, Ordering::Relaxed);
+                Some(p.map_err(|_| {
+                    crate::Error::local(crate::ErrorKind::Cancelled, "the builder was removed")
+                })?)
+            }
+        };
+        inner.builds_running.fetch_add(1, Ordering::Relaxed);
+        Ok(BuildSlot {
+            builder: inner,
+            _permit: permit,
+        })
     }
 
     fn err(&self, e: nixmux_session::SessionError) -> crate::Error {

@@ -692,6 +692,8 @@ impl Lease {
             .push_infos(local, infos, options.substitute, progress)
             .await?;
         let basic = drv.to_basic(closure);
+        let builder = self.builder.clone();
+        let _slot = builder.build_slot().await?;
         let session = self.session.get();
         let log = BuildLog {
             logs,
@@ -732,6 +734,8 @@ impl Lease {
         let pushed = self
             .push_closure_unbounded(local, &roots, options.substitute, progress)
             .await?;
+        let builder = self.builder.clone();
+        let _slot = builder.build_slot().await?;
         let session = self.session.get();
         let log = BuildLog {
             logs,

@@ -87,4 +87,10 @@ pub struct BuilderStats {
     pub bytes_in: u64,
     /// Payload bytes sent.
     pub bytes_out: u64,
+    /// Builds running now (each holds a build slot).
+    pub builds_running: u64,
+    /// Builds waiting for a build slot.
+    pub builds_waiting: u64,
+    /// Build slots (`max_jobs`; 0: unlimited).
+    pub build_slots: u32,
 }
