@@ -58,8 +58,14 @@ async fn builds_never_exceed_max_jobs() {
                 .unwrap_or(0);
                 on_builder.fetch_max(sleeping, Ordering::Relaxed);
                 let st = b.stats();
-                running.fetch_max(st.builds_running as usize, Ordering::Relaxed);
-                waiting.fetch_max(st.builds_waiting as usize, Ordering::Relaxed);
+                running.fetch_max(
+                    usize::try_from(st.builds_running).unwrap_or(usize::MAX),
+                    Ordering::Relaxed,
+                );
+                waiting.fetch_max(
+                    usize::try_from(st.builds_waiting).unwrap_or(usize::MAX),
+                    Ordering::Relaxed,
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
