@@ -29,6 +29,7 @@ pub(crate) fn for_kind(kind: nixmux::ErrorKind) -> i32 {
     use nixmux::ErrorKind as K;
     match kind {
         K::Config | K::InvalidInput => CONFIG,
+        K::NoSuitableBuilder => NO_BUILDERS,
         K::Connect | K::TimedOut | K::Disconnected => CONNECT,
         K::HostKey => HOST_KEY,
         K::Auth => AUTH,

@@ -413,6 +413,68 @@ impl Pool {
         removed
     }
 
+    /// The builder to run a derivation for `system` requiring `features` on: one that can
+    /// ever take it (its systems, supported and mandatory features, as Nix decides), with a
+    /// free build slot if any has one, least loaded per speed factor first; a builder that is
+    /// down only if no other can take it. When all are busy, the least loaded one is
+    /// returned and the build waits for its slot (see `mux/src/select.rs` for the rule and
+    /// where it differs from Nix's).
+    ///
+    /// # Errors
+    /// [`crate::ErrorKind::NoSuitableBuilder`] when no builder of the pool can ever take it,
+    /// with every builder's reason.
+    pub fn select(
+        &self,
+        system: &str,
+        features: &std::collections::BTreeSet<String>,
+    ) -> Result<Builder> {
+        let builders = self.builders();
+        let stats: Vec<(BuilderStats, Health)> =
+            builders.iter().map(|b| (b.stats(), b.health())).collect();
+        let candidates: Vec<crate::select::Candidate<'_>> = builders
+            .iter()
+            .zip(&stats)
+            .map(|(b, (st, h))| {
+                let m = &b.inner.config.machine;
+                crate::select::Candidate {
+                    name: b.name(),
+                    systems: &m.systems,
+                    supported: &m.supported_features,
+                    mandatory: &m.mandatory_features,
+                    max_jobs: m.max_jobs,
+                    speed_factor: m.speed_factor,
+                    load: st.builds_running + st.builds_waiting,
+                    down: h.state == crate::stats::HealthState::Down,
+                }
+            })
+            .collect();
+        match crate::select::choose(&candidates, system, features) {
+            Ok(i) => Ok(builders[i].clone()),
+            Err(reasons) => Err(crate::Error::new(
+                crate::ErrorKind::NoSuitableBuilder,
+                crate::Initiator::Caller,
+                format!(
+                    "no builder can build for {system}{}: {}",
+                    if features.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            " with {}",
+                            features.iter().cloned().collect::<Vec<_>>().join(", ")
+                        )
+                    },
+                    if reasons.is_empty() {
+                        "the pool has no builders".to_owned()
+                    } else {
+                        reasons.join("; ")
+                    }
+                ),
+            )
+            .hint("add a builder for that system and those features to the machines file (fields 2, 6 and 7)")
+            .retryable(false)),
+        }
+    }
+
     /// Closes idle sessions and every connection.
     pub async fn shutdown(&self) {
         for b in self.builders() {

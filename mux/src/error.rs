@@ -49,6 +49,8 @@ pub enum ErrorKind {
     LocalStore,
     /// The caller passed something invalid.
     InvalidInput,
+    /// No builder of the pool can ever take the derivation (system, features).
+    NoSuitableBuilder,
 }
 
 impl fmt::Display for ErrorKind {
@@ -71,6 +73,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Verification => "verification",
             ErrorKind::LocalStore => "local store",
             ErrorKind::InvalidInput => "invalid input",
+            ErrorKind::NoSuitableBuilder => "no suitable builder",
         })
     }
 }

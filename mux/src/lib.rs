@@ -67,6 +67,7 @@ mod pool;
 mod protocol;
 mod raw;
 mod remote;
+mod select;
 mod serve_log;
 pub mod setup;
 pub mod stats;
