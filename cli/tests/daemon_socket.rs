@@ -71,7 +71,8 @@ fn assert_fell_back(rig: &Rig, why: &str) {
     assert_eq!(r["session_path"], "exec", "{why}: {out}");
     let reason = r["session_path_reason"].as_str().unwrap_or_default();
     assert!(
-        reason.starts_with("fell back to exec: sshd refused a channel to the daemon socket"),
+        reason.starts_with("fell back to exec: sshd")
+            && reason.contains("the daemon socket /nix/var/nix/daemon-socket/socket"),
         "{why}: {reason}"
     );
     assert!(stages(&r).contains(&"exec".to_owned()), "{why}: {out}");
@@ -185,4 +186,12 @@ fn a_restricted_key_falls_back_to_exec() {
 fn no_daemon_falls_back_to_exec() {
     let rig = rig(RigConfig::with_builders(1));
     assert_fell_back(&rig, "no daemon");
+    let (_, r, out) = ping(&url(&rig, ""));
+    assert!(
+        r["session_path_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no nix-daemon listens there"),
+        "{out}"
+    );
 }

@@ -183,17 +183,31 @@ pub(crate) async fn open(
     });
     match rx.await {
         Ok(Ok(ch)) => Ok(ch),
-        Ok(Err(e @ TransportError::ChannelOpenRefused { .. })) => Err(SocketOpenError::Refused {
-            reason: match &e {
-                TransportError::ChannelOpenRefused { reason, .. } => reason.clone(),
-                _ => ChannelOpenRefusal::Other(0),
-            },
-            why: format!(
-                "sshd refused a channel to the daemon socket {path} ({e}): stream-local \
-                 forwarding is off (AllowStreamLocalForwarding, DisableForwarding), the key is \
-                 restricted (restrict, no-port-forwarding), or no nix-daemon listens there"
-            ),
-        }),
+        Ok(Err(TransportError::ChannelOpenRefused {
+            reason,
+            description,
+        })) => {
+            let said = if description.is_empty() {
+                reason.to_string()
+            } else {
+                format!("{reason}: {description}")
+            };
+            let why = match reason {
+                // Dropbear before 2024.84 knows no such channel.
+                ChannelOpenRefusal::UnknownChannelType => format!(
+                    "the SSH server does not support channels to Unix sockets (direct-streamlocal@openssh.com), so the daemon socket {path} cannot be reached ({said})"
+                ),
+                ChannelOpenRefusal::ConnectFailed => format!(
+                    "sshd could not connect to the daemon socket {path} ({said}): no nix-daemon listens there"
+                ),
+                _ => format!(
+                    "sshd refused a channel to the daemon socket {path} ({said}): stream-local \
+                     forwarding is off (AllowStreamLocalForwarding, DisableForwarding), the key is \
+                     restricted (restrict, no-port-forwarding), or no nix-daemon listens there"
+                ),
+            };
+            Err(SocketOpenError::Refused { reason, why })
+        }
         Ok(Err(e)) => Err(SocketOpenError::Failed(e.into())),
         Err(_) => Err(SocketOpenError::Failed(Error::local(
             ErrorKind::Cancelled,
