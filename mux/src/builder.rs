@@ -475,6 +475,16 @@ impl Pool {
         }
     }
 
+    /// Replaces `old` with a builder for `config` (a machines-file reload that changed an
+    /// entry): `old`'s idle sessions close, its running operations finish on what they hold,
+    /// and new work goes to the returned builder. Connections stay shared when both reach
+    /// the same host.
+    pub async fn replace(&self, old: &Builder, config: BuilderConfig) -> Builder {
+        let new = self.add(config);
+        self.remove(old).await;
+        new
+    }
+
     /// Closes idle sessions and every connection.
     pub async fn shutdown(&self) {
         for b in self.builders() {

@@ -199,3 +199,49 @@ async fn builder_config_debug_has_no_passphrase() {
     assert!(!shown.contains(passphrase), "{shown}");
     assert!(shown.contains("redacted"), "{shown}");
 }
+
+/// A machines-file reload: `Pool::replace` puts a new builder in the old one's place; the
+/// old one leaves the pool, the new one works on the same (shared) connection, and
+/// `Pool::select` only ever offers what is in the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_swaps_a_builder_and_select_follows() {
+    bounded(async {
+        let p = peer(|_| {}).await;
+        let pool = Pool::new();
+        let mut old_cfg = builder(&p, Protocol::Worker);
+        old_cfg.machine.systems = vec!["x86_64-linux".into()];
+        let old = pool.add(old_cfg);
+        let none = BTreeSet::new();
+        old.query_valid_paths(&none, false)
+            .await
+            .expect("old works");
+
+        let mut new_cfg = builder(&p, Protocol::Worker);
+        new_cfg.name = "ssh-ng://inprocess-reloaded".into();
+        new_cfg.machine.systems = vec!["aarch64-linux".into()];
+        let new = pool.replace(&old, new_cfg).await;
+        let names: Vec<String> = pool
+            .builders()
+            .iter()
+            .map(|b| b.name().to_owned())
+            .collect();
+        assert_eq!(names, ["ssh-ng://inprocess-reloaded"]);
+        new.query_valid_paths(&none, false)
+            .await
+            .expect("new works");
+        assert_eq!(new.stats().connections_opened, 1, "one connection, shared");
+
+        let picked = pool
+            .select("aarch64-linux", &BTreeSet::new())
+            .expect("the new builder takes aarch64-linux");
+        assert_eq!(picked.name(), "ssh-ng://inprocess-reloaded");
+        let e = pool
+            .select("x86_64-linux", &BTreeSet::new())
+            .expect_err("nobody builds x86_64-linux any more");
+        assert_eq!(e.kind(), ErrorKind::NoSuitableBuilder, "{e}");
+        assert!(!e.is_retryable());
+        assert!(e.to_string().contains("not x86_64-linux"), "{e}");
+        pool.shutdown().await;
+    })
+    .await;
+}
