@@ -34,6 +34,14 @@
 //! A refusal says what the server offered, what was expected where (file and line), and the
 //! exact known_hosts line that would accept the key. See [`host_key`].
 //!
+//! **Round trips.** A new connection costs the key exchange (two round trips: the server's
+//! KEXINIT, then its key-exchange reply) and one for authentication with an accepted key
+//! file: the `ssh-userauth` service request and the signed public-key request go out together
+//! with our NEWKEYS, without the query OpenSSH's client makes first
+//! ([`TransportConfig::fast_auth`]; a small patch to russh, `vendor/README.md`). Key files
+//! are read and decrypted while the key exchange is on the wire. Agent keys are queried first
+//! unless the endpoint accepted that key before in this process.
+//!
 //! **Draining.** russh gives each channel a bounded message queue filled by the connection's
 //! single session task, and refills the SSH window when data *arrives*, not when it is read.
 //! One unread channel therefore stalls every channel of its connection. Here every channel
