@@ -18,7 +18,7 @@ use nixmux_proto::store_path::{StoreDir, StorePath};
 use nixmux_proto::wire::WireWrite;
 use nixmux_proto::worker::{
     self, BuildMode, ClientOptions, DaemonInfo, DrvOutputId, Missing, Negotiated, Op, Realisation,
-    Request, StderrMsg,
+    RemoteError, Request, StderrMsg,
 };
 use nixmux_proto::{Misbehaved, ProtoError, ProtocolVersion};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
@@ -432,8 +432,45 @@ impl WorkerSession {
         paths: &BTreeSet<StorePath>,
         logs: LogFn<'_>,
     ) -> Result<Vec<PathInfo>, SessionError> {
-        const DURING: &str = "worker QueryPathInfo";
-        self.check(Op::QueryPathInfo)?;
+        let v = self.neg.version;
+        let replies = self
+            .pipelined(
+                "worker QueryPathInfo",
+                Op::QueryPathInfo,
+                paths,
+                |p| Request::QueryPathInfo { path: p.clone() },
+                worker::read_query_path_info,
+                // Below 1.17 an invalid path is an error, not an empty reply.
+                |e| !v.at_least(1, 17) && e.plain_message().contains("is not valid"),
+                logs,
+            )
+            .await?;
+        Ok(replies.into_iter().flatten().flatten().collect())
+    }
+
+    /// One request per path, pipelined (at most [`PIPELINE_WINDOW`] in flight, topped up
+    /// when half are answered: a daemon whose replies fill the pipe back to us blocks writing
+    /// and stops reading, and we would block writing). Returns each path's reply, `None`
+    /// where the daemon answered with an error `ignore` accepts. Another error answers its
+    /// own request only: the others' replies are still read, so that the session stays in
+    /// step, and the first such error is returned at the end.
+    #[allow(clippy::too_many_arguments)]
+    async fn pipelined<T>(
+        &mut self,
+        during: &'static str,
+        op: Op,
+        paths: &BTreeSet<StorePath>,
+        request: impl Fn(&StorePath) -> Request,
+        decode: impl Fn(
+            &mut nixmux_proto::wire::WireReader<'_>,
+            &StoreDir,
+            &Negotiated,
+            &StorePath,
+        ) -> nixmux_proto::wire::ReadResult<T>,
+        ignore: impl Fn(&RemoteError) -> bool,
+        logs: LogFn<'_>,
+    ) -> Result<Vec<Option<T>>, SessionError> {
+        self.check(op)?;
         self.conn.begin()?;
         let r = async {
             let paths: Vec<&StorePath> = paths.iter().collect();
@@ -443,41 +480,29 @@ impl WorkerSession {
             let t = Patience::Transfer;
             let mut sent = 0;
             for (i, p) in paths.iter().copied().enumerate() {
-                // Keep at most PIPELINE_WINDOW requests ahead of the replies read (topped up
-                // when half of them are answered): a daemon whose replies fill the pipe back
-                // to us blocks writing and stops reading, and we would block writing.
                 if sent < paths.len() && sent - i <= PIPELINE_WINDOW / 2 {
                     let upto = paths.len().min(i + PIPELINE_WINDOW);
                     for q in &paths[sent..upto] {
-                        Request::QueryPathInfo { path: (*q).clone() }.write(
-                            &mut self.conn.wbuf,
-                            &self.dir,
-                            &self.neg,
-                        );
+                        request(q).write(&mut self.conn.wbuf, &self.dir, &self.neg);
                     }
                     sent = sent.max(upto);
-                    self.conn.flush(DURING).await?;
+                    self.conn.flush(during).await?;
                 }
                 let res = {
                     let (mut rh, _) = self.conn.halves();
-                    stderr_loop(&mut rh, v, DURING, t, logs).await
+                    stderr_loop(&mut rh, v, during, t, logs).await
                 };
                 match res {
                     Ok(()) => {
                         let dir = self.dir.clone();
                         let neg = self.neg.clone();
-                        if let Some(info) = self
-                            .conn
-                            .read(DURING, |r| worker::read_query_path_info(r, &dir, &neg, p))
-                            .await?
-                        {
-                            out.push(info);
-                        }
+                        let reply = self.conn.read(during, |r| decode(r, &dir, &neg, p)).await?;
+                        out.push(Some(reply));
                     }
-                    Err(SessionError::Remote(e))
-                        if !v.at_least(1, 17) && e.plain_message().contains("is not valid") => {}
+                    Err(SessionError::Remote(e)) if ignore(&e) => out.push(None),
                     Err(SessionError::Remote(e)) => {
                         first_error.get_or_insert(e);
+                        out.push(None);
                     }
                     Err(other) => return Err(other),
                 }
@@ -535,53 +560,17 @@ impl WorkerSession {
         paths: &BTreeSet<StorePath>,
         logs: LogFn<'_>,
     ) -> Result<(), SessionError> {
-        const DURING: &str = "worker AddTempRoot";
-        self.check(Op::AddTempRoot)?;
-        self.conn.begin()?;
-        let r = async {
-            let paths: Vec<&StorePath> = paths.iter().collect();
-            let v = self.neg.version;
-            let t = Patience::Transfer;
-            let mut first_error = None;
-            let mut sent = 0;
-            for i in 0..paths.len() {
-                if sent < paths.len() && sent - i <= PIPELINE_WINDOW / 2 {
-                    let upto = paths.len().min(i + PIPELINE_WINDOW);
-                    for q in &paths[sent..upto] {
-                        Request::AddTempRoot { path: (*q).clone() }.write(
-                            &mut self.conn.wbuf,
-                            &self.dir,
-                            &self.neg,
-                        );
-                    }
-                    sent = sent.max(upto);
-                    self.conn.flush(DURING).await?;
-                }
-                let res = {
-                    let (mut rh, _) = self.conn.halves();
-                    stderr_loop(&mut rh, v, DURING, t, logs).await
-                };
-                // An error answers its own request only: keep reading the others' replies,
-                // so that the session stays in step.
-                match res {
-                    Ok(()) => {
-                        self.conn
-                            .read(DURING, |r| worker::read_ack(r, "AddTempRoot"))
-                            .await?;
-                    }
-                    Err(SessionError::Remote(e)) => {
-                        first_error.get_or_insert(e);
-                    }
-                    Err(other) => return Err(other),
-                }
-            }
-            match first_error {
-                Some(e) => Err(SessionError::Remote(e)),
-                None => Ok(()),
-            }
-        }
-        .await;
-        self.conn.end(r)
+        self.pipelined(
+            "worker AddTempRoot",
+            Op::AddTempRoot,
+            paths,
+            |p| Request::AddTempRoot { path: p.clone() },
+            |r, _, _, _| worker::read_ack(r, "AddTempRoot"),
+            |_| false,
+            logs,
+        )
+        .await
+        .map(drop)
     }
 
     /// `EnsurePath`: makes `path` valid, substituting it if needed.
