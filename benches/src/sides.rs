@@ -562,11 +562,14 @@ impl Side for SshHeld {
 
 // ===================================================================== nixmux: new channel
 
-/// nixmux: a new channel on a live connection (connected in setup): exec + handshake.
+/// nixmux: a new channel on a live connection (connected in setup): exec + handshake, or
+/// for [`NixmuxNewChannel::to_daemon_socket`] a channel to the builder's nix-daemon socket
+/// (`direct-streamlocal`, no process start) + handshake.
 pub struct NixmuxNewChannel {
     env: EnvRef,
     builder: usize,
     protocol: Protocol,
+    socket: bool,
     conn: Option<SshConnection>,
     last: Option<(Conv, ExecStatus)>,
 }
@@ -578,8 +581,17 @@ impl NixmuxNewChannel {
             env,
             builder,
             protocol,
+            socket: false,
             conn: None,
             last: None,
+        }
+    }
+
+    /// The worker protocol over a channel to the daemon's socket.
+    pub fn to_daemon_socket(env: EnvRef, builder: usize) -> Self {
+        NixmuxNewChannel {
+            socket: true,
+            ..Self::new(env, builder, Protocol::Worker)
         }
     }
 }
@@ -595,13 +607,21 @@ async fn transport_connect(env: &Env, i: usize) -> anyhow::Result<SshConnection>
 
 impl Side for NixmuxNewChannel {
     fn id(&self) -> String {
-        format!("nixmux-{}", scheme(self.protocol))
+        if self.socket {
+            "nixmux-ssh-ng-socket".into()
+        } else {
+            format!("nixmux-{}", scheme(self.protocol))
+        }
     }
     fn label(&self) -> String {
-        format!(
-            "nixmux {}: channel open + exec + handshake on a live connection",
-            scheme(self.protocol)
-        )
+        if self.socket {
+            "nixmux ssh-ng: channel to the daemon socket + handshake on a live connection".into()
+        } else {
+            format!(
+                "nixmux {}: channel open + exec + handshake on a live connection",
+                scheme(self.protocol)
+            )
+        }
     }
     fn role(&self) -> Role {
         Role::Subject
@@ -623,10 +643,15 @@ impl Side for NixmuxNewChannel {
     fn run(&mut self) -> BoxFuture<'_, SideResultT<Sample>> {
         Box::pin(async move {
             let conn = self.conn.as_ref().ok_or_else(|| anyhow!("not set up"))?;
-            let ch = conn
-                .exec_with(remote_command(self.protocol), ExecOptions::default())
-                .await
-                .map_err(|e| anyhow!("exec: {e}"))?;
+            let ch = if self.socket {
+                conn.open_streamlocal(nixmux::DEFAULT_DAEMON_SOCKET, ExecOptions::default())
+                    .await
+                    .map_err(|e| anyhow!("channel to the daemon socket: {e}"))?
+            } else {
+                conn.exec_with(remote_command(self.protocol), ExecOptions::default())
+                    .await
+                    .map_err(|e| anyhow!("exec: {e}"))?
+            };
             let (stdin, stdout, status) = ch.into_parts();
             let conv = Conv::handshake(
                 self.protocol,
@@ -643,88 +668,8 @@ impl Side for NixmuxNewChannel {
         Box::pin(async move {
             if let Some((conv, status)) = self.last.take() {
                 conv.close().await;
-                // Wait for the remote exit so the next open does not meet MaxSessions.
-                let _ = tokio::time::timeout(Duration::from_secs(5), status.exit()).await;
-            }
-        })
-    }
-    fn teardown(&mut self) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            if let Some(c) = self.conn.take() {
-                c.disconnect().await;
-            }
-        })
-    }
-}
-
-/// nixmux: a new channel to the builder's nix-daemon socket on a live connection
-/// (`direct-streamlocal`, no process start), then the worker handshake.
-pub struct NixmuxSocketChannel {
-    env: EnvRef,
-    builder: usize,
-    conn: Option<SshConnection>,
-    last: Option<(Conv, ExecStatus)>,
-}
-
-impl NixmuxSocketChannel {
-    /// A new-socket-channel side.
-    pub fn new(env: EnvRef, builder: usize) -> Self {
-        NixmuxSocketChannel {
-            env,
-            builder,
-            conn: None,
-            last: None,
-        }
-    }
-}
-
-impl Side for NixmuxSocketChannel {
-    fn id(&self) -> String {
-        "nixmux-ssh-ng-socket".into()
-    }
-    fn label(&self) -> String {
-        "nixmux ssh-ng: channel to the daemon socket + handshake on a live connection".into()
-    }
-    fn role(&self) -> Role {
-        Role::Subject
-    }
-    fn setup(&mut self) -> BoxFuture<'_, SideResultT<()>> {
-        Box::pin(async move {
-            self.conn = Some(transport_connect(&self.env, self.builder).await?);
-            Ok(())
-        })
-    }
-    fn before(&mut self) -> BoxFuture<'_, SideResultT<()>> {
-        Box::pin(async move {
-            if self.conn.as_ref().is_none_or(SshConnection::is_closed) {
-                self.conn = Some(transport_connect(&self.env, self.builder).await?);
-            }
-            Ok(())
-        })
-    }
-    fn run(&mut self) -> BoxFuture<'_, SideResultT<Sample>> {
-        Box::pin(async move {
-            let conn = self.conn.as_ref().ok_or_else(|| anyhow!("not set up"))?;
-            let ch = conn
-                .open_streamlocal(nixmux::DEFAULT_DAEMON_SOCKET, ExecOptions::default())
-                .await
-                .map_err(|e| anyhow!("channel to the daemon socket: {e}"))?;
-            let (stdin, stdout, status) = ch.into_parts();
-            let conv = Conv::handshake(
-                Protocol::Worker,
-                Box::new(stdout),
-                Box::new(stdin),
-                SessionConfig::default(),
-            )
-            .await?;
-            self.last = Some((conv, status));
-            Ok(Sample::one())
-        })
-    }
-    fn after(&mut self) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            if let Some((conv, status)) = self.last.take() {
-                conv.close().await;
+                // Wait for the remote exit (or the socket's close) so the next open does not
+                // meet MaxSessions.
                 let _ = tokio::time::timeout(Duration::from_secs(5), status.closed_signal()).await;
             }
         })

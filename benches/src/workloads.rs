@@ -20,8 +20,7 @@ use crate::report::{
 use crate::runner::{Case, Event, Progress, case_samples, run_case};
 use crate::sides::{
     Before, CmExec, CommandSide, Direction, EnvRef, NixBuild, NixmuxBuild, NixmuxCold, NixmuxExec,
-    NixmuxNewChannel, NixmuxPush, NixmuxSocketChannel, NixmuxStream, NixmuxWarm, SshHeld,
-    SshSessions, SshStream, Via,
+    NixmuxNewChannel, NixmuxPush, NixmuxStream, NixmuxWarm, SshHeld, SshSessions, SshStream, Via,
 };
 
 const MIB: u64 = 1 << 20;
@@ -320,7 +319,7 @@ async fn spec(
             for p in both() {
                 sides.push(Box::new(NixmuxNewChannel::new(env.clone(), 0, p)));
             }
-            sides.push(Box::new(NixmuxSocketChannel::new(env.clone(), 0)));
+            sides.push(Box::new(NixmuxNewChannel::to_daemon_socket(env.clone(), 0)));
             for p in both() {
                 sides.push(Box::new(SshSessions::new(
                     env.clone(),
