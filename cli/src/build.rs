@@ -117,6 +117,31 @@ pub(crate) fn pick(
     }
 }
 
+/// A command-line `.drv` argument as a store path: symlinks (`./result.drv`, as
+/// `nix-instantiate` leaves one) are followed without requiring the target to be visible here
+/// (the local store may live in another mount namespace), other relative paths made
+/// absolute.
+fn resolve_drv_arg(arg: &str) -> String {
+    let mut path = std::path::PathBuf::from(arg);
+    for _ in 0..8 {
+        match std::fs::read_link(&path) {
+            Ok(target) => {
+                path = match path.parent() {
+                    Some(dir) if target.is_relative() => dir.join(target),
+                    _ => target,
+                };
+            }
+            Err(_) => break,
+        }
+    }
+    if path.is_relative()
+        && let Ok(abs) = std::path::absolute(&path)
+    {
+        path = abs;
+    }
+    path.to_string_lossy().into_owned()
+}
+
 /// A derivation's fixed output paths and how many outputs it has in all.
 type Outputs = (BTreeSet<StorePath>, usize);
 
@@ -163,7 +188,16 @@ pub(crate) async fn run(args: BuildArgs, builder: BuilderConfig) -> anyhow::Resu
     let roots: Vec<StorePath> = args
         .drvs
         .iter()
-        .map(|d| StorePath::parse(&dir, d.trim()).with_context(|| d.clone()))
+        .map(|d| {
+            let resolved = resolve_drv_arg(d.trim());
+            StorePath::parse(&dir, &resolved).with_context(|| {
+                if resolved == d.trim() {
+                    format!("{d}: not a path in the store")
+                } else {
+                    format!("{d} (-> {resolved}): not a path in the store")
+                }
+            })
+        })
         .collect::<anyhow::Result<_>>()?;
     let local = local_store(args.local_store.as_deref());
     let pool = Pool::new();
@@ -270,4 +304,23 @@ pub(crate) async fn run(args: BuildArgs, builder: BuilderConfig) -> anyhow::Resu
     }
     pool.shutdown().await;
     Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resolve_drv_arg;
+
+    #[test]
+    fn drv_arguments_follow_result_symlinks_and_absolute_paths_stay() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let link = dir.path().join("result.drv");
+        let target = "/nix/store/00000000000000000000000000000000-x.drv";
+        std::os::unix::fs::symlink(target, &link).expect("symlink");
+        assert_eq!(resolve_drv_arg(link.to_str().expect("utf8")), target);
+        // A link to a link, relative at each step.
+        let second = dir.path().join("second");
+        std::os::unix::fs::symlink("result.drv", &second).expect("symlink");
+        assert_eq!(resolve_drv_arg(second.to_str().expect("utf8")), target);
+        assert_eq!(resolve_drv_arg(target), target);
+    }
 }
