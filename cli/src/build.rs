@@ -23,18 +23,18 @@ pub(crate) struct BuildArgs {
 }
 
 /// Output for people: progress bars and log lines on a terminal, plain lines otherwise.
-struct Ui {
+pub(crate) struct Ui {
     multi: Option<MultiProgress>,
 }
 
 impl Ui {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Ui {
             multi: std::io::stderr().is_terminal().then(MultiProgress::new),
         }
     }
 
-    fn line(&self, s: &str) {
+    pub(crate) fn line(&self, s: &str) {
         match &self.multi {
             Some(m) => {
                 let _ = m.println(s);
@@ -44,7 +44,7 @@ impl Ui {
     }
 
     /// A byte progress bar (terminal) or a callback printing a line per finished path.
-    fn transfer(&self, what: &str) -> (Option<ProgressBar>, nixmux::ops::ProgressFn) {
+    pub(crate) fn transfer(&self, what: &str) -> (Option<ProgressBar>, nixmux::ops::ProgressFn) {
         match &self.multi {
             Some(m) => {
                 let bar = m.add(ProgressBar::new(0));
@@ -81,7 +81,7 @@ impl Ui {
     }
 }
 
-fn local_store(spec: Option<&str>) -> LocalStore {
+pub(crate) fn local_store(spec: Option<&str>) -> LocalStore {
     match spec {
         None | Some("auto") => LocalStore::auto(),
         Some("stdio") => LocalStore::new(LocalStoreAccess::Command(Arc::new(|| {
@@ -121,7 +121,7 @@ pub(crate) fn pick(
 /// `nix-instantiate` leaves one) are followed without requiring the target to be visible here
 /// (the local store may live in another mount namespace), other relative paths made
 /// absolute.
-fn resolve_drv_arg(arg: &str) -> String {
+pub(crate) fn resolve_drv_arg(arg: &str) -> String {
     let mut path = std::path::PathBuf::from(arg);
     for _ in 0..8 {
         match std::fs::read_link(&path) {

@@ -4,6 +4,7 @@
 mod agent_cmd;
 mod bench;
 mod build;
+mod copy;
 mod exit_code;
 mod ping;
 mod resolve;
@@ -35,6 +36,9 @@ enum Command {
     /// Build local derivations on a builder: copy inputs, build with the log streamed here,
     /// copy outputs back.
     Build(BuildCmd),
+    /// Copy the closure of store paths to a builder (`--to`) or from it (`--from`), as
+    /// `nix copy` does, over a pooled connection; `--json` for programs.
+    Copy(CopyCmd),
     /// Measure nixmux against OpenSSH and Nix on the same builders (default: local rig
     /// builders started for the run): table, --json, SVG charts.
     Bench(bench::BenchArgs),
@@ -49,6 +53,39 @@ enum Command {
     /// and stderr to the agent's session with builder NAME. Nix runs it as
     /// `nixmux connect NAME --stdio` (ssh-ng://) or `--serve --write` (ssh://).
     Connect(agent_cmd::ConnectCmd),
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("direction").required(true).args(["to", "from"])))]
+struct CopyCmd {
+    /// Store paths (or symlinks to them, like `./result`).
+    #[arg(value_name = "PATH", required = true)]
+    paths: Vec<String>,
+    /// Copy to this builder (store URL, or its name in --machines).
+    #[arg(long, value_name = "STORE-URL")]
+    to: Option<String>,
+    /// Copy from this builder (store URL, or its name in --machines).
+    #[arg(long, value_name = "STORE-URL")]
+    from: Option<String>,
+    /// A machines file naming the builder.
+    #[arg(long, value_name = "FILE")]
+    machines: Option<PathBuf>,
+    /// SSH identity for builders that don't name one.
+    #[arg(short = 'i', long = "identity", value_name = "FILE")]
+    identity: Vec<PathBuf>,
+    /// known_hosts file(s).
+    #[arg(long = "known-hosts", value_name = "FILE")]
+    known_hosts: Vec<PathBuf>,
+    /// ssh_config file.
+    #[arg(long = "ssh-config", value_name = "FILE")]
+    ssh_config: Option<PathBuf>,
+    /// The local store: `auto` (daemon socket, else `nix-daemon --stdio`), `stdio`, or a
+    /// daemon socket path.
+    #[arg(long, value_name = "auto|stdio|SOCKET")]
+    local_store: Option<String>,
+    /// Machine-readable report on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Where builders come from, shared by every command that talks to builders.
@@ -207,6 +244,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(run_build(args))
         }
+        Command::Copy(args) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(run_copy(args))
+        }
         Command::Bench(args) => bench::main(args),
         Command::Agent(cmd) => agent_cmd::main(cmd),
         // Handled in `main`, before anything else starts.
@@ -237,6 +278,53 @@ async fn run_ping(args: PingArgs) -> anyhow::Result<i32> {
         ping::render_table(&reports, &mut out)?;
     }
     Ok(ping::exit_code(&reports))
+}
+
+async fn run_copy(cmd: CopyCmd) -> anyhow::Result<i32> {
+    let (direction, target) = match (&cmd.to, &cmd.from) {
+        (Some(t), None) => (copy::Direction::To, t.clone()),
+        (None, Some(f)) => (copy::Direction::From, f.clone()),
+        // clap's group makes exactly one of them present.
+        _ => {
+            eprintln!("nixmux: give exactly one of --to and --from");
+            return Ok(exit_code::CONFIG);
+        }
+    };
+    // A builder named in the machines file, else a store URL.
+    let (urls, wanted) = if cmd.machines.is_some() {
+        (Vec::new(), Some(target.as_str()))
+    } else {
+        (vec![target.clone()], None)
+    };
+    let builder_args = BuilderArgs {
+        urls,
+        machines: cmd.machines.clone(),
+        identity: cmd.identity.clone(),
+        known_hosts: cmd.known_hosts.clone(),
+        ssh_config: cmd.ssh_config.clone(),
+        connect_timeout: 10.0,
+    };
+    let resolved = match resolve::builders(&builder_args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("nixmux: {e:#}");
+            return Ok(exit_code::CONFIG);
+        }
+    };
+    let builder = match build::pick(resolved.builders, wanted) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("nixmux: {e:#}");
+            return Ok(exit_code::NO_BUILDERS);
+        }
+    };
+    let args = copy::CopyArgs {
+        direction,
+        paths: cmd.paths,
+        local_store: cmd.local_store,
+        json: cmd.json,
+    };
+    copy::run(args, builder).await
 }
 
 async fn run_build(cmd: BuildCmd) -> anyhow::Result<i32> {
