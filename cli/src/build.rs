@@ -20,11 +20,17 @@ pub(crate) struct BuildArgs {
     pub(crate) drvs: Vec<String>,
     pub(crate) local_store: Option<String>,
     pub(crate) options: BuildOptions,
+    /// Builds at once (`None`: the builders' max-jobs summed).
+    pub(crate) jobs: Option<usize>,
+    /// Go on with what does not depend on a failed build.
+    pub(crate) keep_going: bool,
+    /// Where each build's log is written (`None`: a fresh directory under $TMPDIR).
+    pub(crate) log_dir: Option<std::path::PathBuf>,
 }
 
 /// Output for people: progress bars and log lines on a terminal, plain lines otherwise.
 pub(crate) struct Ui {
-    multi: Option<MultiProgress>,
+    pub(crate) multi: Option<MultiProgress>,
 }
 
 impl Ui {
@@ -91,6 +97,36 @@ pub(crate) fn local_store(spec: Option<&str>) -> LocalStore {
         }))),
         Some(socket) => LocalStore::new(LocalStoreAccess::Socket(socket.into())),
     }
+}
+
+/// The builders `--builder` names (all of them without it).
+pub(crate) fn restrict(
+    builders: Vec<BuilderConfig>,
+    wanted: &[String],
+) -> anyhow::Result<Vec<BuilderConfig>> {
+    if builders.is_empty() {
+        bail!("no builder configured");
+    }
+    if wanted.is_empty() {
+        return Ok(builders);
+    }
+    let names: Vec<String> = builders.iter().map(|b| b.name.clone()).collect();
+    let chosen: Vec<BuilderConfig> = builders
+        .into_iter()
+        .filter(|b| {
+            wanted
+                .iter()
+                .any(|w| b.name == *w || b.target.endpoint.host == *w)
+        })
+        .collect();
+    if chosen.is_empty() {
+        bail!(
+            "no builder named {} (known: {})",
+            wanted.join(" or "),
+            names.join(", ")
+        );
+    }
+    Ok(chosen)
 }
 
 pub(crate) fn pick(
@@ -182,8 +218,30 @@ async fn plan(local: &LocalStore, roots: &[StorePath]) -> nixmux::Result<Vec<Sto
     Ok(order)
 }
 
-/// Runs the build; returns the exit code.
-pub(crate) async fn run(args: BuildArgs, builder: BuilderConfig) -> anyhow::Result<i32> {
+/// One derivation to build: what the scheduler needs to know about it.
+struct Job {
+    drv: StorePath,
+    system: String,
+    features: BTreeSet<String>,
+    /// Derivations of this run it needs built first.
+    deps: BTreeSet<StorePath>,
+}
+
+/// How one job ended.
+enum Ended {
+    Built,
+    /// The build ran and failed: exit code 16.
+    Failed,
+    /// It could not run (no builder, transport, ...): that error's exit code.
+    Error(i32),
+}
+
+/// Runs the builds on `builders`, scheduling the whole graph: a derivation starts once the
+/// derivations it needs are built, on the builder [`Pool::select`] picks for its system and
+/// required features, at most `jobs` at once (each builder also keeps to its own max-jobs).
+/// Every build's log goes to a file in `log_dir`; a failed build's tail is printed.
+/// Returns the exit code.
+pub(crate) async fn run(args: BuildArgs, builders: Vec<BuilderConfig>) -> anyhow::Result<i32> {
     let dir = StoreDir::default();
     let roots: Vec<StorePath> = args
         .drvs
@@ -199,10 +257,18 @@ pub(crate) async fn run(args: BuildArgs, builder: BuilderConfig) -> anyhow::Resu
             })
         })
         .collect::<anyhow::Result<_>>()?;
-    let local = local_store(args.local_store.as_deref());
-    let pool = Pool::new();
-    let b: Builder = pool.add(builder);
-    let ui = Ui::new();
+    let local = Arc::new(local_store(args.local_store.as_deref()));
+    let pool = Arc::new(Pool::new());
+    for b in builders {
+        pool.add(b);
+    }
+    let slots: usize = pool
+        .builders()
+        .iter()
+        .map(|b| usize::try_from(b.config().machine.max_jobs.max(1)).unwrap_or(1))
+        .sum();
+    let jobs = args.jobs.unwrap_or(slots).max(1);
+    let ui = Arc::new(Ui::new());
     let started = Instant::now();
     let order = match plan(&local, &roots).await {
         Ok(o) => o,
@@ -211,18 +277,156 @@ pub(crate) async fn run(args: BuildArgs, builder: BuilderConfig) -> anyhow::Resu
             return Ok(exit_code::for_kind(e.kind()));
         }
     };
+    let mut graph = Vec::with_capacity(order.len());
+    let wanted: BTreeSet<StorePath> = order.iter().cloned().collect();
+    for drv in &order {
+        let d = match local.read_derivation(drv).await {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("nixmux: {e}");
+                return Ok(exit_code::for_kind(e.kind()));
+            }
+        };
+        graph.push(Job {
+            drv: drv.clone(),
+            system: d.platform.clone(),
+            features: d
+                .env
+                .get("requiredSystemFeatures")
+                .map(|f| f.split_whitespace().map(str::to_owned).collect())
+                .unwrap_or_default(),
+            deps: d
+                .input_drvs
+                .keys()
+                .filter(|i| wanted.contains(*i))
+                .cloned()
+                .collect(),
+        });
+    }
+    let log_dir = args.log_dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("nixmux-build-{}", std::process::id()))
+    });
+    std::fs::create_dir_all(&log_dir)
+        .with_context(|| format!("creating the log directory {}", log_dir.display()))?;
     ui.line(&format!(
-        "{} derivation(s) to build on {}",
-        order.len(),
-        b.name()
+        "{} derivation(s) to build on {} builder(s), at most {jobs} at once; logs in {}",
+        graph.len(),
+        pool.builders().len(),
+        log_dir.display()
     ));
+
+    let mut done: BTreeSet<StorePath> = BTreeSet::new();
+    let mut broken: BTreeSet<StorePath> = BTreeSet::new();
+    let mut pending: Vec<Job> = graph;
+    let mut running = tokio::task::JoinSet::new();
+    let mut code = exit_code::OK;
+    let mut stop = false;
+    loop {
+        // Derivations whose inputs failed will never build.
+        pending.retain(|j| {
+            if j.deps.iter().any(|d| broken.contains(d)) {
+                ui.line(&format!("skipping {}: an input failed", j.drv));
+                broken.insert(j.drv.clone());
+                false
+            } else {
+                true
+            }
+        });
+        while !stop && running.len() < jobs {
+            let Some(i) = pending.iter().position(|j| j.deps.is_subset(&done)) else {
+                break;
+            };
+            let job = pending.remove(i);
+            let (pool, local, ui) = (pool.clone(), local.clone(), ui.clone());
+            let (options, log_dir) = (args.options.clone(), log_dir.clone());
+            let single = jobs == 1;
+            running.spawn(async move {
+                let ended = build_one(&pool, &local, &ui, &job, &options, &log_dir, single).await;
+                (job.drv, ended)
+            });
+        }
+        let Some(joined) = running.join_next().await else {
+            break;
+        };
+        let (drv, ended) = joined.context("a build task failed unexpectedly")?;
+        match ended {
+            Ended::Built => {
+                done.insert(drv);
+            }
+            Ended::Failed | Ended::Error(_) => {
+                let c = match ended {
+                    Ended::Error(c) => c,
+                    _ => exit_code::BUILD_FAILED,
+                };
+                if code == exit_code::OK {
+                    code = c;
+                }
+                broken.insert(drv);
+                stop = !args.keep_going;
+            }
+        }
+    }
+    if code == exit_code::OK {
+        for root in &roots {
+            if let Ok(drv) = local.read_derivation(root).await {
+                for o in drv.outputs.values().filter_map(|o| o.path.as_ref()) {
+                    println!("{}", o.to_absolute(&dir));
+                }
+            }
+        }
+        ui.line(&format!("done in {:.1}s", started.elapsed().as_secs_f64()));
+    } else {
+        ui.line(&format!(
+            "{} built, {} failed or skipped, in {:.1}s",
+            done.len(),
+            broken.len(),
+            started.elapsed().as_secs_f64()
+        ));
+    }
+    pool.shutdown().await;
+    Ok(code)
+}
+
+/// Builds one derivation on the builder the pool picks, on one lease: push the inputs, build
+/// with the log to its file (and here), fetch the outputs.
+async fn build_one(
+    pool: &Pool,
+    local: &LocalStore,
+    ui: &Ui,
+    job: &Job,
+    options: &BuildOptions,
+    log_dir: &std::path::Path,
+    single: bool,
+) -> Ended {
+    let b = match pool.select(&job.system, &job.features) {
+        Ok(b) => b,
+        Err(e) => {
+            ui.line(&format!("cannot build {}: {e}", job.drv));
+            return Ended::Error(exit_code::for_kind(e.kind()));
+        }
+    };
+    let name = builder_label(&b);
+    let log_path = log_dir.join(format!("{}.log", job.drv));
+    ui.line(&format!("building {} on {name}", job.drv));
+    let t = Instant::now();
     let (logs, mut stream) = log_channel(4096);
-    let printer = {
+    let writer = {
         let multi = ui.multi.clone();
+        let short = job.drv.name().trim_end_matches(".drv").to_owned();
+        let path = log_path.clone();
         tokio::spawn(async move {
+            let mut file = std::fs::File::create(&path).ok();
             while let Some(ev) = stream.recv().await {
                 if let LogEvent::Line { text, .. } = ev {
-                    let line = format!("  | {text}");
+                    if let Some(f) = &mut file {
+                        use std::io::Write;
+                        let _ = writeln!(f, "{text}");
+                    }
+                    let line = if single {
+                        format!("  | {text}")
+                    } else {
+                        format!("  {short} | {text}")
+                    };
                     match &multi {
                         Some(m) => {
                             let _ = m.println(line);
@@ -233,36 +437,18 @@ pub(crate) async fn run(args: BuildArgs, builder: BuilderConfig) -> anyhow::Resu
             }
         })
     };
-    let mut code = exit_code::OK;
-    for drv in &order {
-        ui.line(&format!("building {drv} on {}", b.name()));
-        let (bar, progress) = ui.transfer("copying inputs");
-        let t = Instant::now();
-        let outcome = b
-            .build_with_progress(&local, drv, &args.options, &logs, Some(progress))
+    let result = async {
+        let mut lease = b.lease().await?;
+        let (bar, progress) = ui.transfer(&format!("inputs of {} to {name}", job.drv.name()));
+        let outcome = lease
+            .build(local, &job.drv, options, &logs, Some(progress))
             .await;
         if let Some(bar) = bar {
             bar.finish_and_clear();
         }
-        let outcome = match outcome {
-            Ok(o) => o,
-            Err(e) => {
-                ui.line(&format!("error: {e}"));
-                code = exit_code::for_kind(e.kind());
-                break;
-            }
-        };
+        let outcome = outcome?;
         if !outcome.result.status.is_success() {
-            ui.line(&format!(
-                "build of {drv} failed ({:?}): {}",
-                outcome.result.status,
-                nixmux::proto::worker::strip_ansi(&outcome.result.error_msg).trim()
-            ));
-            for l in &outcome.log_tail {
-                ui.line(&format!("  > {l}"));
-            }
-            code = exit_code::BUILD_FAILED;
-            break;
+            return Ok((outcome, None));
         }
         let outputs: BTreeSet<StorePath> = outcome
             .result
@@ -270,40 +456,53 @@ pub(crate) async fn run(args: BuildArgs, builder: BuilderConfig) -> anyhow::Resu
             .values()
             .map(|o| o.path.clone())
             .collect();
-        let (bar, progress) = ui.transfer("copying outputs");
-        let fetched = b.fetch_outputs(&local, &outputs, Some(progress)).await;
+        let (bar, progress) = ui.transfer(&format!("outputs of {} from {name}", job.drv.name()));
+        let fetched = lease.fetch_outputs(local, &outputs, Some(progress)).await;
         if let Some(bar) = bar {
             bar.finish_and_clear();
         }
-        match fetched {
-            Ok(r) => ui.line(&format!(
-                "built {drv} in {:.1}s ({} input paths sent, {} output paths fetched, {} bytes)",
+        Ok::<_, nixmux::Error>((outcome, Some(fetched?)))
+    }
+    .await;
+    drop(logs);
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+    match result {
+        Err(e) => {
+            ui.line(&format!("error building {} on {name}: {e}", job.drv));
+            Ended::Error(exit_code::for_kind(e.kind()))
+        }
+        Ok((outcome, None)) => {
+            ui.line(&format!(
+                "build of {} on {name} failed ({:?}): {}",
+                job.drv,
+                outcome.result.status,
+                nixmux::proto::worker::strip_ansi(&outcome.result.error_msg).trim()
+            ));
+            for l in &outcome.log_tail {
+                ui.line(&format!("  > {l}"));
+            }
+            ui.line(&format!("  full log: {}", log_path.display()));
+            Ended::Failed
+        }
+        Ok((outcome, Some(fetched))) => {
+            ui.line(&format!(
+                "built {} on {name} in {:.1}s ({} input paths sent, {} output paths fetched, {} bytes)",
+                job.drv,
                 t.elapsed().as_secs_f64(),
                 outcome.pushed.transferred.len(),
-                r.transferred.len(),
-                r.bytes
-            )),
-            Err(e) => {
-                ui.line(&format!("error: {e}"));
-                code = exit_code::for_kind(e.kind());
-                break;
-            }
+                fetched.transferred.len(),
+                fetched.bytes
+            ));
+            Ended::Built
         }
     }
-    drop(logs);
-    let _ = tokio::time::timeout(Duration::from_secs(1), printer).await;
-    if code == exit_code::OK {
-        for root in &roots {
-            if let Ok(drv) = local.read_derivation(root).await {
-                for o in drv.outputs.values().filter_map(|o| o.path.as_ref()) {
-                    println!("{}", o.to_absolute(&dir));
-                }
-            }
-        }
-        ui.line(&format!("done in {:.1}s", started.elapsed().as_secs_f64()));
-    }
-    pool.shutdown().await;
-    Ok(code)
+}
+
+/// A builder as people know it: `user@host:port`, not its whole store URL (which may carry
+/// a base64 host key).
+fn builder_label(b: &Builder) -> String {
+    let e = &b.config().target.endpoint;
+    format!("{}@{}:{}", e.user, e.host, e.port)
 }
 
 #[cfg(test)]

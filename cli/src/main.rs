@@ -130,9 +130,21 @@ struct BuildCmd {
     /// `.drv` paths in the local store.
     #[arg(value_name = "DRV", required = true)]
     drvs: Vec<String>,
-    /// The builder to use: its store URL as configured, or its host name.
+    /// Restrict the builds to this builder (its store URL as configured, or its host name);
+    /// repeat for several. Without it, every configured builder that can take a derivation
+    /// (system, features, free slots) may get it.
     #[arg(long)]
-    builder: Option<String>,
+    builder: Vec<String>,
+    /// Builds at once, over all builders (default: their max-jobs summed; each builder also
+    /// keeps to its own).
+    #[arg(short = 'j', long, value_name = "N")]
+    jobs: Option<usize>,
+    /// Go on building what does not depend on a failed build.
+    #[arg(short = 'k', long)]
+    keep_going: bool,
+    /// Where to write each build's log (default: a new directory under $TMPDIR).
+    #[arg(long, value_name = "DIR")]
+    log_dir: Option<PathBuf>,
     /// Builders: a machines file (default: the local Nix's `builders` setting).
     #[arg(long, value_name = "FILE")]
     machines: Option<PathBuf>,
@@ -343,7 +355,7 @@ async fn run_build(cmd: BuildCmd) -> anyhow::Result<i32> {
             return Ok(exit_code::CONFIG);
         }
     };
-    let builder = match build::pick(resolved.builders, cmd.builder.as_deref()) {
+    let builders = match build::restrict(resolved.builders, &cmd.builder) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("nixmux: {e:#}");
@@ -362,6 +374,9 @@ async fn run_build(cmd: BuildCmd) -> anyhow::Result<i32> {
             cores: cmd.cores,
             substitute: cmd.substitute,
         },
+        jobs: cmd.jobs,
+        keep_going: cmd.keep_going,
+        log_dir: cmd.log_dir,
     };
-    build::run(args, builder).await
+    build::run(args, builders).await
 }
