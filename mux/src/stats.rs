@@ -1,9 +1,13 @@
-//! Health and statistics per builder.
+//! Health and statistics per builder. Both serialise (serde) for status pages and metrics;
+//! instants are left out (they mean nothing outside this process), durations are kept.
 
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
+
 /// How a builder is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum HealthState {
     /// Never contacted yet.
     Idle,
@@ -16,11 +20,12 @@ pub enum HealthState {
 }
 
 /// Health of a builder.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Health {
     /// Overall state.
     pub state: HealthState,
     /// When it went down.
+    #[serde(skip)]
     pub down_since: Option<Instant>,
     /// The last connection error.
     pub last_error: Option<String>,
@@ -31,10 +36,13 @@ pub struct Health {
     pub channels_open: usize,
     /// sshd's per-connection session limit, once learned from a refusal.
     pub learned_channel_limit: Option<usize>,
+    /// While backing off after failed connection attempts: how long until the next attempt
+    /// may start (the circuit breaker's next try).
+    pub retry_in: Option<Duration>,
 }
 
 /// Counters of a builder.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct BuilderStats {
     /// SSH connections opened so far.
     pub connections_opened: u64,
@@ -93,4 +101,32 @@ pub struct BuilderStats {
     pub builds_waiting: u64,
     /// Build slots (`max_jobs`; 0: unlimited).
     pub build_slots: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_and_stats_serialise_without_instants() {
+        let h = Health {
+            state: HealthState::Down,
+            down_since: Some(Instant::now()),
+            last_error: Some("connection refused".into()),
+            connections: 0,
+            channels_open: 0,
+            learned_channel_limit: Some(10),
+            retry_in: Some(Duration::from_millis(1500)),
+        };
+        let v = serde_json::to_value(&h).expect("health serialises");
+        assert_eq!(v["state"], "down");
+        assert!(v.get("down_since").is_none(), "{v}");
+        assert_eq!(v["retry_in"]["secs"], 1);
+        let s = serde_json::to_value(BuilderStats {
+            builds_running: 2,
+            ..BuilderStats::default()
+        })
+        .expect("stats serialise");
+        assert_eq!(s["builds_running"], 2);
+    }
 }

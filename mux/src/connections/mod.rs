@@ -754,6 +754,9 @@ impl ConnectionSet {
             connections: h.live,
             channels_open: h.channels_open,
             learned_channel_limit: h.learned_limit,
+            retry_in: h
+                .retry_at
+                .map(|t| t.saturating_duration_since(Instant::now())),
         }
     }
 

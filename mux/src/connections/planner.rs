@@ -136,6 +136,8 @@ pub(crate) struct HealthView {
     pub(crate) last_error: Option<String>,
     pub(crate) channels_open: usize,
     pub(crate) learned_limit: Option<usize>,
+    /// When the next connection attempt may start, while backing off after failures.
+    pub(crate) retry_at: Option<Instant>,
 }
 
 #[derive(Debug, Clone)]
@@ -305,6 +307,7 @@ impl Planner {
             last_error: self.last_error.clone(),
             channels_open: self.conns.iter().map(|c| c.open).sum(),
             learned_limit: self.learned,
+            retry_at: self.retry_at,
         }
     }
 
