@@ -25,9 +25,11 @@ pub struct MachineInfo {
     /// Platforms it builds for (`x86_64-linux`...).
     pub systems: Vec<String>,
     /// Concurrent builds it accepts (machines-file field 4): nixmux runs at most this many
-    /// builds on it at once, each holding a slot from the start of its build request to its
-    /// result (pushes, fetches and queries take none). 0: no limit, the default of a
-    /// configuration made in code; a machines line without the field says 1, as in Nix.
+    /// builds on it at once, each holding a slot from before its inputs are pushed until its
+    /// result, as Nix's build hook holds a machine's slot lock while it copies (fetching the
+    /// outputs afterwards, pushes and queries of their own take none). A build waiting for a
+    /// slot holds no session. 0: no limit, the default of a configuration made in code; a
+    /// machines line without the field says 1, as in Nix.
     pub max_jobs: u32,
     /// Relative speed.
     pub speed_factor: f64,

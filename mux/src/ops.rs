@@ -288,6 +288,8 @@ impl Builder {
         progress: Option<ProgressFn>,
     ) -> Result<BuildOutcome> {
         self.bounded("build", async {
+            // The slot first: a build waiting for one holds no session meanwhile.
+            let _slot = self.build_slot().await?;
             let mut lease = self.lease().await?;
             lease
                 .run(async |l: &mut Lease| {
@@ -373,6 +375,8 @@ impl Lease {
         logs: &LogSender,
         progress: Option<ProgressFn>,
     ) -> Result<BuildOutcome> {
+        let builder = self.builder.clone();
+        let _slot = builder.build_slot().await?;
         self.step("build", async |l: &mut Lease| {
             l.build_unbounded(local, drv_path, options, logs, progress)
                 .await
@@ -692,8 +696,6 @@ impl Lease {
             .push_infos(local, infos, options.substitute, progress)
             .await?;
         let basic = drv.to_basic(closure);
-        let builder = self.builder.clone();
-        let _slot = builder.build_slot().await?;
         let session = self.session.get();
         let log = BuildLog {
             logs,
@@ -734,8 +736,6 @@ impl Lease {
         let pushed = self
             .push_closure_unbounded(local, &roots, options.substitute, progress)
             .await?;
-        let builder = self.builder.clone();
-        let _slot = builder.build_slot().await?;
         let session = self.session.get();
         let log = BuildLog {
             logs,
