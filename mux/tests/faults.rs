@@ -259,7 +259,10 @@ async fn freeze_mid_build(protocol: Protocol) {
     let took = t.elapsed();
     // The connection's watcher records the loss on its own task: the operation's error can
     // reach us a moment before it, on a loaded machine.
-    wait_until(Duration::from_secs(2), || b.health().state == HealthState::Down).await;
+    wait_until(Duration::from_secs(2), || {
+        b.health().state == HealthState::Down
+    })
+    .await;
     let health = b.health();
     let r = rig.clone();
     blocking(move || r.builder(0).thaw().expect("thaw")).await;
