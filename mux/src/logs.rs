@@ -8,6 +8,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 pub use nixmux_proto::log::LogEvent;
 use tokio::sync::mpsc;
@@ -20,6 +21,44 @@ pub struct LogSender {
     /// The last lines, kept whatever the consumer does (a failed build reports them).
     tail: Option<Arc<Mutex<VecDeque<String>>>>,
     tail_len: usize,
+    /// Log activity, for limits nixmux enforces itself (see [`LogWatch`]).
+    watch: Option<Arc<LogWatch>>,
+}
+
+/// When a build last logged and how much, whatever the consumer does with the lines.
+#[derive(Debug)]
+pub(crate) struct LogWatch {
+    last: Mutex<Instant>,
+    bytes: AtomicU64,
+}
+
+impl LogWatch {
+    fn new() -> Self {
+        LogWatch {
+            last: Mutex::new(Instant::now()),
+            bytes: AtomicU64::new(0),
+        }
+    }
+
+    fn saw(&self, bytes: u64) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        if let Ok(mut l) = self.last.lock() {
+            *l = Instant::now();
+        }
+    }
+
+    /// When the build last logged (or the watch started).
+    pub(crate) fn last(&self) -> Instant {
+        self.last
+            .lock()
+            .map(|l| *l)
+            .unwrap_or_else(|_| Instant::now())
+    }
+
+    /// Log bytes so far (a line counts with its newline).
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
 }
 
 /// The receiving side, given to the scheduler.
@@ -39,6 +78,7 @@ pub fn log_channel(capacity: usize) -> (LogSender, LogStream) {
             dropped: dropped.clone(),
             tail: None,
             tail_len: 0,
+            watch: None,
         },
         LogStream { rx, dropped },
     )
@@ -47,6 +87,9 @@ pub fn log_channel(capacity: usize) -> (LogSender, LogStream) {
 impl LogSender {
     /// Delivers `ev` if there is room, else drops and counts it. Never waits.
     pub fn send(&self, ev: LogEvent) {
+        if let (Some(w), LogEvent::Line { text, .. }) = (&self.watch, &ev) {
+            w.saw(text.len() as u64 + 1);
+        }
         if let (Some(tail), LogEvent::Line { text, .. }) = (&self.tail, &ev)
             && let Ok(mut t) = tail.lock()
         {
@@ -64,6 +107,10 @@ impl LogSender {
     /// drop).
     pub(crate) fn count_dropped(&self, n: u64) {
         self.dropped.fetch_add(n, Ordering::Relaxed);
+        if let Some(w) = &self.watch {
+            // Lost lines were output all the same; their size is unknown: count one byte.
+            w.saw(n);
+        }
     }
 
     /// A sender that discards everything (when the caller does not want logs).
@@ -74,17 +121,25 @@ impl LogSender {
             dropped: Arc::new(AtomicU64::new(0)),
             tail: None,
             tail_len: 0,
+            watch: None,
         }
     }
 
-    /// A copy of this sender that also keeps the last `lines` log lines.
+    /// A copy of this sender that also keeps the last `lines` log lines and watches the
+    /// log's activity ([`LogSender::watch`]).
     pub(crate) fn with_tail(&self, lines: usize) -> Self {
         LogSender {
             tx: self.tx.clone(),
             dropped: self.dropped.clone(),
             tail: Some(Arc::new(Mutex::new(VecDeque::with_capacity(lines)))),
             tail_len: lines.max(1),
+            watch: Some(Arc::new(LogWatch::new())),
         }
+    }
+
+    /// The log's activity, for a sender made by [`LogSender::with_tail`].
+    pub(crate) fn watch(&self) -> Option<Arc<LogWatch>> {
+        self.watch.clone()
     }
 
     /// The kept lines (see [`LogSender::with_tail`]).

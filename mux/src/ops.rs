@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use nixmux_proto::build_result::BuildResult;
 use nixmux_proto::derivation::Derivation;
@@ -19,7 +20,7 @@ use crate::builder::Builder;
 use crate::conversation::{BuildLog, Conversation};
 use crate::error::{Error, ErrorKind, Result, from_session};
 use crate::local::{LocalStore, closure_with, topo_sort};
-use crate::logs::LogSender;
+use crate::logs::{LogSender, LogWatch};
 use crate::pool::PooledSession;
 use crate::protocol::RemoteInfo;
 
@@ -702,11 +703,16 @@ impl Lease {
             stderr: &session.route,
             channel: &session.status,
         };
-        let result = session
-            .conv
-            .build_derivation(log, drv_path, &basic, options)
-            .await
-            .map_err(|e| build_error(e, &name))?;
+        let watch = logs.watch();
+        let result = within_limits(
+            options,
+            watch,
+            session
+                .conv
+                .build_derivation(log, drv_path, &basic, options),
+        )
+        .await
+        .map_err(|e| build_error(e, &name))?;
         self.protect_outputs(&result).await?;
         Ok(BuildOutcome {
             result,
@@ -742,11 +748,14 @@ impl Lease {
             stderr: &session.route,
             channel: &session.status,
         };
-        let result = session
-            .conv
-            .build_by_path(log, drv_path, drv, options)
-            .await
-            .map_err(|e| build_error(e, &name))?;
+        let watch = logs.watch();
+        let result = within_limits(
+            options,
+            watch,
+            session.conv.build_by_path(log, drv_path, drv, options),
+        )
+        .await
+        .map_err(|e| build_error(e, &name))?;
         self.protect_outputs(&result).await?;
         Ok(BuildOutcome {
             result,
@@ -775,6 +784,93 @@ impl crate::local::InfoSource for RemoteInfos<'_> {
                 .map_err(|e| from_session(e).on(self.name))
         })
     }
+}
+
+/// How long past a limit nixmux waits for the builder's Nix to enforce it (and report it in
+/// its own words) before enforcing it itself.
+const LIMIT_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs `build`, enforcing the build options' limits (`timeout`, `max_silent_time`,
+/// `max_log_size`) on our side too, a little after the builder's Nix should have.
+///
+/// The builder does not always apply them: `nix-store --serve` run by a user the daemon does
+/// not trust sets them in its own process only, not on its daemon connection
+/// (src/nix-store/nix-store.cc `opServe`, a FIXME upstream), and the daemon ignores
+/// `max-log-size` from untrusted clients (src/libstore/daemon.cc `ClientSettings::apply`).
+/// When a limit is exceeded, the build's future is dropped (which poisons the session: it is
+/// closed, so the remote Nix stops and its daemon cancels the build) and the result says
+/// TimedOut or LogLimitExceeded, with a message naming nixmux as the one that stopped it.
+async fn within_limits(
+    options: &BuildOptions,
+    watch: Option<Arc<LogWatch>>,
+    build: impl std::future::Future<Output = std::result::Result<BuildResult, SessionError>>,
+) -> std::result::Result<BuildResult, SessionError> {
+    use nixmux_proto::build_result::BuildStatus;
+    if options.timeout.is_none()
+        && options.max_silent_time.is_none()
+        && options.max_log_size.is_none()
+    {
+        return build.await;
+    }
+    let started = Instant::now();
+    let watchdog = async {
+        let mut over_since: Option<Instant> = None;
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = Instant::now();
+            if let Some(t) = options.timeout
+                && now >= started + t + LIMIT_GRACE
+            {
+                return BuildResult::failure(
+                    BuildStatus::TimedOut,
+                    format!(
+                        "the build took longer than its timeout of {t:?}; nixmux stopped it (the builder did not)"
+                    ),
+                );
+            }
+            if let (Some(quiet), Some(w)) = (options.max_silent_time, &watch)
+                && now >= w.last().max(started) + quiet + LIMIT_GRACE
+            {
+                return BuildResult::failure(
+                    BuildStatus::TimedOut,
+                    format!(
+                        "the build printed nothing for {quiet:?} (max-silent-time); nixmux stopped it (the builder did not)"
+                    ),
+                );
+            }
+            if let (Some(max), Some(w)) = (options.max_log_size, &watch)
+                && w.bytes() > max
+            {
+                let since = *over_since.get_or_insert(now);
+                if now >= since + LIMIT_GRACE {
+                    return BuildResult::failure(
+                        BuildStatus::LogLimitExceeded,
+                        format!(
+                            "the build's log exceeded {max} bytes (max-log-size); nixmux stopped it (the builder did not)"
+                        ),
+                    );
+                }
+            }
+        }
+    };
+    let result = tokio::select! {
+        r = build => r?,
+        r = watchdog => return Ok(r),
+    };
+    // A build quicker than the grace finished before the watchdog could stop it; its log
+    // still says whether the limit held.
+    if let (Some(max), Some(w)) = (options.max_log_size, &watch)
+        && result.status.is_success()
+        && w.bytes() > max
+    {
+        return Ok(BuildResult::failure(
+            BuildStatus::LogLimitExceeded,
+            format!(
+                "the build's log exceeded {max} bytes (max-log-size); the builder did not stop it, so nixmux does not take its outputs"
+            ),
+        ));
+    }
+    Ok(result)
 }
 
 /// Whether a trust refusal came from the build step (not from importing inputs): the builder
