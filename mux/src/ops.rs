@@ -189,8 +189,9 @@ fn plan_transfer(
 /// until the process ends, which is when the lease's session ends (src/libstore/gc.cc).
 ///
 /// Each operation runs under the builder's `operation_deadline`. An operation that fails or
-/// is cancelled half-way makes the session unusable; later operations on the lease then fail
-/// with the session's error, and dropping the lease closes it instead of returning it.
+/// is cancelled half-way makes the session unusable: the next operation on the lease takes a
+/// new session in its place (within the same slot of the builder's session limit), and
+/// dropping the lease closes a broken session instead of returning it.
 pub struct Lease {
     builder: Builder,
     session: PooledSession,
@@ -328,6 +329,11 @@ impl Lease {
     /// Runs one operation: the session stays reusable only if it succeeds (a failure or a
     /// cancellation half-way leaves it to be closed).
     async fn run<T>(&mut self, op: impl AsyncFnOnce(&mut Lease) -> Result<T>) -> Result<T> {
+        // An earlier operation broke the session (or a build was stopped at a limit): go on
+        // with a new one; what the old one protected is protected again as it is used.
+        if !self.session.peek().is_usable() {
+            self.session.renew().await?;
+        }
         self.session.begin();
         let r = op(self).await;
         if r.is_ok() {
