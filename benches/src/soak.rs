@@ -9,7 +9,8 @@
 //! * every path pushed or fetched is valid and complete (`nix-store --verify-path`) on the
 //!   side it went to if the operation succeeded, and absent or valid-and-complete if it was
 //!   cancelled or failed: nothing partial is ever valid;
-//! * RSS, fds and tasks stay flat after warm-up (least-squares slope × time within a bound);
+//! * RSS, fds and tasks stay flat after warm-up (the least-squares growth within a bound
+//!   plus what the samples cannot tell from noise);
 //! * no remote process (`nix-store --serve`, `nix-daemon --stdio`, sshd session processes)
 //!   outlives the pool.
 //!
@@ -269,15 +270,24 @@ pub struct Flatness {
     pub growth: f64,
     /// Slope × 3600.
     pub growth_per_hour: f64,
-    /// Largest accepted growth over the span.
+    /// Largest accepted growth over the span, before noise.
     pub bound: f64,
+    /// Two standard errors of `growth`, widened for the autocorrelation of the samples
+    /// (see [`trend`]): what the line's tilt may be by chance. Large for short fits (a
+    /// 30 s window of step-shaped fd counts), small for an hour.
+    #[serde(default)]
+    pub noise: f64,
+    /// Lag-1 autocorrelation of the residuals, clamped to 0..0.99.
+    #[serde(default)]
+    pub autocorrelation: f64,
     /// Mean of the fitted samples.
     pub mean: f64,
     /// Smallest and largest fitted sample.
     pub min: f64,
     /// Largest fitted sample.
     pub max: f64,
-    /// `growth <= bound`.
+    /// `growth <= bound + noise`: no growth beyond the bound that the samples can tell
+    /// from chance.
     pub ok: bool,
 }
 
@@ -1279,10 +1289,11 @@ pub async fn run(opts: SoakOptions, progress: &dyn Progress) -> anyhow::Result<S
             name: format!("{} flat after warm-up", f.figure),
             ok: f.ok,
             detail: format!(
-                "least-squares growth over {:.0} s after warm-up {:+.2}{unit} (bound {:.1}{unit}; {:+.2}{unit} per hour); mean {:.1}{unit}, range {:.1}..{:.1}{unit}",
+                "least-squares growth over {:.0} s after warm-up {:+.2}{unit} (bound {:.1}{unit} + noise {:.2}{unit}; {:+.2}{unit} per hour); mean {:.1}{unit}, range {:.1}..{:.1}{unit}",
                 f.span_s,
                 f.growth / u,
                 f.bound / u,
+                f.noise / u,
                 f.growth_per_hour / u,
                 f.mean / u,
                 f.min / u,
@@ -1514,12 +1525,14 @@ fn flat(
         .filter(|s| s.t >= from)
         .map(|s| (s.t, f(s)))
         .collect();
-    let (slope, mean) = least_squares(&pts);
+    let t = trend(&pts);
+    let (slope, mean) = (t.slope, t.mean);
     let span = match (pts.first(), pts.last()) {
         (Some(a), Some(b)) => b.0 - a.0,
         _ => 0.0,
     };
     let growth = slope * span;
+    let noise = 2.0 * t.slope_se * span;
     Flatness {
         figure: figure.to_owned(),
         samples: pts.len(),
@@ -1528,10 +1541,67 @@ fn flat(
         growth,
         growth_per_hour: slope * 3600.0,
         bound,
+        noise,
+        autocorrelation: t.autocorrelation,
         mean,
         min: pts.iter().map(|p| p.1).fold(f64::INFINITY, f64::min),
         max: pts.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max),
-        ok: pts.len() >= 3 && growth <= bound,
+        ok: pts.len() >= 3 && growth <= bound + noise,
+    }
+}
+
+/// A least-squares line and how sure it is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Trend {
+    /// Slope, units per second.
+    pub slope: f64,
+    /// Mean of the values.
+    pub mean: f64,
+    /// Standard error of the slope, widened by `sqrt((1 + r) / (1 - r))` for the lag-1
+    /// autocorrelation `r` of the residuals: one-second samples of a step-shaped count are
+    /// far from independent, and the plain standard error would overstate how much a short
+    /// run knows (the usual effective-sample-size correction for trends in serially
+    /// correlated series).
+    pub slope_se: f64,
+    /// `r`, clamped to 0..0.99.
+    pub autocorrelation: f64,
+}
+
+/// The least-squares trend of `pts` (x, y); zero slope and error for fewer than 3 points.
+pub fn trend(pts: &[(f64, f64)]) -> Trend {
+    let (slope, mean) = least_squares(pts);
+    let flat = Trend {
+        slope,
+        mean,
+        slope_se: 0.0,
+        autocorrelation: 0.0,
+    };
+    if pts.len() < 3 {
+        return flat;
+    }
+    let n = pts.len() as f64;
+    let mx = pts.iter().map(|p| p.0).sum::<f64>() / n;
+    let sxx: f64 = pts.iter().map(|p| (p.0 - mx) * (p.0 - mx)).sum();
+    if sxx <= 0.0 {
+        return flat;
+    }
+    let res: Vec<f64> = pts
+        .iter()
+        .map(|p| p.1 - (mean + slope * (p.0 - mx)))
+        .collect();
+    let ss: f64 = res.iter().map(|r| r * r).sum();
+    let lag: f64 = res.windows(2).map(|w| w[0] * w[1]).sum();
+    let r = if ss > 0.0 {
+        (lag / ss).clamp(0.0, 0.99)
+    } else {
+        0.0
+    };
+    let se = (ss / (n - 2.0) / sxx).sqrt() * ((1.0 + r) / (1.0 - r)).sqrt();
+    Trend {
+        slope,
+        mean,
+        slope_se: se,
+        autocorrelation: r,
     }
 }
 
@@ -1902,5 +1972,32 @@ mod tests {
         let (s, m) = least_squares(&flat);
         assert!(s.abs() < 0.001 && (m - 11.0).abs() < 1e-9, "{s} {m}");
         assert_eq!(least_squares(&[]), (0.0, 0.0));
+    }
+
+    #[test]
+    fn noise_of_a_short_step_series_exceeds_that_of_an_hour() {
+        // fds as a short run sees them: steps of 4 that last several seconds.
+        let short: Vec<(f64, f64)> = (0..30)
+            .map(|i| (f64::from(i), if (i / 6) % 2 == 0 { 27.0 } else { 31.0 }))
+            .collect();
+        let t = trend(&short);
+        assert!(t.autocorrelation > 0.5, "{t:?}");
+        let noise = 2.0 * t.slope_se * 29.0;
+        assert!(noise > 2.0, "{t:?}");
+        // The same steps over an hour: the slope is known to a small fraction of a step.
+        let long: Vec<(f64, f64)> = (0..3600)
+            .map(|i| (f64::from(i), if (i / 6) % 2 == 0 { 27.0 } else { 31.0 }))
+            .collect();
+        let t = trend(&long);
+        assert!(2.0 * t.slope_se * 3599.0 < 1.0, "{t:?}");
+        // A steady leak is not noise.
+        let leak: Vec<(f64, f64)> = (0..3600)
+            .map(|i| (f64::from(i), 27.0 + f64::from(i) / 360.0))
+            .collect();
+        let t = trend(&leak);
+        assert!(
+            (t.slope * 3599.0 - 10.0).abs() < 0.1 && t.slope_se < 1e-6,
+            "{t:?}"
+        );
     }
 }
