@@ -197,6 +197,10 @@ enum RigCommand {
         /// sshd MaxSessions of each builder.
         #[arg(long, default_value_t = 10)]
         max_sessions: u32,
+        /// Run a nix-daemon on each builder, as a multi-user install does (ssh-ng sessions
+        /// then reach it over a channel to its socket).
+        #[arg(long)]
+        nix_daemon: bool,
     },
     /// Stop the builders of a rig and remove its directory.
     Down {
@@ -246,7 +250,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             dir,
             builders,
             max_sessions,
-        }) => rig_cmd::up(dir, builders, max_sessions).map(|()| exit_code::OK),
+            nix_daemon,
+        }) => rig_cmd::up(dir, builders, max_sessions, nix_daemon).map(|()| exit_code::OK),
         Command::Rig(RigCommand::Down { dir }) => rig_cmd::down(dir).map(|()| exit_code::OK),
         Command::Ping(args) => {
             let rt = tokio::runtime::Runtime::new()?;

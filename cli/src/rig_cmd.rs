@@ -5,11 +5,19 @@ use std::path::PathBuf;
 use anyhow::Context;
 use nixmux_rig::{Rig, RigConfig};
 
-/// Starts `builders` builders in `dir` (created if needed) and leaves them running.
-pub(crate) fn up(dir: PathBuf, builders: usize, max_sessions: u32) -> anyhow::Result<()> {
+/// Starts `builders` builders in `dir` (created if needed) and leaves them running; with
+/// `nix_daemon`, each runs a nix-daemon (a multi-user builder: ssh-ng sessions use its
+/// socket).
+pub(crate) fn up(
+    dir: PathBuf,
+    builders: usize,
+    max_sessions: u32,
+    nix_daemon: bool,
+) -> anyhow::Result<()> {
     nixmux_rig::ensure_peers_installed().context("installing nix-bin and openssh-server")?;
     let config = RigConfig {
         max_sessions,
+        nix_daemon,
         ..RigConfig::with_builders(builders)
     };
     let rig = Rig::start_in(&dir, config).context("starting the rig")?;
@@ -20,7 +28,10 @@ pub(crate) fn up(dir: PathBuf, builders: usize, max_sessions: u32) -> anyhow::Re
     let ports: Vec<u16> = rig.builders().iter().map(|b| b.port()).collect();
     let dir = rig.keep();
     println!("rig running in {}", dir.display());
-    println!("  builders on 127.0.0.1 ports {ports:?}, each with its own /nix store");
+    println!(
+        "  builders on 127.0.0.1 ports {ports:?}, each with its own /nix store{}",
+        if nix_daemon { " and nix-daemon" } else { "" }
+    );
     println!("  machines file: {}", machines.display());
     println!("  client key:    {}", key.display());
     println!("  known_hosts:   {}", known_hosts.display());
