@@ -5,8 +5,9 @@
 //! Such a channel starts no process (the daemon is already running and forks a worker per
 //! connection, Nix's src/nix-daemon/nix-daemon.cc) and is not a session for sshd, so its
 //! `MaxSessions` does not limit it. Not every builder allows it: OpenSSH refuses when
-//! stream-local forwarding is off or the key is `restrict`ed / `no-port-forwarding`, and when
-//! nothing listens on the socket, all with one reason code. A refusal is remembered per
+//! stream-local forwarding is off or the key is `restrict`ed / `no-port-forwarding`
+//! ("administratively prohibited"), and when nothing listens on the socket ("connect
+//! failed"); Dropbear before 2024.84 knows no such channel type. A refusal is remembered per
 //! builder, so that [`WorkerRoute::Auto`] pays for the attempt once, and tried again after
 //! [`RETRY_REFUSED_AFTER`] (a daemon may have been started since).
 
@@ -111,6 +112,12 @@ impl SocketRoute {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(100));
                 }
+                Err(SocketOpenError::Refused { reason, why }) => {
+                    // Recorded while the probe is still held: a session waiting for it must
+                    // find the refusal, not probe again.
+                    self.refused(why.clone());
+                    return Err(SocketOpenError::Refused { reason, why });
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -128,7 +135,7 @@ impl SocketRoute {
     }
 
     /// The builder refused the socket (it is not known to work any more).
-    pub(crate) fn refused(&self, why: String) {
+    fn refused(&self, why: String) {
         self.worked.store(false, Ordering::Relaxed);
         if let Ok(mut r) = self.refused.lock() {
             *r = Some(Refusal {

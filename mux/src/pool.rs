@@ -288,13 +288,13 @@ impl SessionPool {
         }
     }
 
-    /// Records that the builder refused its daemon's socket: an error when the route insists
-    /// on the socket, else a note (the caller falls back to exec).
+    /// Counts a refusal of the daemon's socket ([`SocketRoute::open`] has recorded it): an
+    /// error when the route insists on the socket, else a note (the caller falls back to
+    /// exec).
     pub(crate) fn refused_socket(&self, why: String) -> Result<()> {
         self.counters
             .socket_refusals
             .fetch_add(1, Ordering::Relaxed);
-        self.socket.refused(why.clone());
         if self.socket.route == WorkerRoute::Socket {
             return Err(Error::remote(ErrorKind::Connect, why)
                 .hint("allow stream-local forwarding for this user (sshd AllowStreamLocalForwarding), start nix-daemon on the builder, or drop `daemon-socket=` from the store URL to fall back to `nix-daemon --stdio`")
