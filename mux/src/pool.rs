@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use nixmux_session::Activity;
+use nixmux_transport::{ExecChannel, ExecOptions};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::connections::{ConnectionSet, Opened};
@@ -254,32 +255,42 @@ impl SessionPool {
         if !self.socket.should_try(Instant::now()) {
             return Ok(None);
         }
+        let activity = Activity::new();
+        let hook = self.set.target.hooks.channel.clone();
+        let opening = remote::opening(&self.spec);
+        let options = remote::exec_options(self.spec.protocol, &activity, hook, Some(&opening));
+        let Some(channel) = self.socket_channel(options).await? else {
+            return Ok(None);
+        };
+        let s = remote::start(
+            channel,
+            None,
+            SessionPath::DaemonSocket,
+            Some(opening),
+            &self.spec,
+            &self.name,
+            activity,
+        )
+        .await?;
+        self.counters.created.fetch_add(1, Ordering::Relaxed);
+        self.counters.via_socket.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(s))
+    }
+
+    /// A channel to the daemon's socket on the host's first live connection, when the
+    /// builder's route says to try it (for pooled and raw sessions alike). `None`: use exec
+    /// (the socket is refused, or known to be).
+    pub(crate) async fn socket_channel(&self, options: ExecOptions) -> Result<Option<ExecChannel>> {
+        if !self.socket.should_try(Instant::now()) {
+            return Ok(None);
+        }
         let ssh = self
             .set
             .any_connection()
             .await
             .map_err(|e| e.on(&self.name))?;
-        let activity = Activity::new();
-        let hook = self.set.target.hooks.channel.clone();
-        let opening = remote::opening(&self.spec);
-        let options = remote::exec_options(self.spec.protocol, &activity, hook, Some(&opening));
         match self.socket.open(&ssh, options).await {
-            Ok(None) => Ok(None),
-            Ok(Some(channel)) => {
-                let s = remote::start(
-                    channel,
-                    None,
-                    SessionPath::DaemonSocket,
-                    Some(opening),
-                    &self.spec,
-                    &self.name,
-                    activity,
-                )
-                .await?;
-                self.counters.created.fetch_add(1, Ordering::Relaxed);
-                self.counters.via_socket.fetch_add(1, Ordering::Relaxed);
-                Ok(Some(s))
-            }
+            Ok(channel) => Ok(channel),
             Err(SocketOpenError::Refused { why, .. }) => {
                 self.refused_socket(why)?;
                 Ok(None)
@@ -291,7 +302,7 @@ impl SessionPool {
     /// Counts a refusal of the daemon's socket ([`SocketRoute::open`] has recorded it): an
     /// error when the route insists on the socket, else a note (the caller falls back to
     /// exec).
-    pub(crate) fn refused_socket(&self, why: String) -> Result<()> {
+    fn refused_socket(&self, why: String) -> Result<()> {
         self.counters
             .socket_refusals
             .fetch_add(1, Ordering::Relaxed);

@@ -10,13 +10,9 @@
 use bytes::Bytes;
 use nixmux_transport::{ChannelStdin, ChannelStdout, ExecOptions, ExecStatus, StderrLog};
 
-use std::time::Instant;
-
 use crate::builder::Builder;
 use crate::connections::{Opened, Slot};
-use crate::daemon_socket::SocketOpenError;
 use crate::error::{Error, ErrorKind, Result};
-use crate::protocol::Protocol;
 
 /// Undelivered stderr kept per raw session before it is dropped (and reported in the log
 /// queue): for the serve protocol this is the build log.
@@ -76,42 +72,26 @@ impl Builder {
     /// A raw `ssh-ng://` session over a channel to the daemon's socket, when the builder's
     /// route says to try it (it needs no session slot). `None`: use exec.
     async fn open_raw_via_socket(&self, first_input: Option<Bytes>) -> Result<Option<RawSession>> {
-        let pool = &self.inner.pool;
-        if self.protocol() != Protocol::Worker || !pool.socket.should_try(Instant::now()) {
-            return Ok(None);
-        }
-        let ssh = self
-            .inner
-            .set
-            .any_connection()
-            .await
-            .map_err(|e| e.on(self.name()))?;
         let mut options = ExecOptions::with_stderr_log(RAW_LOG_QUEUE);
         options.observer = self.inner.set.target.hooks.channel.clone();
         options.first_input = first_input;
-        match pool.socket.open(&ssh, options).await {
-            Ok(None) => Ok(None),
-            Ok(Some(mut channel)) => {
-                let Some(stderr) = channel.take_stderr_log() else {
-                    return Err(Error::local(
-                        ErrorKind::Protocol,
-                        "a raw session was opened without its stderr queue",
-                    ));
-                };
-                let (stdin, stdout, status) = channel.into_parts();
-                Ok(Some(RawSession {
-                    stdin,
-                    stdout,
-                    stderr,
-                    status,
-                }))
-            }
-            Err(SocketOpenError::Refused { why, .. }) => {
-                pool.refused_socket(why)?;
-                Ok(None)
-            }
-            Err(SocketOpenError::Failed(e)) => Err(e.on(self.name())),
-        }
+        // Serve builders' route is always exec: this is `None` for them.
+        let Some(mut channel) = self.inner.pool.socket_channel(options).await? else {
+            return Ok(None);
+        };
+        let Some(stderr) = channel.take_stderr_log() else {
+            return Err(Error::local(
+                ErrorKind::Protocol,
+                "a raw session was opened without its stderr queue",
+            ));
+        };
+        let (stdin, stdout, status) = channel.into_parts();
+        Ok(Some(RawSession {
+            stdin,
+            stdout,
+            stderr,
+            status,
+        }))
     }
 
     async fn open_on(&self, slot: Slot, first_input: Option<Bytes>) -> Result<Option<RawSession>> {
