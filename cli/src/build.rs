@@ -482,6 +482,12 @@ async fn build_one(
                 ui.line(&format!("  > {l}"));
             }
             ui.line(&format!("  full log: {}", log_path.display()));
+            if let nixmux::ops::LocalLog::Stored { .. } = outcome.local_log {
+                ui.line(&format!(
+                    "  or: nix log {}",
+                    job.drv.to_absolute(local.store_dir())
+                ));
+            }
             Ended::Failed
         }
         Ok((outcome, Some(fetched))) => {

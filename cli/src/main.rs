@@ -182,6 +182,10 @@ struct BuildCmd {
     /// Let the builder substitute inputs from its own caches (builders-use-substitutes).
     #[arg(long)]
     substitute: bool,
+    /// Do not store each build's whole log in the local store (by default it is stored
+    /// there, where `nix log DRV` finds it).
+    #[arg(long)]
+    no_local_log: bool,
 }
 
 #[derive(Subcommand)]
@@ -378,6 +382,7 @@ async fn run_build(cmd: BuildCmd) -> anyhow::Result<i32> {
             keep_failed: cmd.keep_failed,
             cores: cmd.cores,
             substitute: cmd.substitute,
+            no_local_log: cmd.no_local_log,
         },
         jobs: cmd.jobs,
         keep_going: cmd.keep_going,

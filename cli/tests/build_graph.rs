@@ -1,7 +1,8 @@
 //! `nixmux build` scheduling a graph across three rig builders (real OpenSSH + Nix 2.8) that
 //! differ in supported and mandatory features and max-jobs: every derivation goes to a
 //! builder that may take it, inputs first, logs to files; a derivation nobody can take fails
-//! at once with the no-builder exit code.
+//! at once with the no-builder exit code. Each build's whole log ends up where `nix log`
+//! finds it.
 
 use std::process::Output;
 
@@ -123,6 +124,24 @@ fn a_graph_is_scheduled_across_builders_by_features() {
     let top_log = logs.join(format!("{}.log", top.trim_start_matches("/nix/store/")));
     let text = std::fs::read_to_string(&top_log).expect("top's log");
     assert!(text.contains("building graph-top"), "{text}");
+    // The whole log is in the local store too, where `nix log` finds it: for builds over
+    // ssh-ng:// (top, on builder 0) and over ssh:// (the kvm ones, on builder 1).
+    let kvm = built
+        .iter()
+        .find(|l| l.contains("-graph-kvm-"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .map(|base| format!("/nix/store/{base}"))
+        .expect("a kvm build");
+    for (drv, want) in [(&top, "building graph-top"), (&kvm, "building graph-kvm-")] {
+        let out = client
+            .run(
+                "nix",
+                ["--extra-experimental-features", "nix-command", "log", drv],
+            )
+            .expect("nix log");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(want), "nix log {drv}: {text}");
+    }
     // The outputs are here.
     let printed = String::from_utf8_lossy(&out.stdout);
     let output = printed

@@ -20,7 +20,7 @@ use crate::builder::Builder;
 use crate::conversation::{BuildLog, Conversation};
 use crate::error::{Error, ErrorKind, Result, from_session};
 use crate::local::{LocalStore, closure_with, topo_sort};
-use crate::logs::{LogSender, LogWatch};
+use crate::logs::{LogRecord, LogSender, LogWatch};
 use crate::pool::PooledSession;
 use crate::protocol::RemoteInfo;
 
@@ -74,7 +74,29 @@ pub struct BuildOutcome {
     pub strategy: BuildStrategy,
     /// The input push.
     pub pushed: TransferReport,
+    /// Whether the whole log was stored in the local store.
+    pub local_log: LocalLog,
 }
+
+/// Whether a build's whole log was stored in the local store, where `nix log` finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalLog {
+    /// Stored, this many bytes long.
+    Stored {
+        /// Size of the stored log.
+        bytes: u64,
+    },
+    /// Not stored: the build logged nothing, or the caller asked not to
+    /// ([`BuildOptions::no_local_log`]).
+    NotKept,
+    /// Storing it failed (for example, the local daemon does not trust this user). The build
+    /// itself is not affected.
+    Failed(String),
+}
+
+/// Most of a build log kept in memory to store locally (head and tail; see `LogRecord`).
+/// Nix keeps whole logs on disk; holding them for many concurrent builds must stay bounded.
+const LOCAL_LOG_CAP: usize = 64 << 20;
 
 /// Everything one build needs, passed between the strategies.
 struct BuildJob<'a> {
@@ -620,7 +642,41 @@ impl Lease {
         Ok(topo_sort(r?))
     }
 
+    /// Builds `drv_path` on the leased session, then stores its whole log locally (unless
+    /// `options.no_local_log`). Storing the log never fails the build: its outcome says
+    /// whether it was stored.
     async fn build_unbounded(
+        &mut self,
+        local: &LocalStore,
+        drv_path: &StorePath,
+        options: &BuildOptions,
+        logs: &LogSender,
+        progress: Option<ProgressFn>,
+    ) -> Result<BuildOutcome> {
+        let logs = logs.with_tail(30);
+        let logs = if options.no_local_log {
+            logs
+        } else {
+            logs.recording(LOCAL_LOG_CAP)
+        };
+        let mut outcome = self
+            .build_remote(local, drv_path, options, &logs, progress)
+            .await?;
+        if let Some(text) = logs.record().and_then(LogRecord::contents) {
+            outcome.local_log = match local.add_build_log(drv_path, &text).await {
+                Ok(()) => LocalLog::Stored {
+                    bytes: text.len() as u64,
+                },
+                Err(e) => {
+                    tracing::warn!(drv = %drv_path, error = %e, "cannot store the build log locally");
+                    LocalLog::Failed(e.message().to_owned())
+                }
+            };
+        }
+        Ok(outcome)
+    }
+
+    async fn build_remote(
         &mut self,
         local: &LocalStore,
         drv_path: &StorePath,
@@ -651,14 +707,13 @@ impl Lease {
             }
         }
         let info = self.session.peek().conv.info();
-        let logs = logs.with_tail(30);
         let job = BuildJob {
             local,
             drv_path,
             drv: &drv,
             input_outputs: &input_outputs,
             options,
-            logs: &logs,
+            logs,
             progress,
         };
         let known_untrusted = info.trusted == Some(false);
@@ -725,6 +780,7 @@ impl Lease {
             log_tail: logs.tail(),
             strategy: BuildStrategy::BuildDerivation,
             pushed,
+            local_log: LocalLog::NotKept,
         })
     }
 
@@ -768,6 +824,7 @@ impl Lease {
             log_tail: logs.tail(),
             strategy: BuildStrategy::BuildPaths,
             pushed,
+            local_log: LocalLog::NotKept,
         })
     }
 }

@@ -24,6 +24,9 @@ pub struct BuildOptions {
     pub cores: Option<u64>,
     /// Let the builder substitute inputs from its own caches (`builders-use-substitutes`).
     pub substitute: bool,
+    /// Do not store the build's whole log in the local store (by default nixmux does, where
+    /// `nix log` finds it, as Nix's build hook does for remote builds). Not sent to builders.
+    pub no_local_log: bool,
 }
 
 fn secs(d: Option<Duration>) -> u64 {

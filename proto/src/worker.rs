@@ -92,6 +92,8 @@ pub enum Op {
     QueryRealisation = 43,
     /// 44
     AddMultipleToStore = 44,
+    /// 45
+    AddBuildLog = 45,
     /// 46
     BuildPathsWithResults = 46,
 }
@@ -117,6 +119,7 @@ impl Op {
             42 => RegisterDrvOutput,
             43 => QueryRealisation,
             44 => AddMultipleToStore,
+            45 => AddBuildLog,
             46 => BuildPathsWithResults,
             _ => return None,
         })
@@ -129,7 +132,9 @@ impl Op {
             Op::AddToStoreNar => 18,
             Op::QueryMissing => 19,
             Op::RegisterDrvOutput | Op::QueryRealisation => 27,
-            Op::AddMultipleToStore => 32,
+            // Both came with the framed uploads of Nix 2.4 (protocol 1.32); RemoteStore's
+            // addBuildLog sends it without a version check (src/libstore/remote-store.cc).
+            Op::AddMultipleToStore | Op::AddBuildLog => 32,
             Op::BuildPathsWithResults => 34,
             _ => 0,
         };
@@ -243,6 +248,7 @@ fn op_name(op: Op) -> &'static str {
         Op::RegisterDrvOutput => "RegisterDrvOutput",
         Op::QueryRealisation => "QueryRealisation",
         Op::AddMultipleToStore => "AddMultipleToStore",
+        Op::AddBuildLog => "AddBuildLog",
         Op::BuildPathsWithResults => "BuildPathsWithResults",
     }
 }
@@ -977,6 +983,13 @@ pub enum Request {
         /// Skip signature checks (trusted clients only).
         dont_check_sigs: bool,
     },
+    /// A framed stream with the whole log follows. Reply: `u64 1`. Trusted clients only, and
+    /// the daemon refuses an untrusted one before it reads the frames
+    /// (src/libstore/daemon.cc), so a refused request leaves the stream out of step.
+    AddBuildLog {
+        /// The derivation the log belongs to; sent as its base name.
+        drv_path: StorePath,
+    },
     /// Reply: `u64 1`; failures arrive as `STDERR_ERROR`.
     BuildPaths {
         /// Targets.
@@ -1041,6 +1054,7 @@ impl Request {
             Request::RegisterDrvOutput(_) => Op::RegisterDrvOutput,
             Request::QueryRealisation(_) => Op::QueryRealisation,
             Request::AddMultipleToStore { .. } => Op::AddMultipleToStore,
+            Request::AddBuildLog { .. } => Op::AddBuildLog,
             Request::BuildPaths { .. } => Op::BuildPaths,
             Request::BuildPathsWithResults { .. } => Op::BuildPathsWithResults,
         }
@@ -1122,6 +1136,8 @@ impl Request {
                 out.put_flag(*repair);
                 out.put_flag(*dont_check_sigs);
             }
+            // The daemon reads a bare string and makes a `StorePath` of it: the base name.
+            Request::AddBuildLog { drv_path } => out.put_str(&drv_path.to_string()),
             Request::BuildPaths { targets, mode } => {
                 write_derived_paths(out, dir, n, targets);
                 if n.at_least(15) {
@@ -1232,6 +1248,12 @@ impl Request {
                 repair: r.read_bool()?,
                 dont_check_sigs: r.read_bool()?,
             },
+            Op::AddBuildLog => {
+                let base = r.read_string("AddBuildLog.drvPath")?;
+                Request::AddBuildLog {
+                    drv_path: StorePath::from_base_name_field(&base, "AddBuildLog.drvPath")?,
+                }
+            }
             Op::BuildPaths => {
                 let targets = read_derived_paths(r, dir, n, "BuildPaths.targets")?;
                 let mode = if n.at_least(15) {

@@ -814,6 +814,40 @@ impl WorkerSession {
         self.conn.end(r)
     }
 
+    /// `AddBuildLog` (1.32+, trusted clients only): stores `log` as the whole build log of
+    /// `drv_path` in the daemon's store, where `nix log` finds it. A failure poisons the
+    /// session whatever it was: the daemon refuses an untrusted client before it reads the
+    /// frames we already sent (src/libstore/daemon.cc), so the stream is out of step.
+    pub async fn add_build_log(
+        &mut self,
+        drv_path: &StorePath,
+        log: &[u8],
+        logs: LogFn<'_>,
+    ) -> Result<(), SessionError> {
+        const DURING: &str = "worker AddBuildLog";
+        self.check(Op::AddBuildLog)?;
+        self.conn.begin()?;
+        Request::AddBuildLog {
+            drv_path: drv_path.clone(),
+        }
+        .write(&mut self.conn.wbuf, &self.dir, &self.neg);
+        let header = self.conn.wbuf.split();
+        let r = async {
+            self.framed_upload(header, DURING, logs, Payload::Bytes(log))
+                .await?;
+            self.conn
+                .read_with(DURING, Patience::Transfer, |r| {
+                    worker::read_ack(r, "AddBuildLog")
+                })
+                .await
+        }
+        .await;
+        if r.is_err() {
+            self.conn.poison();
+        }
+        self.conn.end(r)
+    }
+
     /// Sends `header`, then `payload` as a framed stream, while concurrently running the
     /// stderr loop.
     async fn framed_upload(
@@ -839,6 +873,7 @@ impl WorkerSession {
             let produced = match payload {
                 Payload::Single(up) => copy_sized(&mut *up.nar, up.info.nar_size, &mut sink).await,
                 Payload::Multiple(uploads) => write_multiple(uploads, &dir, &mut sink).await,
+                Payload::Bytes(bytes) => sink.push(bytes).await,
             };
             let stopped = matches!(produced, Err(SessionError::RemoteStopped));
             // Whatever happened, end the framed stream: the daemon drains frames up to the
@@ -916,6 +951,8 @@ enum Payload<'a, 'b> {
     Single(&'a mut Upload<'b>),
     /// Several paths with their metadata (`AddMultipleToStore`).
     Multiple(&'a mut [Upload<'b>]),
+    /// Bytes in memory (`AddBuildLog`).
+    Bytes(&'a [u8]),
 }
 
 /// The inner stream of `AddMultipleToStore`: a count, then per path its metadata and NAR.

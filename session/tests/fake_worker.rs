@@ -1757,3 +1757,69 @@ async fn pipelined_query_path_infos_of_many_paths_do_not_deadlock() {
     assert_eq!(infos.len(), 2500);
     finish(s, h).await;
 }
+
+/// `AddBuildLog`: op 45, the `.drv`'s base name, the log as a framed stream, `u64 1`. A
+/// refusal poisons the session (a real daemon refuses an untrusted client before it reads
+/// the frames, so the byte stream is out of step); before 1.32 nothing is sent.
+#[tokio::test]
+async fn add_build_log_frames_the_log_and_a_refusal_poisons_the_session() {
+    let (drv_path, _, _) = drv();
+    let log = b"line one\nline two\n".repeat(10_000);
+
+    let (mut s, h) = connect(WorkerFake::new(v(34)), &no_options()).await;
+    s.add_build_log(&drv_path, &log, &mut |_| {})
+        .await
+        .expect("stored");
+    assert!(s.is_usable());
+    let rep = finish(s, h).await;
+    assert_eq!(
+        rep.requests,
+        [worker::Request::AddBuildLog {
+            drv_path: drv_path.clone()
+        }]
+    );
+    assert_eq!(
+        rep.request_bytes[0],
+        wire(&[W::N(45), W::S(&drv_path.to_string())])
+    );
+    assert_eq!(rep.uploads[0].data_bytes, log.len() as u64);
+    assert!(rep.uploads[0].terminated);
+
+    let mut fake = WorkerFake::new(v(34));
+    let refusal = wire(&[
+        W::N(ERROR),
+        W::S("Error"),
+        W::N(0),
+        W::S("Error"),
+        W::S("error: you are not privileged to add logs"),
+        W::N(0),
+        W::N(0),
+    ]);
+    let mut once = Some(refusal);
+    fake.script = Some(Box::new(move |req, _| match req {
+        worker::Request::AddBuildLog { .. } => once.take(),
+        _ => None,
+    }));
+    let (mut s, h) = connect(fake, &no_options()).await;
+    let e = s
+        .add_build_log(&drv_path, b"x\n", &mut |_| {})
+        .await
+        .expect_err("refused");
+    assert!(matches!(e, SessionError::Remote(_)), "{e:?}");
+    assert!(
+        !s.is_usable(),
+        "a refused AddBuildLog leaves the stream out of step"
+    );
+    drop(s);
+    let _ = h.await;
+
+    let (mut s, h) = connect(WorkerFake::new(v(31)), &no_options()).await;
+    let e = s
+        .add_build_log(&drv_path, b"x\n", &mut |_| {})
+        .await
+        .expect_err("too old");
+    assert!(matches!(e, SessionError::Unsupported(_)), "{e:?}");
+    assert!(s.is_usable());
+    let rep = finish(s, h).await;
+    assert!(rep.requests.is_empty());
+}

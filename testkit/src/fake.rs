@@ -204,6 +204,8 @@ pub struct FakeStore {
     pub temp_roots: BTreeSet<StorePath>,
     /// The last `SetOptions` received.
     pub options: Option<worker::ClientOptions>,
+    /// Build logs added (`AddBuildLog`), by derivation.
+    pub build_logs: BTreeMap<StorePath, Vec<u8>>,
 }
 
 impl FakeStore {
@@ -523,6 +525,12 @@ impl WorkerFake {
                     received = Some(parse_multiple(&data, self.limits));
                 }
             }
+            R::AddBuildLog { drv_path } => {
+                let (seen, data) = self.read_framed(io, v, fault.as_ref()).await?;
+                upload_failed = seen.failed;
+                rep.uploads.push(seen);
+                self.store.build_logs.insert(drv_path.clone(), data);
+            }
             _ => {}
         }
         if upload_failed {
@@ -574,6 +582,7 @@ impl WorkerFake {
                     });
                     res.write(&mut body, &d, neg.result_layout());
                 }
+                R::AddBuildLog { .. } => body.put_word(1),
                 R::AddSignatures { path, sigs } => match self.store.paths.get_mut(path) {
                     Some((info, _)) => {
                         info.sigs.extend(sigs.iter().cloned());
