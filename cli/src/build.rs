@@ -49,6 +49,22 @@ impl Ui {
         }
     }
 
+    /// On a terminal, one status line for a running build: what, where, for how long, and
+    /// its last log line.
+    pub(crate) fn running(&self, what: &str) -> Option<ProgressBar> {
+        self.multi.as_ref().map(|m| {
+            let bar = m.add(ProgressBar::new_spinner());
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {prefix} [{elapsed}] {wide_msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            bar.set_prefix(what.to_owned());
+            bar.set_message("connecting");
+            bar.enable_steady_tick(Duration::from_millis(250));
+            bar
+        })
+    }
+
     /// A byte progress bar (terminal) or a callback printing a line per finished path.
     pub(crate) fn transfer(&self, what: &str) -> (Option<ProgressBar>, nixmux::ops::ProgressFn) {
         match &self.multi {
@@ -410,14 +426,20 @@ async fn build_one(
     ui.line(&format!("building {} on {name}", job.drv));
     let t = Instant::now();
     let (logs, mut stream) = log_channel(4096);
+    let short = job.drv.name().trim_end_matches(".drv").to_owned();
+    let status = ui.running(&format!("{short} on {name}"));
     let writer = {
         let multi = ui.multi.clone();
-        let short = job.drv.name().trim_end_matches(".drv").to_owned();
+        let short = short.clone();
         let path = log_path.clone();
+        let status = status.clone();
         tokio::spawn(async move {
             let mut file = std::fs::File::create(&path).ok();
             while let Some(ev) = stream.recv().await {
                 if let LogEvent::Line { text, .. } = ev {
+                    if let Some(bar) = &status {
+                        bar.set_message(text.clone());
+                    }
                     if let Some(f) = &mut file {
                         use std::io::Write;
                         let _ = writeln!(f, "{text}");
@@ -439,6 +461,9 @@ async fn build_one(
     };
     let result = async {
         let mut lease = b.lease().await?;
+        if let Some(bar) = &status {
+            bar.set_message("building");
+        }
         let (bar, progress) = ui.transfer(&format!("inputs of {} to {name}", job.drv.name()));
         let outcome = lease
             .build(local, &job.drv, options, &logs, Some(progress))
@@ -466,6 +491,9 @@ async fn build_one(
     .await;
     drop(logs);
     let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+    if let Some(bar) = status {
+        bar.finish_and_clear();
+    }
     match result {
         Err(e) => {
             ui.line(&format!("error building {} on {name}: {e}", job.drv));
