@@ -153,6 +153,11 @@ impl Env {
         Ok(env)
     }
 
+    /// The embedded rig, if the builders are its.
+    pub fn rig(&self) -> Option<&Rig> {
+        self.rig.as_deref()
+    }
+
     /// Whether the builders are the embedded rig's.
     pub fn embedded(&self) -> bool {
         self.rig.is_some()

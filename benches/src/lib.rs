@@ -29,6 +29,7 @@
 
 pub mod agent_sides;
 pub mod env;
+pub mod graph;
 pub mod peers;
 pub use nixmux_rig::relay;
 pub mod render;

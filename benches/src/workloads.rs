@@ -40,14 +40,16 @@ pub const ALL: &[&str] = &[
     "agent-connect",
     "push-1gib",
     "push-real",
+    "graph",
 ];
 
 /// What `nixmux bench` runs without `--workload`.
 pub fn default_workloads(wan: bool) -> Vec<String> {
     ALL.iter()
         .filter(|w| {
-            // On demand only: push-1gib (long) and push-real (reads system files).
-            let on_demand = ["push-1gib", "push-real"].contains(w);
+            // On demand only: push-1gib (long), push-real (reads system files) and graph
+            // (minutes of builds).
+            let on_demand = ["push-1gib", "push-real", "graph"].contains(w);
             !(on_demand || wan && **w == "push-large")
         })
         .map(|w| (*w).to_owned())
@@ -735,6 +737,43 @@ async fn spec(
                 notes: Vec::new(),
             }
         }
+        "graph" => {
+            let shape = crate::graph::Shape::from_env(plan.quick)?;
+            let farm = env.builder_count();
+            let reps = plan.reps((0, 3), (0, 1), (0, 1));
+            let mut case = plan.case(
+                &format!("{} derivations", shape.builds()),
+                Some(shape.builds() as f64),
+                crate::graph::sides(env, farm, shape, Duration::from_secs(1800)),
+                reps,
+            );
+            // Nix's side takes minutes at the default size.
+            case.timeout = Duration::from_secs(1800);
+            let ideal = |n: usize| shape.ideal(n).as_secs_f64();
+            Spec {
+                title: format!(
+                    "Derivation graph across the farm: {} builds, {farm} builders × {} slots",
+                    shape.builds(),
+                    shape.max_jobs
+                ),
+                description: format!(
+                    "A fresh graph per sample (salted), instantiated in the client store before the clock starts: {} leaves, {} middle derivations each needing an equal share of the leaves, one top needing every middle one. Each build sleeps {} ms (a build waiting on its builder; the builders share this machine's cores), reads its inputs and writes one line naming the builder that ran it. nixmux: a new Pool per sample (connecting is timed), the scheduling of `nixmux build --machines`: read every .drv, start a derivation when its inputs are built on the builder `Pool::select` picks (max-jobs {} each), `Builder::build` then `fetch_outputs`, at most builders × max-jobs at once; on 1 builder and on all {farm}. Nix: `nix-build -j0 --builders @machines --no-out-link top.drv` in the client's private store, the same ssh:// builders and max-jobs: its build hook starts a process, an `ssh` connection and a remote `nix-store --serve --write` per build. Every side's outputs are then checked valid in the client store (timed, the same for all). Shape: `{}=LEAVES,MIDS,MAX_JOBS,SLEEP_MS`.",
+                    shape.leaves,
+                    shape.mids,
+                    shape.sleep_ms,
+                    shape.max_jobs,
+                    crate::graph::SHAPE_VAR,
+                ),
+                primary: Figure::Wall,
+                cases: vec![case],
+                notes: vec![format!(
+                    "Shortest possible time (level by level, no cost per build): {:.2} s on 1 builder, {:.2} s on {farm}: at best {:.2}× faster with {farm}.",
+                    ideal(1),
+                    ideal(farm),
+                    ideal(1) / ideal(farm).max(1e-9)
+                )],
+            }
+        }
         other => {
             return Err(anyhow!(
                 "unknown workload {other:?}; known: {}",
@@ -744,7 +783,7 @@ async fn spec(
     })
 }
 
-/// The goals of issues 4, 5 and 6 that `result` speaks to.
+/// The goals of issues 4, 5, 6, 9, 10, 11 and 12 that `result` speaks to.
 pub fn goals(result: &WorkloadResult, wan: Option<WanSettings>) -> Vec<Goal> {
     let med = |case: &CaseResult, id: &str, f: Figure| {
         case.side(id).and_then(|s| s.figure(f)).map(|s| s.median)
@@ -996,6 +1035,42 @@ pub fn goals(result: &WorkloadResult, wan: Option<WanSettings>) -> Vec<Goal> {
                     &secs,
                 );
             }
+        }
+        "graph" if lan => {
+            let one = med(case, "nixmux-1", Figure::Wall);
+            let four = med(case, "nixmux-4", Figure::Wall);
+            let nix = med(case, "nix-build-4", Figure::Wall);
+            let builds = case.param.unwrap_or(0.0);
+            goal(
+                "graph: nixmux on 4 builders ≥ 3× faster than on 1 (same graph)",
+                "#12",
+                one.zip(four).map(|(a, b)| a / b),
+                &|x| x >= 3.0,
+                &|x| {
+                    format!(
+                        "{x:.2}× ({:.2} s vs {:.2} s; {:.1} vs {:.1} builds/s)",
+                        one.unwrap_or(0.0),
+                        four.unwrap_or(0.0),
+                        builds / one.unwrap_or(f64::INFINITY),
+                        builds / four.unwrap_or(f64::INFINITY)
+                    )
+                },
+            );
+            goal(
+                "graph: nixmux on 4 builders ≥ 10× faster than `nix-build -j0 --builders` on the same 4",
+                "#12",
+                nix.zip(four).map(|(a, b)| a / b),
+                &|x| x >= 10.0,
+                &|x| {
+                    format!(
+                        "{x:.2}× ({:.2} s vs {:.2} s; {:.1} vs {:.1} builds/s)",
+                        nix.unwrap_or(0.0),
+                        four.unwrap_or(0.0),
+                        builds / nix.unwrap_or(f64::INFINITY),
+                        builds / four.unwrap_or(f64::INFINITY)
+                    )
+                },
+            );
         }
         _ => {}
     }
