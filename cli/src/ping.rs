@@ -153,6 +153,9 @@ pub(crate) fn render_table(reports: &[PingReport], out: &mut impl Write) -> std:
                 fmt_ms(Some(max))
             )?;
         }
+        if let Some(bulk) = &r.bulk_compression {
+            writeln!(out, "  bulk transfers: {bulk}")?;
+        }
         if let Some(f) = &r.failure {
             writeln!(out, "  FAILED at {} ({}): {}", f.stage, f.kind, f.message)?;
             if let Some(h) = &f.hint {

@@ -85,6 +85,8 @@ pub struct BuilderConfig {
     pub worker: WorkerConfig,
     /// Scheduling metadata.
     pub machine: MachineInfo,
+    /// zstd for bulk transfers (`bulk-compression`; see `crate::bulk`).
+    pub bulk: crate::bulk::BulkSettings,
 }
 
 impl BuilderConfig {
@@ -124,6 +126,7 @@ impl BuilderConfig {
             operation_deadline: None,
             worker: WorkerConfig::default(),
             machine: MachineInfo::default(),
+            bulk: crate::bulk::BulkSettings::default(),
         }
     }
 }
@@ -136,6 +139,8 @@ pub(crate) struct BuilderInner {
     build_slots: Option<Arc<Semaphore>>,
     builds_running: AtomicU64,
     builds_waiting: AtomicU64,
+    /// zstd probe and bulk-transfer counters.
+    pub(crate) bulk: crate::bulk::BulkState,
 }
 
 /// A build slot, held while a build runs; counts the build as running.
@@ -184,6 +189,7 @@ impl Builder {
                 build_slots,
                 builds_running: AtomicU64::new(0),
                 builds_waiting: AtomicU64::new(0),
+                bulk: crate::bulk::BulkState::default(),
             }),
         }
     }

@@ -53,6 +53,7 @@
 //! * [`error`]: one error type with kind, initiator and retryability.
 
 pub mod builder;
+pub mod bulk;
 pub mod config;
 mod connections;
 mod conversation;

@@ -476,7 +476,16 @@ impl Lease {
         let all: BTreeSet<StorePath> = closure.iter().map(|i| i.path.clone()).collect();
         let present = self.query_protected(&all, substitute).await?;
         let (missing, report) = plan_transfer(closure, &present);
-        if !missing.is_empty() {
+        if !missing.is_empty()
+            && !crate::bulk::push(
+                &self.builder,
+                &mut self.session,
+                local,
+                &missing,
+                progress.clone(),
+            )
+            .await?
+        {
             self.upload(local, &missing, progress).await?;
         }
         Ok(report)
@@ -558,7 +567,16 @@ impl Lease {
         let all: BTreeSet<StorePath> = closure.iter().map(|i| i.path.clone()).collect();
         let present = local.query_valid_paths(&all).await?;
         let (missing, report) = plan_transfer(closure, &present);
-        if missing.is_empty() {
+        if missing.is_empty()
+            || crate::bulk::fetch(
+                &self.builder,
+                &mut self.session,
+                local,
+                &missing,
+                progress.clone(),
+            )
+            .await?
+        {
             return Ok(report);
         }
         let Pipes {

@@ -139,6 +139,10 @@ pub struct PingReport {
     pub trust: TrustReport,
     /// Round-trip latency of a protocol request on the warm session: min / median / max ms.
     pub rtt_ms: Option<[f64; 3]>,
+    /// Whether the builder has `zstd` (`command -v`); `None` when it could not be asked.
+    pub zstd: Option<bool>,
+    /// What bulk transfers would use and why (`bulk-compression`, see `nixmux::bulk`).
+    pub bulk_compression: Option<String>,
     /// The failure, if any.
     pub failure: Option<PingFailure>,
     /// The full error, for programs that want its kind (not serialised).
@@ -196,6 +200,8 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
         session_path_reason: None,
         trust: TrustReport::Unknown,
         rtt_ms: None,
+        zstd: None,
+        bulk_compression: None,
         failure: None,
         error_kind: None,
     };
@@ -338,8 +344,14 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
         rtts.sort_by(f64::total_cmp);
         report.rtt_ms = Some([rtts[0], rtts[rtts.len() / 2], rtts[rtts.len() - 1]]);
     }
-    report.ok = true;
+    let rtt = rtts
+        .first()
+        .map(|ms| Duration::from_secs_f64(ms / 1e3));
     drop(session);
+    let (zstd, bulk) = crate::bulk::ping_report(config, &ssh, info.trusted, rtt).await;
+    report.zstd = zstd;
+    report.bulk_compression = Some(bulk);
+    report.ok = true;
     ssh.disconnect().await;
     report
 }
