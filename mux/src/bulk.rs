@@ -232,8 +232,22 @@ pub async fn zstd_speed() -> f64 {
 /// Words from a small vocabulary with numbers: compresses about like source code and logs.
 fn sample_data(len: usize) -> Vec<u8> {
     const WORDS: [&str; 16] = [
-        "store", "path", "derivation", "output", "the", "nix", "build", "/lib/", "0x1f",
-        "return", "struct", "{\n", "}\n", "include", "error", "  ",
+        "store",
+        "path",
+        "derivation",
+        "output",
+        "the",
+        "nix",
+        "build",
+        "/lib/",
+        "0x1f",
+        "return",
+        "struct",
+        "{\n",
+        "}\n",
+        "include",
+        "error",
+        "  ",
     ];
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut out = Vec::with_capacity(len + 16);
@@ -650,7 +664,7 @@ async fn send_push(
             Ok(Ok(n)) => n,
             Ok(Err(e)) => {
                 return Err(
-                    remote_failure(&format!("reading acknowledgements: {e}"), "").on(&name)
+                    remote_failure(&format!("reading acknowledgements: {e}"), "").on(&name),
                 );
             }
             Err(_) => {
@@ -693,7 +707,9 @@ async fn send_push(
         let _ = tokio::time::timeout(Duration::from_secs(5), status.exit()).await;
         let tail = status.stderr_tail_lossy();
         let path = &infos[acked].path;
-        return Err(remote_failure(&format!("importing {path} from the zstd stream"), &tail).on(&name));
+        return Err(
+            remote_failure(&format!("importing {path} from the zstd stream"), &tail).on(&name),
+        );
     }
     Ok(sink.compressed)
 }
@@ -753,7 +769,10 @@ impl Stall {
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
             if self.waiting.load(Ordering::Relaxed)
-                && self.now_ms().saturating_sub(self.since_ms.load(Ordering::Relaxed)) >= idle_ms
+                && self
+                    .now_ms()
+                    .saturating_sub(self.since_ms.load(Ordering::Relaxed))
+                    >= idle_ms
             {
                 return;
             }
@@ -825,11 +844,7 @@ impl<W: AsyncWrite + Unpin> ZstdSink<W> {
     }
 
     /// Runs `step` (flush or finish) until zstd has nothing more to emit, writing as it goes.
-    fn poll_emit(
-        &mut self,
-        cx: &mut Context<'_>,
-        finish: bool,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_emit(&mut self, cx: &mut Context<'_>, finish: bool) -> Poll<std::io::Result<()>> {
         loop {
             if self.poll_drain(cx)?.is_pending() {
                 return Poll::Pending;
@@ -1089,7 +1104,10 @@ impl Splitter<'_> {
             let used = fed.map_err(|e| {
                 Error::remote(
                     ErrorKind::Verification,
-                    format!("the NAR of {} in the zstd stream is corrupt: {e}", info.path),
+                    format!(
+                        "the NAR of {} in the zstd stream is corrupt: {e}",
+                        info.path
+                    ),
                 )
                 .on(self.name)
             })?;

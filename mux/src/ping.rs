@@ -344,9 +344,7 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
         rtts.sort_by(f64::total_cmp);
         report.rtt_ms = Some([rtts[0], rtts[rtts.len() / 2], rtts[rtts.len() - 1]]);
     }
-    let rtt = rtts
-        .first()
-        .map(|ms| Duration::from_secs_f64(ms / 1e3));
+    let rtt = rtts.first().map(|ms| Duration::from_secs_f64(ms / 1e3));
     drop(session);
     let (zstd, bulk) = crate::bulk::ping_report(config, &ssh, info.trusted, rtt).await;
     report.zstd = zstd;

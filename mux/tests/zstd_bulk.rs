@@ -157,7 +157,11 @@ async fn without_zstd_falls_back_silently_and_ping_says_so() {
     assert_eq!(stats.pushes, 0, "{stats:?}");
     assert_eq!(stats.fallbacks, 1, "{stats:?}");
     assert!(
-        stats.last_choice.as_deref().unwrap_or("").contains("no zstd"),
+        stats
+            .last_choice
+            .as_deref()
+            .unwrap_or("")
+            .contains("no zstd"),
         "{stats:?}"
     );
     pool.shutdown().await;
