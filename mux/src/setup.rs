@@ -51,6 +51,7 @@ impl BuilderConfig {
         let mut cfg = BuilderConfig::new(spec.name.clone(), spec.protocol, target);
         cfg.remote_command = spec.remote_command();
         (cfg.worker_route, cfg.daemon_socket) = spec.worker_route();
+        cfg.bulk.mode = spec.bulk_compression;
         cfg.machine = MachineInfo {
             systems: spec.systems.clone(),
             max_jobs: spec.max_jobs,

@@ -273,3 +273,23 @@ async fn auto_keeps_loopback_on_the_protocol() {
     );
     pool.shutdown().await;
 }
+
+#[test]
+fn the_store_url_parameter() {
+    use nixmux::config::BuilderSpec;
+    let spec = |s: &str| BuilderSpec::from_store_url(s, "x86_64-linux");
+    assert_eq!(
+        spec("ssh://b").expect("parses").bulk_compression,
+        BulkCompression::Auto
+    );
+    let s = spec("ssh-ng://b?bulk-compression=zstd").expect("parses");
+    assert_eq!(s.bulk_compression, BulkCompression::Zstd);
+    assert!(s.unknown_params.is_empty(), "{:?}", s.unknown_params);
+    assert_eq!(
+        spec("ssh://b?bulk-compression=no")
+            .expect("parses")
+            .bulk_compression,
+        BulkCompression::Off
+    );
+    assert!(spec("ssh://b?bulk-compression=xz").is_err());
+}

@@ -241,6 +241,9 @@ pub struct BuilderSpec {
     /// `auto` (default), `no` (always `nix-daemon --stdio`), `yes` (only the daemon's
     /// socket), or an absolute path (only the socket at that path). Worker protocol only.
     pub daemon_socket: DaemonSocketParam,
+    /// The `bulk-compression` parameter (nixmux's own): `auto` (default), `zstd` or `no`;
+    /// see [`crate::bulk`].
+    pub bulk_compression: crate::bulk::BulkCompression,
     /// The `max-connections` parameter as written (at least 1, as Nix clamps it); `None` when
     /// absent. Nix forces 1 on `ssh://` machines; see the module docs for why we do not.
     pub max_connections: Option<u32>,
@@ -703,6 +706,7 @@ fn build_spec(
         remote_store: None,
         compress: false,
         daemon_socket: DaemonSocketParam::Auto,
+        bulk_compression: crate::bulk::BulkCompression::Auto,
         max_connections: None,
         systems: fields.systems,
         max_jobs: fields.max_jobs,
@@ -762,6 +766,10 @@ fn build_spec(
                         ));
                     }
                 };
+            }
+            "bulk-compression" => {
+                spec.bulk_compression = crate::bulk::BulkCompression::parse(&v)
+                    .ok_or_else(|| bad_param(&k, &v, "expected auto, zstd or no"))?;
             }
             "max-connections" => {
                 // A Setting<int>; the connection pool uses max(1, value).
