@@ -170,6 +170,68 @@ pub enum MachineProblem {
     StoreUrl(StoreUrlProblem),
 }
 
+/// What is wrong in a TOML machines file (Lix >= 2.95's format; see [`super::machines`]).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TomlMachinesProblem {
+    /// The text is not TOML (and looks too much like TOML to be read as the legacy format).
+    #[error("TOML syntax error at column {column}: {message}")]
+    Syntax {
+        /// 1-based column (in characters).
+        column: usize,
+        /// The TOML parser's message.
+        message: String,
+    },
+    /// A key Lix does not know (Lix refuses unknown keys too).
+    #[error("unknown key (expected one of: {allowed})")]
+    UnknownKey {
+        /// The keys allowed at that place.
+        allowed: &'static str,
+    },
+    /// A value of the wrong TOML type.
+    #[error("expected {expected}, found {found}{hint}")]
+    WrongType {
+        /// What Lix wants there.
+        expected: &'static str,
+        /// The TOML type found (`string`, `integer`, `array`, ...).
+        found: &'static str,
+        /// A hint for a common mistake, starting with "; ", or empty.
+        hint: &'static str,
+    },
+    /// A non-empty document without a `machines` table.
+    #[error("no `machines` table (each machine is a table `[machines.NAME]`)")]
+    MissingMachines,
+    /// A machine without `uri`, or with an empty one.
+    #[error("`uri` must be present and non-empty")]
+    MissingUri,
+    /// A `version` other than 1.
+    #[error("version {0} is not supported (Lix 2.95 reads version 1 only)")]
+    UnsupportedVersion(String),
+    /// `jobs` outside 0..=u32::MAX.
+    #[error("`jobs` must be an integer from 0 to 4294967295, not {0}")]
+    BadJobs(String),
+    /// `speed-factor` negative, NaN or infinite.
+    #[error("`speed-factor` must be a finite number >= 0, not {0}")]
+    BadSpeedFactor(String),
+    /// `ssh-public-host-key` is not an OpenSSH public key line.
+    #[error(
+        "`ssh-public-host-key` {value:?} is not an OpenSSH public key line \
+         (`ssh-ed25519 AAAA... [comment]`, the host's .pub file): {reason}"
+    )]
+    BadHostKey {
+        /// The value as written.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Both `enable` and its alias `enabled`.
+    #[error("both `enable` and `enabled` are set")]
+    EnableTwice,
+    /// The `uri` of an SSH machine, or one of its parameters, is malformed.
+    #[error("{0}")]
+    Machine(MachineProblem),
+}
+
 /// Any configuration error.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -186,6 +248,17 @@ pub enum ConfigError {
         entry: String,
         /// What is wrong.
         problem: MachineProblem,
+    },
+    /// A TOML machines file (Lix >= 2.95's format) is malformed. `key` is the dotted key path
+    /// of the offending value (`machines.andesite.jobs`), when there is one.
+    #[error("{location}: TOML machines file (Lix format): {}{problem}", key_prefix(.key))]
+    MachinesToml {
+        /// The line of the offending key or value.
+        location: Location,
+        /// The key path.
+        key: Option<String>,
+        /// What is wrong.
+        problem: TomlMachinesProblem,
     },
     /// A builder given as a store URL alone (not in a machines file) is unusable.
     #[error("builder `{uri}`: {problem}")]
@@ -266,6 +339,13 @@ pub enum ConfigError {
     /// Neither the password database nor the environment says who we are.
     #[error("cannot determine the local user: {0}")]
     LocalUser(String),
+}
+
+fn key_prefix(key: &Option<String>) -> String {
+    match key {
+        Some(k) => format!("`{k}`: "),
+        None => String::new(),
+    }
 }
 
 fn at_prefix(location: &Option<Location>) -> String {

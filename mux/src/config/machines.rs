@@ -4,7 +4,48 @@
 //! `parseBuilderLine`, the `Machine` constructor and `Machine::openStore` /
 //! `completeStoreReference`).
 //!
-//! # Entries
+//! # Two formats, told apart by content
+//!
+//! Besides the legacy format below, Lix >= 2.95 reads a TOML machines file. The reference is
+//! Lix (lix-project/lix) at tag 2.95.3 (753944a1), `lix/libstore/machines.cc`
+//! (`machines_toml_parsing`) and `doc/manual/src/advanced-topics/distributed-builds.md`, and
+//! its Rust port on main (049cc4e1, `lix/lix-rs/src/machines.rs`), which reads the same files:
+//!
+//! ```toml
+//! version = 1                       # optional; 1 is the only version
+//!
+//! [machines.andesite]               # one table per machine; the key is its name
+//! uri = "ssh://nix@andesite"        # required, non-empty; taken as written (no `ssh://` added)
+//! system-types = ["x86_64-linux"]   # default: the local system
+//! ssh-key = "/root/.ssh/id_ed25519" # default: none ("" = none)
+//! jobs = 8                          # integer >= 0, default 1
+//! speed-factor = 2.5                # integer or float >= 0, default 1
+//! supported-features = ["kvm"]      # default: none
+//! mandatory-features = []           # default: none
+//! ssh-public-host-key = "ssh-ed25519 AAAA..."  # the .pub line itself, not base64
+//! enable = false                    # default true; a disabled machine is checked, then dropped
+//! ```
+//!
+//! Each key maps onto the legacy field of the same meaning, so both formats give the same
+//! [`BuilderSpec`]s except that a TOML machine's [`BuilderSpec::name`] is its table key. Lix
+//! refuses unknown keys, in a machine table (both versions) and at the top level (2.95; the
+//! Rust port ignores them there): so do we. Lix also accepts `enabled` for `enable` (Rust
+//! port). Where we differ: a `speed-factor` of 0 means 1, as in the legacy format (Lix's TOML
+//! reader keeps 0); NaN and infinities are refused; the host key of an SSH machine must be an
+//! OpenSSH public key line (Lix does not look at it); a `uri` without scheme such as
+//! `nix@host` is reported as a store nixmux skips, with a hint (Lix cannot open it either).
+//!
+//! Detection follows Lix: a text that parses as a non-empty TOML document is TOML, and then
+//! every problem in it is reported as a TOML problem with its dotted key and line. A text that
+//! does not parse as TOML is read in the legacy format, unless it looks like broken TOML (a
+//! file named `*.toml`, a `"`, or an entry `key = value`), in which case the TOML syntax error
+//! is reported. A text with only comments and blank lines has no machines in either format.
+//! Lix reads TOML only when the whole `builders` setting is TOML or a single `@file`; we
+//! decide for every text and every `@file` include on its own, so a TOML file included next
+//! to legacy entries works here (Lix rejects that setting). Includes inside a TOML file do not
+//! exist.
+//!
+//! # Entries (legacy format)
 //!
 //! * The text is split into lines at `\n`. On each line `#` starts a comment that runs to the
 //!   end of the line; what is left is split at `;` into entries, each trimmed of spaces, tabs,
@@ -76,6 +117,7 @@ use std::sync::Arc;
 
 use super::b64::nix_base64_decode;
 use super::error::{ConfigError, Location, MachineProblem, Origin, StoreUrlProblem};
+use super::machines_toml::{self, Detected};
 use super::store_url::{StoreKind, StoreUrl, effective_store_uri, shell_escape, store_kind};
 use crate::{DEFAULT_DAEMON_SOCKET, Protocol, WorkerRoute};
 
@@ -213,7 +255,9 @@ fn looks_like_algorithm(s: &str) -> bool {
 /// One SSH builder: everything a machines line or a store URL says about it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BuilderSpec {
-    /// Field 1 as written (`nix@host`, `ssh-ng://host?remote-store=...`).
+    /// Field 1 as written (`nix@host`, `ssh-ng://host?remote-store=...`); for a machine of a
+    /// TOML machines file, its table key (`andesite` for `[machines.andesite]`), which Lix
+    /// uses as the machine's name too.
     pub name: String,
     /// The store URI Nix uses: `name` with `ssh://` prepended where Nix prepends it. Nix keys
     /// its per-machine slot locks by this string.
@@ -388,7 +432,7 @@ pub enum DaemonSocketParam {
 /// path, an HTTP cache, ...). Nix would build there; nixmux skips it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NotSshBuilder {
-    /// Field 1 as written.
+    /// Field 1 as written (a TOML machine's table key).
     pub name: String,
     /// What kind of store it is, for messages ("the local Nix daemon (daemon)", ...).
     pub kind: String,
@@ -434,29 +478,40 @@ impl Machines {
     }
 }
 
-/// Parses a `builders` setting value (or any machines text): entries separated by newlines or
-/// `;`, `@file` includes, comments. `origin` names the text in error messages (use
-/// [`Origin::File`] when it is a file's content). `local_system` is field 2's default.
+/// Parses a `builders` setting value (or any machines text): a Lix TOML document, or legacy
+/// entries separated by newlines or `;` with `@file` includes and comments (each included
+/// file again in either format; see the module docs on detection). `origin` names the text in
+/// error messages (use [`Origin::File`] when it is a file's content). `local_system` is the
+/// default system type.
 pub fn parse_builders(
     text: &str,
     origin: Origin,
     local_system: &str,
 ) -> Result<Machines, ConfigError> {
     let mut machines = Machines::default();
+    let origin = Arc::new(origin);
+    let named_toml = machines_toml::origin_named_toml(&origin);
+    if let Detected::Toml(table) = machines_toml::detect(text, &origin, named_toml)? {
+        machines.entries = machines_toml::parse(text, &table, &origin, local_system)?;
+        return Ok(machines);
+    }
     let mut raw = Vec::new();
     let mut stack = Vec::new();
-    if let Origin::File(p) = &origin {
+    if let Origin::File(p) = &*origin {
         stack.push(fs::canonicalize(p).unwrap_or_else(|_| p.clone()));
     }
-    expand(
-        text,
-        &Arc::new(origin),
-        &mut stack,
-        &mut raw,
-        &mut machines.missing_includes,
-    )?;
+    let mut ctx = Expansion {
+        local_system,
+        stack: &mut stack,
+        out: &mut raw,
+        missing: &mut machines.missing_includes,
+    };
+    expand(text, &origin, &mut ctx)?;
     for entry in raw {
-        machines.entries.push(parse_entry(&entry, local_system)?);
+        machines.entries.push(match entry {
+            Pending::Line(line) => parse_entry(&line, local_system)?,
+            Pending::Parsed(entry) => entry,
+        });
     }
     Ok(machines)
 }
@@ -482,14 +537,25 @@ struct RawEntry {
     location: Location,
 }
 
+/// An entry of the expanded text: a legacy line still to parse, or a machine of an included
+/// TOML file.
+#[allow(clippy::large_enum_variant)] // short-lived, a few per file (as `MachineEntry`)
+enum Pending {
+    Line(RawEntry),
+    Parsed(MachineEntry),
+}
+
+/// The state of one expansion: where entries and missing includes go, and the files being
+/// read (for loops).
+struct Expansion<'a> {
+    local_system: &'a str,
+    stack: &'a mut Vec<PathBuf>,
+    out: &'a mut Vec<Pending>,
+    missing: &'a mut Vec<(Location, PathBuf)>,
+}
+
 /// Nix's `expandBuilderLines` (>= 2.29 comment semantics), with locations.
-fn expand(
-    text: &str,
-    origin: &Arc<Origin>,
-    stack: &mut Vec<PathBuf>,
-    out: &mut Vec<RawEntry>,
-    missing: &mut Vec<(Location, PathBuf)>,
-) -> Result<(), ConfigError> {
+fn expand(text: &str, origin: &Arc<Origin>, ctx: &mut Expansion<'_>) -> Result<(), ConfigError> {
     for (i, line) in text.split('\n').enumerate() {
         let line = line.split('#').next().unwrap_or_default();
         for entry in line.split(';') {
@@ -502,34 +568,22 @@ fn expand(
                 line: i + 1,
             };
             match entry.strip_prefix('@') {
-                Some(path) => include(
-                    Path::new(path.trim_matches(NIX_WS)),
-                    location,
-                    stack,
-                    out,
-                    missing,
-                )?,
-                None => out.push(RawEntry {
+                Some(path) => include(Path::new(path.trim_matches(NIX_WS)), location, ctx)?,
+                None => ctx.out.push(Pending::Line(RawEntry {
                     text: entry.to_owned(),
                     location,
-                }),
+                })),
             }
         }
     }
     Ok(())
 }
 
-fn include(
-    path: &Path,
-    location: Location,
-    stack: &mut Vec<PathBuf>,
-    out: &mut Vec<RawEntry>,
-    missing: &mut Vec<(Location, PathBuf)>,
-) -> Result<(), ConfigError> {
+fn include(path: &Path, location: Location, ctx: &mut Expansion<'_>) -> Result<(), ConfigError> {
     let bytes = match fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            missing.push((location, path.to_owned()));
+            ctx.missing.push((location, path.to_owned()));
             return Ok(());
         }
         Err(source) => {
@@ -541,39 +595,46 @@ fn include(
         }
     };
     let canonical = fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
-    if stack.contains(&canonical) {
+    if ctx.stack.contains(&canonical) {
         return Err(ConfigError::IncludeLoop {
             location,
             path: path.to_owned(),
         });
     }
-    if stack.len() > MAX_INCLUDE_DEPTH {
+    if ctx.stack.len() > MAX_INCLUDE_DEPTH {
         return Err(ConfigError::IncludeDepth {
             location,
             max: MAX_INCLUDE_DEPTH,
         });
     }
-    stack.push(canonical);
     let text = String::from_utf8_lossy(&bytes);
     let origin = Arc::new(Origin::File(path.to_owned()));
-    let result = expand(&text, &origin, stack, out, missing);
-    stack.pop();
+    if let Detected::Toml(table) =
+        machines_toml::detect(&text, &origin, machines_toml::named_toml(path))?
+    {
+        let entries = machines_toml::parse(&text, &table, &origin, ctx.local_system)?;
+        ctx.out.extend(entries.into_iter().map(Pending::Parsed));
+        return Ok(());
+    }
+    ctx.stack.push(canonical);
+    let result = expand(&text, &origin, ctx);
+    ctx.stack.pop();
     result
 }
 
-/// Fields 2-8 after validation.
-struct Fields {
-    systems: Vec<String>,
-    ssh_key: Option<String>,
-    max_jobs: u32,
-    speed_factor: f64,
-    supported: BTreeSet<String>,
-    mandatory: BTreeSet<String>,
-    host_key: Option<PinnedHostKey>,
+/// Fields 2-8 after validation (or the same values from a TOML machine table).
+pub(super) struct Fields {
+    pub(super) systems: Vec<String>,
+    pub(super) ssh_key: Option<String>,
+    pub(super) max_jobs: u32,
+    pub(super) speed_factor: f64,
+    pub(super) supported: BTreeSet<String>,
+    pub(super) mandatory: BTreeSet<String>,
+    pub(super) host_key: Option<PinnedHostKey>,
 }
 
 impl Fields {
-    fn defaults(local_system: &str) -> Fields {
+    pub(super) fn defaults(local_system: &str) -> Fields {
         Fields {
             systems: vec![local_system.to_owned()],
             ssh_key: None,
@@ -673,7 +734,7 @@ fn parse_speed_factor(s: &str) -> Result<f64, MachineProblem> {
 }
 
 /// Combines the URL's parameters with the machine's fields (fields win, see module docs).
-fn build_spec(
+pub(super) fn build_spec(
     name: &str,
     uri: &str,
     fields: Fields,

@@ -19,22 +19,26 @@
 //!
 //! The rules, and the Nix and OpenSSH sources they come from, are documented on each module:
 //! [`store_url`] (URL syntax, percent-decoding, shell escaping), [`machines`] (machines-file
-//! syntax, defaults, field-over-parameter precedence), [`nix_conf`] (where `builders` comes
-//! from), [`ssh_config`] (OpenSSH semantics), [`command_line`] (`NIX_SSHOPTS`) and
-//! [`resolve`] (how they combine).
+//! syntax, legacy and Lix's TOML, defaults, field-over-parameter precedence), [`nix_conf`]
+//! (where `builders` comes from), [`ssh_config`] (OpenSSH semantics), [`command_line`]
+//! (`NIX_SSHOPTS`) and [`resolve`] (how they combine).
 
 mod b64;
 pub mod command_line;
 pub mod error;
 pub mod local_env;
 pub mod machines;
+mod machines_toml;
 pub mod nix_conf;
 pub mod resolve;
 pub mod ssh_config;
 pub mod store_url;
 
 pub use command_line::SshCommandLine;
-pub use error::{ConfigError, Location, MachineProblem, Origin, StoreUrlError, StoreUrlProblem};
+pub use error::{
+    ConfigError, Location, MachineProblem, Origin, StoreUrlError, StoreUrlProblem,
+    TomlMachinesProblem,
+};
 pub use local_env::LocalEnv;
 pub use machines::{
     BuilderSpec, DaemonSocketParam, MachineEntry, Machines, NotSshBuilder, PinnedHostKey,
