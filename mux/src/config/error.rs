@@ -208,14 +208,14 @@ pub enum TomlMachinesProblem {
     #[error("version {0} is not supported (Lix 2.95 reads version 1 only)")]
     UnsupportedVersion(String),
     /// `jobs` outside 0..=u32::MAX.
-    #[error("`jobs` must be an integer from 0 to 4294967295, not {0}")]
+    #[error("must be an integer from 0 to 4294967295, not {0}")]
     BadJobs(String),
     /// `speed-factor` negative, NaN or infinite.
-    #[error("`speed-factor` must be a finite number >= 0, not {0}")]
+    #[error("must be a finite number >= 0, not {0}")]
     BadSpeedFactor(String),
     /// `ssh-public-host-key` is not an OpenSSH public key line.
     #[error(
-        "`ssh-public-host-key` {value:?} is not an OpenSSH public key line \
+        "{value:?} is not an OpenSSH public key line \
          (`ssh-ed25519 AAAA... [comment]`, the host's .pub file): {reason}"
     )]
     BadHostKey {
