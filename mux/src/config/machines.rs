@@ -33,7 +33,8 @@
 //! port). Where we differ: a `speed-factor` of 0 means 1, as in the legacy format (Lix's TOML
 //! reader keeps 0); NaN and infinities are refused; the host key of an SSH machine must be an
 //! OpenSSH public key line (Lix does not look at it); a `uri` without scheme such as
-//! `nix@host` is reported as a store nixmux skips, with a hint (Lix cannot open it either).
+//! `nix@host` is reported as a store nixmux skips, with a hint (Lix cannot open it either);
+//! a missing `@file.toml` is skipped like any missing include (Lix's Rust port fails).
 //!
 //! Detection follows Lix: a text that parses as a non-empty TOML document is TOML, and then
 //! every problem in it is reported as a TOML problem with its dotted key and line. A text that
