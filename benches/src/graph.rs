@@ -579,9 +579,21 @@ pub struct NixGraph {
     machines: Option<PathBuf>,
     fixture: Option<Fixture>,
     record: Record,
+    /// `--option build-poll-interval N` (`None`: Nix's default, 5 s).
+    poll_interval: Option<u32>,
 }
 
 impl NixGraph {
+    /// The same side with `build-poll-interval` set: how long Nix waits before offering a
+    /// derivation the hook postponed (every slot busy) again. Nix's default is 5 s
+    /// (`pollInterval`, src/libstore/globals.hh); with 0, postponed derivations are offered
+    /// again whenever any build makes progress (`Worker::waitForInput`,
+    /// src/libstore/build/worker.cc), which takes the wait out and leaves the cost per build.
+    pub fn with_poll_interval(mut self, seconds: u32) -> Self {
+        self.poll_interval = Some(seconds);
+        self
+    }
+
     /// A side on builders `0..builders`.
     pub fn new(
         env: EnvRef,
@@ -599,21 +611,38 @@ impl NixGraph {
             machines: None,
             fixture: None,
             record: Record::default(),
+            poll_interval: None,
         }
     }
 }
 
 impl Side for NixGraph {
     fn id(&self) -> String {
-        format!("nix-build-{}", self.builders)
+        match self.poll_interval {
+            None => format!("nix-build-{}", self.builders),
+            Some(p) => format!("nix-build-{}-poll{p}", self.builders),
+        }
     }
     fn label(&self) -> String {
         format!(
-            "nix-build -j0 --builders @machines ({}://, {} builder(s) × {} slots)",
+            "nix-build -j0 --builders @machines ({}://, {} builder(s) × {} slots){}",
             self.protocol.scheme(),
             self.builders,
-            self.shape.max_jobs
+            self.shape.max_jobs,
+            match self.poll_interval {
+                None => String::new(),
+                Some(p) => format!(
+                    " --option build-poll-interval {p} (yardstick: Nix without its wait for a free slot)"
+                ),
+            }
         )
+    }
+    fn role(&self) -> Role {
+        if self.poll_interval.is_some() {
+            Role::Reference
+        } else {
+            Role::Baseline
+        }
     }
     fn unavailable(&self) -> Option<String> {
         if self.env.rig().is_none() {
@@ -663,14 +692,21 @@ impl Side for NixGraph {
                 .clone()
                 .ok_or_else(|| anyhow!("not prepared"))?;
             let machines = self.machines.clone().ok_or_else(|| anyhow!("not set up"))?;
-            let args: Vec<OsString> = vec![
+            let mut args: Vec<OsString> = vec![
                 // No local builds: every derivation goes through the build hook.
                 "-j0".into(),
                 "--builders".into(),
                 format!("@{}", machines.display()).into(),
                 "--no-out-link".into(),
-                fixture.top.to_absolute(&StoreDir::default()).into(),
             ];
+            if let Some(p) = self.poll_interval {
+                args.extend([
+                    "--option".into(),
+                    "build-poll-interval".into(),
+                    p.to_string().into(),
+                ]);
+            }
+            args.push(fixture.top.to_absolute(&StoreDir::default()).into());
             let mut cmd = self.env.nix_command("nix-build", args)?;
             let out = run_output(&mut cmd, self.timeout).await?;
             let printed = String::from_utf8_lossy(&out).trim().to_owned();
@@ -712,6 +748,9 @@ pub fn sides(
         shape,
         timeout,
     )));
+    v.push(Box::new(
+        NixGraph::new(env.clone(), farm, protocol, shape, timeout).with_poll_interval(0),
+    ));
     v
 }
 

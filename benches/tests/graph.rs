@@ -27,7 +27,7 @@ async fn a_tiny_graph_is_built_by_every_side() {
     let table = nixmux_benches::render::table(&report);
     let w = report.workload("graph").expect("graph workload");
     let case = &w.cases[0];
-    for id in ["nixmux-2", "nixmux-1", "nix-build-2"] {
+    for id in ["nixmux-2", "nixmux-1", "nix-build-2", "nix-build-2-poll0"] {
         let s = case.side(id).unwrap_or_else(|| panic!("{id} in {table}"));
         assert_eq!(
             s.outcome,
