@@ -161,6 +161,7 @@ pub struct BulkStats {
 #[derive(Debug, Default)]
 pub(crate) struct BulkState {
     probe: Mutex<Option<(Instant, bool)>>,
+    rtt: Mutex<Option<(Instant, Duration)>>,
     stats: Mutex<BulkStats>,
 }
 
@@ -410,24 +411,48 @@ async fn decide(
             "the builder does not trust this user (importing unsigned paths needs trust)".into(),
         ));
     }
-    match builder_has_zstd(builder).await? {
-        None => return Ok((false, "no free channel for the bulk transfer".into())),
-        Some(false) => return Ok((false, "the builder has no zstd".into())),
-        Some(true) => {}
-    }
-    if config.bulk.mode == BulkCompression::Zstd {
-        return Ok((true, "forced (bulk-compression=zstd)".into()));
-    }
-    let rtt = measure_rtt(builder, session).await?;
-    let window = match dir {
-        Direction::Push => SSHD_WINDOW,
-        Direction::Fetch => u64::from(config.target.transport.window_size),
+    // The link first: on a fast link `auto` decides without starting anything remote.
+    let why = if config.bulk.mode == BulkCompression::Zstd {
+        "forced (bulk-compression=zstd)".to_owned()
+    } else {
+        let rtt = measure_rtt(builder, session).await?;
+        let window = match dir {
+            Direction::Push => SSHD_WINDOW,
+            Direction::Fetch => u64::from(config.target.transport.window_size),
+        };
+        let (yes, why) = auto_choice(rtt, window, zstd_speed().await);
+        if !yes {
+            return Ok((false, why));
+        }
+        why
     };
-    Ok(auto_choice(rtt, window, zstd_speed().await))
+    match builder_has_zstd(builder).await? {
+        None => Ok((false, "no free channel for the bulk transfer".into())),
+        Some(false) => Ok((false, "the builder has no zstd".into())),
+        Some(true) => Ok((true, why)),
+    }
 }
 
-/// The smallest of three empty round trips on the lease's session.
+/// How long a measured round trip is reused for `auto` decisions.
+const RTT_TTL: Duration = Duration::from_secs(60);
+
+/// The builder's round trip: the smallest of three empty requests on the lease's session,
+/// remembered for a minute (so that a stream of transfers does not pay for it each time).
 async fn measure_rtt(builder: &Builder, session: &mut PooledSession) -> Result<Duration> {
+    if let Ok(r) = builder.inner.bulk.rtt.lock()
+        && let Some((at, rtt)) = *r
+        && at.elapsed() < RTT_TTL
+    {
+        return Ok(rtt);
+    }
+    let best = measure_rtt_now(builder, session).await?;
+    if let Ok(mut r) = builder.inner.bulk.rtt.lock() {
+        *r = Some((Instant::now(), best));
+    }
+    Ok(best)
+}
+
+async fn measure_rtt_now(builder: &Builder, session: &mut PooledSession) -> Result<Duration> {
     let empty = BTreeSet::new();
     let mut best = Duration::MAX;
     for _ in 0..3 {
