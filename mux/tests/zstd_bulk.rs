@@ -293,3 +293,37 @@ fn the_store_url_parameter() {
     );
     assert!(spec("ssh://b?bulk-compression=xz").is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_chooses_zstd_across_a_slow_link() {
+    use nixmux_rig::relay::{Link, Relay};
+    let rig = rig(RigConfig::with_builders(1));
+    // 50 ms: one 2 MiB window per round trip is at most 42 MB/s, far below zstd.
+    let relay = Relay::start(rig.builder(0).addr(), Link::new(50.0, 100.0))
+        .await
+        .expect("relay");
+    let mut cfg = common::relayed_config(&rig, 0, Protocol::Worker, &relay);
+    cfg.bulk.mode = BulkCompression::Auto;
+    let report = nixmux::ping::ping(&cfg, 3).await;
+    assert!(report.ok, "{report:?}");
+    let bulk = report.bulk_compression.clone().unwrap_or_default();
+    assert!(bulk.starts_with("zstd for transfers"), "{bulk}");
+
+    let pool = Pool::new();
+    let b = pool.add(cfg);
+    let local = local_store(&rig);
+    let p = text_path(rig.client_store(), "auto-wan", 5 << 20);
+    b.push_closure(&local, &[p.clone()].into(), false, None)
+        .await
+        .expect("push");
+    let builder = rig.builder(0).store();
+    verify(builder, &p);
+    assert_eq!(nar_hash(builder, &p), nar_hash(rig.client_store(), &p));
+    let stats = b.bulk_stats();
+    assert_eq!(stats.pushes, 1, "{stats:?}");
+    assert!(
+        stats.compressed_bytes * 4 < stats.nar_bytes,
+        "text compresses: {stats:?}"
+    );
+    pool.shutdown().await;
+}
