@@ -61,7 +61,7 @@ use nixmux_proto::serve::{self, Request};
 use nixmux_proto::store_path::StorePath;
 use nixmux_proto::wire::WireReader;
 use nixmux_session::Upload;
-use nixmux_transport::{ExecChannel, ExecOptions};
+use nixmux_transport::{ChannelObserver, ExecChannel, ExecOptions};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use zstd::stream::raw::{Decoder, Encoder, InBuffer, Operation, OutBuffer};
@@ -309,7 +309,7 @@ async fn builder_has_zstd(builder: &Builder) -> Result<Option<bool>> {
     }
     let program = &builder.config().bulk.zstd_program;
     let idle = builder.config().session.idle_timeout;
-    let Some(channel) = open_exec(builder, &probe_command(program)).await? else {
+    let Some(channel) = open_exec(builder, &probe_command(program), None).await? else {
         return Ok(None);
     };
     let has = probe_on(channel, idle).await;
@@ -352,13 +352,17 @@ async fn probe_on(mut channel: ExecChannel, idle: Duration) -> bool {
 /// Opens an exec channel on the builder's pooled connection if one has a free slot right now
 /// (never waiting: the caller holds a session of the same builder, and waiting for a second
 /// slot while holding one could deadlock against other such callers).
-async fn open_exec(builder: &Builder, command: &str) -> Result<Option<ExecChannel>> {
+async fn open_exec(
+    builder: &Builder,
+    command: &str,
+    observer: Option<Arc<dyn ChannelObserver>>,
+) -> Result<Option<ExecChannel>> {
     let set = &builder.inner.set;
     let Some(slot) = set.reserve_if_free() else {
         return Ok(None);
     };
     let mut options = ExecOptions::default();
-    options.observer = set.target.hooks.channel.clone();
+    options.observer = observer.or_else(|| set.target.hooks.channel.clone());
     match slot
         .open(command, options)
         .await
@@ -538,11 +542,16 @@ pub(crate) async fn push(
         "{} -d -q -c | {nix_store} --serve --write{store}",
         sh_quote(&config.bulk.zstd_program)
     );
-    let Some(channel) = open_exec(builder, &command).await? else {
+    let stall = Arc::new(Stall {
+        inner: builder.inner.set.target.hooks.channel.clone(),
+        ..Stall::default()
+    });
+    let observer: Arc<dyn ChannelObserver> = stall.clone();
+    let Some(channel) = open_exec(builder, &command, Some(observer)).await? else {
         builder.inner.bulk.update(|s| s.fallbacks += 1);
         return Ok(false);
     };
-    let compressed = send_push(builder, channel, local, infos, progress).await?;
+    let compressed = send_push(builder, channel, stall, local, infos, progress).await?;
     // The builder checked every NAR against the metadata we sent; this checks that what it
     // registered is what we have (and that nothing was skipped).
     let paths: BTreeSet<StorePath> = infos.iter().map(|i| i.path.clone()).collect();
@@ -594,6 +603,7 @@ pub(crate) async fn push(
 async fn send_push(
     builder: &Builder,
     channel: ExecChannel,
+    stalled: Arc<Stall>,
     local: &LocalStore,
     infos: &[PathInfo],
     progress: Option<ProgressFn>,
@@ -602,7 +612,6 @@ async fn send_push(
     let config = builder.config();
     let idle = config.session.idle_timeout;
     let (stdin, mut stdout, status) = channel.into_parts();
-    let stalled = Arc::new(Stall::default());
     let mut sink = ZstdSink::new(stdin, stalled.clone())
         .map_err(|e| Error::local(ErrorKind::LocalStore, format!("zstd: {e}")))?;
     let total_bytes: u64 = infos.iter().map(|i| i.nar_size).sum();
@@ -683,36 +692,41 @@ async fn send_push(
     // The hello and one `u64 1` per path, then EOF when nix-store has seen ours.
     let expect = 16 + 8 * infos.len();
     let mut out = Vec::with_capacity(expect);
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = match tokio::time::timeout(idle, stdout.read(&mut buf)).await {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => {
-                return Err(
-                    remote_failure(&format!("reading acknowledgements: {e}"), "").on(&name),
-                );
+    // What we sent may still be on its way (a window's worth, and the last NAR's import):
+    // the builder is silent only when nothing at all arrives on the channel.
+    stalled.set(true);
+    stalled.heard();
+    let read_acks = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stdout.read(&mut buf).await.map_err(|e| {
+                remote_failure(&format!("reading acknowledgements: {e}"), "").on(&name)
+            })?;
+            if n == 0 {
+                break;
             }
-            Err(_) => {
+            out.extend_from_slice(&buf[..n]);
+            if out.len() > expect {
                 return Err(Error::remote(
-                    ErrorKind::TimedOut,
-                    format!("the builder acknowledged nothing for {idle:?} after the zstd push"),
+                    ErrorKind::Protocol,
+                    "the builder's nix-store --serve answered more than the zstd push asked for",
                 )
                 .on(&name));
             }
-        };
-        if n == 0 {
-            break;
+            if out.len() == expect {
+                break;
+            }
         }
-        out.extend_from_slice(&buf[..n]);
-        if out.len() > expect {
+        Ok::<(), Error>(())
+    };
+    tokio::select! {
+        r = read_acks => r?,
+        () = stalled.watch(idle) => {
             return Err(Error::remote(
-                ErrorKind::Protocol,
-                "the builder's nix-store --serve answered more than the zstd push asked for",
+                ErrorKind::TimedOut,
+                format!("the builder was silent for {idle:?} after the zstd push"),
             )
             .on(&name));
-        }
-        if out.len() == expect {
-            break;
         }
     }
     let limits = nixmux_proto::Limits::DEFAULT;
@@ -767,12 +781,35 @@ fn remote_failure(what: &str, stderr: &str) -> Error {
     Error::remote(kind, msg)
 }
 
-/// Tells the idle watchdog whether the sink is waiting on the builder, and since when.
+/// Tells the idle watchdog whether we are waiting on the builder, and since when it last
+/// showed life. It observes the bulk channel: anything the server sends on it (a window
+/// adjustment while we upload, stderr, stdout) is progress, as for protocol sessions.
 #[derive(Default)]
 struct Stall {
     waiting: AtomicBool,
     since_ms: AtomicU64,
     start: OnceLock<Instant>,
+    /// The builder's channel observer (stage hooks), told everything too.
+    inner: Option<Arc<dyn ChannelObserver>>,
+}
+
+impl ChannelObserver for Stall {
+    fn opened(&self) {
+        if let Some(i) = &self.inner {
+            i.opened();
+        }
+    }
+    fn exec_accepted(&self) {
+        if let Some(i) = &self.inner {
+            i.exec_accepted();
+        }
+    }
+    fn heard(&self) {
+        self.since_ms.store(self.now_ms(), Ordering::Relaxed);
+        if let Some(i) = &self.inner {
+            i.heard();
+        }
+    }
 }
 
 impl Stall {
@@ -788,7 +825,7 @@ impl Stall {
         self.waiting.store(waiting, Ordering::Relaxed);
     }
 
-    /// Resolves once the sink has waited on the builder for `idle` without progress.
+    /// Resolves once we have waited on the builder for `idle` without hearing from it.
     async fn watch(&self, idle: Duration) {
         let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
         loop {
@@ -963,7 +1000,7 @@ pub(crate) async fn fetch(
         "{nix_store} --serve{store} | {} -q -c -{LEVEL}",
         sh_quote(&config.bulk.zstd_program)
     );
-    let Some(channel) = open_exec(builder, &command).await? else {
+    let Some(channel) = open_exec(builder, &command, None).await? else {
         builder.inner.bulk.update(|s| s.fallbacks += 1);
         return Ok(false);
     };
