@@ -326,6 +326,9 @@ pub struct NixmuxGraph {
     build_time: Duration,
     fetch_time: Duration,
     counted: u32,
+    /// Take the session before the build slot, as `nixmux build` does (see
+    /// [`NixmuxGraph::lease_first`]).
+    lease_first: bool,
 }
 
 impl NixmuxGraph {
@@ -342,7 +345,20 @@ impl NixmuxGraph {
             build_time: Duration::ZERO,
             fetch_time: Duration::ZERO,
             counted: 0,
+            lease_first: false,
         }
+    }
+
+    /// The same side in the order of `nixmux build` (cli/src/build.rs): `Pool::select`, then
+    /// `Builder::lease`, then `Lease::build` and `Lease::fetch_outputs`. A build counts
+    /// against its builder's load only once it waits for a build slot, which `Lease::build`
+    /// does after the session is acquired; jobs started together (the first wave, while the
+    /// pool still connects) all see equal loads and pick the same builder. The default order
+    /// (`Builder::build`, which takes the slot in the poll that selected the builder, then
+    /// `Builder::fetch_outputs`) shows the difference.
+    pub fn lease_first(mut self) -> Self {
+        self.lease_first = true;
+        self
     }
 }
 
@@ -392,18 +408,31 @@ async fn plan(env: &EnvRef, top: &StorePath) -> anyhow::Result<Vec<Job>> {
 
 impl Side for NixmuxGraph {
     fn id(&self) -> String {
-        format!("nixmux-{}", self.builders)
+        if self.lease_first {
+            format!("nixmux-{}-lease-first", self.builders)
+        } else {
+            format!("nixmux-{}", self.builders)
+        }
     }
     fn label(&self) -> String {
         format!(
-            "nixmux {}: the graph on {} builder(s) × {} slots (select, build, fetch_outputs), cold pool",
+            "nixmux {}: the graph on {} builder(s) × {} slots ({}), cold pool",
             self.protocol.scheme(),
             self.builders,
-            self.shape.max_jobs
+            self.shape.max_jobs,
+            if self.lease_first {
+                "yardstick: select, lease, build, fetch on the lease, as `nixmux build` orders them"
+            } else {
+                "select, build, fetch_outputs"
+            }
         )
     }
     fn role(&self) -> Role {
-        Role::Subject
+        if self.lease_first {
+            Role::Reference
+        } else {
+            Role::Subject
+        }
     }
     fn unavailable(&self) -> Option<String> {
         if self.env.rig().is_none() {
@@ -441,6 +470,7 @@ impl Side for NixmuxGraph {
             let pool = self.pool.clone().ok_or_else(|| anyhow!("not prepared"))?;
             let local = self.env.local().ok_or_else(|| anyhow!("no local store"))?;
             let mut pending = plan(&self.env, &fixture.top).await?;
+            let planned = t0.elapsed();
             if pending.len() != self.shape.builds() {
                 bail!(
                     "{} derivations to build, not {}",
@@ -463,30 +493,41 @@ impl Side for NixmuxGraph {
                     };
                     let job = pending.swap_remove(i);
                     let (pool, local, logs) = (pool.clone(), local.clone(), logs.clone());
+                    let lease_first = self.lease_first;
                     running.spawn(async move {
                         let t = Instant::now();
-                        // Selecting and then starting the build in the same poll: the build
-                        // counts against its builder's load before the next job selects.
                         let b = pool.select(&job.system, &job.features)?;
-                        let o = b
-                            .build(&local, &job.drv, &BuildOptions::default(), &logs)
-                            .await?;
-                        if o.result.status != BuildStatus::Built {
-                            bail!(
-                                "{}: {:?}: {}",
-                                job.drv,
-                                o.result.status,
-                                o.log_tail.join(" | ")
-                            );
+                        let options = BuildOptions::default();
+                        let outputs = |o: &nixmux::ops::BuildOutcome| -> anyhow::Result<_> {
+                            if o.result.status != BuildStatus::Built {
+                                bail!(
+                                    "{}: {:?}: {}",
+                                    job.drv,
+                                    o.result.status,
+                                    o.log_tail.join(" | ")
+                                );
+                            }
+                            Ok(o.result
+                                .built_outputs
+                                .values()
+                                .map(|x| x.path.clone())
+                                .collect::<BTreeSet<StorePath>>())
+                        };
+                        let built;
+                        if lease_first {
+                            let mut lease = b.lease().await?;
+                            let o = lease.build(&local, &job.drv, &options, &logs, None).await?;
+                            let outs = outputs(&o)?;
+                            built = t.elapsed();
+                            lease.fetch_outputs(&local, &outs, None).await?;
+                        } else {
+                            // Selecting and starting the build in the same poll: the build
+                            // counts against its builder's load before the next job selects.
+                            let o = b.build(&local, &job.drv, &options, &logs).await?;
+                            let outs = outputs(&o)?;
+                            built = t.elapsed();
+                            b.fetch_outputs(&local, &outs, None).await?;
                         }
-                        let built = t.elapsed();
-                        let outs: BTreeSet<StorePath> = o
-                            .result
-                            .built_outputs
-                            .values()
-                            .map(|x| x.path.clone())
-                            .collect();
-                        b.fetch_outputs(&local, &outs, None).await?;
                         Ok::<_, anyhow::Error>((job.drv, built, t.elapsed() - built))
                     });
                 }
@@ -517,8 +558,17 @@ impl Side for NixmuxGraph {
             if !pending.is_empty() {
                 bail!("{} derivations never became ready", pending.len());
             }
+            let built = t0.elapsed();
             let by = check(&self.env, &fixture).await?;
             self.record.add(t0.elapsed(), &by);
+            self.record.extra.insert(
+                "plan_s_last".into(),
+                format!("{:.3}", planned.as_secs_f64()),
+            );
+            self.record.extra.insert(
+                "check_s_last".into(),
+                format!("{:.3}", (t0.elapsed() - built).as_secs_f64()),
+            );
             Ok(Sample {
                 ops,
                 ..Sample::one()
@@ -740,6 +790,9 @@ pub fn sides(
     ))];
     if farm > 1 {
         v.push(Box::new(NixmuxGraph::new(env.clone(), 1, protocol, shape)));
+        v.push(Box::new(
+            NixmuxGraph::new(env.clone(), farm, protocol, shape).lease_first(),
+        ));
     }
     v.push(Box::new(NixGraph::new(
         env.clone(),
