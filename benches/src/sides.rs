@@ -247,6 +247,7 @@ pub struct NixmuxWarm {
     paths: BTreeSet<StorePath>,
     batch: usize,
     pool: Option<(Pool, Builder)>,
+    round_trips_per_op: Option<f64>,
 }
 
 impl NixmuxWarm {
@@ -265,6 +266,7 @@ impl NixmuxWarm {
             paths,
             batch,
             pool: None,
+            round_trips_per_op: None,
         }
     }
 }
@@ -296,11 +298,14 @@ impl Side for NixmuxWarm {
         Box::pin(async move {
             let (_, b) = self.pool.as_ref().ok_or_else(|| anyhow!("not set up"))?;
             let mut s = Sample::one();
+            let before = b.stats().round_trips;
             for _ in 0..self.batch {
                 let t = Instant::now();
                 b.query_valid_paths(&self.paths, false).await?;
                 s.ops.push(t.elapsed());
             }
+            let per_op = (b.stats().round_trips - before) as f64 / self.batch.max(1) as f64;
+            self.round_trips_per_op = Some(per_op);
             Ok(s)
         })
     }
@@ -310,6 +315,11 @@ impl Side for NixmuxWarm {
                 p.shutdown().await;
             }
         })
+    }
+    fn details(&self) -> BTreeMap<String, String> {
+        self.round_trips_per_op
+            .map(|r| BTreeMap::from([("round_trips_per_op".to_owned(), format!("{r:.2}"))]))
+            .unwrap_or_default()
     }
 }
 
@@ -1271,7 +1281,18 @@ impl Side for NixmuxPush {
         Box::pin(async move {
             let (_, b) = self.pool.as_ref().ok_or_else(|| anyhow!("not prepared"))?;
             let local = self.env.local().ok_or_else(|| anyhow!("no local store"))?;
+            let before = b.stats().round_trips;
             let r = b.push_closure(&local, &self.roots, false, None).await?;
+            // Protocol round trips of this push (the handshake's too when cold): the figure
+            // that must not grow with the closure.
+            self.details.insert(
+                "round_trips_per_push".into(),
+                format!(
+                    "{} ({} paths)",
+                    b.stats().round_trips - before,
+                    r.transferred.len()
+                ),
+            );
             if r.transferred.len() != r.closure {
                 bail!(
                     "pushed {} of {} paths: the builder store was not empty",

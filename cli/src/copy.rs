@@ -40,6 +40,9 @@ struct Report<'a> {
     transferred: Vec<String>,
     bytes: u64,
     seconds: f64,
+    /// Protocol round trips with the builder, handshake included: a fixed few, whatever
+    /// the number of paths.
+    round_trips: u64,
     error: Option<String>,
 }
 
@@ -72,6 +75,7 @@ pub(crate) async fn run(args: CopyArgs, builder: BuilderConfig) -> anyhow::Resul
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
+    let round_trips = b.stats().round_trips;
     pool.shutdown().await;
     let seconds = started.elapsed().as_secs_f64();
     let (code, report) = match &result {
@@ -86,6 +90,7 @@ pub(crate) async fn run(args: CopyArgs, builder: BuilderConfig) -> anyhow::Resul
                 transferred: r.transferred.iter().map(|p| p.to_absolute(&dir)).collect(),
                 bytes: r.bytes,
                 seconds,
+                round_trips,
                 error: None,
             },
         ),
@@ -100,6 +105,7 @@ pub(crate) async fn run(args: CopyArgs, builder: BuilderConfig) -> anyhow::Resul
                 transferred: Vec::new(),
                 bytes: 0,
                 seconds,
+                round_trips,
                 error: Some(e.to_string()),
             },
         ),

@@ -1,6 +1,7 @@
 //! `nixmux copy --to` and `--from` through the real binary, each run inside a client store of
 //! its own, against a rig builder: a 200-path closure goes there and back over both
-//! protocols, and arrives valid (`nix-store --verify-path`).
+//! protocols, and arrives valid (`nix-store --verify-path`), in a fixed few protocol round
+//! trips whatever the number of paths.
 
 use std::process::Output;
 
@@ -79,6 +80,8 @@ fn a_200_path_closure_goes_there_and_back_over_both_protocols() {
         assert_eq!(r["direction"], "to");
         assert_eq!(r["closure"], 200, "{r}");
         assert_eq!(r["transferred"].as_array().map(Vec::len), Some(200), "{r}");
+        // A fixed few round trips for 200 paths (handshake included), not one per path.
+        assert!(r["round_trips"].as_u64().is_some_and(|n| n <= 6), "{r}");
         verify(
             rig.builder(0).store(),
             &paths,
@@ -95,6 +98,7 @@ fn a_200_path_closure_goes_there_and_back_over_both_protocols() {
         assert_eq!(out.status.code(), Some(0), "{r}");
         assert_eq!(r["direction"], "from");
         assert_eq!(r["transferred"].as_array().map(Vec::len), Some(200), "{r}");
+        assert!(r["round_trips"].as_u64().is_some_and(|n| n <= 6), "{r}");
         verify(&dest, &paths, "fetched paths locally");
     }
 

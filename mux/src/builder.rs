@@ -245,6 +245,7 @@ impl Builder {
             builds_running: self.inner.builds_running.load(Ordering::Relaxed),
             builds_waiting: self.inner.builds_waiting.load(Ordering::Relaxed),
             build_slots: self.inner.config.machine.max_jobs,
+            round_trips: p.round_trips.count(),
         }
     }
 

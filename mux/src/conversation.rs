@@ -19,7 +19,7 @@ use nixmux_proto::derived_path::{DerivedPath, OutputsSpec};
 use nixmux_proto::path_info::PathInfo;
 use nixmux_proto::store_path::StorePath;
 use nixmux_proto::worker::{BuildMode, Trust};
-use nixmux_session::{NarSummary, ServeSession, SessionError, Upload, WorkerSession};
+use nixmux_session::{NarSummary, NarsError, ServeSession, SessionError, Upload, WorkerSession};
 use nixmux_transport::ExecStatus;
 use tokio::io::AsyncWrite;
 
@@ -134,15 +134,20 @@ impl Conversation {
         }
     }
 
-    /// Streams the NAR of `path` into `sink`.
-    pub(crate) async fn nar(
+    /// Streams the NAR of each of `paths` into its sink, pipelined (a fixed number of round
+    /// trips whatever the number of paths); `after` checks each before the next.
+    pub(crate) async fn nars<W, E>(
         &mut self,
-        path: &StorePath,
-        sink: &mut (dyn AsyncWrite + Unpin + Send),
-    ) -> Result<NarSummary, SessionError> {
+        paths: &[StorePath],
+        sinks: &mut [W],
+        after: impl FnMut(usize, NarSummary) -> Result<(), E> + Send,
+    ) -> Result<(), NarsError<E>>
+    where
+        W: AsyncWrite + Unpin + Send,
+    {
         match self {
-            Conversation::Serve(s) => s.dump_store_path(path, sink).await,
-            Conversation::Worker(w) => w.nar_from_path(path, sink, &mut |_| {}).await,
+            Conversation::Serve(s) => s.dump_store_paths(paths, sinks, after).await,
+            Conversation::Worker(w) => w.nars_from_paths(paths, sinks, after).await,
         }
     }
 

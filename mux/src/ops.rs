@@ -11,7 +11,7 @@ use nixmux_proto::build_result::BuildResult;
 use nixmux_proto::derivation::Derivation;
 use nixmux_proto::path_info::PathInfo;
 use nixmux_proto::store_path::StorePath;
-use nixmux_session::{SessionError, Upload};
+use nixmux_session::{NarSummary, NarsError, SessionError, Upload};
 use tokio::io::{AsyncRead, AsyncWriteExt, DuplexStream, ReadBuf};
 
 pub use crate::options::BuildOptions;
@@ -588,13 +588,12 @@ impl Lease {
         let name = self.builder.name().to_owned();
         let remote = &mut self.session;
         let producer = async {
-            for (info, mut w) in missing.iter().zip(writers) {
-                let sum = remote
-                    .get()
-                    .conv
-                    .nar(&info.path, &mut w)
-                    .await
-                    .map_err(|e| from_session(e).on(&name))?;
+            // All requested at once (pipelined): a fixed number of round trips for the
+            // whole closure. Each NAR is checked against the builder's metadata on arrival.
+            let paths: Vec<StorePath> = missing.iter().map(|i| i.path.clone()).collect();
+            let mut writers = writers;
+            let check = |i: usize, sum: NarSummary| {
+                let info = &missing[i];
                 if sum.nar_hash != info.nar_hash || sum.nar_size != info.nar_size {
                     return Err(Error::remote(
                         ErrorKind::Verification,
@@ -609,10 +608,14 @@ impl Lease {
                     )
                     .on(&name));
                 }
-                let _ = w.shutdown().await;
                 done.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            };
+            match remote.get().conv.nars(&paths, &mut writers, check).await {
+                Ok(()) => Ok::<(), Error>(()),
+                Err(NarsError::Session(e)) => Err(from_session(e).on(&name)),
+                Err(NarsError::Caller(e)) => Err(e),
             }
-            Ok::<(), Error>(())
         };
         let consumer = async {
             let mut uploads: Vec<Upload<'_>> = missing

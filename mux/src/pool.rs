@@ -62,6 +62,8 @@ pub(crate) struct PoolCounters {
     pub(crate) via_socket: AtomicU64,
     /// Channels to the daemon's socket the builder refused.
     pub(crate) socket_refusals: AtomicU64,
+    /// Round trips of every session of the builder (each session counts into it).
+    pub(crate) round_trips: nixmux_session::RoundTrips,
 }
 
 /// The sessions of one builder.
@@ -152,10 +154,12 @@ impl SessionPool {
     pub(crate) fn new(
         name: String,
         set: Arc<ConnectionSet>,
-        spec: SessionSpec,
+        mut spec: SessionSpec,
         settings: PoolSettings,
     ) -> Arc<Self> {
         let socket = SocketRoute::new(spec.route, spec.daemon_socket.clone());
+        let counters = PoolCounters::default();
+        spec.session.round_trips = Some(counters.round_trips.clone());
         let pool = Arc::new(SessionPool {
             socket,
             name,
@@ -165,7 +169,7 @@ impl SessionPool {
             settings,
             idle: Mutex::new(Vec::new()),
             returned: Notify::new(),
-            counters: PoolCounters::default(),
+            counters,
         });
         let weak = Arc::downgrade(&pool);
         let evict: Weak<dyn crate::connections::IdleEvict> = weak.clone();

@@ -101,6 +101,10 @@ pub struct BuilderStats {
     pub builds_waiting: u64,
     /// Build slots (`max_jobs`; 0: unlimited).
     pub build_slots: u32,
+    /// Round trips of this builder's protocol sessions so far: each wait for the builder's
+    /// answer after sending (pipelined requests answered together count once). Handshakes
+    /// count; channel opens and SSH's own exchanges do not.
+    pub round_trips: u64,
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -55,6 +56,40 @@ pub struct SessionConfig {
     /// cannot (an SSH window adjustment while we upload, the serve protocol's log on the
     /// channel's stderr) and touches it. `None`: a clock of its own.
     pub activity: Option<Activity>,
+    /// Where the session counts its round trips (shared, e.g. by every session of one
+    /// builder). `None`: a counter of its own.
+    pub round_trips: Option<RoundTrips>,
+}
+
+/// Round trips: how many times a session waited for its peer's answer to something it had
+/// sent, i.e. the first wait for bytes after a write. Pipelined requests answered together
+/// count once. Clones share the count.
+#[derive(Debug, Clone, Default)]
+pub struct RoundTrips(Arc<AtomicU64>);
+
+impl RoundTrips {
+    /// Round trips so far.
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One session's side of the count: whether it sent something since it last waited.
+struct TurnTaker<'a> {
+    sent: &'a AtomicBool,
+    round_trips: &'a RoundTrips,
+}
+
+impl TurnTaker<'_> {
+    fn waiting(&self) {
+        if self.sent.swap(false, Ordering::Relaxed) {
+            self.round_trips.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn sent(&self) {
+        self.sent.store(true, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for SessionConfig {
@@ -75,6 +110,7 @@ impl Default for SessionConfig {
             build_idle_timeout: None,
             diagnostics: None,
             activity: None,
+            round_trips: None,
         }
     }
 }
@@ -154,12 +190,16 @@ pub(crate) struct Conn {
     poisoned: bool,
     pub(crate) bytes_in: u64,
     pub(crate) bytes_out: u64,
+    /// Sent something since the last wait for the peer (see [`RoundTrips`]).
+    sent: AtomicBool,
+    round_trips: RoundTrips,
 }
 
 impl Conn {
     pub(crate) fn new(reader: BoxReader, writer: BoxWriter, config: SessionConfig) -> Self {
         let activity = config.activity.clone().unwrap_or_default();
         activity.touch();
+        let round_trips = config.round_trips.clone().unwrap_or_default();
         Conn {
             reader: Metered {
                 inner: reader,
@@ -177,7 +217,14 @@ impl Conn {
             poisoned: false,
             bytes_in: 0,
             bytes_out: 0,
+            sent: AtomicBool::new(false),
+            round_trips,
         }
+    }
+
+    /// Round trips counted so far (by this session, or by all sharing its counter).
+    pub(crate) fn round_trips(&self) -> u64 {
+        self.round_trips.count()
     }
 
     /// Whether the session can take another operation.
@@ -238,6 +285,7 @@ impl Conn {
         during: &'static str,
     ) -> Result<(), SessionError> {
         self.bytes_out += data.len() as u64;
+        self.sent.store(true, Ordering::Relaxed);
         let limit = self.config.idle_limit(Patience::Transfer);
         let written = within_idle(
             &self.activity,
@@ -250,11 +298,6 @@ impl Conn {
             Ok(()) => Ok(()),
             Err(e) => Err(io_error(self.config.diagnostics.clone(), during, e).await),
         }
-    }
-
-    /// Flushes the underlying writer.
-    pub(crate) async fn flush_writer(&mut self, during: &'static str) -> Result<(), SessionError> {
-        self.flush(during).await
     }
 
     /// Closes our sending side (EOF to the remote).
@@ -338,12 +381,20 @@ impl Conn {
                 config: &self.config,
                 activity: &self.activity,
                 bytes_in: &mut self.bytes_in,
+                turns: TurnTaker {
+                    sent: &self.sent,
+                    round_trips: &self.round_trips,
+                },
             },
             WriteHalf {
                 writer: &mut self.writer,
                 config: &self.config,
                 activity: &self.activity,
                 bytes_out: &mut self.bytes_out,
+                turns: TurnTaker {
+                    sent: &self.sent,
+                    round_trips: &self.round_trips,
+                },
             },
         )
     }
@@ -425,6 +476,7 @@ pub(crate) struct ReadHalf<'a> {
     config: &'a SessionConfig,
     activity: &'a Activity,
     bytes_in: &'a mut u64,
+    turns: TurnTaker<'a>,
 }
 
 impl ReadHalf<'_> {
@@ -456,6 +508,7 @@ impl ReadHalf<'_> {
         patience: Patience,
     ) -> Result<(), SessionError> {
         let target = self.rbuf.len() + min;
+        self.turns.waiting();
         let limit = self.config.idle_limit(patience);
         while self.rbuf.len() < target {
             self.rbuf.reserve(READ_CHUNK.max(target - self.rbuf.len()));
@@ -481,6 +534,7 @@ pub(crate) struct WriteHalf<'a> {
     config: &'a SessionConfig,
     activity: &'a Activity,
     bytes_out: &'a mut u64,
+    turns: TurnTaker<'a>,
 }
 
 impl WriteHalf<'_> {
@@ -491,6 +545,7 @@ impl WriteHalf<'_> {
         during: &'static str,
     ) -> Result<(), SessionError> {
         *self.bytes_out += data.len() as u64;
+        self.turns.sent();
         let limit = self.config.idle_limit(Patience::Transfer);
         let written = within_idle(
             self.activity,

@@ -27,7 +27,7 @@ mod serve;
 mod worker;
 
 pub use activity::{Activity, PauseGuard, within_idle};
-pub use conn::{BoxReader, BoxWriter, RemoteDiagnostics, SessionConfig};
+pub use conn::{BoxReader, BoxWriter, RemoteDiagnostics, RoundTrips, SessionConfig};
 pub use error::SessionError;
-pub use serve::{NarSummary, ServeSession, Upload};
+pub use serve::{NarSummary, NarsError, ServeSession, Upload};
 pub use worker::{LogFn, Opening, WorkerConfig, WorkerSession};

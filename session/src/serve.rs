@@ -6,6 +6,7 @@
 
 use std::collections::BTreeSet;
 
+use bytes::BytesMut;
 use nixmux_proto::build_result::BuildResult;
 use nixmux_proto::derivation::BasicDerivation;
 use nixmux_proto::derived_path::DerivedPath;
@@ -18,14 +19,9 @@ use nixmux_proto::{ProtoError, ProtocolVersion};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::activity::Patience;
-use crate::conn::{BoxReader, BoxWriter, Conn, SessionConfig};
+use crate::conn::{BoxReader, BoxWriter, Conn, SessionConfig, WRITE_CHUNK, read_upload_chunk};
 use crate::error::SessionError;
 use crate::worker::Opening;
-
-/// Most `AddToStoreNar` acknowledgements left unread while uploading: enough to hide the
-/// round trips, and 512 bytes at most, so they never fill the pipe back to us (see
-/// [`ServeSession::add_to_store_nars`]).
-const ACK_WINDOW: usize = 64;
 
 /// One NAR to upload: its metadata and a reader of exactly `info.nar_size` bytes.
 pub struct Upload<'a> {
@@ -43,6 +39,22 @@ pub struct NarSummary {
     /// SHA-256.
     pub nar_hash: Hash,
 }
+
+/// How a batch of pipelined NAR downloads ([`ServeSession::dump_store_paths`],
+/// `WorkerSession::nars_from_paths`) failed.
+#[derive(Debug)]
+pub enum NarsError<E> {
+    /// The session failed.
+    Session(SessionError),
+    /// The caller's check of one NAR refused it; the session is poisoned (replies to the
+    /// requests still in flight were not read).
+    Caller(E),
+}
+
+/// Most NAR requests in flight in a batch: a few tens of KiB of requests, so that writing
+/// them never blocks on a peer that is busy sending us a NAR we have not read yet. Topped
+/// up when half are answered, so the pipe stays full: one stall per batch, whatever its size.
+pub(crate) const NAR_WINDOW: usize = 256;
 
 /// An established serve session.
 pub struct ServeSession {
@@ -129,6 +141,12 @@ impl ServeSession {
     /// half-way).
     pub fn is_usable(&self) -> bool {
         self.conn.is_usable()
+    }
+
+    /// Round trips so far: waits for the peer's answer after sending (counted on the shared
+    /// counter of `SessionConfig::round_trips` when there is one).
+    pub fn round_trips(&self) -> u64 {
+        self.conn.round_trips()
     }
 
     /// Bytes received and sent so far.
@@ -273,11 +291,61 @@ impl ServeSession {
         self.conn.end(r)
     }
 
-    /// `AddToStoreNar` for several paths, pipelined: headers and NARs are sent without
-    /// waiting for the previous acknowledgements, which are read once 64 are outstanding and
-    /// at the end. The server handles commands strictly in order, so this saves one round
-    /// trip per path; bounding the unread acknowledgements keeps a server blocked on a full
-    /// pipe from deadlocking the upload. Paths must be given dependencies first.
+    /// `DumpStorePath` for each of `paths`, pipelined (see [`NAR_WINDOW`]): the NAR of
+    /// `paths[i]` is streamed into `sinks[i]`, which is then shut down, and `after(i, sum)`
+    /// checks it before the next is read. Every path must be valid on the server (an
+    /// invalid one kills it).
+    pub async fn dump_store_paths<W, E>(
+        &mut self,
+        paths: &[StorePath],
+        sinks: &mut [W],
+        mut after: impl FnMut(usize, NarSummary) -> Result<(), E> + Send,
+    ) -> Result<(), NarsError<E>>
+    where
+        W: AsyncWrite + Unpin + Send,
+    {
+        const DURING: &str = "serve DumpStorePath";
+        self.conn.begin().map_err(NarsError::Session)?;
+        let mut refused = None;
+        let r = async {
+            let mut sent = 0;
+            for (i, sink) in sinks.iter_mut().enumerate().take(paths.len()) {
+                if sent < paths.len() && sent - i <= NAR_WINDOW / 2 {
+                    let upto = paths.len().min(i + NAR_WINDOW);
+                    for p in &paths[sent..upto] {
+                        Request::DumpStorePath { path: p.clone() }.write(
+                            &mut self.conn.wbuf,
+                            &self.dir,
+                            self.version,
+                        );
+                    }
+                    sent = upto;
+                    self.conn.flush(DURING).await?;
+                }
+                let (nar_size, nar_hash) = self.conn.read_nar(sink, DURING).await?;
+                tokio::io::AsyncWriteExt::shutdown(sink)
+                    .await
+                    .map_err(SessionError::Sink)?;
+                if let Err(e) = after(i, NarSummary { nar_size, nar_hash }) {
+                    refused = Some(e);
+                    return Ok(());
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if refused.is_some() {
+            self.conn.poison();
+        }
+        self.conn.end(r).map_err(NarsError::Session)?;
+        refused.map_or(Ok(()), |e| Err(NarsError::Caller(e)))
+    }
+
+    /// `AddToStoreNar` for several paths, pipelined: headers and NARs are sent while the
+    /// acknowledgements are read, so the batch costs one round trip (the server handles
+    /// commands strictly in order; reading as we write keeps a server blocked on a full
+    /// pipe of acknowledgements from deadlocking the upload). Paths must be given
+    /// dependencies first.
     pub async fn add_to_store_nars(
         &mut self,
         uploads: &mut [Upload<'_>],
@@ -301,41 +369,47 @@ impl ServeSession {
                 },
             ));
         }
+        if uploads.iter().any(|up| up.info.nar_size == 0) {
+            return Err(SessionError::Source(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a NAR is never empty (narSize 0)",
+            )));
+        }
         let total = uploads.len();
-        let mut acked = 0;
-        for (sent, up) in uploads.iter_mut().enumerate() {
-            if up.info.nar_size == 0 {
-                return Err(SessionError::Source(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "a NAR is never empty (narSize 0)",
-                )));
+        let (dir, version) = (self.dir.clone(), self.version);
+        let (mut rh, mut wh) = self.conn.halves();
+        // Headers and NARs go out while the acknowledgements are read: the server handles
+        // commands strictly in order and never waits for us to read, so the whole batch
+        // costs one round trip.
+        let writer = async {
+            let mut header = BytesMut::new();
+            let mut buf = vec![0u8; WRITE_CHUNK];
+            for up in uploads.iter_mut() {
+                header.clear();
+                Request::AddToStoreNar {
+                    info: up.info.clone(),
+                }
+                .write(&mut header, &dir, version);
+                wh.send(&header, DURING).await?;
+                let mut left = up.info.nar_size;
+                while left > 0 {
+                    let chunk = read_upload_chunk(up.nar, &mut buf, left, wh.activity()).await?;
+                    wh.send(chunk, DURING).await?;
+                    left -= chunk.len() as u64;
+                }
             }
-            Request::AddToStoreNar {
-                info: up.info.clone(),
+            Ok(())
+        };
+        let reader = async {
+            for _ in 0..total {
+                rh.read(DURING, Patience::Transfer, |r| {
+                    serve::read_ack(r, "AddToStoreNar")
+                })
+                .await?;
             }
-            .write(&mut self.conn.wbuf, &self.dir, self.version);
-            self.conn.flush(DURING).await?;
-            let len = up.info.nar_size;
-            self.conn.copy_exact(up.nar, len, DURING).await?;
-            // Keep the acknowledgements waiting for us few: a server whose stdout pipe is
-            // full of them blocks writing, stops reading our NARs, and we block writing.
-            while sent + 1 - acked > ACK_WINDOW {
-                self.conn.flush_writer(DURING).await?;
-                self.read_ack(DURING).await?;
-                acked += 1;
-            }
-        }
-        self.conn.flush_writer(DURING).await?;
-        for _ in acked..total {
-            self.read_ack(DURING).await?;
-        }
-        Ok(())
-    }
-
-    async fn read_ack(&mut self, during: &'static str) -> Result<(), SessionError> {
-        self.conn
-            .read(during, |r| serve::read_ack(r, "AddToStoreNar"))
-            .await
+            Ok(())
+        };
+        tokio::try_join!(writer, reader).map(drop)
     }
 
     /// `ImportPaths`: one export stream carrying several paths (dependencies first). The

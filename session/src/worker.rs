@@ -28,7 +28,7 @@ use crate::conn::{
     BoxReader, BoxWriter, Conn, ReadHalf, SessionConfig, WRITE_CHUNK, read_upload_chunk,
 };
 use crate::error::SessionError;
-use crate::serve::{NarSummary, Upload};
+use crate::serve::{NAR_WINDOW, NarSummary, NarsError, Upload};
 
 /// A log callback. It is called from inside the protocol loop, so it must return quickly.
 pub type LogFn<'a> = &'a mut (dyn FnMut(LogEvent) + Send);
@@ -79,10 +79,6 @@ fn frame(out: &mut BytesMut, data: &[u8]) {
     worker::write_frame_header(out, data.len());
     out.extend_from_slice(data);
 }
-
-/// Most requests in flight in a pipelined batch (`query_path_infos`): a few KiB of requests,
-/// so our writes never block on a pipe the daemon has stopped reading.
-const PIPELINE_WINDOW: usize = 64;
 
 /// A request the session cannot send: nothing was sent, the session stays usable.
 fn unsupported(e: ProtoError) -> SessionError {
@@ -281,6 +277,12 @@ impl WorkerSession {
         self.conn.is_usable()
     }
 
+    /// Round trips so far: waits for the peer's answer after sending (counted on the shared
+    /// counter of `SessionConfig::round_trips` when there is one).
+    pub fn round_trips(&self) -> u64 {
+        self.conn.round_trips()
+    }
+
     /// Bytes received and sent so far.
     pub fn byte_counts(&self) -> (u64, u64) {
         (self.conn.bytes_in, self.conn.bytes_out)
@@ -448,12 +450,13 @@ impl WorkerSession {
         Ok(replies.into_iter().flatten().flatten().collect())
     }
 
-    /// One request per path, pipelined (at most [`PIPELINE_WINDOW`] in flight, topped up
-    /// when half are answered: a daemon whose replies fill the pipe back to us blocks writing
-    /// and stops reading, and we would block writing). Returns each path's reply, `None`
-    /// where the daemon answered with an error `ignore` accepts. Another error answers its
-    /// own request only: the others' replies are still read, so that the session stays in
-    /// step, and the first such error is returned at the end.
+    /// One request per path, all pipelined: the requests are written while the replies are
+    /// read, so the batch costs one round trip whatever its size (a daemon whose replies
+    /// fill the pipe back to us stops reading until we read, which we do concurrently).
+    /// Returns each path's reply, `None` where the daemon answered with an error `ignore`
+    /// accepts. Another error answers its own request only: the others' replies are still
+    /// read, so that the session stays in step, and the first such error is returned at the
+    /// end.
     #[allow(clippy::too_many_arguments)]
     async fn pipelined<T>(
         &mut self,
@@ -472,31 +475,22 @@ impl WorkerSession {
     ) -> Result<Vec<Option<T>>, SessionError> {
         self.check(op)?;
         self.conn.begin()?;
-        let r = async {
-            let paths: Vec<&StorePath> = paths.iter().collect();
+        let mut requests = BytesMut::new();
+        for p in paths {
+            request(p).write(&mut requests, &self.dir, &self.neg);
+        }
+        let (dir, neg) = (self.dir.clone(), self.neg.clone());
+        let v = neg.version;
+        let t = Patience::Transfer;
+        let (mut rh, mut wh) = self.conn.halves();
+        let writer = wh.send(&requests, during);
+        let reader = async {
             let mut out = Vec::with_capacity(paths.len());
             let mut first_error = None;
-            let v = self.neg.version;
-            let t = Patience::Transfer;
-            let mut sent = 0;
-            for (i, p) in paths.iter().copied().enumerate() {
-                if sent < paths.len() && sent - i <= PIPELINE_WINDOW / 2 {
-                    let upto = paths.len().min(i + PIPELINE_WINDOW);
-                    for q in &paths[sent..upto] {
-                        request(q).write(&mut self.conn.wbuf, &self.dir, &self.neg);
-                    }
-                    sent = sent.max(upto);
-                    self.conn.flush(during).await?;
-                }
-                let res = {
-                    let (mut rh, _) = self.conn.halves();
-                    stderr_loop(&mut rh, v, during, t, logs).await
-                };
-                match res {
+            for p in paths {
+                match stderr_loop(&mut rh, v, during, t, logs).await {
                     Ok(()) => {
-                        let dir = self.dir.clone();
-                        let neg = self.neg.clone();
-                        let reply = self.conn.read(during, |r| decode(r, &dir, &neg, p)).await?;
+                        let reply = rh.read(during, t, |r| decode(r, &dir, &neg, p)).await?;
                         out.push(Some(reply));
                     }
                     Err(SessionError::Remote(e)) if ignore(&e) => out.push(None),
@@ -511,8 +505,11 @@ impl WorkerSession {
                 Some(e) => Err(SessionError::Remote(e)),
                 None => Ok(out),
             }
-        }
-        .await;
+        };
+        // The first failure ends both sides (a reader stuck behind a failed write, or a
+        // writer blocked on a daemon whose replies nobody reads any more); either poisons
+        // the session, except an answered error, which comes after every write is done.
+        let r = tokio::try_join!(writer, reader).map(|((), out)| out);
         self.conn.end(r)
     }
 
@@ -759,6 +756,61 @@ impl WorkerSession {
         }
         .await;
         self.conn.end(r)
+    }
+
+    /// `NarFromPath` for each of `paths`, pipelined (see `NAR_WINDOW`): the NAR of
+    /// `paths[i]` is streamed into `sinks[i]`, which is then shut down, and `after(i, sum)`
+    /// checks it before the next is read.
+    pub async fn nars_from_paths<W, E>(
+        &mut self,
+        paths: &[StorePath],
+        sinks: &mut [W],
+        mut after: impl FnMut(usize, NarSummary) -> Result<(), E> + Send,
+    ) -> Result<(), NarsError<E>>
+    where
+        W: AsyncWrite + Unpin + Send,
+    {
+        const DURING: &str = "worker NarFromPath";
+        self.conn.begin().map_err(NarsError::Session)?;
+        let v = self.neg.version;
+        let t = Patience::Transfer;
+        let mut refused = None;
+        let r = async {
+            let mut sent = 0;
+            for (i, sink) in sinks.iter_mut().enumerate().take(paths.len()) {
+                if sent < paths.len() && sent - i <= NAR_WINDOW / 2 {
+                    let upto = paths.len().min(i + NAR_WINDOW);
+                    for p in &paths[sent..upto] {
+                        Request::NarFromPath { path: p.clone() }.write(
+                            &mut self.conn.wbuf,
+                            &self.dir,
+                            &self.neg,
+                        );
+                    }
+                    sent = upto;
+                    self.conn.flush(DURING).await?;
+                }
+                {
+                    let (mut rh, _) = self.conn.halves();
+                    stderr_loop(&mut rh, v, DURING, t, &mut |_| {}).await?;
+                }
+                let (nar_size, nar_hash) = self.conn.read_nar(sink, DURING).await?;
+                tokio::io::AsyncWriteExt::shutdown(sink)
+                    .await
+                    .map_err(SessionError::Sink)?;
+                if let Err(e) = after(i, NarSummary { nar_size, nar_hash }) {
+                    refused = Some(e);
+                    return Ok(());
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if refused.is_some() {
+            self.conn.poison();
+        }
+        self.conn.end(r).map_err(NarsError::Session)?;
+        refused.map_or(Ok(()), |e| Err(NarsError::Caller(e)))
     }
 
     /// `AddToStoreNar` for one path. From 1.23 the NAR is framed and the daemon's messages are

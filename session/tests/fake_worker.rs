@@ -1722,8 +1722,9 @@ async fn error_in_the_middle_of_a_pulled_upload() {
 }
 
 /// `query_path_infos` pipelines its requests. With thousands of paths, the replies fill the
-/// pipe back to us while we are still writing requests: the daemon blocks writing, stops
-/// reading, and we block writing. The pipeline must be bounded.
+/// pipe back to us while we are still writing requests: the daemon blocks writing and stops
+/// reading, so we must read while we write. And however many paths, the batch is one round
+/// trip (a bounded window would cost one per window).
 #[tokio::test]
 async fn pipelined_query_path_infos_of_many_paths_do_not_deadlock() {
     let mut fake = WorkerFake::new(v(34));
@@ -1750,11 +1751,19 @@ async fn pipelined_query_path_infos_of_many_paths_do_not_deadlock() {
     };
     let (s, h) = connect_with(fake, cfg, &no_options()).await;
     let mut s = s.expect("handshake");
+    let before = s.round_trips();
     let infos = s
         .query_path_infos(&paths, &mut |_| {})
         .await
         .expect("no deadlock");
     assert_eq!(infos.len(), 2500);
+    assert_eq!(s.round_trips() - before, 1, "one round trip for 5000 paths");
+    // Two requests one after the other: two round trips.
+    let one = BTreeSet::from([paths.iter().next().expect("a path").clone()]);
+    let before = s.round_trips();
+    s.query_path_infos(&one, &mut |_| {}).await.expect("one");
+    s.query_path_infos(&one, &mut |_| {}).await.expect("two");
+    assert_eq!(s.round_trips() - before, 2);
     finish(s, h).await;
 }
 
