@@ -1190,6 +1190,7 @@ pub struct NixmuxPush {
     roots: BTreeSet<StorePath>,
     warm: bool,
     compress: bool,
+    zstd: bool,
     pool: Option<(Pool, Builder)>,
     details: BTreeMap<String, String>,
 }
@@ -1198,6 +1199,14 @@ impl NixmuxPush {
     /// The same side with SSH zlib compression (`compress=true`).
     pub fn compressed(mut self) -> Self {
         self.compress = true;
+        self
+    }
+
+    /// The same side with the closure sent through the zstd bulk channel
+    /// (`bulk-compression=zstd`). Without it, a side never uses that channel, whatever the
+    /// link (`bulk-compression=no`), so that each side measures one path.
+    pub fn zstd(mut self) -> Self {
+        self.zstd = true;
         self
     }
 
@@ -1216,6 +1225,7 @@ impl NixmuxPush {
             roots,
             warm,
             compress: false,
+            zstd: false,
             pool: None,
             details: BTreeMap::new(),
         }
@@ -1224,7 +1234,9 @@ impl NixmuxPush {
 
 impl Side for NixmuxPush {
     fn id(&self) -> String {
-        if self.compress {
+        if self.zstd {
+            format!("nixmux-{}-zstd", scheme(self.protocol))
+        } else if self.compress {
             format!("nixmux-{}-zlib", scheme(self.protocol))
         } else if self.warm {
             format!("nixmux-{}", scheme(self.protocol))
@@ -1233,7 +1245,12 @@ impl Side for NixmuxPush {
         }
     }
     fn label(&self) -> String {
-        if self.compress {
+        if self.zstd {
+            format!(
+                "nixmux {}: push_closure over a warm pooled connection, zstd bulk channel",
+                scheme(self.protocol)
+            )
+        } else if self.compress {
             format!(
                 "nixmux {}: push_closure over a warm pooled connection, SSH zlib",
                 scheme(self.protocol)
@@ -1265,6 +1282,11 @@ impl Side for NixmuxPush {
             let pool = Pool::new();
             let mut config = self.env.nixmux_config(self.builder, self.protocol)?;
             config.target.transport.compression = self.compress;
+            config.bulk.mode = if self.zstd {
+                nixmux::bulk::BulkCompression::Zstd
+            } else {
+                nixmux::bulk::BulkCompression::Off
+            };
             let b = pool.add(config);
             if self.warm {
                 b.query_valid_paths(&BTreeSet::new(), false).await?;
