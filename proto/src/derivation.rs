@@ -136,6 +136,22 @@ impl Derivation {
 
     /// Prints the derivation exactly as Nix's `Derivation::unparse` does (without masking).
     pub fn to_aterm(&self, dir: &StoreDir) -> String {
+        self.to_aterm_with(dir, false, None)
+    }
+
+    /// `Derivation::unparse` with its two hashing options (NixOS/nix@2.8.0
+    /// `src/libstore/derivations.cc`), as `hashDerivationModulo` uses it:
+    ///
+    /// * `mask_outputs`: output paths, and environment variables named like an output, are
+    ///   printed as `""` (the derivation's own output paths cannot be inputs of their hash);
+    /// * `actual_inputs`: printed in place of the input derivations, keyed by what stands for
+    ///   each input (the base16 hash modulo of its outputs).
+    pub fn to_aterm_with(
+        &self,
+        dir: &StoreDir,
+        mask_outputs: bool,
+        actual_inputs: Option<&BTreeMap<String, BTreeSet<String>>>,
+    ) -> String {
         let mut s = String::with_capacity(4096);
         s.push_str("Derive([");
         for (i, (name, out)) in self.outputs.iter().enumerate() {
@@ -149,6 +165,7 @@ impl Derivation {
                 &mut s,
                 &out.path
                     .as_ref()
+                    .filter(|_| !mask_outputs)
                     .map(|p| p.to_absolute(dir))
                     .unwrap_or_default(),
             );
@@ -159,15 +176,27 @@ impl Derivation {
             s.push(')');
         }
         s.push_str("],[");
-        for (i, (drv, outs)) in self.input_drvs.iter().enumerate() {
+        let mut input = |i: usize, key: &str, outs: &BTreeSet<String>| {
             if i > 0 {
                 s.push(',');
             }
             s.push('(');
-            raw(&mut s, &drv.to_absolute(dir));
+            raw(&mut s, key);
             s.push_str(",[");
             list(&mut s, outs, raw);
             s.push_str("])");
+        };
+        match actual_inputs {
+            Some(inputs) => {
+                for (i, (key, outs)) in inputs.iter().enumerate() {
+                    input(i, key, outs);
+                }
+            }
+            None => {
+                for (i, (drv, outs)) in self.input_drvs.iter().enumerate() {
+                    input(i, &drv.to_absolute(dir), outs);
+                }
+            }
         }
         s.push_str("],[");
         list(
@@ -189,7 +218,8 @@ impl Derivation {
             s.push('(');
             escaped(&mut s, k);
             s.push(',');
-            escaped(&mut s, v);
+            let masked = mask_outputs && self.outputs.contains_key(k);
+            escaped(&mut s, if masked { "" } else { v });
             s.push(')');
         }
         s.push_str("])");

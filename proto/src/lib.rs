@@ -20,11 +20,13 @@
 //! * [`hash`], [`store_path`]: nix32/base16 hashes and validated store paths.
 //! * [`nar`]: a streaming NAR parser that finds the end of an archive and hashes it on the fly.
 //! * [`derivation`]: `.drv` (ATerm) parsing and the `BasicDerivation` sent to builders.
+//! * [`ca`]: content-addressed derivations: hashes modulo, realisation ids, resolution.
 //! * [`path_info`], [`build_result`], [`derived_path`]: values both protocols carry.
 //! * [`serve`] and [`worker`]: the two protocols' handshakes, requests and replies, client
 //!   and server side.
 
 pub mod build_result;
+pub mod ca;
 pub mod derivation;
 pub mod derived_path;
 pub mod error;
