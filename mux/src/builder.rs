@@ -87,6 +87,8 @@ pub struct BuilderConfig {
     pub machine: MachineInfo,
     /// zstd for bulk transfers (`bulk-compression`; see `crate::bulk`).
     pub bulk: crate::bulk::BulkSettings,
+    /// Large transfers over several channels (see `crate::parallel`).
+    pub parallel: crate::parallel::ParallelSettings,
 }
 
 impl BuilderConfig {
@@ -127,6 +129,7 @@ impl BuilderConfig {
             worker: WorkerConfig::default(),
             machine: MachineInfo::default(),
             bulk: crate::bulk::BulkSettings::default(),
+            parallel: crate::parallel::ParallelSettings::default(),
         }
     }
 }
@@ -141,6 +144,8 @@ pub(crate) struct BuilderInner {
     builds_waiting: AtomicU64,
     /// zstd probe and bulk-transfer counters.
     pub(crate) bulk: crate::bulk::BulkState,
+    /// Parallel-transfer counters.
+    pub(crate) parallel: crate::parallel::ParallelState,
 }
 
 /// A build slot, held while a build runs; counts the build as running.
@@ -190,6 +195,7 @@ impl Builder {
                 builds_running: AtomicU64::new(0),
                 builds_waiting: AtomicU64::new(0),
                 bulk: crate::bulk::BulkState::default(),
+                parallel: crate::parallel::ParallelState::default(),
             }),
         }
     }

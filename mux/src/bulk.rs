@@ -81,7 +81,7 @@ const LEVEL: i32 = 3;
 const WINDOW_LOG_MAX: u32 = 24;
 /// The SSH channel window OpenSSH's sshd gives us, which bounds an upload to one window per
 /// round trip (channels.h `CHAN_SES_WINDOW_DEFAULT`, 64 packets of 32 KiB).
-const SSHD_WINDOW: u64 = 2 << 20;
+pub(crate) const SSHD_WINDOW: u64 = 2 << 20;
 /// How long a `command -v zstd` answer is remembered.
 const PROBE_TTL: Duration = Duration::from_secs(600);
 /// Chunk of compressed data read or written at a time.
@@ -442,7 +442,10 @@ const RTT_TTL: Duration = Duration::from_secs(60);
 
 /// The builder's round trip: the smallest of three empty requests on the lease's session,
 /// remembered for a minute (so that a stream of transfers does not pay for it each time).
-async fn measure_rtt(builder: &Builder, session: &mut PooledSession) -> Result<Duration> {
+pub(crate) async fn measure_rtt(
+    builder: &Builder,
+    session: &mut PooledSession,
+) -> Result<Duration> {
     if let Ok(r) = builder.inner.bulk.rtt.lock()
         && let Some((at, rtt)) = *r
         && at.elapsed() < RTT_TTL

@@ -63,6 +63,7 @@ pub mod local;
 pub mod logs;
 pub mod ops;
 mod options;
+pub mod parallel;
 pub mod ping;
 mod pool;
 mod protocol;

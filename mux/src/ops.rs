@@ -485,6 +485,14 @@ impl Lease {
                 progress.clone(),
             )
             .await?
+            && !crate::parallel::push(
+                &self.builder,
+                &mut self.session,
+                local,
+                &missing,
+                progress.clone(),
+            )
+            .await?
         {
             self.upload(local, &missing, progress).await?;
         }
@@ -569,6 +577,14 @@ impl Lease {
         let (missing, report) = plan_transfer(closure, &present);
         if missing.is_empty()
             || crate::bulk::fetch(
+                &self.builder,
+                &mut self.session,
+                local,
+                &missing,
+                progress.clone(),
+            )
+            .await?
+            || crate::parallel::fetch(
                 &self.builder,
                 &mut self.session,
                 local,

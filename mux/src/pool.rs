@@ -202,6 +202,59 @@ impl SessionPool {
         })
     }
 
+    /// Another session for a caller that already holds one of this builder's sessions, only
+    /// if it can be had without waiting: a free place in the session limit, and an idle
+    /// session, the daemon's socket, or a channel slot free right now. Waiting for a second
+    /// session while holding one could deadlock against other callers doing the same.
+    /// `None`: none to be had now.
+    pub(crate) async fn try_acquire(self: &Arc<Self>) -> Result<Option<PooledSession>> {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            return Ok(None);
+        };
+        self.counters.acquires.fetch_add(1, Ordering::Relaxed);
+        let session = match self.take_idle() {
+            Some(s) => s,
+            None => match self.open_via_socket().await? {
+                Some(s) => s,
+                None => {
+                    let Some(slot) = self.set.reserve_if_free() else {
+                        return Ok(None);
+                    };
+                    let activity = Activity::new();
+                    let hook = self.set.target.hooks.channel.clone();
+                    let opening = remote::opening(&self.spec);
+                    let options =
+                        remote::exec_options(self.spec.protocol, &activity, hook, Some(&opening));
+                    let opened = slot
+                        .open(&self.spec.command, options)
+                        .await
+                        .map_err(|e| e.on(&self.name))?;
+                    let Opened::Ready(channel, ticket) = opened else {
+                        return Ok(None);
+                    };
+                    let s = remote::start(
+                        channel,
+                        Some(ticket),
+                        SessionPath::Exec,
+                        Some(opening),
+                        &self.spec,
+                        &self.name,
+                        activity,
+                    )
+                    .await?;
+                    self.counters.created.fetch_add(1, Ordering::Relaxed);
+                    s
+                }
+            },
+        };
+        Ok(Some(PooledSession {
+            session: Some(session),
+            pool: self.clone(),
+            ok: false,
+            _permit: permit,
+        }))
+    }
+
     /// A session for a caller that holds a permit: an idle one, else a new one, unless an
     /// idle one comes back while we wait for a channel slot.
     async fn session_for_permit(&self) -> Result<RemoteSession> {
