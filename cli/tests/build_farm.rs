@@ -596,6 +596,15 @@ fn a_forty_derivation_graph_keeps_to_systems_features_and_slots() {
     farm(false);
 }
 
+/// Under GC, outputs already fetched vanish from the builders, so jobs that share an input
+/// often find it missing at the same moment and push it to the same builder concurrently:
+/// the second push then meets a path that became valid after nixmux asked. Nix 2.8's
+/// `nix-daemon` does not consume the NAR of an entry of `AddMultipleToStore` whose path is
+/// already valid (`LocalStore::addToStore` skips reading it; `Store::addMultipleToStore`,
+/// src/libstore/store-api.cc, goes on to read the next entry from the NAR), so such a push
+/// fails with "not an absolute path: 'nix-archive-1'" unless nixmux avoids the situation.
+/// `nix-store --serve` is not affected: `cmdAddToStoreNar` drains the NAR
+/// (src/nix-store/nix-store.cc).
 #[test]
 fn a_forty_derivation_graph_builds_while_every_builder_collects_garbage() {
     farm(true);
