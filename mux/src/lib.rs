@@ -54,6 +54,7 @@
 
 pub mod builder;
 pub mod bulk;
+mod ca;
 pub mod config;
 mod connections;
 mod conversation;

@@ -236,6 +236,57 @@ impl LocalStore {
         r
     }
 
+    /// The paths this store knows for the outputs of the derivation `drv`
+    /// (`QueryDerivationOutputMap`): fixed ones from the `.drv`, and with `ca-derivations`
+    /// enabled, the realised ones of floating outputs. Never sends `QueryRealisation`, which
+    /// Nix 2.8 without `ca-derivations` answers by aborting.
+    pub async fn query_derivation_output_map(
+        &self,
+        drv: &StorePath,
+    ) -> Result<BTreeMap<String, Option<StorePath>>> {
+        let mut l = self.lease().await?;
+        let r = l
+            .get()
+            .query_derivation_output_map(drv, &mut |_| {})
+            .await
+            .map_err(|e| local_err(e, "QueryDerivationOutputMap"));
+        if r.is_ok() {
+            l.succeeded();
+        }
+        r
+    }
+
+    /// Records a realisation (`RegisterDrvOutput`): which path an output of a
+    /// content-addressed derivation got. The path must be valid here. A local Nix without
+    /// `ca-derivations` refuses it: [`ErrorKind::Unsupported`].
+    pub async fn register_drv_output(
+        &self,
+        realisation: &nixmux_proto::worker::Realisation,
+    ) -> Result<()> {
+        let mut l = self.lease().await?;
+        let r = l
+            .get()
+            .register_drv_output(realisation, &mut |_| {})
+            .await
+            .map_err(|e| local_err(e, "RegisterDrvOutput"));
+        if r.is_ok() {
+            l.succeeded();
+        }
+        r.map_err(|e| {
+            if crate::ca::lacks_ca_feature(e.message()) {
+                Error::local(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "the local store's Nix does not have the experimental feature ca-derivations enabled: {}",
+                        e.message()
+                    ),
+                )
+            } else {
+                e
+            }
+        })
+    }
+
     /// Reads and parses a derivation (`.drv`) of this store.
     pub async fn read_derivation(
         &self,

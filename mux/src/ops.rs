@@ -107,6 +107,9 @@ struct BuildJob<'a> {
     options: &'a BuildOptions,
     logs: &'a LogSender,
     progress: Option<ProgressFn>,
+    /// A content-addressed build (`crate::ca`): the derivation sent as it is (resolved), with
+    /// its input sources not widened to the input closure.
+    ca: Option<&'a crate::ca::CaBuild>,
 }
 
 /// Counts bytes read through it, for progress.
@@ -723,6 +726,11 @@ impl Lease {
     ) -> Result<BuildOutcome> {
         let name = self.builder.name().to_owned();
         let drv = local.read_derivation(drv_path).await?;
+        if let Some(ca) = crate::ca::prepare(local, drv_path, &drv).await? {
+            return self
+                .build_ca(local, drv_path, &drv, &ca, options, logs, progress)
+                .await;
+        }
         // Outputs of input derivations: input-addressed ones have their paths in the `.drv`.
         let mut input_outputs = BTreeSet::new();
         for (input, outputs) in &drv.input_drvs {
@@ -735,9 +743,7 @@ impl Lease {
                     .ok_or_else(|| {
                         Error::caller(
                             ErrorKind::Unsupported,
-                            format!(
-                                "input {input} output {o} has no fixed path (floating content-addressed derivations need realisations, which nixmux does not resolve yet)"
-                            ),
+                            format!("input {input} has no output {o} with a fixed path"),
                         )
                     })?;
                 input_outputs.insert(path);
@@ -752,6 +758,7 @@ impl Lease {
             options,
             logs,
             progress,
+            ca: None,
         };
         let known_untrusted = info.trusted == Some(false);
         if !known_untrusted {
@@ -788,13 +795,19 @@ impl Lease {
         let name = self.builder.name().to_owned();
         let mut srcs = drv.input_srcs.clone();
         srcs.extend(input_outputs.iter().cloned());
+        if let Some(ca) = job.ca {
+            srcs = ca.basic.input_srcs.clone();
+        }
         // The closure's metadata serves twice: the derivation's inputSrcs and the push.
         let infos = local.closure(&srcs).await?;
         let closure: BTreeSet<StorePath> = infos.iter().map(|i| i.path.clone()).collect();
         let pushed = self
             .push_infos(local, infos, options.substitute, progress)
             .await?;
-        let basic = drv.to_basic(closure);
+        let basic = match job.ca {
+            Some(ca) => ca.basic.clone(),
+            None => drv.to_basic(closure),
+        };
         let session = self.session.get();
         let log = BuildLog {
             logs,
@@ -819,6 +832,55 @@ impl Lease {
             pushed,
             local_log: LocalLog::NotKept,
         })
+    }
+
+    /// Builds a derivation with content-addressed outputs or inputs (see `crate::ca`): sends
+    /// it resolved, then copies its outputs back and registers their realisations locally,
+    /// since only the builder's result says where floating outputs went and the local store
+    /// records a realisation only for a path it holds.
+    #[allow(clippy::too_many_arguments)]
+    async fn build_ca(
+        &mut self,
+        local: &LocalStore,
+        drv_path: &StorePath,
+        drv: &Derivation,
+        ca: &crate::ca::CaBuild,
+        options: &BuildOptions,
+        logs: &LogSender,
+        progress: Option<ProgressFn>,
+    ) -> Result<BuildOutcome> {
+        let name = self.builder.name().to_owned();
+        let no_inputs = BTreeSet::new();
+        let job = BuildJob {
+            local,
+            drv_path,
+            drv,
+            input_outputs: &no_inputs,
+            options,
+            logs,
+            progress,
+            ca: Some(ca),
+        };
+        let outcome = match self.build_inline(&job).await {
+            Err(e) if crate::ca::lacks_ca_feature(e.message()) => {
+                return Err(crate::ca::builder_lacks_ca(&name, e.message()));
+            }
+            other => other?,
+        };
+        if !outcome.result.status.is_success() {
+            if crate::ca::lacks_ca_feature(&outcome.result.error_msg) {
+                return Err(crate::ca::builder_lacks_ca(
+                    &name,
+                    &outcome.result.error_msg,
+                ));
+            }
+            return Ok(outcome);
+        }
+        let outputs = ca.output_paths(&outcome.result, &name)?;
+        let paths: BTreeSet<StorePath> = outputs.values().cloned().collect();
+        self.fetch_unbounded(local, &paths, None).await?;
+        ca.register(local, &outputs).await?;
+        Ok(outcome)
     }
 
     /// Copies the `.drv` closure (and the outputs of its inputs) and builds the outputs by

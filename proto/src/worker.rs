@@ -86,6 +86,8 @@ pub enum Op {
     AddToStoreNar = 39,
     /// 40
     QueryMissing = 40,
+    /// 41
+    QueryDerivationOutputMap = 41,
     /// 42
     RegisterDrvOutput = 42,
     /// 43
@@ -116,6 +118,7 @@ impl Op {
             38 => NarFromPath,
             39 => AddToStoreNar,
             40 => QueryMissing,
+            41 => QueryDerivationOutputMap,
             42 => RegisterDrvOutput,
             43 => QueryRealisation,
             44 => AddMultipleToStore,
@@ -131,6 +134,9 @@ impl Op {
             Op::QueryValidPaths => 12,
             Op::AddToStoreNar => 18,
             Op::QueryMissing => 19,
+            // RemoteStore::queryPartialDerivationOutputMap sends it from 1.22 (0x16) on
+            // (src/libstore/remote-store.cc).
+            Op::QueryDerivationOutputMap => 22,
             Op::RegisterDrvOutput | Op::QueryRealisation => 27,
             // Both came with the framed uploads of Nix 2.4 (protocol 1.32); RemoteStore's
             // addBuildLog sends it without a version check (src/libstore/remote-store.cc).
@@ -245,6 +251,7 @@ fn op_name(op: Op) -> &'static str {
         Op::NarFromPath => "NarFromPath",
         Op::AddToStoreNar => "AddToStoreNar",
         Op::QueryMissing => "QueryMissing",
+        Op::QueryDerivationOutputMap => "QueryDerivationOutputMap",
         Op::RegisterDrvOutput => "RegisterDrvOutput",
         Op::QueryRealisation => "QueryRealisation",
         Op::AddMultipleToStore => "AddMultipleToStore",
@@ -972,6 +979,14 @@ pub enum Request {
         /// Targets.
         targets: Vec<DerivedPath>,
     },
+    /// Reply: output name → path, or none where the store does not know it
+    /// (`queryPartialDerivationOutputMap`). With `ca-derivations` enabled the daemon answers
+    /// from its realisations too, and lists every output; without it, only the outputs whose
+    /// paths the `.drv` fixes (src/libstore/local-store.cc). The derivation must be valid.
+    QueryDerivationOutputMap {
+        /// The `.drv`.
+        path: StorePath,
+    },
     /// No reply.
     RegisterDrvOutput(Realisation),
     /// Reply: optional realisation.
@@ -1051,6 +1066,7 @@ impl Request {
             Request::NarFromPath { .. } => Op::NarFromPath,
             Request::AddToStoreNar { .. } => Op::AddToStoreNar,
             Request::QueryMissing { .. } => Op::QueryMissing,
+            Request::QueryDerivationOutputMap { .. } => Op::QueryDerivationOutputMap,
             Request::RegisterDrvOutput(_) => Op::RegisterDrvOutput,
             Request::QueryRealisation(_) => Op::QueryRealisation,
             Request::AddMultipleToStore { .. } => Op::AddMultipleToStore,
@@ -1070,6 +1086,7 @@ impl Request {
             | Request::EnsurePath { path }
             | Request::AddTempRoot { path }
             | Request::QueryPathInfo { path }
+            | Request::QueryDerivationOutputMap { path }
             | Request::NarFromPath { path } => put_store_path(out, dir, path),
             Request::SetOptions(o) => o.write(out, n.version),
             Request::QueryPathFromHashPart { hash_part } => out.put_str(hash_part),
@@ -1205,6 +1222,9 @@ impl Request {
             },
             Op::QueryMissing => Request::QueryMissing {
                 targets: read_derived_paths(r, dir, n, "QueryMissing.targets")?,
+            },
+            Op::QueryDerivationOutputMap => Request::QueryDerivationOutputMap {
+                path: read_store_path(r, dir, "QueryDerivationOutputMap.path")?,
             },
             Op::RegisterDrvOutput => {
                 if n.realisation_with_path() {
@@ -1410,6 +1430,35 @@ pub fn write_keyed_build_results<B: BufMut + ?Sized>(
     for (t, res) in results {
         out.put_str(&t.to_wire(dir));
         res.write(out, dir, layout);
+    }
+}
+
+/// Reply to `QueryDerivationOutputMap`: `map<str, optional path>` (an empty string for an
+/// unknown path).
+pub fn read_derivation_output_map(
+    r: &mut WireReader<'_>,
+    dir: &StoreDir,
+) -> ReadResult<BTreeMap<String, Option<StorePath>>> {
+    let n = r.read_count("QueryDerivationOutputMap.outputs")?;
+    let mut out = BTreeMap::new();
+    for _ in 0..n {
+        let name = r.read_string("QueryDerivationOutputMap.name")?;
+        let path = read_opt_store_path(r, dir, "QueryDerivationOutputMap.path")?;
+        out.insert(name, path);
+    }
+    Ok(out)
+}
+
+/// Server side of [`read_derivation_output_map`].
+pub fn write_derivation_output_map<B: BufMut + ?Sized>(
+    out: &mut B,
+    dir: &StoreDir,
+    map: &BTreeMap<String, Option<StorePath>>,
+) {
+    out.put_word(map.len() as u64);
+    for (name, path) in map {
+        out.put_str(name);
+        put_opt_store_path(out, dir, path.as_ref());
     }
 }
 

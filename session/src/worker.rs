@@ -5,7 +5,7 @@
 //! which must not block (the mux layer forwards them into a bounded channel that drops when
 //! full, so a slow log reader never stalls the protocol).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::{Bytes, BytesMut};
@@ -689,6 +689,26 @@ impl WorkerSession {
             t,
             logs,
             worker::read_keyed_build_results,
+        )
+        .await
+    }
+
+    /// `QueryDerivationOutputMap`: the paths the store knows for the outputs of `drv`
+    /// (see [`Request::QueryDerivationOutputMap`]). Safe on any Nix, unlike `QueryRealisation`,
+    /// which Nix 2.8 without `ca-derivations` answers by aborting (its realisation statements
+    /// are not prepared, src/libstore/local-store.cc).
+    pub async fn query_derivation_output_map(
+        &mut self,
+        drv: &StorePath,
+        logs: LogFn<'_>,
+    ) -> Result<BTreeMap<String, Option<StorePath>>, SessionError> {
+        let t = Patience::Transfer;
+        self.simple(
+            Request::QueryDerivationOutputMap { path: drv.clone() },
+            "worker QueryDerivationOutputMap",
+            t,
+            logs,
+            |r, dir, _| worker::read_derivation_output_map(r, dir),
         )
         .await
     }

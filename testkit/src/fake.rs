@@ -610,6 +610,10 @@ impl WorkerFake {
                     }
                 }
                 R::QueryMissing { .. } => worker::write_missing(&mut body, &d, &self.store.missing),
+                // The fake store holds no derivations: no output paths to tell.
+                R::QueryDerivationOutputMap { .. } => {
+                    worker::write_derivation_output_map(&mut body, &d, &Default::default())
+                }
                 R::RegisterDrvOutput(real) => {
                     if self.refuse_ca {
                         failure = Some("ca derivations are not supported".into());
