@@ -85,13 +85,21 @@ fn local_lacks_ca(drv: &StorePath) -> Error {
     .hint("add `experimental-features = ca-derivations` to the local nix.conf (and the builders')")
 }
 
-/// Prepares the build of `drv` (read from `drv_path`) if it involves content-addressed
-/// outputs whose paths are not in the `.drv` files; `None` for an ordinary derivation.
+/// How a derivation is built.
+#[derive(Debug)]
+pub(crate) enum Plan {
+    /// Every path is in the `.drv` files: the outputs of the input derivations it needs.
+    Ordinary(BTreeSet<StorePath>),
+    /// Content-addressed outputs whose paths are not in the `.drv` files are involved.
+    Ca(CaBuild),
+}
+
+/// Reads the input derivations of `drv` (read from `drv_path`) and decides how to build it.
 pub(crate) async fn prepare(
     local: &LocalStore,
     drv_path: &StorePath,
     drv: &Derivation,
-) -> Result<Option<CaBuild>> {
+) -> Result<Plan> {
     let ty = drv_type(&drv.outputs).map_err(|e| ca_error(drv_path, e))?;
     let mut input_outputs: BTreeMap<(StorePath, String), StorePath> = BTreeMap::new();
     let mut unknown: BTreeMap<StorePath, BTreeSet<String>> = BTreeMap::new();
@@ -115,7 +123,7 @@ pub(crate) async fn prepare(
         }
     }
     if unknown.is_empty() && ty.has_known_output_paths() {
-        return Ok(None);
+        return Ok(Plan::Ordinary(input_outputs.into_values().collect()));
     }
     if ty == DrvType::Impure {
         return Err(ca_error(drv_path, CaError::Impure));
@@ -172,7 +180,7 @@ pub(crate) async fn prepare(
         basic
     };
     tracing::debug!(drv = %drv_path, ?ids, "content-addressed build prepared");
-    Ok(Some(CaBuild { basic, ids }))
+    Ok(Plan::Ca(CaBuild { basic, ids }))
 }
 
 /// The unmasked hash modulo of every derivation in the input-derivation closure of `drv`

@@ -726,29 +726,16 @@ impl Lease {
     ) -> Result<BuildOutcome> {
         let name = self.builder.name().to_owned();
         let drv = local.read_derivation(drv_path).await?;
-        if let Some(ca) = crate::ca::prepare(local, drv_path, &drv).await? {
-            return self
-                .build_ca(local, drv_path, &drv, &ca, options, logs, progress)
-                .await;
-        }
-        // Outputs of input derivations: input-addressed ones have their paths in the `.drv`.
-        let mut input_outputs = BTreeSet::new();
-        for (input, outputs) in &drv.input_drvs {
-            let idrv = local.read_derivation(input).await?;
-            for o in outputs {
-                let path = idrv
-                    .outputs
-                    .get(o)
-                    .and_then(|out| out.path.clone())
-                    .ok_or_else(|| {
-                        Error::caller(
-                            ErrorKind::Unsupported,
-                            format!("input {input} has no output {o} with a fixed path"),
-                        )
-                    })?;
-                input_outputs.insert(path);
+        // Outputs of input derivations: input-addressed ones have their paths in the `.drv`;
+        // floating content-addressed ones need the local store's realisations.
+        let input_outputs = match crate::ca::prepare(local, drv_path, &drv).await? {
+            crate::ca::Plan::Ordinary(paths) => paths,
+            crate::ca::Plan::Ca(ca) => {
+                return self
+                    .build_ca(local, drv_path, &drv, &ca, options, logs, progress)
+                    .await;
             }
-        }
+        };
         let info = self.session.peek().conv.info();
         let job = BuildJob {
             local,
