@@ -172,13 +172,11 @@ pub fn lanes_for(rtt: Duration, window: u64, link_rate: f64, max_lanes: usize) -
     let secs = rtt.as_secs_f64().max(1e-6);
     let per_lane = window.max(1) as f64 / secs;
     let want = (link_rate / per_lane).ceil().max(1.0);
-    let lanes = if want >= max_lanes as f64 {
-        max_lanes
-    } else {
-        // Below max_lanes, so it fits.
-        want as usize
-    }
-    .max(1);
+    // Counted up rather than cast: `want` may be huge (a tiny window) or NaN.
+    let lanes = (1..max_lanes)
+        .find(|&n| n as f64 >= want)
+        .unwrap_or(max_lanes)
+        .max(1);
     let why = format!(
         "one channel at most {:.0} MB/s (window {} KiB / round trip {:.2} ms), link {:.0} MB/s",
         per_lane / 1e6,
@@ -217,10 +215,10 @@ async fn plan_lanes(
         }
     };
     let lanes = lanes.min(infos.len());
-    builder
-        .inner
-        .parallel
-        .update(|s| s.last_choice = Some(format!("{lanes} lanes: {why}")));
+    builder.inner.parallel.update(|s| {
+        let plural = if lanes == 1 { "" } else { "s" };
+        s.last_choice = Some(format!("{lanes} lane{plural}: {why}"));
+    });
     tracing::debug!(builder = builder.name(), lanes, %why, "parallel transfer plan");
     Ok(lanes)
 }
@@ -346,14 +344,12 @@ impl Dag {
         ready.sort_by(|&a, &b| self.sizes[b].cmp(&self.sizes[a]).then(a.cmp(&b)));
         let mut in_batch = vec![false; n];
         let mut bytes = 0u64;
-        let mut count = 0usize;
-        for i in ready {
+        for (count, i) in ready.into_iter().enumerate() {
             if count > 0 && bytes >= budget {
                 break;
             }
             in_batch[i] = true;
             bytes += self.sizes[i];
-            count += 1;
         }
         // Paths that depend only on acknowledged ones and on paths before them in this batch:
         // the lane's session registers its batch in order.
