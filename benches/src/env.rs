@@ -715,6 +715,37 @@ impl Env {
         Ok(sp)
     }
 
+    /// `count` distinct paths of `size` random bytes each in the client store (a closure of
+    /// many large paths, for transfers that can be split over several channels).
+    pub async fn many_paths(&self, count: usize, size: u64) -> anyhow::Result<Vec<StorePath>> {
+        let dir = self.tmp.path().join(format!("many-{count}-{size}"));
+        let d = dir.clone();
+        let files = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<PathBuf>> {
+            use std::io::Write;
+            std::fs::create_dir_all(&d)?;
+            let mut rng = Rng::seeded();
+            let mut files = Vec::with_capacity(count);
+            for i in 0..count {
+                let path = d.join(format!("part-{i}"));
+                let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
+                let mut left = size;
+                while left > 0 {
+                    let n = left.min(1 << 20);
+                    f.write_all(&rng.bytes(usize::try_from(n).unwrap_or(1 << 20)))?;
+                    left -= n;
+                }
+                f.flush()?;
+                files.push(path);
+            }
+            Ok(files)
+        })
+        .await??;
+        let paths = self.add_to_client(files).await;
+        // In the store now (or failed): the scratch copies are not needed.
+        let _ = std::fs::remove_dir_all(&dir);
+        paths
+    }
+
     async fn add_to_client(&self, files: Vec<PathBuf>) -> anyhow::Result<Vec<StorePath>> {
         let mut cmd = self.nix_command(
             "nix-store",

@@ -1191,11 +1191,19 @@ pub struct NixmuxPush {
     warm: bool,
     compress: bool,
     zstd: bool,
+    /// One channel only (`parallel.max_extra_lanes = 0`): the yardstick for parallel lanes.
+    one_channel: bool,
     pool: Option<(Pool, Builder)>,
     details: BTreeMap<String, String>,
 }
 
 impl NixmuxPush {
+    /// The same side on the lease's channel alone (no parallel lanes, issue 11).
+    pub fn one_channel(mut self) -> Self {
+        self.one_channel = true;
+        self
+    }
+
     /// The same side with SSH zlib compression (`compress=true`).
     pub fn compressed(mut self) -> Self {
         self.compress = true;
@@ -1226,6 +1234,7 @@ impl NixmuxPush {
             warm,
             compress: false,
             zstd: false,
+            one_channel: false,
             pool: None,
             details: BTreeMap::new(),
         }
@@ -1234,7 +1243,9 @@ impl NixmuxPush {
 
 impl Side for NixmuxPush {
     fn id(&self) -> String {
-        if self.zstd {
+        if self.one_channel {
+            format!("nixmux-{}-1ch", scheme(self.protocol))
+        } else if self.zstd {
             format!("nixmux-{}-zstd", scheme(self.protocol))
         } else if self.compress {
             format!("nixmux-{}-zlib", scheme(self.protocol))
@@ -1245,7 +1256,12 @@ impl Side for NixmuxPush {
         }
     }
     fn label(&self) -> String {
-        if self.zstd {
+        if self.one_channel {
+            format!(
+                "nixmux {}: push_closure over a warm pooled connection, one channel (no parallel lanes)",
+                scheme(self.protocol)
+            )
+        } else if self.zstd {
             format!(
                 "nixmux {}: push_closure over a warm pooled connection, zstd bulk channel",
                 scheme(self.protocol)
@@ -1287,6 +1303,9 @@ impl Side for NixmuxPush {
             } else {
                 nixmux::bulk::BulkCompression::Off
             };
+            if self.one_channel {
+                config.parallel.max_extra_lanes = 0;
+            }
             let b = pool.add(config);
             if self.warm {
                 b.query_valid_paths(&BTreeSet::new(), false).await?;
@@ -1331,6 +1350,9 @@ impl Side for NixmuxPush {
                 let st = b.stats();
                 self.details
                     .insert("channels_opened".into(), st.channels_opened.to_string());
+                if let Some(choice) = b.parallel_stats().last_choice {
+                    self.details.insert("parallel".into(), choice);
+                }
                 p.shutdown().await;
             }
         })

@@ -39,6 +39,7 @@ pub const ALL: &[&str] = &[
     "builders",
     "agent-connect",
     "push-1gib",
+    "push-closure-1gib",
     "push-real",
     "graph",
 ];
@@ -49,7 +50,7 @@ pub fn default_workloads(wan: bool) -> Vec<String> {
         .filter(|w| {
             // On demand only: push-1gib (long), push-real (reads system files) and graph
             // (minutes of builds).
-            let on_demand = ["push-1gib", "push-real", "graph"].contains(w);
+            let on_demand = ["push-1gib", "push-closure-1gib", "push-real", "graph"].contains(w);
             !(on_demand || wan && **w == "push-large")
         })
         .map(|w| (*w).to_owned())
@@ -618,6 +619,53 @@ async fn spec(
                 notes: Vec::new(),
             }
         }
+        "push-closure-1gib" => {
+            // One path cannot be split over channels: a closure of many large paths can.
+            let (count, size) = if plan.quick {
+                (8, 4 * MIB)
+            } else {
+                (64, 16 * MIB)
+            };
+            let total = count as u64 * size;
+            progress.event(&Event::Note(format!(
+                "making {count} paths of {} MiB in the client store",
+                size / MIB
+            )));
+            let paths = if env.embedded() {
+                env.many_paths(count, size).await?
+            } else {
+                Vec::new()
+            };
+            let roots: BTreeSet<StorePath> = paths.into_iter().collect();
+            let reps = plan.reps((0, 1), (0, 1), (0, 1));
+            let mut sides: Vec<Box<dyn crate::runner::Side>> = Vec::new();
+            for p in both() {
+                sides.push(Box::new(NixmuxPush::new(
+                    env.clone(),
+                    0,
+                    p,
+                    roots.clone(),
+                    true,
+                )));
+                sides.push(Box::new(
+                    NixmuxPush::new(env.clone(), 0, p, roots.clone(), true).one_channel(),
+                ));
+            }
+            Spec {
+                title: format!(
+                    "Closure push: {count} paths of {} MiB ({} MiB), parallel lanes against one channel",
+                    size / MIB,
+                    total / MIB
+                ),
+                description: format!(
+                    "{count} independent paths of {} MiB of random data, builder store emptied before every sample (untimed). `nixmux-*`: the default settings (parallel lanes when one channel's SSH window cannot fill 1 Gbit/s at the measured round trip; details say how many); `nixmux-*-1ch`: the lease's channel alone. zstd off on every side.",
+                    size / MIB
+                ),
+                primary: Figure::Throughput,
+                cases: vec![plan.case("", Some(total as f64), sides, reps)],
+                notes: Vec::new(),
+            }
+        }
         "build" => {
             let n = if plan.quick { 4 } else { 20 };
             let reps = plan.reps((0, 2), (0, 1), (0, 1));
@@ -941,6 +989,22 @@ pub fn goals(result: &WorkloadResult, wan: Option<WanSettings>) -> Vec<Goal> {
                             &|x| format!("{x:.2}× the link rate"),
                         );
                     }
+                }
+            }
+        }
+        "push-closure-1gib" => {
+            if let Some(mbit) = wan.and_then(|w| w.mbit) {
+                let link = mbit * 1e6 / 8.0;
+                for p in ["ssh-ng", "ssh"] {
+                    goal(
+                        &format!(
+                            "1 GiB closure of 64 paths at {mbit} Mbit/s ({p}) ≥ 0.8× the link rate"
+                        ),
+                        "#11",
+                        med(case, &format!("nixmux-{p}"), Figure::Throughput).map(|t| t / link),
+                        &|x| x >= 0.8,
+                        &|x| format!("{x:.2}× the link rate"),
+                    );
                 }
             }
         }
