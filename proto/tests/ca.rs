@@ -204,3 +204,44 @@ fn impure_derivations_are_refused() {
         .expect_err(&path.to_string());
     assert_eq!(err, CaError::Impure);
 }
+
+#[test]
+fn query_derivation_output_map_round_trips() {
+    use nixmux_proto::ProtocolVersion;
+    use nixmux_proto::wire::try_decode;
+    use nixmux_proto::worker::{
+        Negotiated, Op, Request, read_derivation_output_map, write_derivation_output_map,
+    };
+    let d = StoreDir::default();
+    let n = Negotiated::new(ProtocolVersion::new(1, 34));
+    let req = Request::QueryDerivationOutputMap { path: sp(B) };
+    n.check_request(&req).expect("op 41 exists at 1.34");
+    let mut buf = Vec::new();
+    req.write(&mut buf, &d, &n);
+    // Op 41, then the path as a string: what RemoteStore::queryPartialDerivationOutputMap sends.
+    assert_eq!(buf[..8], 41u64.to_le_bytes());
+    let (back, used) = try_decode(&buf, &Limits::DEFAULT, |r| Request::read(r, &d, &n))
+        .expect("decodes")
+        .expect("complete");
+    assert_eq!((back.op(), used), (Op::QueryDerivationOutputMap, buf.len()));
+    assert_eq!(back, req);
+    // An unknown path is the empty string.
+    let map = BTreeMap::from([
+        ("out".to_owned(), Some(sp(B_OUT))),
+        ("dev".to_owned(), None),
+    ]);
+    let mut reply = Vec::new();
+    write_derivation_output_map(&mut reply, &d, &map);
+    let (got, _) = try_decode(&reply, &Limits::DEFAULT, |r| {
+        read_derivation_output_map(r, &d)
+    })
+    .expect("decodes")
+    .expect("complete");
+    assert_eq!(got, map);
+    assert!(
+        Negotiated::new(ProtocolVersion::new(1, 21))
+            .check_request(&Request::QueryDerivationOutputMap { path: sp(B) })
+            .is_err(),
+        "not before 1.22"
+    );
+}
