@@ -20,7 +20,7 @@
 //!   the NARs back to back. We decompress (bounded window), split the NARs with the NAR
 //!   parser (every length bounded by the session's limits), check each one's hash and size
 //!   against the metadata the builder reported over the protocol session before the transfer,
-//!   and stream it into the local store (`AddMultipleToStore`, which checks the hash again).
+//!   and stream it into the local store (pipelined `AddToStoreNar`, which checks the hash again).
 //!
 //! Both directions are strictly one-way because `zstd` reads its input in whole buffers and
 //! does not pass on a partial block when its input pauses: a request/response conversation
@@ -1088,7 +1088,7 @@ pub(crate) async fn fetch(
             .collect();
         lease
             .get()
-            .add_multiple_to_store(&mut uploads, false, true, &mut |_| {})
+            .add_to_store_nars(&mut uploads, false, true, &mut |_| {})
             .await
             .map_err(|e| {
                 Error::local(

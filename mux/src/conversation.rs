@@ -121,16 +121,9 @@ impl Conversation {
     ) -> Result<(), SessionError> {
         match self {
             Conversation::Serve(s) => s.add_to_store_nars(uploads).await,
-            Conversation::Worker(w) if w.version().at_least(1, 32) => {
-                w.add_multiple_to_store(uploads, false, true, &mut |_| {})
-                    .await
-            }
-            Conversation::Worker(w) => {
-                for up in uploads.iter_mut() {
-                    w.add_to_store_nar(up, false, true, &mut |_| {}).await?;
-                }
-                Ok(())
-            }
+            // Not `AddMultipleToStore`: another client may add one of the paths meanwhile,
+            // which makes Nix 2.8 lose its place in that stream (see `add_to_store_nars`).
+            Conversation::Worker(w) => w.add_to_store_nars(uploads, false, true, &mut |_| {}).await,
         }
     }
 

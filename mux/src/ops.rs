@@ -245,8 +245,8 @@ impl Builder {
 
     /// Copies the closure of `roots` from `local` to this builder: asks the builder once
     /// which paths it lacks (letting it substitute them when `substitute` is set), then
-    /// streams the missing NARs dependencies first, in one pipelined batch (serve: back to
-    /// back `AddToStoreNar`; worker: `AddMultipleToStore`), never holding a whole NAR.
+    /// streams the missing NARs dependencies first, in one pipelined batch (`AddToStoreNar`
+    /// back to back on both protocols, framed on the worker one), never holding a whole NAR.
     pub async fn push_closure(
         &self,
         local: &LocalStore,
@@ -652,7 +652,7 @@ impl Lease {
                 .collect();
             lease
                 .get()
-                .add_multiple_to_store(&mut uploads, false, true, &mut |_| {})
+                .add_to_store_nars(&mut uploads, false, true, &mut |_| {})
                 .await
                 .map_err(|e| {
                     let inner = from_session(e);

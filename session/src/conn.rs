@@ -74,21 +74,25 @@ impl RoundTrips {
     }
 }
 
-/// One session's side of the count: whether it sent something since it last waited.
+/// One session's side of the count: whether it sent something since it last waited, and
+/// whether counting is suspended (see [`Conn::concurrent_turn`]).
 struct TurnTaker<'a> {
     sent: &'a AtomicBool,
+    quiet: &'a AtomicBool,
     round_trips: &'a RoundTrips,
 }
 
 impl TurnTaker<'_> {
     fn waiting(&self) {
-        if self.sent.swap(false, Ordering::Relaxed) {
+        if !self.quiet.load(Ordering::Relaxed) && self.sent.swap(false, Ordering::Relaxed) {
             self.round_trips.0.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     fn sent(&self) {
-        self.sent.store(true, Ordering::Relaxed);
+        if !self.quiet.load(Ordering::Relaxed) {
+            self.sent.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -192,6 +196,8 @@ pub(crate) struct Conn {
     pub(crate) bytes_out: u64,
     /// Sent something since the last wait for the peer (see [`RoundTrips`]).
     sent: AtomicBool,
+    /// Counting suspended for the rest of the operation ([`Conn::concurrent_turn`]).
+    quiet: AtomicBool,
     round_trips: RoundTrips,
 }
 
@@ -218,8 +224,17 @@ impl Conn {
             bytes_in: 0,
             bytes_out: 0,
             sent: AtomicBool::new(false),
+            quiet: AtomicBool::new(false),
             round_trips,
         }
+    }
+
+    /// Counts the rest of the operation as one round trip: it writes while it reads, so its
+    /// writes never wait for the peer's answers and the reads' waits are not turns.
+    pub(crate) fn concurrent_turn(&mut self) {
+        self.round_trips.0.fetch_add(1, Ordering::Relaxed);
+        self.sent.store(false, Ordering::Relaxed);
+        self.quiet.store(true, Ordering::Relaxed);
     }
 
     /// Round trips counted so far (by this session, or by all sharing its counter).
@@ -247,6 +262,7 @@ impl Conn {
     /// Marks the end of an operation, poisoning the session on fatal errors.
     pub(crate) fn end<T>(&mut self, r: Result<T, SessionError>) -> Result<T, SessionError> {
         self.busy = false;
+        self.quiet.store(false, Ordering::Relaxed);
         if let Err(e) = &r
             && e.is_fatal()
         {
@@ -285,7 +301,9 @@ impl Conn {
         during: &'static str,
     ) -> Result<(), SessionError> {
         self.bytes_out += data.len() as u64;
-        self.sent.store(true, Ordering::Relaxed);
+        if !self.quiet.load(Ordering::Relaxed) {
+            self.sent.store(true, Ordering::Relaxed);
+        }
         let limit = self.config.idle_limit(Patience::Transfer);
         let written = within_idle(
             &self.activity,
@@ -383,6 +401,7 @@ impl Conn {
                 bytes_in: &mut self.bytes_in,
                 turns: TurnTaker {
                     sent: &self.sent,
+                    quiet: &self.quiet,
                     round_trips: &self.round_trips,
                 },
             },
@@ -393,6 +412,7 @@ impl Conn {
                 bytes_out: &mut self.bytes_out,
                 turns: TurnTaker {
                     sent: &self.sent,
+                    quiet: &self.quiet,
                     round_trips: &self.round_trips,
                 },
             },

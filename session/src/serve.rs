@@ -377,6 +377,7 @@ impl ServeSession {
         }
         let total = uploads.len();
         let (dir, version) = (self.dir.clone(), self.version);
+        self.conn.concurrent_turn();
         let (mut rh, mut wh) = self.conn.halves();
         // Headers and NARs go out while the acknowledgements are read: the server handles
         // commands strictly in order and never waits for us to read, so the whole batch

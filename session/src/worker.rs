@@ -482,6 +482,7 @@ impl WorkerSession {
         let (dir, neg) = (self.dir.clone(), self.neg.clone());
         let v = neg.version;
         let t = Patience::Transfer;
+        self.conn.concurrent_turn();
         let (mut rh, mut wh) = self.conn.halves();
         let writer = wh.send(&requests, during);
         let reader = async {
@@ -863,7 +864,84 @@ impl WorkerSession {
         self.conn.end(r)
     }
 
+    /// `AddToStoreNar` for each of `uploads` (dependencies first), pipelined: from 1.23 the
+    /// requests and their framed NARs are written while the daemon's answers are read, so the
+    /// batch costs one round trip (before 1.23 the daemon pulls each NAR: one at a time).
+    ///
+    /// Safer than [`WorkerSession::add_multiple_to_store`] when a path may already be valid
+    /// (another client added it meanwhile): Nix 2.8's `LocalStore::addToStore` skips a valid
+    /// path without reading its NAR (src/libstore/local-store.cc), which inside
+    /// `AddMultipleToStore`'s single stream makes the daemon read that NAR as the next
+    /// entry's metadata; a framed `AddToStoreNar` is drained by the daemon's `FramedSource`
+    /// whatever `addToStore` read (src/libstore/daemon.cc). A path the daemon refuses fails
+    /// with its error after every answer was read: the session stays in step.
+    pub async fn add_to_store_nars(
+        &mut self,
+        uploads: &mut [Upload<'_>],
+        repair: bool,
+        dont_check_sigs: bool,
+        logs: LogFn<'_>,
+    ) -> Result<(), SessionError> {
+        const DURING: &str = "worker AddToStoreNar";
+        if !self.neg.version.at_least(1, 23) {
+            for up in uploads.iter_mut() {
+                self.add_to_store_nar(up, repair, dont_check_sigs, logs)
+                    .await?;
+            }
+            return Ok(());
+        }
+        self.check(Op::AddToStoreNar)?;
+        self.conn.begin()?;
+        let total = uploads.len();
+        let (dir, neg) = (self.dir.clone(), self.neg.clone());
+        let v = neg.version;
+        // The daemon drains each framed NAR even when it refuses the path, so the writer
+        // never has to stop early.
+        let never = AtomicBool::new(false);
+        self.conn.concurrent_turn();
+        let (mut rh, wh) = self.conn.halves();
+        let mut sink = FrameSink {
+            wh,
+            buf: BytesMut::with_capacity(WRITE_CHUNK + 16),
+            stop: &never,
+            during: DURING,
+        };
+        let writer = async {
+            let mut header = BytesMut::new();
+            for up in uploads.iter_mut() {
+                header.clear();
+                Request::AddToStoreNar {
+                    info: up.info.clone(),
+                    repair,
+                    dont_check_sigs,
+                }
+                .write(&mut header, &dir, &neg);
+                sink.wh.send(&header, DURING).await?;
+                copy_sized(&mut *up.nar, up.info.nar_size, &mut sink).await?;
+                sink.finish().await?;
+            }
+            Ok(())
+        };
+        let reader = async {
+            let mut refused = None;
+            for _ in 0..total {
+                match stderr_loop(&mut rh, v, DURING, Patience::Transfer, logs).await {
+                    Ok(()) => {}
+                    Err(SessionError::Remote(e)) => {
+                        refused.get_or_insert(e);
+                    }
+                    Err(other) => return Err(other),
+                }
+            }
+            refused.map_or(Ok(()), |e| Err(SessionError::Remote(e)))
+        };
+        let r = tokio::try_join!(writer, reader).map(drop);
+        self.conn.end(r)
+    }
+
     /// `AddMultipleToStore` (1.32+): many paths in one framed stream, dependencies first.
+    /// Only for paths that cannot become valid meanwhile: see
+    /// [`WorkerSession::add_to_store_nars`].
     pub async fn add_multiple_to_store(
         &mut self,
         uploads: &mut [Upload<'_>],
@@ -933,6 +1011,7 @@ impl WorkerSession {
         let t = Patience::Transfer;
         let v = self.neg.version;
         let dir = self.dir.clone();
+        self.conn.concurrent_turn();
         let (mut rh, wh) = self.conn.halves();
         let mut sink = FrameSink {
             wh,

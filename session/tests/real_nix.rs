@@ -532,6 +532,48 @@ async fn worker_nar_from_path_and_uploads() {
     }
 }
 
+/// A batch in which a path is already valid (another client added it first): Nix 2.8's
+/// `AddMultipleToStore` skips that path's NAR without reading it and then reads the NAR as
+/// the next entry's metadata; the pipelined framed `AddToStoreNar` batch adds the others, in
+/// one round trip, and the session stays usable.
+#[tokio::test]
+async fn worker_batch_upload_with_an_already_valid_path() {
+    let src = store();
+    let closure = build_closure(&src);
+    let fetched = fetch_all(&src, &closure).await;
+    let logs = &mut |_| {};
+
+    let dst = store();
+    let mut d = worker(&dst).await;
+    let mut first = with_cursors(fetched[..1].to_vec());
+    d.s.add_to_store_nars(&mut uploads(&mut first), false, true, logs)
+        .await
+        .expect("the first path");
+    verify(&dst, &closure[0]);
+
+    // The upstream bug this avoids (Nix 2.8, src/libstore/local-store.cc addToStore).
+    let mut again = worker(&dst).await;
+    let mut items = with_cursors(fetched.clone());
+    let e = again
+        .s
+        .add_multiple_to_store(&mut uploads(&mut items), false, true, logs)
+        .await
+        .expect_err("Nix 2.8 loses its place in AddMultipleToStore");
+    assert!(format!("{e}").contains("nix-archive-1"), "{e}");
+
+    let mut items = with_cursors(fetched.clone());
+    let before = d.s.round_trips();
+    d.s.add_to_store_nars(&mut uploads(&mut items), false, true, logs)
+        .await
+        .expect("the batch, with its first path already valid");
+    assert_eq!(d.s.round_trips() - before, 1);
+    for p in &closure {
+        verify(&dst, p);
+    }
+    assert!(d.s.is_usable());
+    assert!(d.s.is_valid_path(&closure[2], logs).await.expect("in step"));
+}
+
 #[tokio::test]
 async fn worker_upload_with_a_wrong_hash_fails_and_the_session_survives() {
     let src = store();
