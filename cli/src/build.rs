@@ -333,9 +333,27 @@ pub(crate) async fn run(args: BuildArgs, builders: Vec<BuilderConfig>) -> anyhow
 
     let mut done: BTreeSet<StorePath> = BTreeSet::new();
     let mut broken: BTreeSet<StorePath> = BTreeSet::new();
-    let mut pending: Vec<Job> = graph;
-    let mut running = tokio::task::JoinSet::new();
     let mut code = exit_code::OK;
+    // A derivation no builder can ever take fails now, before anything is sent anywhere:
+    // without --keep-going the run stops here; with it, the rest of the graph is built.
+    for job in &graph {
+        if let Err(e) = pool.select(&job.system, &job.features) {
+            ui.line(&format!("cannot build {}: {e}", job.drv));
+            broken.insert(job.drv.clone());
+            if code == exit_code::OK {
+                code = exit_code::for_kind(e.kind());
+            }
+        }
+    }
+    if !broken.is_empty() && !args.keep_going {
+        pool.shutdown().await;
+        return Ok(code);
+    }
+    let mut pending: Vec<Job> = graph
+        .into_iter()
+        .filter(|j| !broken.contains(&j.drv))
+        .collect();
+    let mut running = tokio::task::JoinSet::new();
     let mut stop = false;
     loop {
         // Derivations whose inputs failed will never build.
