@@ -244,6 +244,28 @@ async fn check(env: &EnvRef, f: &Fixture) -> anyhow::Result<BTreeMap<String, usi
     Ok(by)
 }
 
+/// Busy and total jiffies of the whole machine (the `cpu` line of `/proc/stat`, proc(5)):
+/// every process counts, the builders' sshd and Nix included, and other users' too.
+fn machine_cpu() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...: idle and iowait are not busy.
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Some((total.saturating_sub(idle), total))
+}
+
+/// The share of the machine's CPU time that was busy since `start` (0 to 1).
+fn busy_since(start: Option<(u64, u64)>) -> Option<f64> {
+    let ((b0, t0), (b1, t1)) = (start?, machine_cpu()?);
+    (t1 > t0).then(|| (b1.saturating_sub(b0)) as f64 / (t1 - t0) as f64)
+}
+
 fn spread(by: &BTreeMap<String, usize>) -> String {
     by.iter()
         .map(|(b, n)| format!("{b}={n}"))
@@ -256,14 +278,17 @@ fn spread(by: &BTreeMap<String, usize>) -> String {
 #[derive(Debug, Default)]
 struct Record {
     walls: Vec<f64>,
+    /// Per sample: the machine's busy share.
+    busy: Vec<f64>,
     last_spread: String,
     fewest_builders: Option<usize>,
     extra: BTreeMap<String, String>,
 }
 
 impl Record {
-    fn add(&mut self, wall: Duration, by: &BTreeMap<String, usize>) {
+    fn add(&mut self, wall: Duration, by: &BTreeMap<String, usize>, busy: Option<f64>) {
         self.walls.push(wall.as_secs_f64());
+        self.busy.extend(busy);
         self.last_spread = spread(by);
         let used = by.keys().filter(|k| *k != "unknown").count();
         self.fewest_builders = Some(self.fewest_builders.map_or(used, |f| f.min(used)));
@@ -290,6 +315,14 @@ impl Record {
             d.insert(
                 "builds_per_s".into(),
                 format!("{:.2}", shape.builds() as f64 / med.max(1e-9)),
+            );
+        }
+        if !self.busy.is_empty() {
+            let mut b = self.busy.clone();
+            b.sort_by(f64::total_cmp);
+            d.insert(
+                "machine_cpu_busy_median".into(),
+                format!("{:.0}%", b[b.len() / 2] * 100.0),
             );
         }
         if !self.last_spread.is_empty() {
@@ -463,6 +496,7 @@ impl Side for NixmuxGraph {
     fn run(&mut self) -> BoxFuture<'_, SideResultT<Sample>> {
         Box::pin(async move {
             let t0 = Instant::now();
+            let cpu0 = machine_cpu();
             let fixture = self
                 .fixture
                 .clone()
@@ -560,7 +594,7 @@ impl Side for NixmuxGraph {
             }
             let built = t0.elapsed();
             let by = check(&self.env, &fixture).await?;
-            self.record.add(t0.elapsed(), &by);
+            self.record.add(t0.elapsed(), &by, busy_since(cpu0));
             self.record.extra.insert(
                 "plan_s_last".into(),
                 format!("{:.3}", planned.as_secs_f64()),
@@ -737,6 +771,7 @@ impl Side for NixGraph {
     fn run(&mut self) -> BoxFuture<'_, SideResultT<Sample>> {
         Box::pin(async move {
             let t0 = Instant::now();
+            let cpu0 = machine_cpu();
             let fixture = self
                 .fixture
                 .clone()
@@ -765,7 +800,7 @@ impl Side for NixGraph {
                 bail!("nix-build printed {printed:?}, not {want}");
             }
             let by = check(&self.env, &fixture).await?;
-            self.record.add(t0.elapsed(), &by);
+            self.record.add(t0.elapsed(), &by, busy_since(cpu0));
             Ok(Sample::one())
         })
     }
