@@ -22,11 +22,12 @@
 //! references inside the transfer are all acknowledged (largest first), extended by paths
 //! that depend only on acknowledged paths and paths earlier in the same batch (one session
 //! handles its requests in order, so those are registered first), and sends the batch in one
-//! pipelined conversation (serve `AddToStoreNar`s, worker `AddMultipleToStore`; for fetches
-//! `DumpStorePath` / `NarFromPath` into the local store's `AddMultipleToStore`). A batch's
-//! paths are done when the far side acknowledged all of them. Batches shrink as the transfer
-//! nears its end (a share of what is left per lane), so the lanes finish together; with one
-//! lane the whole transfer is one batch, which is exactly the single-session path.
+//! pipelined conversation (`AddToStoreNar`s back to back, framed on the worker protocol; for
+//! fetches `DumpStorePath` / `NarFromPath` into the local store's pipelined
+//! `AddToStoreNar`s). A batch's paths are done when the far side acknowledged all of them.
+//! Batches shrink as the transfer nears its end (a share of what is left per lane), so the
+//! lanes finish together; with one lane the whole transfer is one batch, which is exactly
+//! the single-session path.
 //!
 //! **When.** Only for at least [`ParallelSettings::min_bytes`] of NAR over at least two paths
 //! (a single path cannot be split), and with [`ParallelMode::Auto`] only when one channel
@@ -710,7 +711,7 @@ pub(crate) async fn fetch(
 }
 
 /// Receives one batch on one lane: the builder's NARs, pipelined, each checked against the
-/// builder's metadata on arrival, stream into one `AddMultipleToStore` of the local store.
+/// builder's metadata on arrival, stream into the local store's pipelined `AddToStoreNar`s.
 async fn fetch_batch(session: &mut PooledSession, job: Job<'_>, batch: &[usize]) -> Result<()> {
     let Job {
         local,
@@ -759,7 +760,7 @@ async fn fetch_batch(session: &mut PooledSession, job: Job<'_>, batch: &[usize])
             .collect();
         lease
             .get()
-            .add_multiple_to_store(&mut uploads, false, true, &mut |_| {})
+            .add_to_store_nars(&mut uploads, false, true, &mut |_| {})
             .await
             .map_err(|e| {
                 Error::local(
