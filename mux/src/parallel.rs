@@ -32,9 +32,9 @@
 //! **When.** Only for at least [`ParallelSettings::min_bytes`] of NAR over at least two paths
 //! (a single path cannot be split), and with [`ParallelMode::Auto`] only when one channel
 //! cannot fill the link: the round trip (measured on the lease's session, as `bulk` does)
-//! gives one channel's bound `window ÷ RTT`; the lanes needed are
-//! `⌈link_rate ÷ (window ÷ RTT)⌉`, at most `1 + max_extra_lanes`. On loopback or a LAN that
-//! is one lane, and nothing changes. Fetches use at most two lanes in `Auto`: while russh
+//! gives one channel's bound `window ÷ RTT`, of which a lane moves about three quarters; the
+//! lanes needed are `⌈link_rate ÷ (0.75 × window ÷ RTT)⌉`, at most `1 + max_extra_lanes`. On
+//! loopback or a LAN that is one lane, and nothing changes. Fetches use at most two lanes in `Auto`: while russh
 //! waits for the server's answer to a key re-exchange it started (every 1 GiB), it accepts at
 //! most 2 × `window_size` of channel data summed over all channels before dropping the
 //! connection (see the transport crate's known limits), and two 16 MiB windows already cover
@@ -109,7 +109,7 @@ impl Default for ParallelSettings {
     fn default() -> Self {
         ParallelSettings {
             mode: ParallelMode::Auto,
-            max_extra_lanes: 4,
+            max_extra_lanes: 7,
             min_bytes: 16 << 20,
             link_rate: 125e6,
         }
@@ -166,12 +166,18 @@ enum Direction {
     Fetch,
 }
 
-/// Lanes wanted for a link: one channel moves at most `window` per `rtt`, so filling
-/// `link_rate` takes `⌈link_rate × rtt ÷ window⌉` channels, clamped to `1..=max_lanes`.
-/// Returns the lanes and why.
+/// What a lane moves of its `window ÷ RTT` bound, measured at 100 ms / 1 Gbit/s
+/// (docs/benchmarks.md, "parallel channels"): sshd tops a window up only once half of it was
+/// consumed, and each batch waits one round trip for its acknowledgements.
+const LANE_EFFICIENCY: f64 = 0.75;
+
+/// Lanes wanted for a link: one channel moves at most `window` per `rtt` (in practice
+/// [`LANE_EFFICIENCY`] of that), so filling `link_rate` takes
+/// `⌈link_rate × rtt ÷ (window × efficiency)⌉` channels, clamped to `1..=max_lanes`. Returns
+/// the lanes and why.
 pub fn lanes_for(rtt: Duration, window: u64, link_rate: f64, max_lanes: usize) -> (usize, String) {
     let secs = rtt.as_secs_f64().max(1e-6);
-    let per_lane = window.max(1) as f64 / secs;
+    let per_lane = window.max(1) as f64 / secs * LANE_EFFICIENCY;
     let want = (link_rate / per_lane).ceil().max(1.0);
     // Counted up rather than cast: `want` may be huge (a tiny window) or NaN.
     let lanes = (1..max_lanes)
@@ -822,9 +828,10 @@ mod tests {
         let w = 2 << 20;
         // Loopback: one lane.
         assert_eq!(lanes_for(Duration::from_micros(200), w, 125e6, 5).0, 1);
-        // 100 ms at 1 Gbit/s: 12.5 MB in flight, 2 MiB per channel: 6, capped at 5.
+        // 100 ms at 1 Gbit/s: 12.5 MB in flight, 2 MiB per channel of which a lane moves
+        // three quarters: 8, capped at 5.
         assert_eq!(lanes_for(Duration::from_millis(100), w, 125e6, 5).0, 5);
-        assert_eq!(lanes_for(Duration::from_millis(100), w, 125e6, 9).0, 6);
+        assert_eq!(lanes_for(Duration::from_millis(100), w, 125e6, 9).0, 8);
         // 10 ms: 1.25 MB in flight: one channel suffices.
         assert_eq!(lanes_for(Duration::from_millis(10), w, 125e6, 5).0, 1);
         // Our 16 MiB receive window covers 100 ms at 1 Gbit/s.
