@@ -478,13 +478,16 @@ async fn build_one(
         })
     };
     let result = async {
+        // The slot before the session: the next job's selection sees this one at once
+        // (a lease can take a while; jobs selected meanwhile would all pick this builder).
+        let slot = b.build_slot().await?;
         let mut lease = b.lease().await?;
         if let Some(bar) = &status {
             bar.set_message("building");
         }
         let (bar, progress) = ui.transfer(&format!("inputs of {} to {name}", job.drv.name()));
         let outcome = lease
-            .build(local, &job.drv, options, &logs, Some(progress))
+            .build_in_slot(slot, local, &job.drv, options, &logs, Some(progress))
             .await;
         if let Some(bar) = bar {
             bar.finish_and_clear();

@@ -148,8 +148,11 @@ pub(crate) struct BuilderInner {
     pub(crate) parallel: crate::parallel::ParallelState,
 }
 
-/// A build slot, held while a build runs; counts the build as running.
-pub(crate) struct BuildSlot<'a> {
+/// One of a builder's build slots (`max_jobs`), held while a build runs; counts the build as
+/// running, which [`Pool::select`] reads as the builder's load. Taken by the build calls, or
+/// ahead of them with [`Builder::build_slot`] by a scheduler that must make its choice
+/// visible at once (see [`crate::Lease::build_in_slot`]).
+pub struct BuildSlot<'a> {
     builder: &'a BuilderInner,
     _permit: Option<OwnedSemaphorePermit>,
 }
@@ -265,8 +268,10 @@ impl Builder {
     }
 
     /// Waits for one of the builder's build slots (`machine.max_jobs`), for as long as the
-    /// builds ahead take: queueing behind running builds is not a failure.
-    pub(crate) async fn build_slot(&self) -> Result<BuildSlot<'_>> {
+    /// builds ahead take: queueing behind running builds is not a failure. A scheduler that
+    /// picked this builder with [`Pool::select`] takes the slot right away, before it leases
+    /// a session, so that the next selection already counts this build.
+    pub async fn build_slot(&self) -> Result<BuildSlot<'_>> {
         let inner = &*self.inner;
         let permit = match &inner.build_slots {
             None => None,

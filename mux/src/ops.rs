@@ -408,7 +408,23 @@ impl Lease {
         progress: Option<ProgressFn>,
     ) -> Result<BuildOutcome> {
         let builder = self.builder.clone();
-        let _slot = builder.build_slot().await?;
+        let slot = builder.build_slot().await?;
+        self.build_in_slot(slot, local, drv_path, options, logs, progress)
+            .await
+    }
+
+    /// [`Lease::build`] in a slot the caller took already ([`Builder::build_slot`], before
+    /// leasing, so that builds selected at the same moment spread over the builders).
+    pub async fn build_in_slot(
+        &mut self,
+        slot: crate::builder::BuildSlot<'_>,
+        local: &LocalStore,
+        drv_path: &StorePath,
+        options: &BuildOptions,
+        logs: &LogSender,
+        progress: Option<ProgressFn>,
+    ) -> Result<BuildOutcome> {
+        let _slot = slot;
         self.step("build", async |l: &mut Lease| {
             l.build_unbounded(local, drv_path, options, logs, progress)
                 .await
