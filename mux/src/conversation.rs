@@ -95,8 +95,8 @@ impl Conversation {
         match self {
             Conversation::Serve(x) => x.query_valid_paths(paths, true, substitute).await,
             Conversation::Worker(w) => {
-                w.add_temp_roots(paths, &mut |_| {}).await?;
-                w.query_valid_paths(paths, substitute, &mut |_| {}).await
+                w.protect_and_query_valid(paths, substitute, &mut |_| {})
+                    .await
             }
         }
     }

@@ -397,6 +397,58 @@ impl WorkerSession {
         .await
     }
 
+    /// `AddTempRoot` for each of `paths`, then `QueryValidPaths` of them, all in one round
+    /// trip: the paths are protected from the garbage collector for as long as the session
+    /// lives (see [`WorkerSession::add_temp_roots`]) and the answer says which are there.
+    pub async fn protect_and_query_valid(
+        &mut self,
+        paths: &BTreeSet<StorePath>,
+        substitute: bool,
+        logs: LogFn<'_>,
+    ) -> Result<BTreeSet<StorePath>, SessionError> {
+        const DURING: &str = "worker AddTempRoot + QueryValidPaths";
+        self.check(Op::AddTempRoot)?;
+        let query = Request::QueryValidPaths {
+            paths: paths.clone(),
+            substitute,
+        };
+        self.check_request(&query)?;
+        self.conn.begin()?;
+        let mut requests = BytesMut::new();
+        for p in paths {
+            Request::AddTempRoot { path: p.clone() }.write(&mut requests, &self.dir, &self.neg);
+        }
+        query.write(&mut requests, &self.dir, &self.neg);
+        let dir = self.dir.clone();
+        let v = self.neg.version;
+        let t = Patience::Transfer;
+        self.conn.concurrent_turn();
+        let (mut rh, mut wh) = self.conn.halves();
+        let writer = wh.send(&requests, DURING);
+        let reader = async {
+            let mut refused = None;
+            for _ in paths {
+                match stderr_loop(&mut rh, v, DURING, t, logs).await {
+                    Ok(()) => {
+                        rh.read(DURING, t, |r| worker::read_ack(r, "AddTempRoot"))
+                            .await?
+                    }
+                    Err(SessionError::Remote(e)) => {
+                        refused.get_or_insert(e);
+                    }
+                    Err(other) => return Err(other),
+                }
+            }
+            stderr_loop(&mut rh, v, DURING, t, logs).await?;
+            let valid = rh
+                .read(DURING, t, |r| worker::read_path_set(r, &dir))
+                .await?;
+            refused.map_or(Ok(valid), |e| Err(SessionError::Remote(e)))
+        };
+        let r = tokio::try_join!(writer, reader).map(|((), valid)| valid);
+        self.conn.end(r)
+    }
+
     /// `QueryPathInfo`: `None` when the path is not valid.
     pub async fn query_path_info(
         &mut self,

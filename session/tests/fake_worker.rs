@@ -1832,3 +1832,36 @@ async fn add_build_log_frames_the_log_and_a_refusal_poisons_the_session() {
     let rep = finish(s, h).await;
     assert!(rep.requests.is_empty());
 }
+
+/// `AddTempRoot` for every path and `QueryValidPaths` of them travel together: one round
+/// trip, every path rooted, the valid ones answered.
+#[tokio::test]
+async fn protect_and_query_valid_is_one_round_trip() {
+    let mut fake = WorkerFake::new(v(34));
+    let (a, b, c) = (sp(1, "a"), sp(2, "b"), sp(3, "c"));
+    for p in [&a, &b] {
+        let (info, nar) = sample(p.clone(), b"x", &[]);
+        fake.store.add(info, nar);
+    }
+    let (mut s, h) = connect(fake, &no_options()).await;
+    let all = BTreeSet::from([a.clone(), b.clone(), c.clone()]);
+    let before = s.round_trips();
+    let valid = s
+        .protect_and_query_valid(&all, false, &mut |_| {})
+        .await
+        .expect("answer");
+    assert_eq!(valid, BTreeSet::from([a, b]));
+    assert_eq!(s.round_trips() - before, 1);
+    assert!(s.is_usable());
+    let rep = finish(s, h).await;
+    let roots = rep
+        .requests
+        .iter()
+        .filter(|r| matches!(r, worker::Request::AddTempRoot { .. }))
+        .count();
+    assert_eq!(roots, 3);
+    assert!(matches!(
+        rep.requests.last(),
+        Some(worker::Request::QueryValidPaths { .. })
+    ));
+}
