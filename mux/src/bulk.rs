@@ -482,6 +482,10 @@ pub(crate) async fn ping_report(
     trusted: Option<bool>,
     rtt: Option<Duration>,
 ) -> (Option<bool>, String) {
+    if config.bulk.mode == BulkCompression::Off {
+        // Nothing to decide: no channel spent on the probe.
+        return (None, "off (bulk-compression=no)".to_owned());
+    }
     let has = match ssh
         .exec_with(
             &probe_command(&config.bulk.zstd_program),
@@ -492,9 +496,7 @@ pub(crate) async fn ping_report(
         Ok(ch) => probe_on(ch, config.session.idle_timeout).await,
         Err(_) => return (None, "unknown: could not run `command -v zstd`".into()),
     };
-    let what = if config.bulk.mode == BulkCompression::Off {
-        "off (bulk-compression=no)".to_owned()
-    } else if !has {
+    let what = if !has {
         "off: the builder has no zstd; transfers use the protocol session".to_owned()
     } else if nix_store_command(config).is_none() {
         "off: the builder runs its own remote program".to_owned()
