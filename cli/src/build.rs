@@ -132,7 +132,7 @@ pub(crate) fn restrict(
         .filter(|b| {
             wanted
                 .iter()
-                .any(|w| b.name == *w || b.target.endpoint.host == *w)
+                .any(|w| b.name == nixmux::setup::readable_name(w) || b.target.endpoint.host == *w)
         })
         .collect();
     if chosen.is_empty() {

@@ -48,7 +48,7 @@ impl BuilderConfig {
             jump = Some(Box::new(t));
         }
         target.jump = jump;
-        let mut cfg = BuilderConfig::new(spec.name.clone(), spec.protocol, target);
+        let mut cfg = BuilderConfig::new(readable_name(&spec.name), spec.protocol, target);
         cfg.remote_command = spec.remote_command();
         (cfg.worker_route, cfg.daemon_socket) = spec.worker_route();
         cfg.bulk.mode = spec.bulk_compression;
@@ -155,4 +155,25 @@ fn target_for(
         jump: None,
         hooks: Default::default(),
     })
+}
+
+/// A builder's name in messages, stats and `--builder`: field 1 of its machines line or its
+/// store URL, without the query, which may carry a base64 host key hundreds of characters long
+/// (`?base64-ssh-public-host-key=...`); the settings in it are applied all the same.
+pub fn readable_name(name: &str) -> String {
+    name.split('?').next().unwrap_or(name).to_owned()
+}
+
+#[cfg(test)]
+mod readable_name_tests {
+    #[test]
+    fn the_query_is_left_out() {
+        assert_eq!(
+            super::readable_name(
+                "ssh-ng://nix@box?base64-ssh-public-host-key=c3NoLWVk&compress=true"
+            ),
+            "ssh-ng://nix@box"
+        );
+        assert_eq!(super::readable_name("nix@box"), "nix@box");
+    }
 }
