@@ -33,10 +33,11 @@ pub(crate) struct BenchArgs {
     /// known_hosts file(s) for external builders.
     #[arg(long = "known-hosts", value_name = "FILE")]
     known_hosts: Vec<PathBuf>,
-    /// Workloads to run (repeatable or comma-separated; default: all but push-1gib, and
-    /// without push-large under --wan). Known: cold-session, warm-op, new-channel, query,
-    /// throughput, push-small, push-large, build, concurrency, builders, agent-connect,
-    /// push-1gib; and `soak` (alone: see --duration).
+    /// Workloads to run (repeatable or comma-separated). Default: cold-session, warm-op,
+    /// new-channel, query, throughput, push-small, push-large (not under --wan), build,
+    /// concurrency, builders, agent-connect. On demand: push-1gib, push-closure-1gib
+    /// (long), push-real (reads system files), graph (minutes of builds); and `soak`
+    /// (alone: see --duration).
     #[arg(long = "workload", value_name = "NAME", value_delimiter = ',')]
     workloads: Vec<String>,
     /// Soak: how long operations run (`60s`, `10m`, `1h`), with faults on a schedule;
