@@ -208,7 +208,7 @@ async fn plan(local: &LocalStore, roots: &[StorePath]) -> nixmux::Result<Vec<Sto
         roots.iter().rev().map(|r| (r.clone(), None)).collect();
     while let Some((drv_path, outputs)) = stack.pop() {
         if let Some((outs, n_outputs)) = outputs {
-            // Outputs without a fixed path (floating CA) count as missing.
+            // Outputs with no known path (floating CA, not realised here) count as missing.
             let valid = local.query_valid_paths(&outs).await?;
             if valid.len() < n_outputs {
                 order.push(drv_path);
@@ -219,10 +219,9 @@ async fn plan(local: &LocalStore, roots: &[StorePath]) -> nixmux::Result<Vec<Sto
             continue;
         }
         let drv = local.read_derivation(&drv_path).await?;
-        let outs: BTreeSet<StorePath> = drv
-            .outputs
-            .values()
-            .filter_map(|o| o.path.clone())
+        let outs: BTreeSet<StorePath> = known_outputs(local, &drv_path, &drv)
+            .await?
+            .into_iter()
             .collect();
         stack.push((drv_path, Some((outs, drv.outputs.len()))));
         for input in drv.input_drvs.keys() {
@@ -232,6 +231,31 @@ async fn plan(local: &LocalStore, roots: &[StorePath]) -> nixmux::Result<Vec<Sto
         }
     }
     Ok(order)
+}
+
+/// The paths known for `drv`'s outputs, in output-name order: the fixed ones written in the
+/// `.drv`, and for outputs without one (floating content-addressed, or deferred behind such
+/// an input) what the local store has realised (`QueryDerivationOutputMap`; asked only
+/// then).
+async fn known_outputs(
+    local: &LocalStore,
+    drv_path: &StorePath,
+    drv: &nixmux::proto::derivation::Derivation,
+) -> nixmux::Result<Vec<StorePath>> {
+    let realised = if drv.outputs.values().any(|o| o.path.is_none()) {
+        local.query_derivation_output_map(drv_path).await?
+    } else {
+        Default::default()
+    };
+    Ok(drv
+        .outputs
+        .iter()
+        .filter_map(|(name, o)| {
+            o.path
+                .clone()
+                .or_else(|| realised.get(name).cloned().flatten())
+        })
+        .collect())
 }
 
 /// One derivation to build: what the scheduler needs to know about it.
@@ -402,8 +426,10 @@ pub(crate) async fn run(args: BuildArgs, builders: Vec<BuilderConfig>) -> anyhow
     }
     if code == exit_code::OK {
         for root in &roots {
-            if let Ok(drv) = local.read_derivation(root).await {
-                for o in drv.outputs.values().filter_map(|o| o.path.as_ref()) {
+            if let Ok(drv) = local.read_derivation(root).await
+                && let Ok(outs) = known_outputs(&local, root, &drv).await
+            {
+                for o in outs {
                     println!("{}", o.to_absolute(&dir));
                 }
             }
