@@ -127,7 +127,12 @@ async fn load_key(path: &Path, passphrase: Option<&str>) -> Result<PrivateKey, S
     let passphrase = passphrase.map(str::to_owned);
     // Decrypting an encrypted key runs bcrypt-pbkdf: CPU-heavy, keep it off the runtime.
     tokio::task::spawn_blocking(move || {
-        russh::keys::decode_secret_key(&text, passphrase.as_deref())
+        russh::keys::decode_secret_key(&text, passphrase.as_deref()).or_else(|e| {
+            // One OpenSSH P-256 key in 256 has a scalar ssh-key refuses (see key_repair).
+            crate::key_repair::pad_short_p256_scalar(&text)
+                .and_then(|mended| russh::keys::decode_secret_key(&mended, None).ok())
+                .ok_or(e)
+        })
     })
     .await
     .map_err(|e| format!("key decoding task failed: {e}"))?

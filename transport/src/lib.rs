@@ -142,6 +142,7 @@ mod connection;
 mod error;
 mod exec;
 mod handler;
+mod key_repair;
 mod observer;
 mod shared;
 mod stream;
