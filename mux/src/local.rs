@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use nixmux_proto::path_info::PathInfo;
 use nixmux_proto::store_path::{StoreDir, StorePath};
 use nixmux_session::process::{self, ChildGuard};
-use nixmux_session::{BoxReader, BoxWriter, SessionConfig, WorkerConfig, WorkerSession};
+use nixmux_session::{BoxReader, BoxWriter, SessionConfig, Upload, WorkerConfig, WorkerSession};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::error::{Error, ErrorKind, Result, from_session};
 
@@ -65,6 +66,58 @@ pub(crate) struct LocalLease<'a> {
 }
 
 impl LocalLease<'_> {
+    /// Streams the NAR of `info.path` into `sink` and checks it against `info`, the local
+    /// store's own metadata: what every push sends (the builder checks it again).
+    pub(crate) async fn read_nar_checked(
+        &mut self,
+        info: &PathInfo,
+        sink: &mut (dyn AsyncWrite + Unpin + Send),
+    ) -> Result<()> {
+        let sum = self
+            .get()
+            .nar_from_path(&info.path, sink, &mut |_| {})
+            .await
+            .map_err(|e| read_failed(&info.path, e))?;
+        if sum.nar_hash != info.nar_hash || sum.nar_size != info.nar_size {
+            return Err(nar_mismatch(&info.path));
+        }
+        Ok(())
+    }
+
+    /// Adds paths fetched from a builder (dependencies first), the NAR of `infos[i]` read
+    /// from `readers[i]`, as pipelined `AddToStoreNar`s; the local daemon checks each NAR
+    /// against its narHash and narSize.
+    pub(crate) async fn add_fetched<'i, R: AsyncRead + Unpin + Send>(
+        &mut self,
+        infos: impl Iterator<Item = &'i PathInfo>,
+        readers: &mut [R],
+    ) -> Result<()> {
+        let mut uploads: Vec<Upload<'_>> = infos
+            .zip(readers.iter_mut())
+            .map(|(info, r)| Upload {
+                info: PathInfo {
+                    // The builder's signatures and trust do not carry over; the local store
+                    // trusts what we fetched because we asked for it.
+                    ultimate: false,
+                    ..info.clone()
+                },
+                nar: r,
+            })
+            .collect();
+        self.get()
+            .add_to_store_nars(&mut uploads, false, true, &mut |_| {})
+            .await
+            .map_err(|e| {
+                Error::local(
+                    ErrorKind::LocalStore,
+                    format!(
+                        "adding fetched paths to the local store: {}",
+                        from_session(e).message()
+                    ),
+                )
+            })
+    }
+
     pub(crate) fn get(&mut self) -> &mut WorkerSession {
         &mut self
             .session
@@ -345,6 +398,25 @@ fn single_file_contents(nar: &[u8]) -> Option<Vec<u8>> {
     })
     .ok()?;
     (p.is_done() && regular && !other).then_some(out)
+}
+
+/// Reading a path's NAR from the local store failed.
+pub(crate) fn read_failed(path: &StorePath, e: nixmux_session::SessionError) -> Error {
+    Error::local(
+        ErrorKind::LocalStore,
+        format!(
+            "reading {path} from the local store: {}",
+            from_session(e).message()
+        ),
+    )
+}
+
+/// A NAR the local store sent does not match its own metadata.
+pub(crate) fn nar_mismatch(path: &StorePath) -> Error {
+    Error::local(
+        ErrorKind::Verification,
+        format!("local store: the NAR of {path} does not match its recorded hash or size"),
+    )
 }
 
 fn local_err(e: nixmux_session::SessionError, what: &str) -> Error {

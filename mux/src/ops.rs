@@ -535,26 +535,8 @@ impl Lease {
         let remote = &mut self.session;
 
         let producer = async {
-            let l = lease.get();
             for (info, mut w) in infos.iter().zip(writers) {
-                let sum = l
-                    .nar_from_path(&info.path, &mut w, &mut |_| {})
-                    .await
-                    .map_err(|e| {
-                        Error::local(
-                            ErrorKind::LocalStore,
-                            format!("reading {} from the local store: {e}", info.path),
-                        )
-                    })?;
-                if sum.nar_hash != info.nar_hash || sum.nar_size != info.nar_size {
-                    return Err(Error::local(
-                        ErrorKind::Verification,
-                        format!(
-                            "local store: the NAR of {} does not match its recorded hash or size",
-                            info.path
-                        ),
-                    ));
-                }
+                lease.read_nar_checked(info, &mut w).await?;
                 let _ = w.shutdown().await;
                 done.fetch_add(1, Ordering::Relaxed);
             }
@@ -628,21 +610,7 @@ impl Lease {
             let paths: Vec<StorePath> = missing.iter().map(|i| i.path.clone()).collect();
             let mut writers = writers;
             let check = |i: usize, sum: NarSummary| {
-                let info = &missing[i];
-                if sum.nar_hash != info.nar_hash || sum.nar_size != info.nar_size {
-                    return Err(Error::remote(
-                        ErrorKind::Verification,
-                        format!(
-                            "the NAR of {} ({} bytes, {}) does not match the builder's metadata ({} bytes, {})",
-                            info.path,
-                            sum.nar_size,
-                            sum.nar_hash,
-                            info.nar_size,
-                            info.nar_hash
-                        ),
-                    )
-                    .on(&name));
-                }
+                check_fetched(&missing[i], &sum, &name)?;
                 done.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             };
@@ -652,35 +620,7 @@ impl Lease {
                 Err(NarsError::Caller(e)) => Err(e),
             }
         };
-        let consumer = async {
-            let mut uploads: Vec<Upload<'_>> = missing
-                .iter()
-                .zip(readers.iter_mut())
-                .map(|(info, r)| Upload {
-                    info: PathInfo {
-                        // The builder's signatures and trust do not carry over; the local
-                        // store trusts what we fetched because we asked for it.
-                        ultimate: false,
-                        ..info.clone()
-                    },
-                    nar: r,
-                })
-                .collect();
-            lease
-                .get()
-                .add_to_store_nars(&mut uploads, false, true, &mut |_| {})
-                .await
-                .map_err(|e| {
-                    let inner = from_session(e);
-                    Error::local(
-                        ErrorKind::LocalStore,
-                        format!(
-                            "adding fetched paths to the local store: {}",
-                            inner.message()
-                        ),
-                    )
-                })
-        };
+        let consumer = lease.add_fetched(missing.iter(), &mut readers);
         // As in `upload`: the first failure drops the other side.
         tokio::try_join!(producer, consumer)?;
         lease.succeeded();
@@ -929,6 +869,21 @@ impl Lease {
             local_log: LocalLog::NotKept,
         })
     }
+}
+
+/// Checks a NAR fetched from `builder` against the metadata the builder reported for it.
+pub(crate) fn check_fetched(info: &PathInfo, sum: &NarSummary, builder: &str) -> Result<()> {
+    if sum.nar_hash == info.nar_hash && sum.nar_size == info.nar_size {
+        return Ok(());
+    }
+    Err(Error::remote(
+        ErrorKind::Verification,
+        format!(
+            "the NAR of {} ({} bytes, {}) does not match the builder's metadata ({} bytes, {})",
+            info.path, sum.nar_size, sum.nar_hash, info.nar_size, info.nar_hash
+        ),
+    )
+    .on(builder))
 }
 
 /// Path metadata from a builder session, for closure walks.

@@ -69,7 +69,7 @@ use tokio::sync::Notify;
 use crate::builder::Builder;
 use crate::error::{Error, ErrorKind, Result, from_session};
 use crate::local::LocalStore;
-use crate::ops::{ProgressFn, TransferProgress};
+use crate::ops::{ProgressFn, TransferProgress, check_fetched};
 use crate::pool::PooledSession;
 
 /// In-memory pipe per path between the side that reads a NAR and the side that writes it.
@@ -548,6 +548,41 @@ fn batch_pipes(n: usize, tally: &Arc<Tally>) -> (Vec<DuplexStream>, Vec<Counted>
         .unzip()
 }
 
+/// Runs a transfer of `infos` over the lease's `session` and the extra sessions it gets, when
+/// the transfer and the link call for more than one lane. Returns the lanes and batches used,
+/// or `None` when one lane will do (the caller sends everything over `session` as usual).
+async fn transfer(
+    builder: &Builder,
+    session: &mut PooledSession,
+    local: &LocalStore,
+    infos: &[PathInfo],
+    progress: Option<ProgressFn>,
+    dir: Direction,
+) -> Result<Option<(usize, u64)>> {
+    let want = plan_lanes(builder, session, dir, infos).await?;
+    if want < 2 {
+        return Ok(None);
+    }
+    let mut extra = extra_sessions(builder, want).await;
+    if extra.is_empty() {
+        return Ok(None);
+    }
+    let lanes = 1 + extra.len();
+    let name = builder.name().to_owned();
+    let dag = Dag::new(infos, lanes);
+    let tally = Tally::new(infos, progress);
+    let job = Job {
+        dir,
+        dag: &dag,
+        local,
+        infos,
+        tally: &tally,
+        name: &name,
+    };
+    let batches = run_lanes(job, session, &mut extra).await?;
+    Ok(Some((lanes, batches)))
+}
+
 // ===== push =====
 
 /// Pushes `infos` (dependencies first, all missing on the builder, the whole closure
@@ -560,28 +595,12 @@ pub(crate) async fn push(
     infos: &[PathInfo],
     progress: Option<ProgressFn>,
 ) -> Result<bool> {
-    let want = plan_lanes(builder, session, Direction::Push, infos).await?;
-    if want < 2 {
+    let Some((lanes, batches)) =
+        transfer(builder, session, local, infos, progress, Direction::Push).await?
+    else {
         return Ok(false);
-    }
-    let mut extra = extra_sessions(builder, want).await;
-    if extra.is_empty() {
-        return Ok(false);
-    }
-    let lanes = 1 + extra.len();
-    let name = builder.name().to_owned();
-    let dag = Dag::new(infos, lanes);
-    let tally = Tally::new(infos, progress);
-    let job = Job {
-        dir: Direction::Push,
-        dag: &dag,
-        local,
-        infos,
-        tally: &tally,
-        name: &name,
     };
-    let batches = run_lanes(job, session, &mut extra).await?;
-    drop(extra);
+    let name = builder.name();
     // Each NAR was checked by the builder's Nix against what we sent with it; this checks
     // that nothing was skipped, on the session that protects the closure.
     let paths: BTreeSet<StorePath> = infos.iter().map(|i| i.path.clone()).collect();
@@ -590,13 +609,13 @@ pub(crate) async fn push(
         .conv
         .query_valid_paths(&paths, false)
         .await
-        .map_err(|e| from_session(e).on(&name))?;
+        .map_err(|e| from_session(e).on(name))?;
     if let Some(missing) = paths.iter().find(|p| !valid.contains(*p)) {
         return Err(Error::remote(
             ErrorKind::Verification,
             format!("after the parallel push, {missing} is not valid on the builder although it was acknowledged"),
         )
-        .on(&name));
+        .on(name));
     }
     builder.inner.parallel.update(|s| {
         s.pushes += 1;
@@ -620,31 +639,8 @@ async fn push_batch(session: &mut PooledSession, job: Job<'_>, batch: &[usize]) 
     let (writers, mut readers) = batch_pipes(batch.len(), tally);
     let mut lease = local.lease().await?;
     let producer = async {
-        let l = lease.get();
         for (&i, mut w) in batch.iter().zip(writers) {
-            let info = &infos[i];
-            let sum = l
-                .nar_from_path(&info.path, &mut w, &mut |_| {})
-                .await
-                .map_err(|e| {
-                    Error::local(
-                        ErrorKind::LocalStore,
-                        format!(
-                            "reading {} from the local store: {}",
-                            info.path,
-                            from_session(e).message()
-                        ),
-                    )
-                })?;
-            if sum.nar_hash != info.nar_hash || sum.nar_size != info.nar_size {
-                return Err(Error::local(
-                    ErrorKind::Verification,
-                    format!(
-                        "local store: the NAR of {} does not match its recorded hash or size",
-                        info.path
-                    ),
-                ));
-            }
+            lease.read_nar_checked(&infos[i], &mut w).await?;
             let _ = w.shutdown().await;
         }
         Ok::<(), Error>(())
@@ -685,28 +681,11 @@ pub(crate) async fn fetch(
     infos: &[PathInfo],
     progress: Option<ProgressFn>,
 ) -> Result<bool> {
-    let want = plan_lanes(builder, session, Direction::Fetch, infos).await?;
-    if want < 2 {
+    let Some((lanes, batches)) =
+        transfer(builder, session, local, infos, progress, Direction::Fetch).await?
+    else {
         return Ok(false);
-    }
-    let mut extra = extra_sessions(builder, want).await;
-    if extra.is_empty() {
-        return Ok(false);
-    }
-    let lanes = 1 + extra.len();
-    let name = builder.name().to_owned();
-    let dag = Dag::new(infos, lanes);
-    let tally = Tally::new(infos, progress);
-    let job = Job {
-        dir: Direction::Fetch,
-        dag: &dag,
-        local,
-        infos,
-        tally: &tally,
-        name: &name,
     };
-    let batches = run_lanes(job, session, &mut extra).await?;
-    drop(extra);
     builder.inner.parallel.update(|s| {
         s.fetches += 1;
         s.extra_sessions += (lanes - 1) as u64;
@@ -730,54 +709,14 @@ async fn fetch_batch(session: &mut PooledSession, job: Job<'_>, batch: &[usize])
     let mut lease = local.lease().await?;
     let paths: Vec<StorePath> = batch.iter().map(|&i| infos[i].path.clone()).collect();
     let producer = async {
-        let check = |k: usize, sum: NarSummary| {
-            let info = &infos[batch[k]];
-            if sum.nar_hash != info.nar_hash || sum.nar_size != info.nar_size {
-                return Err(Error::remote(
-                    ErrorKind::Verification,
-                    format!(
-                        "the NAR of {} ({} bytes, {}) does not match the builder's metadata ({} bytes, {})",
-                        info.path, sum.nar_size, sum.nar_hash, info.nar_size, info.nar_hash
-                    ),
-                )
-                .on(name));
-            }
-            Ok(())
-        };
+        let check = |k: usize, sum: NarSummary| check_fetched(&infos[batch[k]], &sum, name);
         match session.get().conv.nars(&paths, &mut writers, check).await {
             Ok(()) => Ok::<(), Error>(()),
             Err(NarsError::Session(e)) => Err(from_session(e).on(name)),
             Err(NarsError::Caller(e)) => Err(e),
         }
     };
-    let consumer = async {
-        let mut uploads: Vec<Upload<'_>> = batch
-            .iter()
-            .zip(readers.iter_mut())
-            .map(|(&i, r)| Upload {
-                info: PathInfo {
-                    // The builder's signatures and trust do not carry over; the local store
-                    // trusts what we fetched because we asked for it.
-                    ultimate: false,
-                    ..infos[i].clone()
-                },
-                nar: r,
-            })
-            .collect();
-        lease
-            .get()
-            .add_to_store_nars(&mut uploads, false, true, &mut |_| {})
-            .await
-            .map_err(|e| {
-                Error::local(
-                    ErrorKind::LocalStore,
-                    format!(
-                        "adding fetched paths to the local store: {}",
-                        from_session(e).message()
-                    ),
-                )
-            })
-    };
+    let consumer = lease.add_fetched(batch.iter().map(|&i| &infos[i]), &mut readers);
     tokio::try_join!(producer, consumer)?;
     lease.succeeded();
     tally.paths.fetch_add(batch.len(), Ordering::Relaxed);

@@ -8,7 +8,6 @@ use nixmux_proto::path_info::PathInfo;
 use nixmux_proto::serve::{self, Request};
 use nixmux_proto::store_path::StorePath;
 use nixmux_proto::wire::WireReader;
-use nixmux_session::Upload;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
 
@@ -17,7 +16,7 @@ use super::{
     remote_failure, sh_quote,
 };
 use crate::builder::Builder;
-use crate::error::{Error, ErrorKind, Result, from_session};
+use crate::error::{Error, ErrorKind, Result};
 use crate::local::LocalStore;
 use crate::ops::{ProgressFn, TransferProgress};
 use crate::pool::PooledSession;
@@ -115,33 +114,7 @@ pub(crate) async fn fetch(
         }
         Ok::<u64, Error>(compressed)
     };
-    let consumer = async {
-        let mut uploads: Vec<Upload<'_>> = infos
-            .iter()
-            .zip(readers.iter_mut())
-            .map(|(info, r)| Upload {
-                info: PathInfo {
-                    // As for protocol fetches: the builder's trust does not carry over.
-                    ultimate: false,
-                    ..info.clone()
-                },
-                nar: r,
-            })
-            .collect();
-        lease
-            .get()
-            .add_to_store_nars(&mut uploads, false, true, &mut |_| {})
-            .await
-            .map_err(|e| {
-                Error::local(
-                    ErrorKind::LocalStore,
-                    format!(
-                        "adding fetched paths to the local store: {}",
-                        from_session(e).message()
-                    ),
-                )
-            })
-    };
+    let consumer = lease.add_fetched(infos.iter(), &mut readers);
     // The first failure drops the other side: a half-sent NAR is never registered locally.
     let (compressed, ()) = tokio::try_join!(producer, consumer)?;
     lease.succeeded();

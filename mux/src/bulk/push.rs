@@ -142,27 +142,14 @@ async fn send_push(
                     if sink.failed {
                         remote_gone(std::io::Error::other(from_session(e).message().to_owned()))
                     } else {
-                        Error::local(
-                            ErrorKind::LocalStore,
-                            format!(
-                                "reading {} from the local store: {}",
-                                info.path,
-                                from_session(e).message()
-                            ),
-                        )
+                        crate::local::read_failed(&info.path, e)
                     }
                 })?;
             if sum.nar_hash != info.nar_hash
                 || sum.nar_size != info.nar_size
                 || sink.raw - before != info.nar_size
             {
-                return Err(Error::local(
-                    ErrorKind::Verification,
-                    format!(
-                        "local store: the NAR of {} does not match its recorded hash or size",
-                        info.path
-                    ),
-                ));
+                return Err(crate::local::nar_mismatch(&info.path));
             }
             done_bytes += info.nar_size;
             if let Some(p) = &progress {
