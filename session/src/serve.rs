@@ -299,46 +299,25 @@ impl ServeSession {
         &mut self,
         paths: &[StorePath],
         sinks: &mut [W],
-        mut after: impl FnMut(usize, NarSummary) -> Result<(), E> + Send,
+        after: impl FnMut(usize, NarSummary) -> Result<(), E> + Send,
     ) -> Result<(), NarsError<E>>
     where
         W: AsyncWrite + Unpin + Send,
     {
-        const DURING: &str = "serve DumpStorePath";
-        self.conn.begin().map_err(NarsError::Session)?;
-        let mut refused = None;
-        let r = async {
-            let mut sent = 0;
-            for (i, sink) in sinks.iter_mut().enumerate().take(paths.len()) {
-                if sent < paths.len() && sent - i <= NAR_WINDOW / 2 {
-                    let upto = paths.len().min(i + NAR_WINDOW);
-                    for p in &paths[sent..upto] {
-                        Request::DumpStorePath { path: p.clone() }.write(
-                            &mut self.conn.wbuf,
-                            &self.dir,
-                            self.version,
-                        );
-                    }
-                    sent = upto;
-                    self.conn.flush(DURING).await?;
-                }
-                let (nar_size, nar_hash) = self.conn.read_nar(sink, DURING).await?;
-                tokio::io::AsyncWriteExt::shutdown(sink)
-                    .await
-                    .map_err(SessionError::Sink)?;
-                if let Err(e) = after(i, NarSummary { nar_size, nar_hash }) {
-                    refused = Some(e);
-                    return Ok(());
-                }
-            }
-            Ok(())
-        }
-        .await;
-        if refused.is_some() {
-            self.conn.poison();
-        }
-        self.conn.end(r).map_err(NarsError::Session)?;
-        refused.map_or(Ok(()), |e| Err(NarsError::Caller(e)))
+        let (dir, version) = (self.dir.clone(), self.version);
+        let request = |p: &StorePath, out: &mut BytesMut| {
+            Request::DumpStorePath { path: p.clone() }.write(out, &dir, version);
+        };
+        crate::worker::nar_batch(
+            &mut self.conn,
+            "serve DumpStorePath",
+            None,
+            paths,
+            sinks,
+            request,
+            after,
+        )
+        .await
     }
 
     /// `AddToStoreNar` for several paths, pipelined: headers and NARs are sent while the

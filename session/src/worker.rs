@@ -838,52 +838,25 @@ impl WorkerSession {
         &mut self,
         paths: &[StorePath],
         sinks: &mut [W],
-        mut after: impl FnMut(usize, NarSummary) -> Result<(), E> + Send,
+        after: impl FnMut(usize, NarSummary) -> Result<(), E> + Send,
     ) -> Result<(), NarsError<E>>
     where
         W: AsyncWrite + Unpin + Send,
     {
-        const DURING: &str = "worker NarFromPath";
-        self.conn.begin().map_err(NarsError::Session)?;
-        let v = self.neg.version;
-        let t = Patience::Transfer;
-        let mut refused = None;
-        let r = async {
-            let mut sent = 0;
-            for (i, sink) in sinks.iter_mut().enumerate().take(paths.len()) {
-                if sent < paths.len() && sent - i <= NAR_WINDOW / 2 {
-                    let upto = paths.len().min(i + NAR_WINDOW);
-                    for p in &paths[sent..upto] {
-                        Request::NarFromPath { path: p.clone() }.write(
-                            &mut self.conn.wbuf,
-                            &self.dir,
-                            &self.neg,
-                        );
-                    }
-                    sent = upto;
-                    self.conn.flush(DURING).await?;
-                }
-                {
-                    let (mut rh, _) = self.conn.halves();
-                    stderr_loop(&mut rh, v, DURING, t, &mut |_| {}).await?;
-                }
-                let (nar_size, nar_hash) = self.conn.read_nar(sink, DURING).await?;
-                tokio::io::AsyncWriteExt::shutdown(sink)
-                    .await
-                    .map_err(SessionError::Sink)?;
-                if let Err(e) = after(i, NarSummary { nar_size, nar_hash }) {
-                    refused = Some(e);
-                    return Ok(());
-                }
-            }
-            Ok(())
-        }
-        .await;
-        if refused.is_some() {
-            self.conn.poison();
-        }
-        self.conn.end(r).map_err(NarsError::Session)?;
-        refused.map_or(Ok(()), |e| Err(NarsError::Caller(e)))
+        let (dir, neg) = (self.dir.clone(), self.neg.clone());
+        let request = |p: &StorePath, out: &mut BytesMut| {
+            Request::NarFromPath { path: p.clone() }.write(out, &dir, &neg);
+        };
+        nar_batch(
+            &mut self.conn,
+            "worker NarFromPath",
+            Some(self.neg.version),
+            paths,
+            sinks,
+            request,
+            after,
+        )
+        .await
     }
 
     /// `AddToStoreNar` for one path. From 1.23 the NAR is framed and the daemon's messages are
@@ -1146,6 +1119,60 @@ impl WorkerSession {
             }
         }
     }
+}
+
+/// A batch of NAR downloads, pipelined (at most [`NAR_WINDOW`] requests in flight, topped
+/// up when half are answered): `request` writes the request for a path, and before each NAR
+/// the worker protocol's stderr messages are read when `stderr` gives its version. The NAR of
+/// `paths[i]` is streamed into `sinks[i]`, which is then shut down, and `after(i, sum)` checks
+/// it before the next is read; a refusal poisons the session (replies are still in flight).
+/// Shared by serve `DumpStorePath` and worker `NarFromPath`.
+pub(crate) async fn nar_batch<W, E>(
+    conn: &mut Conn,
+    during: &'static str,
+    stderr: Option<ProtocolVersion>,
+    paths: &[StorePath],
+    sinks: &mut [W],
+    request: impl Fn(&StorePath, &mut BytesMut),
+    mut after: impl FnMut(usize, NarSummary) -> Result<(), E> + Send,
+) -> Result<(), NarsError<E>>
+where
+    W: AsyncWrite + Unpin + Send,
+{
+    conn.begin().map_err(NarsError::Session)?;
+    let mut refused = None;
+    let r = async {
+        let mut sent = 0;
+        for (i, sink) in sinks.iter_mut().enumerate().take(paths.len()) {
+            if sent < paths.len() && sent - i <= NAR_WINDOW / 2 {
+                let upto = paths.len().min(i + NAR_WINDOW);
+                for p in &paths[sent..upto] {
+                    request(p, &mut conn.wbuf);
+                }
+                sent = upto;
+                conn.flush(during).await?;
+            }
+            if let Some(v) = stderr {
+                let (mut rh, _) = conn.halves();
+                stderr_loop(&mut rh, v, during, Patience::Transfer, &mut |_| {}).await?;
+            }
+            let (nar_size, nar_hash) = conn.read_nar(sink, during).await?;
+            tokio::io::AsyncWriteExt::shutdown(sink)
+                .await
+                .map_err(SessionError::Sink)?;
+            if let Err(e) = after(i, NarSummary { nar_size, nar_hash }) {
+                refused = Some(e);
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+    .await;
+    if refused.is_some() {
+        conn.poison();
+    }
+    conn.end(r).map_err(NarsError::Session)?;
+    refused.map_or(Ok(()), |e| Err(NarsError::Caller(e)))
 }
 
 /// What a framed upload carries.
