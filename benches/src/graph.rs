@@ -359,7 +359,7 @@ pub struct NixmuxGraph {
     build_time: Duration,
     fetch_time: Duration,
     counted: u32,
-    /// Take the session before the build slot, as `nixmux build` does (see
+    /// Build and fetch on one lease, as `nixmux build` does (see
     /// [`NixmuxGraph::lease_first`]).
     lease_first: bool,
 }
@@ -383,12 +383,10 @@ impl NixmuxGraph {
     }
 
     /// The same side in the order of `nixmux build` (cli/src/build.rs): `Pool::select`, then
-    /// `Builder::lease`, then `Lease::build` and `Lease::fetch_outputs`. A build counts
-    /// against its builder's load only once it waits for a build slot, which `Lease::build`
-    /// does after the session is acquired; jobs started together (the first wave, while the
-    /// pool still connects) all see equal loads and pick the same builder. The default order
-    /// (`Builder::build`, which takes the slot in the poll that selected the builder, then
-    /// `Builder::fetch_outputs`) shows the difference.
+    /// `Builder::build_slot` (so that the next selection counts this build), `Builder::lease`,
+    /// `Lease::build_in_slot` and `Lease::fetch_outputs` on the one session. The default
+    /// order (`Builder::build`, then `Builder::fetch_outputs` on a second lease) shows what
+    /// holding one session across build and fetch costs or saves.
     pub fn lease_first(mut self) -> Self {
         self.lease_first = true;
         self
@@ -549,8 +547,11 @@ impl Side for NixmuxGraph {
                         };
                         let built;
                         if lease_first {
+                            let slot = b.build_slot().await?;
                             let mut lease = b.lease().await?;
-                            let o = lease.build(&local, &job.drv, &options, &logs, None).await?;
+                            let o = lease
+                                .build_in_slot(slot, &local, &job.drv, &options, &logs, None)
+                                .await?;
                             let outs = outputs(&o)?;
                             built = t.elapsed();
                             lease.fetch_outputs(&local, &outs, None).await?;
