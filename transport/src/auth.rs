@@ -15,18 +15,24 @@
 //! signature; once an endpoint has accepted an agent key, later connections to it in this
 //! process sign with that key at once ([`Accepted`]). A refused signed request moves on to the
 //! next identity exactly like a refused query.
+//!
+//! The first channel ([`TransportConfig::first_channel`](crate::TransportConfig::first_channel))
+//! is opened ahead, right behind the first request, only when that request is signed and its
+//! key was accepted by the endpoint before in this process ([`Accepted`]), key files and agent
+//! keys alike: a server that refuses the request drops the open, and Dropbear ends the
+//! connection over it, so it is only sent where a refusal is unlikely.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use russh::MethodKind;
-use russh::client::{AuthResult, Handle};
+use russh::client::{AuthResult, ChannelOpenAhead, Handle, PendingChannel};
 use russh::keys::agent::AgentIdentity;
 use russh::keys::agent::client::AgentClient;
 use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg};
 
-use crate::config::{Endpoint, Identity};
+use crate::config::{Endpoint, FirstChannel, Identity};
 use crate::error::{Stage, TransportError, classify};
 use crate::handler::ClientHandler;
 use crate::host_key::fingerprint;
@@ -53,9 +59,9 @@ impl RsaHash {
     }
 }
 
-/// Agent keys that endpoints accepted, in this process: (host, port, user, key fingerprint).
-/// Only consulted to skip the query for agent keys; bounded, since a long-running process may
-/// talk to many builders.
+/// Keys that endpoints accepted, in this process: (host, port, user, key fingerprint).
+/// Consulted to skip the query for agent keys and to open the first channel ahead; bounded,
+/// since a long-running process may talk to many builders.
 struct Accepted;
 
 /// Entries kept at most; past that the set starts over (costing one query per endpoint).
@@ -184,7 +190,46 @@ pub(crate) fn preload(identities: &[Identity]) -> Preloaded {
     }))
 }
 
+/// The first channel opened ahead of authentication (see the module docs).
+#[derive(Default)]
+pub(crate) struct Ahead {
+    /// What to open; `None`: nothing.
+    pub(crate) open: Option<FirstChannel>,
+    /// The open, once asked for.
+    pub(crate) pending: Option<PendingChannel>,
+    /// The request it was sent behind was refused: the server dropped it, or ended the
+    /// connection over it.
+    pub(crate) refused: bool,
+}
+
+impl Ahead {
+    /// Asks for the open ahead if `key` (its fingerprint) was accepted by `endpoint` before
+    /// and no request went out yet. Returns whether it was asked for.
+    async fn open_if_known(
+        &mut self,
+        handle: &Handle<ClientHandler>,
+        endpoint: &Endpoint,
+        fp: &str,
+        first_request: bool,
+    ) -> bool {
+        let Some(open) = &self.open else { return false };
+        if !first_request || self.pending.is_some() || !Accepted::contains(endpoint, fp) {
+            return false;
+        }
+        let open = match open {
+            FirstChannel::Session => ChannelOpenAhead::Session,
+            FirstChannel::Streamlocal(path) => ChannelOpenAhead::DirectStreamLocal {
+                socket_path: path.clone(),
+            },
+        };
+        // A failed send means the session is gone: the request fails the same way.
+        self.pending = handle.channel_open_ahead(open).await.ok();
+        self.pending.is_some()
+    }
+}
+
 /// Tries each identity until one is accepted; returns a description of the one that worked.
+/// `ahead` says what to open behind the first request, and gets the open.
 pub(crate) async fn authenticate(
     handle: &mut Handle<ClientHandler>,
     endpoint: &Endpoint,
@@ -192,6 +237,7 @@ pub(crate) async fn authenticate(
     shared: &ConnShared,
     fast_auth: bool,
     preloaded: Preloaded,
+    ahead: &mut Ahead,
 ) -> Result<String, TransportError> {
     let user = endpoint.user.as_str();
     let mut preloaded = preloaded.keys().await.into_iter();
@@ -233,16 +279,29 @@ pub(crate) async fn authenticate(
                 } else {
                     None
                 };
+                let fp = fingerprint(key.public_key());
                 let desc = format!(
-                    "key file {} ({} {})",
+                    "key file {} ({} {fp})",
                     path.display(),
                     sig_name(&alg, hash),
-                    fingerprint(key.public_key())
                 );
+                // Key files sign at once with fast_auth: the open can go behind the request.
+                let with_open = fast_auth
+                    && ahead
+                        .open_if_known(handle, endpoint, &fp, !offered_any)
+                        .await;
                 offered_any = true;
                 let result = handle
                     .authenticate_publickey(user, PrivateKeyWithHashAlg::new(Arc::new(key), hash))
                     .await;
+                match &result {
+                    Ok(AuthResult::Success) => Accepted::insert(endpoint, &fp),
+                    _ if with_open => {
+                        ahead.refused = true;
+                        Accepted::remove(endpoint, &fp);
+                    }
+                    _ => {}
+                }
                 let result = match result {
                     Ok(r) => r,
                     Err(e) => {
@@ -338,8 +397,12 @@ pub(crate) async fn authenticate(
                     };
                     let fp = fingerprint(&key);
                     let desc = format!("agent key {comment:?} ({} {fp})", sig_name(&alg, hash));
-                    offered_any = true;
                     let at_once = fast_auth && Accepted::contains(endpoint, &fp);
+                    let with_open = at_once
+                        && ahead
+                            .open_if_known(handle, endpoint, &fp, !offered_any)
+                            .await;
+                    offered_any = true;
                     let result = if at_once {
                         handle
                             .authenticate_publickey_signed_with(user, key, hash, &mut agent)
@@ -352,6 +415,8 @@ pub(crate) async fn authenticate(
                     if at_once && !matches!(result, Ok(AuthResult::Success)) {
                         // Refused now (or not signed): query it first again next time.
                         Accepted::remove(endpoint, &fp);
+                        ahead.refused |=
+                            with_open && matches!(result, Ok(AuthResult::Failure { .. }));
                     }
                     match result {
                         Ok(AuthResult::Success) => {

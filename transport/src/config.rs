@@ -176,6 +176,32 @@ pub struct TransportConfig {
     /// trips per new connection. Default true; false gives OpenSSH's client sequence (service
     /// request, query, signed request), for a server that mishandles pipelining.
     pub fast_auth: bool,
+    /// The channel this connection will open first, if the caller knows (a pool opening a
+    /// connection for an `ssh-ng://` session over the daemon's socket, or for an exec). With
+    /// [`fast_auth`](Self::fast_auth), and when the endpoint accepted the first identity to be
+    /// tried before in this process, its `SSH_MSG_CHANNEL_OPEN` goes out right behind the
+    /// signed authentication request, so authentication and the open cost one round trip
+    /// together (RFC 4252 §5.1: the server passes what follows the successful request to the
+    /// connection service). The first open asked of the connection takes it if it is the
+    /// same kind (and socket path); any other first open closes it unused. If the server
+    /// refuses that request after all, the open is sent again once another identity
+    /// succeeds (OpenSSH drops the early one); a server that ends the connection over it
+    /// (Dropbear does) gets one new connection without the early open ([`connect`] only;
+    /// [`connect_over`] reports the refusal). Default `None`.
+    ///
+    /// [`connect`]: crate::connect
+    /// [`connect_over`]: crate::connect_over
+    pub first_channel: Option<FirstChannel>,
+}
+
+/// A channel a connection will open first: see [`TransportConfig::first_channel`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum FirstChannel {
+    /// A session channel, for [`SshConnection::exec`](crate::SshConnection::exec).
+    Session,
+    /// A channel to the Unix socket at this path, for
+    /// [`SshConnection::open_streamlocal`](crate::SshConnection::open_streamlocal).
+    Streamlocal(String),
 }
 
 impl Default for TransportConfig {
@@ -217,6 +243,7 @@ impl Default for TransportConfig {
             close_grace: Duration::from_secs(2),
             compression: false,
             fast_auth: true,
+            first_channel: None,
         }
     }
 }
@@ -392,9 +419,10 @@ impl TransportConfig {
             keepalive_interval: self.keepalive_interval,
             keepalive_max: self.keepalive_max_misses,
             nodelay: self.nodelay,
-            // A patch of ours (vendor/README.md): both are false upstream.
+            // A patch of ours (vendor/README.md): all three are false upstream.
             pipeline_auth_request: self.fast_auth,
             publickey_sign_at_once: self.fast_auth,
+            pipeline_channel_open: self.fast_auth,
             ..Default::default()
         })
     }

@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::auth;
-use crate::config::{Endpoint, ExecOptions, Identity, TransportConfig};
+use crate::config::{Endpoint, ExecOptions, FirstChannel, Identity, TransportConfig};
 use crate::error::{ChannelOpenRefusal, DisconnectCause, Stage, TransportError, classify};
 use crate::exec::{ChannelParts, ExecChannel, TcpipStream};
 use crate::handler::{ClientHandler, ConnInner, HandlerError};
@@ -70,9 +70,49 @@ pub async fn connect(
         addrs: addrs.clone(),
     });
 
+    let mut first_channel = config.first_channel.as_ref();
+    loop {
+        let (tcp, quickack) = tcp_connect(endpoint, &addrs, config, &stopwatch).await?;
+        let r = establish(
+            tcp,
+            endpoint,
+            identities,
+            prepared.clone(),
+            config,
+            stopwatch.clone(),
+            quickack,
+            first_channel,
+        )
+        .await;
+        match r {
+            Err(Failed {
+                error,
+                ahead_refused: true,
+            }) if first_channel.is_some() => {
+                // The server ended the connection over the channel open sent behind a
+                // request it refused (Dropbear: "before userauth", process-packet.c): once
+                // more, without it. The key is no longer remembered as accepted.
+                tracing::debug!("retrying without the early channel open: {error}");
+                first_channel = None;
+            }
+            r => return r.map_err(|f| f.error),
+        }
+    }
+}
+
+/// An after-read hook (TCP_QUICKACK), if the socket allows.
+type AfterRead = Option<Box<dyn Fn() + Send + Sync>>;
+
+/// TCP connect to each of `addrs` in turn.
+async fn tcp_connect(
+    endpoint: &Endpoint,
+    addrs: &[SocketAddr],
+    config: &TransportConfig,
+    stopwatch: &Stopwatch,
+) -> Result<(TcpStream, AfterRead), TransportError> {
     let mut last_err = None;
     let mut connected = None;
-    for addr in &addrs {
+    for addr in addrs {
         match tokio::time::timeout(config.tcp_connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => {
                 connected = Some((s, *addr));
@@ -119,10 +159,7 @@ pub async fn connect(
                 let _ = sock.set_tcp_quickack(true);
             })
         });
-    establish(
-        tcp, endpoint, identities, prepared, config, stopwatch, quickack,
-    )
-    .await
+    Ok((tcp, quickack))
 }
 
 /// Like [`connect`], over an already connected byte stream: a `direct-tcpip` channel of
@@ -143,11 +180,37 @@ where
     let stopwatch = Stopwatch::new(Arc::new(observer));
     let prepared = prepare(endpoint, host_key_check, config).await?;
     establish(
-        stream, endpoint, identities, prepared, config, stopwatch, None,
+        stream,
+        endpoint,
+        identities,
+        prepared,
+        config,
+        stopwatch,
+        None,
+        config.first_channel.as_ref(),
     )
     .await
+    .map_err(|f| f.error)
 }
 
+/// A failed [`establish`].
+struct Failed {
+    error: TransportError,
+    /// The server refused the request the first channel's open went behind, and the
+    /// connection is gone: a new one without the early open may succeed.
+    ahead_refused: bool,
+}
+
+impl From<TransportError> for Failed {
+    fn from(error: TransportError) -> Self {
+        Failed {
+            error,
+            ahead_refused: false,
+        }
+    }
+}
+
+#[derive(Clone)]
 struct Prepared {
     verifier: Arc<Verifier>,
     russh_config: Arc<russh::client::Config>,
@@ -177,6 +240,7 @@ async fn prepare(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn establish<S>(
     stream: S,
     endpoint: &Endpoint,
@@ -184,8 +248,9 @@ async fn establish<S>(
     prepared: Prepared,
     config: &TransportConfig,
     stopwatch: Stopwatch,
-    after_read: Option<Box<dyn Fn() + Send + Sync>>,
-) -> Result<SshConnection, TransportError>
+    after_read: AfterRead,
+    first_channel: Option<&FirstChannel>,
+) -> Result<SshConnection, Failed>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -210,17 +275,18 @@ where
             return Err(TransportError::Timeout {
                 stage: Stage::Handshake,
                 after: config.handshake_timeout,
-            });
+            }
+            .into());
         }
         Ok(Err(e)) => {
             monitor.kill();
             if let Some(rejection) = shared.rejection.lock().ok().and_then(|mut r| r.take()) {
-                return Err(rejection);
+                return Err(rejection.into());
             }
             return Err(match e {
                 HandlerError::Russh(e) => {
                     if let Some(dropped) = startup_drop(&monitor) {
-                        return Err(dropped);
+                        return Err(dropped.into());
                     }
                     let from_stream = match monitor.end() {
                         Some(StreamEnd::Eof) => Some(DisconnectCause::ConnectionClosed),
@@ -235,7 +301,8 @@ where
                     stage: Stage::HostKey,
                     message: "host key refused".into(),
                 },
-            });
+            }
+            .into());
         }
         Ok(Ok(h)) => h,
     };
@@ -246,9 +313,14 @@ where
         return Err(TransportError::Protocol {
             stage: Stage::HostKey,
             message: "handshake finished without a host key check".into(),
-        });
+        }
+        .into());
     };
 
+    let mut ahead = auth::Ahead {
+        open: first_channel.cloned(),
+        ..auth::Ahead::default()
+    };
     let auth = tokio::time::timeout(
         config.auth_timeout,
         auth::authenticate(
@@ -258,6 +330,7 @@ where
             &shared,
             config.fast_auth,
             preloaded,
+            &mut ahead,
         ),
     )
     .await;
@@ -267,14 +340,32 @@ where
             return Err(TransportError::Timeout {
                 stage: Stage::Auth,
                 after: config.auth_timeout,
-            });
+            }
+            .into());
         }
-        Ok(Err(e)) => {
+        Ok(Err(mut error)) => {
+            let ahead_refused = ahead.refused && handle.is_closed();
+            if ahead_refused && let TransportError::AuthRejected { tried, .. } = &mut error {
+                tried.push(
+                    "the server ended the connection over the channel open sent behind the refused request; the next connection does not send it early".into(),
+                );
+            }
             // Dropping the handle ends the session task, which closes the socket.
             drop(handle);
-            return Err(e);
+            return Err(Failed {
+                error,
+                ahead_refused,
+            });
         }
         Ok(Ok(identity)) => identity,
+    };
+    // Delayed compression (zlib@openssh.com) makes russh hold the open until authenticated.
+    let first_channel_pipelined = ahead.pending.is_some()
+        && !ahead.refused
+        && shared.compression.get().copied() != Some("zlib@openssh.com");
+    let ahead = match (ahead.open, ahead.pending) {
+        (Some(open), Some(pending)) => Some((open, pending)),
+        _ => None,
     };
     stopwatch.emit(ConnectEventKind::Authenticated {
         user: endpoint.user.clone(),
@@ -289,6 +380,8 @@ where
             host_key,
             identity,
             config: config.clone(),
+            ahead: std::sync::Mutex::new(ahead),
+            first_channel_pipelined,
         }),
     })
 }
@@ -389,7 +482,11 @@ impl SshConnection {
         options: ExecOptions,
     ) -> Result<ExecChannel, TransportError> {
         let channel = self
-            .open(Stage::ChannelOpen, self.inner.handle.channel_open_session())
+            .open(
+                Stage::ChannelOpen,
+                Some(FirstChannel::Session),
+                self.inner.handle.channel_open_session(),
+            )
             .await?;
         crate::exec::start_exec(self.inner.clone(), channel, command, options).await
     }
@@ -405,6 +502,7 @@ impl SshConnection {
         let channel = self
             .open(
                 Stage::ChannelOpen,
+                None,
                 self.inner
                     .handle
                     .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0),
@@ -437,13 +535,44 @@ impl SshConnection {
         let channel = self
             .open(
                 Stage::ChannelOpen,
+                Some(FirstChannel::Streamlocal(path.to_owned())),
                 self.inner.handle.channel_open_direct_streamlocal(path),
             )
             .await?;
         crate::exec::start_stream(self.inner.clone(), channel, options).await
     }
 
+    /// Opens a channel: `open` (not polled if unused), or the channel opened ahead if it is
+    /// the one wanted (`want`).
     async fn open(
+        &self,
+        stage: Stage,
+        want: Option<FirstChannel>,
+        open: impl Future<Output = Result<russh::Channel<Msg>, russh::Error>>,
+    ) -> Result<russh::Channel<Msg>, TransportError> {
+        match self.take_ahead(want.as_ref()) {
+            Some(pending) => self.finish_open(stage, pending.confirmed()).await,
+            None => self.finish_open(stage, open).await,
+        }
+    }
+
+    /// The channel opened ahead ([`TransportConfig::first_channel`]) if it is `want`; the
+    /// first open of any other kind closes it unused (as soon as the server confirms it),
+    /// so that it does not hold a session of the server's `MaxSessions`.
+    fn take_ahead(&self, want: Option<&FirstChannel>) -> Option<russh::client::PendingChannel> {
+        let (open, pending) = self.inner.ahead.lock().ok()?.take()?;
+        if want == Some(&open) {
+            return Some(pending);
+        }
+        tokio::spawn(async move {
+            if let Ok(channel) = pending.confirmed().await {
+                let _ = channel.close().await;
+            }
+        });
+        None
+    }
+
+    async fn finish_open(
         &self,
         stage: Stage,
         open: impl Future<Output = Result<russh::Channel<Msg>, russh::Error>>,
@@ -588,6 +717,12 @@ impl SshConnection {
     /// see [`TransportConfig::compression`].
     pub fn compression(&self) -> Option<&str> {
         self.inner.shared.compression.get().copied()
+    }
+
+    /// Whether the first channel's open went out right behind the authentication request
+    /// ([`TransportConfig::first_channel`]): its round trip was then part of authentication's.
+    pub fn first_channel_pipelined(&self) -> bool {
+        self.inner.first_channel_pipelined
     }
 
     /// The identity that authenticated.

@@ -159,4 +159,9 @@ pub(crate) struct ConnInner {
     pub(crate) host_key: HostKeyInfo,
     pub(crate) identity: String,
     pub(crate) config: TransportConfig,
+    /// The first channel, opened ahead of authentication, until an open takes it.
+    pub(crate) ahead:
+        std::sync::Mutex<Option<(crate::config::FirstChannel, russh::client::PendingChannel)>>,
+    /// Whether that open went out with the authentication request.
+    pub(crate) first_channel_pipelined: bool,
 }

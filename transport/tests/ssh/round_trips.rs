@@ -7,6 +7,14 @@
 //! identity the server refuses first, and an agent key is queried first (one more) unless the
 //! same endpoint accepted it before in this process. `fast_auth = false` gives back the
 //! three round trips of the usual sequence.
+//!
+//! The first channel ([`TransportConfig::first_channel`]) rides with the authentication
+//! request once the endpoint has accepted the key in this process: authentication and the
+//! open then take one round trip together, against OpenSSH (whose privilege separation hands
+//! the already-read open to the post-authentication process) and Dropbear alike. A key that
+//! is refused after all: OpenSSH drops the early open (`SSH_MSG_UNIMPLEMENTED`) and the open
+//! goes out again after the next identity succeeds; Dropbear ends the connection ("before
+//! userauth"), and a new connection without the early open takes over.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -14,8 +22,8 @@ use std::time::Duration;
 
 use nixmux_rig::relay::{Link, Relay};
 use nixmux_transport::{
-    ConnectEvent, ConnectEventKind, Endpoint, HostKeyCheck, HostPublicKey, Identity, SshConnection,
-    TransportConfig, TransportError, connect,
+    ConnectEvent, ConnectEventKind, Endpoint, ExecOptions, FirstChannel, HostKeyCheck,
+    HostPublicKey, Identity, SshConnection, TransportConfig, TransportError, connect,
 };
 
 use crate::support::{Agent, Dropbear, Sshd, config, keygen, pub_line, read_all};
@@ -246,4 +254,250 @@ async fn dropbear_takes_fast_auth() {
     assert_rtts("dropbear: refused key file, then ours", n, 2);
     echo_ok(&conn).await;
     conn.disconnect().await;
+}
+
+/// A config whose connections open `first` ahead.
+fn opening(first: FirstChannel) -> TransportConfig {
+    let mut c = config();
+    c.first_channel = Some(first);
+    c
+}
+
+/// Round trips of `echo ok` on a new channel (open + exec request), checking its output.
+async fn exec_rtts(conn: &SshConnection) -> f64 {
+    let t = std::time::Instant::now();
+    let mut ch = conn.exec("echo ok").await.expect("exec");
+    let took = t.elapsed();
+    assert_eq!(
+        read_all(ch.stdout(), Duration::from_secs(10)).await,
+        b"ok\n"
+    );
+    rtts(took)
+}
+
+/// Authentication and the first channel's open in one round trip once the key is known, for
+/// a session channel and a channel to a Unix socket; another kind of first open closes the
+/// early one unused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_channel_rides_with_auth() {
+    let sshd = Sshd::start();
+    let relayed = Relayed::new(sshd.port, &sshd.host_pub).await;
+    let ids = sshd.identities();
+    let session = opening(FirstChannel::Session);
+
+    // Not known yet: the open waits for authentication (held by the session, then one round
+    // trip of its own), so the exec takes two.
+    let (conn, n) = relayed.connect(&ids, &session).await.expect("connect");
+    assert_rtts("auth, key not yet accepted here", n, 1);
+    assert!(!conn.first_channel_pipelined());
+    assert_rtts("open + exec", exec_rtts(&conn).await, 2);
+    conn.disconnect().await;
+
+    // Known: the open went with the signed request, so only the exec request is left. sshd's
+    // privilege separation carried the open, read with the request, over to the
+    // post-authentication process: otherwise it would never be confirmed.
+    let (conn, n) = relayed.connect(&ids, &session).await.expect("connect");
+    assert_rtts("auth with the open behind it", n, 1);
+    assert!(conn.first_channel_pipelined());
+    assert_rtts(
+        "exec on the channel opened with auth",
+        exec_rtts(&conn).await,
+        1,
+    );
+    // Later channels are opened as usual.
+    assert_rtts("a second open + exec", exec_rtts(&conn).await, 2);
+    conn.disconnect().await;
+
+    // A channel to a Unix socket (the daemon socket of ssh-ng): confirmed with the
+    // authentication, so it is there at once.
+    let path = sshd.path().join("echo.sock");
+    let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+    let echo = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let socket = opening(FirstChannel::Streamlocal(path.display().to_string()));
+    let (conn, n) = relayed.connect(&ids, &socket).await.expect("connect");
+    assert_rtts("auth with a socket channel behind it", n, 1);
+    assert!(conn.first_channel_pipelined());
+    let t = std::time::Instant::now();
+    let mut opts = ExecOptions::default();
+    opts.first_input = Some(bytes::Bytes::from_static(b"ping"));
+    let mut ch = conn
+        .open_streamlocal(&path.display().to_string(), opts)
+        .await
+        .expect("open_streamlocal");
+    let open = rtts(t.elapsed());
+    println!("socket channel opened with auth: {open:.2} round trips after it");
+    assert!(open < 0.3, "{open:.2} round trips");
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_exact(ch.stdout(), &mut buf),
+    )
+    .await
+    .expect("echo in time")
+    .expect("echo");
+    assert_eq!(&buf, b"ping");
+    drop(ch);
+    conn.disconnect().await;
+
+    // The early open is a session, the first open a socket channel: the socket channel is
+    // opened as usual, the session closed unused, and exec works on a channel of its own.
+    let (conn, _) = relayed.connect(&ids, &session).await.expect("connect");
+    assert!(conn.first_channel_pipelined());
+    let ch = conn
+        .open_streamlocal(&path.display().to_string(), ExecOptions::default())
+        .await
+        .expect("open_streamlocal");
+    drop(ch);
+    assert_rtts(
+        "open + exec after an unused early open",
+        exec_rtts(&conn).await,
+        2,
+    );
+    conn.disconnect().await;
+    echo.abort();
+}
+
+/// OpenSSH refuses the key the early open went behind: sshd answers the open with
+/// `SSH_MSG_UNIMPLEMENTED` (it is still in userauth), the next identity succeeds and the open
+/// goes out again; with no other identity, a clean rejection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_open_behind_refused_key_openssh() {
+    let sshd = Sshd::start();
+    let relayed = Relayed::new(sshd.port, &sshd.host_pub).await;
+    let session = opening(FirstChannel::Session);
+    let backup = keygen(sshd.path(), "backup", "ed25519", "");
+    let ours = Identity::key_file(&sshd.client_key);
+    let remember = || async {
+        std::fs::write(
+            sshd.path().join("authorized_keys"),
+            format!("{}\n", pub_line(&sshd.client_key)),
+        )
+        .expect("authorized_keys");
+        let (conn, _) = relayed
+            .connect(std::slice::from_ref(&ours), &session)
+            .await
+            .expect("connect");
+        conn.disconnect().await;
+        std::fs::write(
+            sshd.path().join("authorized_keys"),
+            format!("{}\n", pub_line(&backup)),
+        )
+        .expect("authorized_keys");
+    };
+
+    remember().await;
+    let ids = [ours.clone(), Identity::key_file(&backup)];
+    let (conn, n) = relayed.connect(&ids, &session).await.expect("connect");
+    assert_rtts("refused key with the open, then the backup key", n, 2);
+    assert!(conn.identity().contains("backup"), "{}", conn.identity());
+    assert!(!conn.first_channel_pipelined());
+    assert_rtts("open again + exec", exec_rtts(&conn).await, 2);
+    conn.disconnect().await;
+    let log = sshd.log_text();
+    assert!(
+        log.contains("dispatch_protocol_error: type 90"),
+        "sshd did not answer the early open as unexpected: {log}"
+    );
+
+    remember().await;
+    let r = tokio::time::timeout(
+        Duration::from_secs(20),
+        relayed.connect(std::slice::from_ref(&ours), &session),
+    )
+    .await
+    .expect("no hang");
+    match r {
+        Err(TransportError::AuthRejected { tried, .. }) => {
+            assert_eq!(tried.len(), 1, "{tried:?}");
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a refused key authenticated"),
+    }
+}
+
+/// Dropbear takes the early open behind an accepted key, and ends the connection over it
+/// behind a refused one ("Received message 90 before userauth"): a new connection without
+/// the early open tries the identities again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropbear_early_open() {
+    let Some(server) = tokio::task::spawn_blocking(Dropbear::start)
+        .await
+        .expect("join")
+    else {
+        println!("dropbear not installed: skipped");
+        return;
+    };
+    let host_pub = std::fs::read_to_string(&server.known_hosts)
+        .expect("known_hosts")
+        .split_whitespace()
+        .skip(1)
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let relayed = Relayed::new(server.port, &host_pub).await;
+    let session = opening(FirstChannel::Session);
+    let ours = Identity::key_file(&server.client_key);
+    let authorized = server.dir.path().join("home/.ssh/authorized_keys");
+    let backup = keygen(server.dir.path(), "backup", "ed25519", "");
+
+    let (conn, _) = relayed
+        .connect(std::slice::from_ref(&ours), &session)
+        .await
+        .expect("connect");
+    assert!(!conn.first_channel_pipelined());
+    conn.disconnect().await;
+    let (conn, n) = relayed
+        .connect(std::slice::from_ref(&ours), &session)
+        .await
+        .expect("connect");
+    assert_rtts("dropbear: auth with the open behind it", n, 1);
+    assert!(conn.first_channel_pipelined());
+    assert_rtts(
+        "dropbear: exec on the channel opened with auth",
+        exec_rtts(&conn).await,
+        1,
+    );
+    conn.disconnect().await;
+
+    // Refused after all: Dropbear hangs up over the open; a second connection, without it.
+    std::fs::write(&authorized, format!("{}\n", pub_line(&backup))).expect("authorized_keys");
+    let ids = [ours.clone(), Identity::key_file(&backup)];
+    let (conn, _) = tokio::time::timeout(Duration::from_secs(30), relayed.connect(&ids, &session))
+        .await
+        .expect("no hang")
+        .expect("connect");
+    assert!(conn.identity().contains("backup"), "{}", conn.identity());
+    assert!(!conn.first_channel_pipelined());
+    echo_ok(&conn).await;
+    conn.disconnect().await;
+    let log = std::fs::read_to_string(server.dir.path().join("dropbear.log")).unwrap_or_default();
+    assert!(log.contains("before userauth"), "{log}");
+
+    // Only the refused key: a clean rejection, no hang.
+    std::fs::write(&authorized, format!("{}\n", pub_line(&server.client_key)))
+        .expect("authorized_keys");
+    let (conn, _) = relayed
+        .connect(std::slice::from_ref(&ours), &session)
+        .await
+        .expect("connect");
+    conn.disconnect().await;
+    std::fs::write(&authorized, format!("{}\n", pub_line(&backup))).expect("authorized_keys");
+    let r = tokio::time::timeout(
+        Duration::from_secs(20),
+        relayed.connect(std::slice::from_ref(&ours), &session),
+    )
+    .await
+    .expect("no hang");
+    match r {
+        Err(TransportError::AuthRejected { .. }) => {}
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a refused key authenticated"),
+    }
 }
