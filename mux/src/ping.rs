@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nixmux_transport::{ConnectEvent, ConnectEventKind, TransportError};
+use nixmux_transport::{ConnectEvent, ConnectEventKind, FirstChannel, TransportError};
 use serde::Serialize;
 
 use crate::builder::BuilderConfig;
@@ -32,6 +32,11 @@ pub enum PingStage {
     HostKey,
     /// Public-key authentication.
     Auth,
+    /// Public-key authentication with the first channel's open sent right behind the request
+    /// (`nixmux_transport::FirstChannel`, once the builder accepted the key in this process):
+    /// both in one round trip. The daemon socket / exec stage after it is what was left of
+    /// that open (the exec request, sshd's start of the session).
+    AuthWithOpen,
     /// Opening a channel to the builder's nix-daemon socket (`ssh-ng://`).
     DaemonSocket,
     /// Opening a session channel and starting the remote command.
@@ -50,6 +55,7 @@ impl std::fmt::Display for PingStage {
             PingStage::KeyExchange => "key exchange",
             PingStage::HostKey => "host key",
             PingStage::Auth => "auth",
+            PingStage::AuthWithOpen => "auth with open",
             PingStage::DaemonSocket => "daemon socket",
             PingStage::Exec => "exec",
             PingStage::Handshake => "handshake",
@@ -207,9 +213,20 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
     };
     let start = Instant::now();
 
+    let spec = config.session_spec();
+    // The channel opened first below, sent with the authentication request if it can be.
+    let mut target = t.clone();
+    target.transport.first_channel = Some(if spec.route != WorkerRoute::Exec {
+        FirstChannel::Streamlocal(spec.daemon_socket.clone())
+    } else {
+        FirstChannel::Session
+    });
     // Jump hosts (if any) are connected first, outside the timed stages of the target.
-    let connected = t.connect(observer).await;
-    record_events(&mut report, &events);
+    let connected = target.connect(observer).await;
+    let with_open = connected
+        .as_ref()
+        .is_ok_and(|c| c.first_channel_pipelined());
+    record_events(&mut report, &events, with_open);
     let ssh = match connected {
         Ok(c) => c,
         Err(e) => {
@@ -222,7 +239,6 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
     report.algorithms = ssh.algorithms().map(|(k, c)| (k.to_owned(), c.to_owned()));
     report.compression = ssh.compression().map(str::to_owned);
 
-    let spec = config.session_spec();
     let activity = nixmux_session::Activity::new();
     let opening = remote::opening(&spec);
     let options = || remote::exec_options(spec.protocol, &activity, None, Some(&opening));
@@ -354,7 +370,7 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
     report
 }
 
-fn record_events(report: &mut PingReport, events: &Mutex<Vec<ConnectEvent>>) {
+fn record_events(report: &mut PingReport, events: &Mutex<Vec<ConnectEvent>>, with_open: bool) {
     let Ok(evs) = events.lock() else { return };
     for e in evs.iter() {
         let stage = match &e.kind {
@@ -381,6 +397,7 @@ fn record_events(report: &mut PingReport, events: &Mutex<Vec<ConnectEvent>>) {
                 });
                 PingStage::HostKey
             }
+            ConnectEventKind::Authenticated { .. } if with_open => PingStage::AuthWithOpen,
             ConnectEventKind::Authenticated { .. } => PingStage::Auth,
             _ => continue,
         };

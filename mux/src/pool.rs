@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use nixmux_session::Activity;
-use nixmux_transport::{ExecChannel, ExecOptions};
+use nixmux_transport::{ExecChannel, ExecOptions, FirstChannel};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::connections::{ConnectionSet, Opened};
@@ -158,6 +158,13 @@ impl SessionPool {
         settings: PoolSettings,
     ) -> Arc<Self> {
         let socket = SocketRoute::new(spec.route, spec.daemon_socket.clone());
+        // A new connection's first channel is this pool's first session, opened with the
+        // authentication request when it can be (nixmux_transport::FirstChannel).
+        set.expect_first_channel(if spec.route == WorkerRoute::Exec {
+            FirstChannel::Session
+        } else {
+            FirstChannel::Streamlocal(spec.daemon_socket.clone())
+        });
         let counters = PoolCounters::default();
         spec.session.round_trips = Some(counters.round_trips.clone());
         let pool = Arc::new(SessionPool {
@@ -360,6 +367,7 @@ impl SessionPool {
     /// error when the route insists on the socket, else a note (the caller falls back to
     /// exec).
     fn refused_socket(&self, why: String) -> Result<()> {
+        self.set.socket_refused(&self.socket.path);
         self.counters
             .socket_refusals
             .fetch_add(1, Ordering::Relaxed);

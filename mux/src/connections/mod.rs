@@ -30,7 +30,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use nixmux_transport::{DisconnectCause, ExecChannel, ExecOptions, SshConnection, TransportError};
+use nixmux_transport::{
+    DisconnectCause, ExecChannel, ExecOptions, FirstChannel, SshConnection, TransportError,
+};
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinSet;
 
@@ -156,6 +158,9 @@ pub(crate) struct ConnectionSet {
     evictors: Mutex<Vec<Weak<dyn IdleEvict>>>,
     /// Dropped with the set: tells the driver and the connection watchers to stop.
     alive: watch::Sender<()>,
+    /// The channel a new connection will most likely open first, opened ahead of
+    /// authentication (`TransportConfig::first_channel`); set by the pools on this set.
+    first_channel: Mutex<Option<FirstChannel>>,
 }
 
 /// A reserved channel slot on one connection. Dropping it gives the slot back.
@@ -386,6 +391,7 @@ impl ConnectionSet {
             registry,
             evictors: Mutex::new(Vec::new()),
             alive: watch::Sender::new(()),
+            first_channel: Mutex::new(None),
         })
     }
 
@@ -510,6 +516,27 @@ impl ConnectionSet {
                 ),
             )
             .retryable(true),
+        }
+    }
+
+    /// A pool on this set opens `first` as a new connection's first channel. A channel to the
+    /// daemon's socket wins over a session: opened ahead and not taken (another pool's session
+    /// came first), it costs nothing, while an unused session would hold one of sshd's
+    /// `MaxSessions` until closed.
+    pub(crate) fn expect_first_channel(&self, first: FirstChannel) {
+        if let Ok(mut f) = self.first_channel.lock()
+            && !matches!(*f, Some(FirstChannel::Streamlocal(_)))
+        {
+            *f = Some(first);
+        }
+    }
+
+    /// The daemon's socket at `path` was refused: new connections open a session first.
+    pub(crate) fn socket_refused(&self, path: &str) {
+        if let Ok(mut f) = self.first_channel.lock()
+            && matches!(&*f, Some(FirstChannel::Streamlocal(p)) if p == path)
+        {
+            *f = Some(FirstChannel::Session);
         }
     }
 
@@ -832,7 +859,11 @@ async fn drive(set: Weak<ConnectionSet>, wake: Arc<Notify>, mut alive: watch::Re
         woken.as_mut().enable();
         let (start, next) = s.tick();
         for id in start {
-            let target = s.target.clone();
+            let mut target = s.target.clone();
+            if target.transport.first_channel.is_none() {
+                target.transport.first_channel =
+                    s.first_channel.lock().ok().and_then(|f| f.clone());
+            }
             let registry = s.registry.clone();
             let limits = s.limits.clone();
             let task = attempts.spawn(async move { connect_one(&target, &registry, limits).await });
