@@ -200,6 +200,8 @@ pub(crate) struct Ahead {
     /// The request it was sent behind was refused: the server dropped it, or ended the
     /// connection over it.
     pub(crate) refused: bool,
+    /// The request it was sent behind succeeded: the open rode with it.
+    pub(crate) rode_with_success: bool,
 }
 
 impl Ahead {
@@ -295,7 +297,10 @@ pub(crate) async fn authenticate(
                     .authenticate_publickey(user, PrivateKeyWithHashAlg::new(Arc::new(key), hash))
                     .await;
                 match &result {
-                    Ok(AuthResult::Success) => Accepted::insert(endpoint, &fp),
+                    Ok(AuthResult::Success) => {
+                        Accepted::insert(endpoint, &fp);
+                        ahead.rode_with_success = with_open;
+                    }
                     _ if with_open => {
                         ahead.refused = true;
                         Accepted::remove(endpoint, &fp);
@@ -421,6 +426,7 @@ pub(crate) async fn authenticate(
                     match result {
                         Ok(AuthResult::Success) => {
                             Accepted::insert(endpoint, &fp);
+                            ahead.rode_with_success = with_open;
                             return Ok(desc);
                         }
                         Ok(AuthResult::Failure { .. }) if handle.is_closed() => {

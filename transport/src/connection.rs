@@ -361,7 +361,7 @@ where
     };
     // Delayed compression (zlib@openssh.com) makes russh hold the open until authenticated.
     let first_channel_pipelined = ahead.pending.is_some()
-        && !ahead.refused
+        && ahead.rode_with_success
         && shared.compression.get().copied() != Some("zlib@openssh.com");
     let ahead = match (ahead.open, ahead.pending) {
         (Some(open), Some(pending)) => Some((open, pending)),
