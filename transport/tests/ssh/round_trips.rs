@@ -501,3 +501,25 @@ async fn dropbear_early_open() {
         Ok(_) => panic!("a refused key authenticated"),
     }
 }
+
+/// With delayed compression (`zlib@openssh.com`, which sshd turns on for what follows the
+/// successful request) the early open waits for the success instead: not pipelined, but it
+/// works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_channel_waits_under_delayed_compression() {
+    let sshd = Sshd::start();
+    let relayed = Relayed::new(sshd.port, &sshd.host_pub).await;
+    let mut cfg = opening(FirstChannel::Session);
+    cfg.compression = true;
+    for _ in 0..2 {
+        let (conn, n) = relayed
+            .connect(&sshd.identities(), &cfg)
+            .await
+            .expect("connect");
+        assert_eq!(conn.compression(), Some("zlib@openssh.com"));
+        assert_rtts("auth under delayed compression", n, 1);
+        assert!(!conn.first_channel_pipelined());
+        assert_rtts("open + exec", exec_rtts(&conn).await, 2);
+        conn.disconnect().await;
+    }
+}
