@@ -13,16 +13,19 @@
 //! OpenSSH's three (service request, query, signed request; `sshconnect2.c`). Agent keys are
 //! queried first, as OpenSSH does, because an agent may ask its user to confirm each
 //! signature; once an endpoint has accepted an agent key, later connections to it in this
-//! process sign with that key at once ([`Accepted`]). A refused signed request moves on to the
-//! next identity exactly like a refused query.
+//! process (or, with [`TransportConfig::accepted_keys_file`], in any process using that file)
+//! sign with that key at once ([`Accepted`]). A refused signed request moves on to the next
+//! identity exactly like a refused query, and the key is no longer remembered as accepted.
+//!
+//! [`TransportConfig::accepted_keys_file`]: crate::TransportConfig::accepted_keys_file
 //!
 //! The first channel ([`TransportConfig::first_channel`](crate::TransportConfig::first_channel))
 //! is opened ahead, right behind the first request, only when that request is signed and its
-//! key was accepted by the endpoint before in this process ([`Accepted`]), key files and agent
+//! key was accepted by the endpoint before, as remembered ([`Accepted`]), key files and agent
 //! keys alike: a server that refuses the request drops the open, and Dropbear ends the
 //! connection over it, so it is only sent where a refusal is unlikely.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -32,6 +35,7 @@ use russh::keys::agent::AgentIdentity;
 use russh::keys::agent::client::AgentClient;
 use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg};
 
+use crate::accepted_file::{self, Entry};
 use crate::config::{Endpoint, FirstChannel, Identity};
 use crate::error::{Stage, TransportError, classify};
 use crate::handler::ClientHandler;
@@ -59,50 +63,145 @@ impl RsaHash {
     }
 }
 
-/// Keys that endpoints accepted, in this process: (host, port, user, key fingerprint).
-/// Consulted to skip the query for agent keys and to open the first channel ahead; bounded,
-/// since a long-running process may talk to many builders.
-struct Accepted;
+/// Keys that endpoints accepted: (host, port, user, key fingerprint). Consulted to skip the
+/// query for agent keys and to open the first channel ahead; bounded (the newest
+/// [`ACCEPTED_MAX`] are kept), since a long-running process may talk to many builders.
+///
+/// One memory per process without [`TransportConfig::accepted_keys_file`], and one per file
+/// with it: loaded from the file once, when a connection using that file first needs it, and
+/// written through to it (`accepted_file.rs`, which also says why remembering an acceptance
+/// is safe). A connection with another file, or none, neither sees nor changes this one.
+///
+/// [`TransportConfig::accepted_keys_file`]: crate::TransportConfig::accepted_keys_file
+pub(crate) struct Accepted {
+    file: Option<PathBuf>,
+    /// Oldest first.
+    entries: Mutex<Vec<Entry>>,
+    /// Held while the file is re-read and replaced, so that two connections of this process
+    /// do not lose each other's change.
+    writing: Mutex<()>,
+}
 
-/// Entries kept at most; past that the set starts over (costing one query per endpoint).
+/// Entries kept at most, in memory and in the file; past that the oldest are dropped
+/// (costing one query or one channel round trip on that endpoint's next connection).
 const ACCEPTED_MAX: usize = 4096;
 
-type AcceptedKey = (String, u16, String, String);
-
 impl Accepted {
-    fn set() -> &'static Mutex<HashSet<AcceptedKey>> {
-        static SET: OnceLock<Mutex<HashSet<AcceptedKey>>> = OnceLock::new();
-        SET.get_or_init(Mutex::default)
-    }
-
-    fn key(endpoint: &Endpoint, fingerprint: &str) -> AcceptedKey {
-        (
-            endpoint.host.clone(),
-            endpoint.port,
-            endpoint.user.clone(),
-            fingerprint.to_string(),
-        )
-    }
-
-    fn contains(endpoint: &Endpoint, fingerprint: &str) -> bool {
-        Self::set()
+    /// The memory for `file` (or the process's own, for `None`), loading the file the first
+    /// time it is named. May read a file: call off the runtime.
+    pub(crate) fn for_file(file: Option<&Path>) -> Arc<Accepted> {
+        static MEMORY: OnceLock<Arc<Accepted>> = OnceLock::new();
+        static FILES: OnceLock<Mutex<HashMap<PathBuf, Arc<Accepted>>>> = OnceLock::new();
+        let Some(path) = file else {
+            return MEMORY
+                .get_or_init(|| Arc::new(Accepted::with(None, Vec::new())))
+                .clone();
+        };
+        // Held while loading, so that concurrent first connections load the file once.
+        let mut files = FILES
+            .get_or_init(Mutex::default)
             .lock()
-            .map(|s| s.contains(&Self::key(endpoint, fingerprint)))
-            .unwrap_or(false)
+            .unwrap_or_else(|e| e.into_inner());
+        files
+            .entry(path.to_path_buf())
+            .or_insert_with(|| {
+                let mut entries = accepted_file::load(path);
+                accepted_file::bound(&mut entries, ACCEPTED_MAX);
+                tracing::debug!(
+                    "{} accepted keys remembered in {}",
+                    entries.len(),
+                    path.display()
+                );
+                Arc::new(Accepted::with(Some(path.to_path_buf()), entries))
+            })
+            .clone()
     }
 
-    fn insert(endpoint: &Endpoint, fingerprint: &str) {
-        if let Ok(mut s) = Self::set().lock() {
-            if s.len() >= ACCEPTED_MAX {
-                s.clear();
-            }
-            s.insert(Self::key(endpoint, fingerprint));
+    fn with(file: Option<PathBuf>, entries: Vec<Entry>) -> Accepted {
+        Accepted {
+            file,
+            entries: Mutex::new(entries),
+            writing: Mutex::new(()),
         }
     }
 
-    fn remove(endpoint: &Endpoint, fingerprint: &str) {
-        if let Ok(mut s) = Self::set().lock() {
-            s.remove(&Self::key(endpoint, fingerprint));
+    fn entry(endpoint: &Endpoint, fingerprint: &str) -> Entry {
+        Entry {
+            host: endpoint.host.clone(),
+            port: endpoint.port,
+            user: endpoint.user.clone(),
+            fingerprint: fingerprint.to_string(),
+        }
+    }
+
+    fn contains(&self, endpoint: &Endpoint, fingerprint: &str) -> bool {
+        let e = Self::entry(endpoint, fingerprint);
+        self.entries.lock().map(|s| s.contains(&e)).unwrap_or(false)
+    }
+
+    /// Remembers that `endpoint` accepted the key; written to the file if it is new here.
+    async fn insert(self: &Arc<Self>, endpoint: &Endpoint, fingerprint: &str) {
+        let e = Self::entry(endpoint, fingerprint);
+        {
+            let Ok(mut s) = self.entries.lock() else {
+                return;
+            };
+            if s.contains(&e) {
+                return;
+            }
+            s.push(e.clone());
+            accepted_file::bound(&mut s, ACCEPTED_MAX);
+        }
+        self.write_through(move |entries| {
+            if entries.contains(&e) {
+                return false;
+            }
+            entries.push(e);
+            true
+        })
+        .await;
+    }
+
+    /// Forgets that `endpoint` accepted the key (it refused it now), here and in the file.
+    async fn remove(self: &Arc<Self>, endpoint: &Endpoint, fingerprint: &str) {
+        let e = Self::entry(endpoint, fingerprint);
+        if let Ok(mut s) = self.entries.lock() {
+            s.retain(|x| *x != e);
+        }
+        self.write_through(move |entries| {
+            let before = entries.len();
+            entries.retain(|x| *x != e);
+            entries.len() != before
+        })
+        .await;
+    }
+
+    /// Applies `change` to the file, if there is one: re-read, changed, replaced (off the
+    /// runtime). Awaited, so that a program that exits right after connecting has written it;
+    /// it only happens when an endpoint's answer differs from what was remembered. Failures
+    /// are logged: the file is an optimisation.
+    async fn write_through(
+        self: &Arc<Self>,
+        change: impl FnOnce(&mut Vec<Entry>) -> bool + Send + 'static,
+    ) {
+        let Some(path) = self.file.clone() else {
+            return;
+        };
+        let this = self.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let _writing = this.writing.lock().unwrap_or_else(|e| e.into_inner());
+            accepted_file::update(&path, ACCEPTED_MAX, change).map_err(|e| {
+                format!(
+                    "cannot update the accepted-keys file {}: {e}",
+                    path.display()
+                )
+            })
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("{e}"),
+            Err(e) => tracing::warn!("accepted-keys file update task failed: {e}"),
         }
     }
 }
@@ -152,8 +251,11 @@ async fn load_key(path: &Path, passphrase: Option<&str>) -> Result<PrivateKey, S
 
 /// Key files loaded (read, decrypted) while the key exchange is on the wire, so that
 /// authentication does not wait for them: decrypting an encrypted key (bcrypt-pbkdf) takes
-/// tens of milliseconds. One entry per identity, `None` for agents.
-pub(crate) struct Preloaded(tokio::task::JoinHandle<Vec<Option<Result<PrivateKey, String>>>>);
+/// tens of milliseconds. One entry per identity, `None` for agents. The memory of accepted
+/// keys is made ready alongside (its file read, the first time).
+pub(crate) struct Preloaded(tokio::task::JoinHandle<Loaded>);
+
+type Loaded = (Vec<Option<Result<PrivateKey, String>>>, Arc<Accepted>);
 
 impl Drop for Preloaded {
     fn drop(&mut self) {
@@ -163,14 +265,18 @@ impl Drop for Preloaded {
 }
 
 impl Preloaded {
-    /// The loaded keys; none if the loading task panicked (then each is loaded in turn).
-    async fn keys(mut self) -> Vec<Option<Result<PrivateKey, String>>> {
-        (&mut self.0).await.unwrap_or_default()
+    /// The loaded keys and the memory of accepted keys; if the loading task panicked, no
+    /// keys (then each is loaded in turn) and the process's own memory.
+    async fn get(mut self) -> Loaded {
+        (&mut self.0)
+            .await
+            .unwrap_or_else(|_| (Vec::new(), Accepted::for_file(None)))
     }
 }
 
-/// Starts loading every key file of `identities`, in order, on a task of its own.
-pub(crate) fn preload(identities: &[Identity]) -> Preloaded {
+/// Starts loading every key file of `identities`, in order, and the memory of accepted keys
+/// for `accepted_file`, on tasks of their own.
+pub(crate) fn preload(identities: &[Identity], accepted_file: Option<&Path>) -> Preloaded {
     let files: Vec<Option<(PathBuf, Option<String>)>> = identities
         .iter()
         .map(|id| match id {
@@ -178,7 +284,10 @@ pub(crate) fn preload(identities: &[Identity]) -> Preloaded {
             Identity::Agent { .. } => None,
         })
         .collect();
+    let accepted_file = accepted_file.map(Path::to_path_buf);
     Preloaded(tokio::spawn(async move {
+        let accepted =
+            tokio::task::spawn_blocking(move || Accepted::for_file(accepted_file.as_deref()));
         let mut keys = Vec::with_capacity(files.len());
         for file in files {
             keys.push(match file {
@@ -186,7 +295,8 @@ pub(crate) fn preload(identities: &[Identity]) -> Preloaded {
                 None => None,
             });
         }
-        keys
+        let accepted = accepted.await.unwrap_or_else(|_| Accepted::for_file(None));
+        (keys, accepted)
     }))
 }
 
@@ -210,12 +320,13 @@ impl Ahead {
     async fn open_if_known(
         &mut self,
         handle: &Handle<ClientHandler>,
+        accepted: &Accepted,
         endpoint: &Endpoint,
         fp: &str,
         first_request: bool,
     ) -> bool {
         let Some(open) = &self.open else { return false };
-        if !first_request || self.pending.is_some() || !Accepted::contains(endpoint, fp) {
+        if !first_request || self.pending.is_some() || !accepted.contains(endpoint, fp) {
             return false;
         }
         let open = match open {
@@ -242,7 +353,8 @@ pub(crate) async fn authenticate(
     ahead: &mut Ahead,
 ) -> Result<String, TransportError> {
     let user = endpoint.user.as_str();
-    let mut preloaded = preloaded.keys().await.into_iter();
+    let (preloaded, accepted) = preloaded.get().await;
+    let mut preloaded = preloaded.into_iter();
     let mut tried: Vec<String> = Vec::new();
     let mut offered_any = false;
     let mut setup_error: Option<TransportError> = None;
@@ -290,7 +402,7 @@ pub(crate) async fn authenticate(
                 // Key files sign at once with fast_auth: the open can go behind the request.
                 let with_open = fast_auth
                     && ahead
-                        .open_if_known(handle, endpoint, &fp, !offered_any)
+                        .open_if_known(handle, &accepted, endpoint, &fp, !offered_any)
                         .await;
                 offered_any = true;
                 let result = handle
@@ -298,12 +410,17 @@ pub(crate) async fn authenticate(
                     .await;
                 match &result {
                     Ok(AuthResult::Success) => {
-                        Accepted::insert(endpoint, &fp);
+                        accepted.insert(endpoint, &fp).await;
                         ahead.rode_with_success = with_open;
                     }
                     _ if with_open => {
                         ahead.refused = true;
-                        Accepted::remove(endpoint, &fp);
+                        accepted.remove(endpoint, &fp).await;
+                    }
+                    // Refused though remembered (behind another identity's request, so
+                    // without the open): not worth an early open next time either.
+                    Ok(AuthResult::Failure { .. }) if accepted.contains(endpoint, &fp) => {
+                        accepted.remove(endpoint, &fp).await;
                     }
                     _ => {}
                 }
@@ -402,10 +519,10 @@ pub(crate) async fn authenticate(
                     };
                     let fp = fingerprint(&key);
                     let desc = format!("agent key {comment:?} ({} {fp})", sig_name(&alg, hash));
-                    let at_once = fast_auth && Accepted::contains(endpoint, &fp);
+                    let at_once = fast_auth && accepted.contains(endpoint, &fp);
                     let with_open = at_once
                         && ahead
-                            .open_if_known(handle, endpoint, &fp, !offered_any)
+                            .open_if_known(handle, &accepted, endpoint, &fp, !offered_any)
                             .await;
                     offered_any = true;
                     let result = if at_once {
@@ -419,13 +536,13 @@ pub(crate) async fn authenticate(
                     };
                     if at_once && !matches!(result, Ok(AuthResult::Success)) {
                         // Refused now (or not signed): query it first again next time.
-                        Accepted::remove(endpoint, &fp);
+                        accepted.remove(endpoint, &fp).await;
                         ahead.refused |=
                             with_open && matches!(result, Ok(AuthResult::Failure { .. }));
                     }
                     match result {
                         Ok(AuthResult::Success) => {
-                            Accepted::insert(endpoint, &fp);
+                            accepted.insert(endpoint, &fp).await;
                             ahead.rode_with_success = with_open;
                             return Ok(desc);
                         }

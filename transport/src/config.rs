@@ -172,14 +172,15 @@ pub struct TransportConfig {
     /// files send their signed request at once instead of asking whether the key would do
     /// (RFC 4252 §7 allows both; a refused key costs the same one round trip either way).
     /// Agent keys ask first unless the same key was accepted by the same endpoint before in
-    /// this process (an agent may ask its user to confirm every signature). Saves 2 round
+    /// this process or [`accepted_keys_file`](Self::accepted_keys_file) (an agent may ask its user to confirm every signature). Saves 2 round
     /// trips per new connection. Default true; false gives OpenSSH's client sequence (service
     /// request, query, signed request), for a server that mishandles pipelining.
     pub fast_auth: bool,
     /// The channel this connection will open first, if the caller knows (a pool opening a
     /// connection for an `ssh-ng://` session over the daemon's socket, or for an exec). With
     /// [`fast_auth`](Self::fast_auth), and when the endpoint accepted the first identity to be
-    /// tried before in this process, its `SSH_MSG_CHANNEL_OPEN` goes out right behind the
+    /// tried before in this process (or as [`accepted_keys_file`](Self::accepted_keys_file)
+    /// remembers), its `SSH_MSG_CHANNEL_OPEN` goes out right behind the
     /// signed authentication request, so authentication and the open cost one round trip
     /// together (RFC 4252 §5.1: the server passes what follows the successful request to the
     /// connection service). The first open asked of the connection takes it if it is the
@@ -192,6 +193,18 @@ pub struct TransportConfig {
     /// [`connect`]: crate::connect
     /// [`connect_over`]: crate::connect_over
     pub first_channel: Option<FirstChannel>,
+    /// A file that remembers which keys endpoints accepted, across processes: loaded once per
+    /// path and process, when the first connection using it authenticates, and updated when
+    /// an endpoint accepts a key not in it or refuses one that is. Without it, that memory
+    /// lasts as long as the process, so a short-lived program (one command-line run) pays
+    /// for each builder's first connection what [`fast_auth`](Self::fast_auth) and
+    /// [`first_channel`](Self::first_channel) otherwise save: an agent key's query and the
+    /// first channel's own round trip. Plain text, one line per (host, port, user, SHA-256
+    /// fingerprint of the public key), no private material; written atomically, mode 0600;
+    /// the newest 4096 entries are kept. It changes how the client authenticates, never
+    /// whether it trusts a host: host keys are checked as always. A file that cannot be read
+    /// or written is ignored (logged), never an error. Default `None`: no file I/O.
+    pub accepted_keys_file: Option<PathBuf>,
 }
 
 /// A channel a connection will open first: see [`TransportConfig::first_channel`].
@@ -244,6 +257,7 @@ impl Default for TransportConfig {
             compression: false,
             fast_auth: true,
             first_channel: None,
+            accepted_keys_file: None,
         }
     }
 }

@@ -262,7 +262,7 @@ where
         stopwatch: stopwatch.clone(),
     };
     let stream = MonitoredStream::new(stream, monitor.clone(), after_read);
-    let preloaded = auth::preload(identities);
+    let preloaded = auth::preload(identities, config.accepted_keys_file.as_deref());
 
     let handshake = tokio::time::timeout(
         config.handshake_timeout,

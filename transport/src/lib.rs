@@ -137,6 +137,7 @@
 pub mod config;
 pub mod host_key;
 
+mod accepted_file;
 mod auth;
 mod connection;
 mod error;

@@ -5,6 +5,7 @@
 
 mod support;
 
+mod accepted_file;
 mod bulk;
 mod channels;
 mod connect;

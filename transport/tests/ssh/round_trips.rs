@@ -32,13 +32,13 @@ use crate::support::{Agent, Dropbear, Sshd, config, keygen, pub_line, read_all};
 /// loaded CI machine) stays well under half of it.
 const RTT_MS: f64 = 250.0;
 
-struct Relayed {
+pub(crate) struct Relayed {
     relay: Relay,
     host_key: HostKeyCheck,
 }
 
 impl Relayed {
-    async fn new(target: u16, host_pub: &str) -> Relayed {
+    pub(crate) async fn new(target: u16, host_pub: &str) -> Relayed {
         let addr: SocketAddr = ([127, 0, 0, 1], target).into();
         let relay = Relay::start(addr, Link::new(RTT_MS, 0.0))
             .await
@@ -50,12 +50,12 @@ impl Relayed {
         }
     }
 
-    fn endpoint(&self) -> Endpoint {
+    pub(crate) fn endpoint(&self) -> Endpoint {
         Endpoint::new("127.0.0.1", self.relay.port(), "root")
     }
 
     /// Connects; returns the connection and the authentication stage in round trips.
-    async fn connect(
+    pub(crate) async fn connect(
         &self,
         identities: &[Identity],
         cfg: &TransportConfig,
@@ -81,7 +81,7 @@ impl Relayed {
 }
 
 /// The connection works after a pipelined authentication.
-async fn echo_ok(conn: &SshConnection) {
+pub(crate) async fn echo_ok(conn: &SshConnection) {
     let mut ch = conn.exec("echo ok").await.expect("exec");
     assert_eq!(
         read_all(ch.stdout(), Duration::from_secs(10)).await,
@@ -94,7 +94,7 @@ fn rtts(d: Duration) -> f64 {
 }
 
 /// `n` round trips, give or take local work.
-fn assert_rtts(what: &str, measured: f64, n: u32) {
+pub(crate) fn assert_rtts(what: &str, measured: f64, n: u32) {
     let n = f64::from(n);
     println!("{what}: {measured:.2} round trips (expected {n})");
     assert!(
@@ -257,14 +257,14 @@ async fn dropbear_takes_fast_auth() {
 }
 
 /// A config whose connections open `first` ahead.
-fn opening(first: FirstChannel) -> TransportConfig {
+pub(crate) fn opening(first: FirstChannel) -> TransportConfig {
     let mut c = config();
     c.first_channel = Some(first);
     c
 }
 
 /// Round trips of `echo ok` on a new channel (open + exec request), checking its output.
-async fn exec_rtts(conn: &SshConnection) -> f64 {
+pub(crate) async fn exec_rtts(conn: &SshConnection) -> f64 {
     let t = std::time::Instant::now();
     let mut ch = conn.exec("echo ok").await.expect("exec");
     let took = t.elapsed();
