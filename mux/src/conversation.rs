@@ -92,6 +92,11 @@ impl Conversation {
         paths: &BTreeSet<StorePath>,
         substitute: bool,
     ) -> Result<BTreeSet<StorePath>, SessionError> {
+        if paths.is_empty() {
+            // Nothing to ask and nothing to protect: a build without inputs (the leaves of a
+            // graph) saves the round trip.
+            return Ok(BTreeSet::new());
+        }
         match self {
             Conversation::Serve(x) => x.query_valid_paths(paths, true, substitute).await,
             Conversation::Worker(w) => {

@@ -3,15 +3,19 @@
 //! daemon). Closure pushes read NARs from it and fetched outputs are written into it; nixmux
 //! never shells out to `nix copy`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use nixmux_proto::derivation::Derivation;
 use nixmux_proto::path_info::PathInfo;
 use nixmux_proto::store_path::{StoreDir, StorePath};
 use nixmux_session::process::{self, ChildGuard};
 use nixmux_session::{BoxReader, BoxWriter, SessionConfig, Upload, WorkerConfig, WorkerSession};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Notify;
 
 use crate::error::{Error, ErrorKind, Result, from_session};
 
@@ -40,7 +44,33 @@ impl std::fmt::Debug for LocalStoreAccess {
 struct LocalSession {
     session: WorkerSession,
     _guard: Option<ChildGuard>,
+    _counted: OpenSession,
 }
+
+/// Counts a local session in [`LocalStore::open`] for as long as it exists.
+struct OpenSession(Arc<AtomicUsize>);
+
+impl OpenSession {
+    fn new(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        OpenSession(open.clone())
+    }
+}
+
+impl Drop for OpenSession {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// With this many local sessions open, a caller finding none idle first waits up to
+/// [`LOCAL_SESSION_WAIT`] for one to come back before it opens another: most local operations
+/// (a query, a `.drv`, a log) take well under a millisecond, while a new session may be a
+/// `nix-daemon --stdio` process to start (tens of milliseconds when a wave of builds starts
+/// or ends together). Long ones (a NAR streamed for minutes) make the waiter open its own
+/// after the short wait, so they never hold anyone up for long.
+const LOCAL_SESSIONS_BEFORE_WAITING: usize = 4;
+const LOCAL_SESSION_WAIT: Duration = Duration::from_millis(20);
 
 /// The local store, with a few warm worker sessions.
 pub struct LocalStore {
@@ -48,7 +78,17 @@ pub struct LocalStore {
     dir: StoreDir,
     config: SessionConfig,
     idle: Mutex<Vec<LocalSession>>,
+    /// Signalled when a session goes back to `idle`.
+    returned: Notify,
+    /// Sessions open, idle or leased.
+    open: Arc<AtomicUsize>,
+    /// Derivations already read and parsed ([`LocalStore::read_derivation`]).
+    derivations: Mutex<HashMap<StorePath, Arc<Derivation>>>,
 }
+
+/// Most parsed derivations [`LocalStore`] keeps. A `.drv` is a few KiB parsed; a build graph
+/// of a whole NixOS system is some tens of thousands of them.
+const DERIVATION_CACHE_CAP: usize = 65_536;
 
 impl std::fmt::Debug for LocalStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -139,6 +179,8 @@ impl Drop for LocalLease<'_> {
             && let Ok(mut idle) = self.store.idle.lock()
         {
             idle.push(s);
+            drop(idle);
+            self.store.returned.notify_waiters();
         }
     }
 }
@@ -151,6 +193,9 @@ impl LocalStore {
             dir: StoreDir::default(),
             config: SessionConfig::default(),
             idle: Mutex::new(Vec::new()),
+            returned: Notify::new(),
+            open: Arc::new(AtomicUsize::new(0)),
+            derivations: Mutex::new(HashMap::new()),
         }
     }
 
@@ -214,20 +259,50 @@ impl LocalStore {
         Ok(LocalSession {
             session,
             _guard: guard,
+            _counted: OpenSession::new(&self.open),
         })
     }
 
     pub(crate) async fn lease(&self) -> Result<LocalLease<'_>> {
-        let idle = self.idle.lock().ok().and_then(|mut v| v.pop());
-        let session = match idle {
-            Some(s) if s.session.is_usable() => s,
-            _ => self.connect().await?,
+        let session = match self.take_idle() {
+            Some(s) => s,
+            None if self.open.load(Ordering::Relaxed) >= LOCAL_SESSIONS_BEFORE_WAITING => {
+                match tokio::time::timeout(LOCAL_SESSION_WAIT, self.next_returned()).await {
+                    Ok(s) => s,
+                    Err(_) => self.connect().await?,
+                }
+            }
+            None => self.connect().await?,
         };
         Ok(LocalLease {
             store: self,
             session: Some(session),
             ok: false,
         })
+    }
+
+    fn take_idle(&self) -> Option<LocalSession> {
+        let mut idle = self.idle.lock().ok()?;
+        while let Some(s) = idle.pop() {
+            if s.session.is_usable() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// The next session returned to the idle list (waits for ever: the caller bounds it).
+    async fn next_returned(&self) -> LocalSession {
+        loop {
+            let notified = self.returned.notified();
+            tokio::pin!(notified);
+            // Registered before looking, so a return between the look and the wait counts.
+            notified.as_mut().enable();
+            if let Some(s) = self.take_idle() {
+                return s;
+            }
+            notified.await;
+        }
     }
 
     /// Which of `paths` are valid locally.
@@ -264,6 +339,9 @@ impl LocalStore {
     /// The closure of `roots` with metadata, dependencies first. One round trip per level
     /// of the reference graph. A root that is not valid is an error.
     pub async fn closure(&self, roots: &BTreeSet<StorePath>) -> Result<Vec<PathInfo>> {
+        if roots.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut l = self.lease().await?;
         let r = closure_with(roots, &mut LocalInfos(l.get())).await;
         if r.is_ok() {
@@ -341,23 +419,42 @@ impl LocalStore {
     }
 
     /// Reads and parses a derivation (`.drv`) of this store.
-    pub async fn read_derivation(
-        &self,
-        path: &StorePath,
-    ) -> Result<nixmux_proto::derivation::Derivation> {
+    ///
+    /// Each one is read from the store once and then kept (up to [`DERIVATION_CACHE_CAP`]): a
+    /// `.drv`'s store path is the hash of its text (Nix's `writeDerivation` adds it as a text
+    /// file with `makeTextPath`), so what a path held once is what it holds whenever it is
+    /// valid. A scheduler reads every `.drv` of its graph to plan it, and each build reads
+    /// its own and its inputs' again: from the cache, a burst of builds starting together
+    /// needs no local session (each of which may be a `nix-daemon` process to start).
+    pub async fn read_derivation(&self, path: &StorePath) -> Result<Derivation> {
         if !path.is_derivation() {
             return Err(Error::caller(
                 ErrorKind::InvalidInput,
                 format!("{path} is not a derivation (.drv)"),
             ));
         }
+        if let Some(d) = self
+            .derivations
+            .lock()
+            .ok()
+            .and_then(|c| c.get(path).cloned())
+        {
+            return Ok(Derivation::clone(&d));
+        }
         let text = self.read_file(path).await?;
-        nixmux_proto::derivation::Derivation::parse(
-            &text,
-            &self.dir,
-            &nixmux_proto::Limits::DEFAULT,
-        )
-        .map_err(|e| Error::local(ErrorKind::LocalStore, format!("cannot parse {path}: {e}")))
+        let drv =
+            Derivation::parse(&text, &self.dir, &nixmux_proto::Limits::DEFAULT).map_err(|e| {
+                Error::local(ErrorKind::LocalStore, format!("cannot parse {path}: {e}"))
+            })?;
+        if let Ok(mut cache) = self.derivations.lock() {
+            if cache.len() >= DERIVATION_CACHE_CAP {
+                // Rare enough (a graph larger than the cap) that starting over is simpler
+                // than tracking use.
+                cache.clear();
+            }
+            cache.insert(path.clone(), Arc::new(drv.clone()));
+        }
+        Ok(drv)
     }
 
     /// The contents of a store path that is a single regular file (a `.drv`), read through

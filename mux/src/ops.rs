@@ -316,8 +316,13 @@ impl Builder {
     ) -> Result<BuildOutcome> {
         self.bounded("build", async {
             // The slot first: a build waiting for one holds no session meanwhile.
+            let t = Instant::now();
             let _slot = self.build_slot().await?;
+            let t_slot = t.elapsed();
             let mut lease = self.lease().await?;
+            tracing::debug!(target: "nixmux::timing",
+                slot_us = micros(t_slot),
+                lease_us = micros(t.elapsed() - t_slot), "lease");
             lease
                 .run(async |l: &mut Lease| {
                     l.build_unbounded(local, drv_path, options, logs, progress)
@@ -493,7 +498,10 @@ impl Lease {
         progress: Option<ProgressFn>,
     ) -> Result<TransferReport> {
         let all: BTreeSet<StorePath> = closure.iter().map(|i| i.path.clone()).collect();
+        let t = Instant::now();
         let present = self.query_protected(&all, substitute).await?;
+        tracing::debug!(target: "nixmux::timing", paths = all.len(),
+            query_us = micros(t.elapsed()), "push query");
         let (missing, report) = plan_transfer(closure, &present);
         if !missing.is_empty()
             && !crate::bulk::push(
@@ -572,9 +580,12 @@ impl Lease {
         paths: &BTreeSet<StorePath>,
         progress: Option<ProgressFn>,
     ) -> Result<TransferReport> {
+        let t = Instant::now();
         let closure = self.remote_closure(paths).await?;
+        let t_remote = t.elapsed();
         let all: BTreeSet<StorePath> = closure.iter().map(|i| i.path.clone()).collect();
         let present = local.query_valid_paths(&all).await?;
+        let t_local = t.elapsed();
         let (missing, report) = plan_transfer(closure, &present);
         if missing.is_empty()
             || crate::bulk::fetch(
@@ -624,6 +635,11 @@ impl Lease {
         // As in `upload`: the first failure drops the other side.
         tokio::try_join!(producer, consumer)?;
         lease.succeeded();
+        tracing::debug!(target: "nixmux::timing",
+            remote_closure_us = micros(t_remote),
+            local_query_us = micros(t_local - t_remote),
+            transfer_us = micros(t.elapsed() - t_local),
+            "fetch");
         Ok(report)
     }
 
@@ -655,9 +671,11 @@ impl Lease {
         } else {
             logs.recording(LOCAL_LOG_CAP)
         };
+        let t = Instant::now();
         let mut outcome = self
             .build_remote(local, drv_path, options, &logs, progress)
             .await?;
+        let t_remote = t.elapsed();
         if let Some(text) = logs.record().and_then(LogRecord::contents) {
             outcome.local_log = match local.add_build_log(drv_path, &text).await {
                 Ok(()) => LocalLog::Stored {
@@ -669,6 +687,10 @@ impl Lease {
                 }
             };
         }
+        tracing::debug!(target: "nixmux::timing", drv = %drv_path,
+            remote_us = micros(t_remote),
+            log_us = micros(t.elapsed() - t_remote),
+            "build");
         Ok(outcome)
     }
 
@@ -742,11 +764,14 @@ impl Lease {
             srcs = ca.basic.input_srcs.clone();
         }
         // The closure's metadata serves twice: the derivation's inputSrcs and the push.
+        let t = Instant::now();
         let infos = local.closure(&srcs).await?;
+        let t_closure = t.elapsed();
         let closure: BTreeSet<StorePath> = infos.iter().map(|i| i.path.clone()).collect();
         let pushed = self
             .push_infos(local, infos, options.substitute, progress)
             .await?;
+        let t_push = t.elapsed();
         let basic = match job.ca {
             Some(ca) => ca.basic.clone(),
             None => drv.to_basic(closure),
@@ -767,7 +792,14 @@ impl Lease {
         )
         .await
         .map_err(|e| build_error(e, &name))?;
+        let t_build = t.elapsed();
         self.protect_outputs(&result).await?;
+        tracing::debug!(target: "nixmux::timing", drv = %drv_path, builder = %name,
+            closure_us = micros(t_closure),
+            push_us = micros(t_push - t_closure),
+            build_us = micros(t_build - t_push),
+            protect_us = micros(t.elapsed() - t_build),
+            "build_inline");
         Ok(BuildOutcome {
             result,
             log_tail: logs.tail(),
@@ -920,6 +952,12 @@ const LIMIT_GRACE: Duration = Duration::from_secs(2);
 /// When a limit is exceeded, the build's future is dropped (which poisons the session: it is
 /// closed, so the remote Nix stops and its daemon cancels the build) and the result says
 /// TimedOut or LogLimitExceeded, with a message naming nixmux as the one that stopped it.
+/// A duration in whole microseconds, for the `nixmux::timing` debug events (which say where
+/// a build's time went; `RUST_LOG=nixmux::timing=debug`).
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 async fn within_limits(
     options: &BuildOptions,
     watch: Option<Arc<LogWatch>>,
