@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use futures::future::BoxFuture;
+use nixmux::graph::BuildQueue;
 use nixmux::ops::BuildOptions;
 use nixmux::proto::build_result::BuildStatus;
 use nixmux::proto::store_path::{StoreDir, StorePath};
@@ -493,6 +494,7 @@ impl Side for NixmuxGraph {
     }
     fn run(&mut self) -> BoxFuture<'_, SideResultT<Sample>> {
         Box::pin(async move {
+            tracing::debug!(target: "nixmux::timing", side = %format!("{}-{}-{}", self.label(), self.builders, self.lease_first), "sample");
             let t0 = Instant::now();
             let cpu0 = machine_cpu();
             let fixture = self
@@ -501,29 +503,38 @@ impl Side for NixmuxGraph {
                 .ok_or_else(|| anyhow!("not prepared"))?;
             let pool = self.pool.clone().ok_or_else(|| anyhow!("not prepared"))?;
             let local = self.env.local().ok_or_else(|| anyhow!("no local store"))?;
-            let mut pending = plan(&self.env, &fixture.top).await?;
+            let planned_jobs = plan(&self.env, &fixture.top).await?;
             let planned = t0.elapsed();
-            if pending.len() != self.shape.builds() {
+            if planned_jobs.len() != self.shape.builds() {
                 bail!(
                     "{} derivations to build, not {}",
-                    pending.len(),
+                    planned_jobs.len(),
                     self.shape.builds()
                 );
             }
+            // As `nixmux build` orders them: the ready derivation with the longest chain
+            // waiting behind it first (`nixmux::graph::BuildQueue`).
+            let mut queue = BuildQueue::new(
+                planned_jobs
+                    .iter()
+                    .map(|j| (j.drv.clone(), j.deps.iter().cloned().collect())),
+            );
+            let mut jobs: BTreeMap<StorePath, Job> = planned_jobs
+                .into_iter()
+                .map(|j| (j.drv.clone(), j))
+                .collect();
             let slots = self.builders * usize::try_from(self.shape.max_jobs)?.max(1);
             let (logs, mut stream) = log_channel(10_000);
             // Logs are drained as a scheduler would (the CLI writes them to files).
             let drain = tokio::spawn(async move { while stream.recv().await.is_some() {} });
-            let mut done: BTreeSet<StorePath> = BTreeSet::new();
             let mut running = tokio::task::JoinSet::new();
-            let mut ops = Vec::with_capacity(pending.len());
+            let mut ops = Vec::with_capacity(jobs.len());
             let mut failure = None;
             loop {
                 while failure.is_none() && running.len() < slots {
-                    let Some(i) = pending.iter().position(|j| j.deps.is_subset(&done)) else {
+                    let Some(job) = queue.next_ready().and_then(|d| jobs.remove(&d)) else {
                         break;
                     };
-                    let job = pending.swap_remove(i);
                     let (pool, local, logs) = (pool.clone(), local.clone(), logs.clone());
                     let lease_first = self.lease_first;
                     running.spawn(async move {
@@ -578,7 +589,7 @@ impl Side for NixmuxGraph {
                         self.build_time += built;
                         self.fetch_time += fetched;
                         self.counted += 1;
-                        done.insert(drv);
+                        queue.built(&drv);
                     }
                     Err(e) => {
                         failure.get_or_insert(e);
@@ -590,8 +601,8 @@ impl Side for NixmuxGraph {
             if let Some(e) = failure {
                 return Err(e);
             }
-            if !pending.is_empty() {
-                bail!("{} derivations never became ready", pending.len());
+            if queue.pending() > 0 {
+                bail!("{} derivations never became ready", queue.pending());
             }
             let built = t0.elapsed();
             let by = check(&self.env, &fixture).await?;

@@ -1,13 +1,14 @@
 //! `nixmux build`: build local derivations on a builder, the way a scheduler would: copy
 //! inputs, build remotely with the log streamed here, copy outputs back.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use nixmux::graph::BuildQueue;
 use nixmux::local::{LocalStore, LocalStoreAccess};
 use nixmux::ops::{BuildOptions, TransferProgress};
 use nixmux::proto::store_path::{StoreDir, StorePath};
@@ -355,46 +356,54 @@ pub(crate) async fn run(args: BuildArgs, builders: Vec<BuilderConfig>) -> anyhow
         log_dir.display()
     ));
 
-    let mut done: BTreeSet<StorePath> = BTreeSet::new();
+    let mut built = 0usize;
     let mut broken: BTreeSet<StorePath> = BTreeSet::new();
     let mut code = exit_code::OK;
+    // Ready derivations start longest chain first (see `nixmux::graph`), ties in plan order.
+    let mut queue = BuildQueue::new(
+        graph
+            .iter()
+            .map(|j| (j.drv.clone(), j.deps.iter().cloned().collect())),
+    );
+    let mut jobs_by_drv: BTreeMap<StorePath, Job> =
+        graph.into_iter().map(|j| (j.drv.clone(), j)).collect();
+    let skip = |lost: Vec<StorePath>, broken: &mut BTreeSet<StorePath>| {
+        for drv in lost {
+            ui.line(&format!("skipping {drv}: an input failed"));
+            broken.insert(drv);
+        }
+    };
     // A derivation no builder can ever take fails now, before anything is sent anywhere:
     // without --keep-going the run stops here; with it, the rest of the graph is built.
-    for job in &graph {
-        if let Err(e) = pool.select(&job.system, &job.features) {
-            ui.line(&format!("cannot build {}: {e}", job.drv));
-            broken.insert(job.drv.clone());
-            if code == exit_code::OK {
-                code = exit_code::for_kind(e.kind());
+    let impossible: Vec<StorePath> = jobs_by_drv
+        .values()
+        .filter_map(|job| match pool.select(&job.system, &job.features) {
+            Ok(_) => None,
+            Err(e) => {
+                ui.line(&format!("cannot build {}: {e}", job.drv));
+                if code == exit_code::OK {
+                    code = exit_code::for_kind(e.kind());
+                }
+                Some(job.drv.clone())
             }
-        }
-    }
-    if !broken.is_empty() && !args.keep_going {
+        })
+        .collect();
+    if !impossible.is_empty() && !args.keep_going {
         pool.shutdown().await;
         return Ok(code);
     }
-    let mut pending: Vec<Job> = graph
-        .into_iter()
-        .filter(|j| !broken.contains(&j.drv))
-        .collect();
+    for drv in impossible {
+        broken.insert(drv.clone());
+        let lost = queue.failed(&drv);
+        skip(lost, &mut broken);
+    }
     let mut running = tokio::task::JoinSet::new();
     let mut stop = false;
     loop {
-        // Derivations whose inputs failed will never build.
-        pending.retain(|j| {
-            if j.deps.iter().any(|d| broken.contains(d)) {
-                ui.line(&format!("skipping {}: an input failed", j.drv));
-                broken.insert(j.drv.clone());
-                false
-            } else {
-                true
-            }
-        });
         while !stop && running.len() < jobs {
-            let Some(i) = pending.iter().position(|j| j.deps.is_subset(&done)) else {
+            let Some(job) = queue.next_ready().and_then(|d| jobs_by_drv.remove(&d)) else {
                 break;
             };
-            let job = pending.remove(i);
             let (pool, local, ui) = (pool.clone(), local.clone(), ui.clone());
             let (options, log_dir) = (args.options.clone(), log_dir.clone());
             let single = jobs == 1;
@@ -409,7 +418,8 @@ pub(crate) async fn run(args: BuildArgs, builders: Vec<BuilderConfig>) -> anyhow
         let (drv, ended) = joined.context("a build task failed unexpectedly")?;
         match ended {
             Ended::Built => {
-                done.insert(drv);
+                built += 1;
+                queue.built(&drv);
             }
             Ended::Failed | Ended::Error(_) => {
                 let c = match ended {
@@ -419,7 +429,9 @@ pub(crate) async fn run(args: BuildArgs, builders: Vec<BuilderConfig>) -> anyhow
                 if code == exit_code::OK {
                     code = c;
                 }
-                broken.insert(drv);
+                broken.insert(drv.clone());
+                let lost = queue.failed(&drv);
+                skip(lost, &mut broken);
                 stop = !args.keep_going;
             }
         }
@@ -438,7 +450,7 @@ pub(crate) async fn run(args: BuildArgs, builders: Vec<BuilderConfig>) -> anyhow
     } else {
         ui.line(&format!(
             "{} built, {} failed or skipped, in {:.1}s",
-            done.len(),
+            built,
             broken.len(),
             started.elapsed().as_secs_f64()
         ));

@@ -60,6 +60,7 @@ mod connections;
 mod conversation;
 mod daemon_socket;
 pub mod error;
+pub mod graph;
 pub mod local;
 pub mod logs;
 pub mod ops;
