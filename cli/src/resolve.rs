@@ -58,7 +58,7 @@ pub(crate) fn builders(args: &BuilderArgs) -> anyhow::Result<Resolved> {
         connect_timeout: Some(std::time::Duration::from_secs_f64(
             args.connect_timeout.max(0.1),
         )),
-        transport: None,
+        transport: Some(transport_config()),
     };
     let mut builders = Vec::new();
     for spec in &specs {
@@ -77,4 +77,69 @@ pub(crate) fn builders(args: &BuilderArgs) -> anyhow::Result<Resolved> {
         skipped,
         source,
     })
+}
+
+/// The transport defaults, plus the memory of accepted keys kept between runs (see
+/// [`accepted_keys_file`]).
+fn transport_config() -> nixmux::transport::TransportConfig {
+    let mut t = nixmux::transport::TransportConfig::default();
+    t.accepted_keys_file = accepted_keys_file(|name| std::env::var_os(name));
+    t
+}
+
+/// Where a run remembers which keys each builder accepted, so that the next run's first
+/// connection to it opens its channel with the authentication request (one round trip
+/// less; an agent key is also signed at once instead of queried first: one more):
+/// `$XDG_STATE_HOME/nixmux/accepted-keys`, else `~/.local/state/nixmux/accepted-keys` (the
+/// XDG Base Directory specification's state directory: data that should persist between
+/// runs but is not worth backing up). `NIXMUX_NO_STATE=1` turns it off. No private material
+/// is stored, and host keys are checked as always (`nixmux::transport::TransportConfig::
+/// accepted_keys_file`).
+fn accepted_keys_file(
+    var: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    if var("NIXMUX_NO_STATE").is_some_and(|v| !v.is_empty() && v != "0") {
+        return None;
+    }
+    // The specification says a relative path in an XDG variable is invalid and to be ignored.
+    let state = var("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| {
+            var("HOME")
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+                .map(|home| home.join(".local/state"))
+        })?;
+    Some(state.join("nixmux/accepted-keys"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::accepted_keys_file;
+    use std::path::PathBuf;
+
+    fn with(vars: &[(&str, &str)]) -> Option<PathBuf> {
+        accepted_keys_file(|name| vars.iter().find(|(n, _)| *n == name).map(|(_, v)| v.into()))
+    }
+
+    #[test]
+    fn accepted_keys_file_location() {
+        assert_eq!(
+            with(&[("XDG_STATE_HOME", "/s"), ("HOME", "/h")]),
+            Some("/s/nixmux/accepted-keys".into())
+        );
+        assert_eq!(
+            with(&[("XDG_STATE_HOME", "rel"), ("HOME", "/h")]),
+            Some("/h/.local/state/nixmux/accepted-keys".into())
+        );
+        assert_eq!(with(&[("HOME", "")]), None);
+        assert_eq!(with(&[]), None);
+        assert_eq!(with(&[("HOME", "/h"), ("NIXMUX_NO_STATE", "1")]), None);
+        assert_eq!(
+            with(&[("HOME", "/h"), ("NIXMUX_NO_STATE", "0")]),
+            Some("/h/.local/state/nixmux/accepted-keys".into())
+        );
+    }
 }
