@@ -86,6 +86,9 @@ pub(crate) struct Accepted {
 /// (costing one query or one channel round trip on that endpoint's next connection).
 const ACCEPTED_MAX: usize = 4096;
 
+/// How long a connection waits for the accepted-keys file to be read or written.
+const ACCEPTED_IO_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Accepted {
     /// The memory for `file` (or the process's own, for `None`), loading the file the first
     /// time it is named. May read a file: call off the runtime.
@@ -188,7 +191,7 @@ impl Accepted {
             return;
         };
         let this = self.clone();
-        let written = tokio::task::spawn_blocking(move || {
+        let task = tokio::task::spawn_blocking(move || {
             let _writing = this.writing.lock().unwrap_or_else(|e| e.into_inner());
             accepted_file::update(&path, ACCEPTED_MAX, change).map_err(|e| {
                 format!(
@@ -196,12 +199,13 @@ impl Accepted {
                     path.display()
                 )
             })
-        })
-        .await;
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!("{e}"),
-            Err(e) => tracing::warn!("accepted-keys file update task failed: {e}"),
+        });
+        match tokio::time::timeout(ACCEPTED_IO_WAIT, task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!("{e}"),
+            Ok(Err(e)) => tracing::warn!("accepted-keys file update task failed: {e}"),
+            // Left to finish in the background.
+            Err(_) => tracing::warn!("the accepted-keys file takes too long to write; not waiting"),
         }
     }
 }
@@ -295,7 +299,16 @@ pub(crate) fn preload(identities: &[Identity], accepted_file: Option<&Path>) -> 
                 None => None,
             });
         }
-        let accepted = accepted.await.unwrap_or_else(|_| Accepted::for_file(None));
+        // A file system that hangs (a stale network mount) must not hold up authentication:
+        // then this connection goes without the file.
+        let accepted = match tokio::time::timeout(ACCEPTED_IO_WAIT, accepted).await {
+            Ok(Ok(accepted)) => accepted,
+            Ok(Err(_)) => Accepted::for_file(None),
+            Err(_) => {
+                tracing::warn!("the accepted-keys file takes too long to read; not waiting");
+                Accepted::for_file(None)
+            }
+        };
         (keys, accepted)
     }))
 }

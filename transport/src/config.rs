@@ -194,7 +194,7 @@ pub struct TransportConfig {
     /// [`connect_over`]: crate::connect_over
     pub first_channel: Option<FirstChannel>,
     /// A file that remembers which keys endpoints accepted, across processes: loaded once per
-    /// path and process, when the first connection using it authenticates, and updated when
+    /// path and process, while the first connection using it exchanges keys, and updated when
     /// an endpoint accepts a key not in it or refuses one that is. Without it, that memory
     /// lasts as long as the process, so a short-lived program (one command-line run) pays
     /// for each builder's first connection what [`fast_auth`](Self::fast_auth) and
