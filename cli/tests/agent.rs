@@ -55,6 +55,7 @@ impl Agent {
         let socket = dir.join("agent.sock");
         let log = dir.join(format!("agent-{}.log", std::process::id()));
         let child = Command::new(NIXMUX)
+            .env("NIXMUX_NO_STATE", "1")
             .args(["agent", "-vv", "--machines"])
             .arg(machines)
             .arg("--socket")
@@ -75,6 +76,7 @@ impl Agent {
 
     fn status(&self) -> Option<serde_json::Value> {
         let out = Command::new(NIXMUX)
+            .env("NIXMUX_NO_STATE", "1")
             .args(["agent", "status", "--json", "--socket"])
             .arg(&self.socket)
             .output()
@@ -92,6 +94,7 @@ impl Agent {
     /// `machines-for-nix` beside it.
     fn machines_for_nix(&self, machines: &Path) -> PathBuf {
         let o = Command::new(NIXMUX)
+            .env("NIXMUX_NO_STATE", "1")
             .args(["agent", "machines", "--machines"])
             .arg(machines)
             .arg("--socket")
@@ -623,6 +626,7 @@ fn connect_relays_after_end_of_input(protocol: &str, one_socket: bool) {
     }
     let (request, first, last, before_eof) = hello_and_request(protocol);
     let mut cmd = Command::new(NIXMUX);
+    cmd.env("NIXMUX_NO_STATE", "1");
     cmd.args(&args).stderr(Stdio::piped());
     let (mut child, reply) = if one_socket {
         let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().expect("pair");
@@ -695,6 +699,7 @@ fn connect_with_one_socket_over_ssh() {
 /// input ends once `expect` bytes have arrived.
 fn worker_handshake(agent: &Agent, name: &str, version: u64, expect: usize) -> Vec<u8> {
     let mut child = Command::new(NIXMUX)
+        .env("NIXMUX_NO_STATE", "1")
         .args(["connect", "--socket"])
         .arg(&agent.socket)
         .args([name, "--stdio"])
@@ -781,6 +786,7 @@ fn spares_send_the_learned_hello_ahead_and_other_clients_get_their_own_answer() 
 fn connect_says_what_is_wrong() {
     let dir = tempfile::tempdir().expect("tmp");
     let o = Command::new(NIXMUX)
+        .env("NIXMUX_NO_STATE", "1")
         .args(["connect", "--socket"])
         .arg(dir.path().join("none.sock"))
         .args(["b1", "--stdio"])
@@ -798,6 +804,7 @@ fn connect_says_what_is_wrong() {
     machines_of(&rig, "ssh-ng", &[0], &machines);
     let agent = Agent::start(dir.path(), &machines, &["--spares", "0"]);
     let o = Command::new(NIXMUX)
+        .env("NIXMUX_NO_STATE", "1")
         .args(["connect", "--socket"])
         .arg(&agent.socket)
         .args(["no-such-builder", "--stdio"])

@@ -11,6 +11,7 @@ fn quick_bench_writes_table_json_and_charts() {
     let dir = tempfile::tempdir().expect("tmp");
     let json = dir.path().join("bench.json");
     let out = Command::new(env!("CARGO_BIN_EXE_nixmux"))
+        .env("NIXMUX_NO_STATE", "1")
         .args(["bench", "--quick", "--builders", "1", "--repeat", "1"])
         .args(["--workload", "cold-session,warm-op", "--json"])
         .arg(&json)
@@ -40,12 +41,14 @@ fn quick_bench_writes_table_json_and_charts() {
 #[test]
 fn bad_arguments_are_refused() {
     let out = Command::new(env!("CARGO_BIN_EXE_nixmux"))
+        .env("NIXMUX_NO_STATE", "1")
         .args(["bench", "--workload", "no-such-thing"])
         .output()
         .expect("run nixmux");
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown workload"));
     let out = Command::new(env!("CARGO_BIN_EXE_nixmux"))
+        .env("NIXMUX_NO_STATE", "1")
         .args(["bench", "--wan", "fifty"])
         .output()
         .expect("run nixmux");

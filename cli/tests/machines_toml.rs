@@ -5,6 +5,7 @@ use std::process::{Command, Output};
 
 fn agent_machines(file: &std::path::Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_nixmux"))
+        .env("NIXMUX_NO_STATE", "1")
         .args([
             "agent",
             "machines",

@@ -8,6 +8,7 @@ use nixmux_rig::{Protocol, Rig, RigConfig};
 
 fn nixmux(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_nixmux"))
+        .env("NIXMUX_NO_STATE", "1")
         .args(args)
         .env_remove("SSH_AUTH_SOCK")
         .output()

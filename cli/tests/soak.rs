@@ -13,6 +13,7 @@ fn soak_60s_with_faults_passes_its_checks() {
     let dir = tempfile::tempdir().expect("tmp");
     let json = dir.path().join("soak.json");
     let out = Command::new(env!("CARGO_BIN_EXE_nixmux"))
+        .env("NIXMUX_NO_STATE", "1")
         .args(["bench", "--workload", "soak", "--duration", "60s", "--json"])
         .arg(&json)
         .env_remove("SSH_AUTH_SOCK")
@@ -56,6 +57,7 @@ fn soak_60s_with_faults_passes_its_checks() {
 fn soak_arguments_are_checked() {
     let run = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_nixmux"))
+            .env("NIXMUX_NO_STATE", "1")
             .args(args)
             .output()
             .expect("run nixmux")

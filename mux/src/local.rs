@@ -44,31 +44,33 @@ impl std::fmt::Debug for LocalStoreAccess {
 struct LocalSession {
     session: WorkerSession,
     _guard: Option<ChildGuard>,
-    _counted: OpenSession,
+    _counted: CountGuard,
 }
 
-/// Counts a local session in [`LocalStore::open`] for as long as it exists.
-struct OpenSession(Arc<AtomicUsize>);
+/// Counts one in a counter for as long as it lives (a local session in [`LocalStore::open`]
+/// from the moment it starts; a start in [`LocalStore::starting`]).
+struct CountGuard(Arc<AtomicUsize>);
 
-impl OpenSession {
+impl CountGuard {
     fn new(open: &Arc<AtomicUsize>) -> Self {
         open.fetch_add(1, Ordering::Relaxed);
-        OpenSession(open.clone())
+        CountGuard(open.clone())
     }
 }
 
-impl Drop for OpenSession {
+impl Drop for CountGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-/// With this many local sessions open, a caller finding none idle first waits up to
-/// [`LOCAL_SESSION_WAIT`] for one to come back before it opens another: most local operations
-/// (a query, a `.drv`, a log) take well under a millisecond, while a new session may be a
-/// `nix-daemon --stdio` process to start (tens of milliseconds when a wave of builds starts
-/// or ends together). Long ones (a NAR streamed for minutes) make the waiter open its own
-/// after the short wait, so they never hold anyone up for long.
+/// With this many local sessions open (or on their way), a caller finding none idle waits for
+/// one to come back before it opens another: most local operations (a query, a `.drv`, a log)
+/// take well under a millisecond, while a new session may be a `nix-daemon --stdio` process
+/// to start (tens of milliseconds, more when a wave of builds starts or ends together and
+/// every one of them asks at once). It waits as long as sessions are still starting (they
+/// come back soon after their first use), and [`LOCAL_SESSION_WAIT`] more; then it opens its
+/// own, so long operations (a NAR streamed for minutes) never hold anyone up for long.
 const LOCAL_SESSIONS_BEFORE_WAITING: usize = 4;
 const LOCAL_SESSION_WAIT: Duration = Duration::from_millis(20);
 
@@ -80,8 +82,10 @@ pub struct LocalStore {
     idle: Mutex<Vec<LocalSession>>,
     /// Signalled when a session goes back to `idle`.
     returned: Notify,
-    /// Sessions open, idle or leased.
+    /// Sessions open, idle or leased, or starting.
     open: Arc<AtomicUsize>,
+    /// Sessions starting.
+    starting: Arc<AtomicUsize>,
     /// Derivations already read and parsed ([`LocalStore::read_derivation`]).
     derivations: Mutex<HashMap<StorePath, Arc<Derivation>>>,
 }
@@ -195,6 +199,7 @@ impl LocalStore {
             idle: Mutex::new(Vec::new()),
             returned: Notify::new(),
             open: Arc::new(AtomicUsize::new(0)),
+            starting: Arc::new(AtomicUsize::new(0)),
             derivations: Mutex::new(HashMap::new()),
         }
     }
@@ -222,6 +227,9 @@ impl LocalStore {
     }
 
     async fn connect(&self) -> Result<LocalSession> {
+        // Counted while it starts too: a burst of callers must see the sessions on their way.
+        let counted = CountGuard::new(&self.open);
+        let _starting = CountGuard::new(&self.starting);
         let (reader, writer, guard, config): (BoxReader, BoxWriter, _, _) = match &self.access {
             LocalStoreAccess::Socket(path) => {
                 let s = tokio::net::UnixStream::connect(path).await.map_err(|e| {
@@ -259,7 +267,7 @@ impl LocalStore {
         Ok(LocalSession {
             session,
             _guard: guard,
-            _counted: OpenSession::new(&self.open),
+            _counted: counted,
         })
     }
 
@@ -267,9 +275,9 @@ impl LocalStore {
         let session = match self.take_idle() {
             Some(s) => s,
             None if self.open.load(Ordering::Relaxed) >= LOCAL_SESSIONS_BEFORE_WAITING => {
-                match tokio::time::timeout(LOCAL_SESSION_WAIT, self.next_returned()).await {
-                    Ok(s) => s,
-                    Err(_) => self.connect().await?,
+                match self.wait_for_returned().await {
+                    Some(s) => s,
+                    None => self.connect().await?,
                 }
             }
             None => self.connect().await?,
@@ -279,6 +287,23 @@ impl LocalStore {
             session: Some(session),
             ok: false,
         })
+    }
+
+    /// A session coming back, waited for while others are starting and
+    /// [`LOCAL_SESSION_WAIT`] beyond; `None`: open one.
+    async fn wait_for_returned(&self) -> Option<LocalSession> {
+        let returned = self.next_returned();
+        tokio::pin!(returned);
+        loop {
+            tokio::select! {
+                s = &mut returned => return Some(s),
+                () = tokio::time::sleep(LOCAL_SESSION_WAIT) => {
+                    if self.starting.load(Ordering::Relaxed) == 0 {
+                        return None;
+                    }
+                }
+            }
+        }
     }
 
     fn take_idle(&self) -> Option<LocalSession> {
