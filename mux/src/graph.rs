@@ -1,6 +1,6 @@
 //! Which derivation of a build graph to start next: a pure planner, no I/O.
 //!
-//! A scheduler ([`nixmux build`](../../nixmux_cli/index.html), a daemon) knows the whole graph
+//! A scheduler (`nixmux build`, a daemon) knows the whole graph
 //! before it starts and has a limited number of build slots. When a slot frees, it should start
 //! the ready derivation that most delays the end of the run: the one with the **longest chain
 //! of derivations waiting behind it** (its *height*: 1 for a root, 1 + the highest of its
@@ -84,7 +84,7 @@ impl<K: Ord + Clone> BuildQueue<K> {
                 }
             }
         }
-        let height = heights(&inputs_left, &dependents, &inputs, &index);
+        let height = heights(&dependents);
         let mut ready = BinaryHeap::new();
         let mut state = vec![State::Waiting; n];
         for i in 0..n {
@@ -199,14 +199,8 @@ impl<K: Ord + Clone> BuildQueue<K> {
 
 /// Heights by a reverse topological walk (Kahn's algorithm from the roots down), so a deep
 /// graph costs no recursion. Jobs on a cycle keep height 0.
-fn heights(
-    inputs_left: &[usize],
-    dependents: &[Vec<usize>],
-    inputs: &[Vec<impl Ord>],
-    index: &BTreeMap<impl Ord, usize>,
-) -> Vec<u32> {
-    let n = inputs_left.len();
-    let _ = (inputs, index);
+fn heights(dependents: &[Vec<usize>]) -> Vec<u32> {
+    let n = dependents.len();
     // Inputs of each job, as indices (the reverse of `dependents`).
     let mut job_inputs = vec![Vec::new(); n];
     for (j, ds) in dependents.iter().enumerate() {
