@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use nixmux_transport::{FirstChannel, Identity, TransportConfig, TransportError};
 
-use crate::round_trips::{Relayed, assert_rtts, echo_ok, exec_rtts, opening};
-use crate::support::{Agent, Dropbear, Sshd, keygen, pub_line};
+use crate::round_trips::{Relayed, assert_rtts, echo_ok, exec_rtts, opening, relayed_dropbear};
+use crate::support::{Agent, Sshd, keygen, pub_line};
 
 /// Opens a session first, remembering accepted keys in `file`.
 fn remembering(file: &Path) -> TransportConfig {
@@ -176,21 +176,10 @@ async fn agent_keys_are_signed_at_once_by_a_new_process() {
 /// with a stale entry connects once more without it, and drops the entry from the file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropbear_stale_entry_is_dropped() {
-    let Some(server) = tokio::task::spawn_blocking(Dropbear::start)
-        .await
-        .expect("join")
-    else {
+    let Some((server, relayed)) = relayed_dropbear().await else {
         println!("dropbear not installed: skipped");
         return;
     };
-    let host_pub = std::fs::read_to_string(&server.known_hosts)
-        .expect("known_hosts")
-        .split_whitespace()
-        .skip(1)
-        .take(2)
-        .collect::<Vec<_>>()
-        .join(" ");
-    let relayed = Relayed::new(server.port, &host_pub).await;
     let ours = Identity::key_file(&server.client_key);
     let file = server.dir.path().join("accepted-keys");
     let (conn, _) = relayed

@@ -81,6 +81,23 @@ impl Relayed {
 }
 
 /// The connection works after a pipelined authentication.
+/// A Dropbear server behind the WAN relay (its host key pinned); `None` if Dropbear is not
+/// installed.
+pub(crate) async fn relayed_dropbear() -> Option<(Dropbear, Relayed)> {
+    let server = tokio::task::spawn_blocking(Dropbear::start)
+        .await
+        .expect("join")?;
+    let host_pub = std::fs::read_to_string(&server.known_hosts)
+        .expect("known_hosts")
+        .split_whitespace()
+        .skip(1)
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let relayed = Relayed::new(server.port, &host_pub).await;
+    Some((server, relayed))
+}
+
 pub(crate) async fn echo_ok(conn: &SshConnection) {
     let mut ch = conn.exec("echo ok").await.expect("exec");
     assert_eq!(
@@ -230,21 +247,10 @@ async fn agent_auth_round_trips() {
 /// Dropbear takes the pipelined service and signed requests too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropbear_takes_fast_auth() {
-    let Some(server) = tokio::task::spawn_blocking(Dropbear::start)
-        .await
-        .expect("join")
-    else {
+    let Some((server, relayed)) = relayed_dropbear().await else {
         println!("dropbear not installed: skipped");
         return;
     };
-    let host_pub = std::fs::read_to_string(&server.known_hosts)
-        .expect("known_hosts")
-        .split_whitespace()
-        .skip(1)
-        .take(2)
-        .collect::<Vec<_>>()
-        .join(" ");
-    let relayed = Relayed::new(server.port, &host_pub).await;
     let stranger = keygen(server.dir.path(), "stranger", "ed25519", "");
     let ids = [
         Identity::key_file(&stranger),
@@ -427,21 +433,10 @@ async fn early_open_behind_refused_key_openssh() {
 /// the early open tries the identities again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropbear_early_open() {
-    let Some(server) = tokio::task::spawn_blocking(Dropbear::start)
-        .await
-        .expect("join")
-    else {
+    let Some((server, relayed)) = relayed_dropbear().await else {
         println!("dropbear not installed: skipped");
         return;
     };
-    let host_pub = std::fs::read_to_string(&server.known_hosts)
-        .expect("known_hosts")
-        .split_whitespace()
-        .skip(1)
-        .take(2)
-        .collect::<Vec<_>>()
-        .join(" ");
-    let relayed = Relayed::new(server.port, &host_pub).await;
     let session = opening(FirstChannel::Session);
     let ours = Identity::key_file(&server.client_key);
     let authorized = server.dir.path().join("home/.ssh/authorized_keys");
