@@ -172,3 +172,43 @@ async fn a_refused_socket_is_remembered_and_exec_takes_over() {
     assert!(e.to_string().contains("daemon socket"), "{e}");
     pool.shutdown().await;
 }
+
+/// Once the key is known to be accepted, a new connection's first channel (the daemon socket,
+/// for `ssh-ng://`) is opened together with authentication. A builder that refuses it (no
+/// daemon here) refuses that early open: the session goes over exec, and the refusal is
+/// remembered as for a later open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_early_socket_open_falls_back_to_exec() {
+    let rig = rig(RigConfig::with_builders(1));
+    let none = BTreeSet::new();
+    let cfg = config(&rig, 0, Protocol::Worker);
+    // The first connection of this process: the key becomes known as accepted.
+    let first = nixmux::ping::ping(&cfg, 1).await;
+    assert!(first.ok, "{first:?}");
+    // A new one opens the socket channel with authentication, which sshd refuses.
+    let second = nixmux::ping::ping(&cfg, 1).await;
+    assert!(second.ok, "{second:?}");
+    assert!(
+        second
+            .stages
+            .iter()
+            .any(|s| s.stage == nixmux::ping::PingStage::AuthWithOpen),
+        "{:?}",
+        second.stages
+    );
+    assert_eq!(second.session_path.as_deref(), Some("exec"), "{second:?}");
+    // The same through a new pool, as a scheduler would.
+    let pool = Pool::new();
+    let builder = pool.add(cfg);
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        builder.query_valid_paths(&none, false),
+    )
+    .await
+    .expect("no hang")
+    .expect("query over exec");
+    let stats = builder.stats();
+    assert_eq!(stats.daemon_socket_refusals, 1, "{stats:?}");
+    assert_eq!(stats.sessions_via_socket, 0, "{stats:?}");
+    pool.shutdown().await;
+}
