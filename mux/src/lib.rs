@@ -75,6 +75,7 @@ mod select;
 mod serve_log;
 pub mod setup;
 pub mod stats;
+mod stream;
 pub mod target;
 
 pub use builder::{Builder, BuilderConfig, MachineInfo, Pool};

@@ -3,16 +3,13 @@
 use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use nixmux_proto::build_result::BuildResult;
 use nixmux_proto::derivation::Derivation;
 use nixmux_proto::path_info::PathInfo;
 use nixmux_proto::store_path::StorePath;
-use nixmux_session::{NarSummary, NarsError, SessionError, Upload};
-use tokio::io::{AsyncRead, AsyncWriteExt, DuplexStream, ReadBuf};
+use nixmux_session::SessionError;
 
 pub use crate::options::BuildOptions;
 
@@ -23,22 +20,9 @@ use crate::local::{LocalStore, closure_with, topo_sort};
 use crate::logs::{LogRecord, LogSender, LogWatch};
 use crate::pool::PooledSession;
 use crate::protocol::RemoteInfo;
+use crate::stream::{self, Tally};
 
-/// Progress of a transfer, reported after every chunk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct TransferProgress {
-    /// Paths completely transferred.
-    pub paths_done: usize,
-    /// Paths to transfer.
-    pub paths_total: usize,
-    /// NAR bytes transferred.
-    pub bytes_done: u64,
-    /// NAR bytes to transfer.
-    pub bytes_total: u64,
-}
-
-/// A progress callback. Called on the transfer's own task: it must return quickly.
-pub type ProgressFn = Arc<dyn Fn(TransferProgress) + Send + Sync>;
+pub use crate::stream::{ProgressFn, TransferProgress};
 
 /// What a push or fetch did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -110,77 +94,6 @@ struct BuildJob<'a> {
     /// A content-addressed build (`crate::ca`): the derivation sent as it is (resolved), with
     /// its input sources not widened to the input closure.
     ca: Option<&'a crate::ca::CaBuild>,
-}
-
-/// Counts bytes read through it, for progress.
-struct Counting<R> {
-    inner: R,
-    bytes: Arc<AtomicU64>,
-    tick: Arc<dyn Fn() + Send + Sync>,
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.bytes.fetch_add(n as u64, Ordering::Relaxed);
-            (self.tick)();
-        }
-        r
-    }
-}
-
-/// Size of the in-memory pipe between the side that reads a NAR and the side that writes it:
-/// NARs stream through it, never held whole.
-const PIPE: usize = 1 << 20;
-
-struct Pipes {
-    readers: Vec<Counting<DuplexStream>>,
-    writers: Vec<DuplexStream>,
-    done: Arc<AtomicUsize>,
-}
-
-fn pipes(infos: &[PathInfo], progress: Option<ProgressFn>) -> Pipes {
-    let bytes = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(AtomicUsize::new(0));
-    let total_bytes: u64 = infos.iter().map(|i| i.nar_size).sum();
-    let total_paths = infos.len();
-    let tick: Arc<dyn Fn() + Send + Sync> = {
-        let bytes = bytes.clone();
-        let done = done.clone();
-        Arc::new(move || {
-            if let Some(p) = &progress {
-                p(TransferProgress {
-                    paths_done: done.load(Ordering::Relaxed),
-                    paths_total: total_paths,
-                    bytes_done: bytes.load(Ordering::Relaxed),
-                    bytes_total: total_bytes,
-                });
-            }
-        })
-    };
-    let mut readers = Vec::with_capacity(infos.len());
-    let mut writers = Vec::with_capacity(infos.len());
-    for _ in infos {
-        let (w, r) = tokio::io::duplex(PIPE);
-        readers.push(Counting {
-            inner: r,
-            bytes: bytes.clone(),
-            tick: tick.clone(),
-        });
-        writers.push(w);
-    }
-    Pipes {
-        readers,
-        writers,
-        done,
-    }
 }
 
 /// Splits a closure (dependencies first) into the paths the other side lacks, in order, and
@@ -533,45 +446,10 @@ impl Lease {
         infos: &[PathInfo],
         progress: Option<ProgressFn>,
     ) -> Result<()> {
-        let Pipes {
-            mut readers,
-            writers,
-            done,
-        } = pipes(infos, progress);
-        let mut lease = local.lease().await?;
+        let tally = Tally::new(infos, progress);
+        let infos: Vec<&PathInfo> = infos.iter().collect();
         let name = self.builder.name().to_owned();
-        let remote = &mut self.session;
-
-        let producer = async {
-            for (info, mut w) in infos.iter().zip(writers) {
-                lease.read_nar_checked(info, &mut w).await?;
-                let _ = w.shutdown().await;
-                done.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok::<(), Error>(())
-        };
-        let consumer = async {
-            let mut uploads: Vec<Upload<'_>> = infos
-                .iter()
-                .zip(readers.iter_mut())
-                .map(|(info, r)| Upload {
-                    info: info.clone(),
-                    nar: r,
-                })
-                .collect();
-            remote
-                .get()
-                .conv
-                .add_paths(&mut uploads)
-                .await
-                .map_err(|e| from_session(e).on(&name))
-        };
-        // The first failure wins and drops the other side: a producer blocked on a full pipe
-        // (or a consumer waiting for bytes) must not outlive its partner. Whatever was cut
-        // off half-way poisons its session, which is then closed, so the remote aborts.
-        tokio::try_join!(producer, consumer)?;
-        lease.succeeded();
-        Ok(())
+        stream::upload(local, &mut self.session, &infos, &tally, &name).await
     }
 
     async fn fetch_unbounded(
@@ -607,34 +485,10 @@ impl Lease {
         {
             return Ok(report);
         }
-        let Pipes {
-            mut readers,
-            writers,
-            done,
-        } = pipes(&missing, progress);
-        let mut lease = local.lease().await?;
+        let tally = Tally::new(&missing, progress);
+        let infos: Vec<&PathInfo> = missing.iter().collect();
         let name = self.builder.name().to_owned();
-        let remote = &mut self.session;
-        let producer = async {
-            // All requested at once (pipelined): a fixed number of round trips for the
-            // whole closure. Each NAR is checked against the builder's metadata on arrival.
-            let paths: Vec<StorePath> = missing.iter().map(|i| i.path.clone()).collect();
-            let mut writers = writers;
-            let check = |i: usize, sum: NarSummary| {
-                check_fetched(&missing[i], &sum, &name)?;
-                done.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            };
-            match remote.get().conv.nars(&paths, &mut writers, check).await {
-                Ok(()) => Ok::<(), Error>(()),
-                Err(NarsError::Session(e)) => Err(from_session(e).on(&name)),
-                Err(NarsError::Caller(e)) => Err(e),
-            }
-        };
-        let consumer = lease.add_fetched(missing.iter(), &mut readers);
-        // As in `upload`: the first failure drops the other side.
-        tokio::try_join!(producer, consumer)?;
-        lease.succeeded();
+        stream::download(local, &mut self.session, &infos, &tally, &name).await?;
         tracing::debug!(target: "nixmux::timing",
             remote_closure_us = micros(t_remote),
             local_query_us = micros(t_local - t_remote),
@@ -901,21 +755,6 @@ impl Lease {
             local_log: LocalLog::NotKept,
         })
     }
-}
-
-/// Checks a NAR fetched from `builder` against the metadata the builder reported for it.
-pub(crate) fn check_fetched(info: &PathInfo, sum: &NarSummary, builder: &str) -> Result<()> {
-    if sum.nar_hash == info.nar_hash && sum.nar_size == info.nar_size {
-        return Ok(());
-    }
-    Err(Error::remote(
-        ErrorKind::Verification,
-        format!(
-            "the NAR of {} ({} bytes, {}) does not match the builder's metadata ({} bytes, {})",
-            info.path, sum.nar_size, sum.nar_hash, info.nar_size, info.nar_hash
-        ),
-    )
-    .on(builder))
 }
 
 /// Path metadata from a builder session, for closure walks.

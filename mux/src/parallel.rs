@@ -54,26 +54,20 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
 use nixmux_proto::path_info::PathInfo;
 use nixmux_proto::store_path::StorePath;
-use nixmux_session::{NarSummary, NarsError, Upload};
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncWriteExt, DuplexStream, ReadBuf};
 use tokio::sync::Notify;
 
 use crate::builder::Builder;
 use crate::error::{Error, ErrorKind, Result, from_session};
 use crate::local::LocalStore;
-use crate::ops::{ProgressFn, TransferProgress, check_fetched};
 use crate::pool::PooledSession;
-
-/// In-memory pipe per path between the side that reads a NAR and the side that writes it.
-const PIPE: usize = 1 << 20;
+use crate::stream::{self, ProgressFn, Tally};
 
 /// Whether large transfers use several channels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -478,76 +472,6 @@ async fn all_lanes<'a>(
 
 // ===== progress =====
 
-/// Progress shared by the lanes.
-struct Tally {
-    bytes: AtomicU64,
-    paths: AtomicUsize,
-    total_bytes: u64,
-    total_paths: usize,
-    progress: Option<ProgressFn>,
-}
-
-impl Tally {
-    fn new(infos: &[PathInfo], progress: Option<ProgressFn>) -> Arc<Tally> {
-        Arc::new(Tally {
-            bytes: AtomicU64::new(0),
-            paths: AtomicUsize::new(0),
-            total_bytes: infos.iter().map(|i| i.nar_size).sum(),
-            total_paths: infos.len(),
-            progress,
-        })
-    }
-
-    fn tick(&self) {
-        if let Some(p) = &self.progress {
-            p(TransferProgress {
-                paths_done: self.paths.load(Ordering::Relaxed),
-                paths_total: self.total_paths,
-                bytes_done: self.bytes.load(Ordering::Relaxed),
-                bytes_total: self.total_bytes,
-            });
-        }
-    }
-}
-
-/// Counts the bytes read through it.
-struct Counted {
-    inner: DuplexStream,
-    tally: Arc<Tally>,
-}
-
-impl AsyncRead for Counted {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.tally.bytes.fetch_add(n as u64, Ordering::Relaxed);
-            self.tally.tick();
-        }
-        r
-    }
-}
-
-fn batch_pipes(n: usize, tally: &Arc<Tally>) -> (Vec<DuplexStream>, Vec<Counted>) {
-    (0..n)
-        .map(|_| {
-            let (w, r) = tokio::io::duplex(PIPE);
-            (
-                w,
-                Counted {
-                    inner: r,
-                    tally: tally.clone(),
-                },
-            )
-        })
-        .unzip()
-}
-
 /// Runs a transfer of `infos` over the lease's `session` and the extra sessions it gets, when
 /// the transfer and the link call for more than one lane. Returns the lanes and batches used,
 /// or `None` when one lane will do (the caller sends everything over `session` as usual).
@@ -629,44 +553,8 @@ pub(crate) async fn push(
 /// Sends one batch on one lane: NARs read from the local store stream through pipes into the
 /// lane's pipelined upload.
 async fn push_batch(session: &mut PooledSession, job: Job<'_>, batch: &[usize]) -> Result<()> {
-    let Job {
-        local,
-        infos,
-        tally,
-        name,
-        ..
-    } = job;
-    let (writers, mut readers) = batch_pipes(batch.len(), tally);
-    let mut lease = local.lease().await?;
-    let producer = async {
-        for (&i, mut w) in batch.iter().zip(writers) {
-            lease.read_nar_checked(&infos[i], &mut w).await?;
-            let _ = w.shutdown().await;
-        }
-        Ok::<(), Error>(())
-    };
-    let consumer = async {
-        let mut uploads: Vec<Upload<'_>> = batch
-            .iter()
-            .zip(readers.iter_mut())
-            .map(|(&i, r)| Upload {
-                info: infos[i].clone(),
-                nar: r,
-            })
-            .collect();
-        session
-            .get()
-            .conv
-            .add_paths(&mut uploads)
-            .await
-            .map_err(|e| from_session(e).on(name))
-    };
-    // As in `Lease::upload`: the first failure drops the other side.
-    tokio::try_join!(producer, consumer)?;
-    lease.succeeded();
-    tally.paths.fetch_add(batch.len(), Ordering::Relaxed);
-    tally.tick();
-    Ok(())
+    let infos: Vec<&PathInfo> = batch.iter().map(|&i| &job.infos[i]).collect();
+    stream::upload(job.local, session, &infos, job.tally, job.name).await
 }
 
 // ===== fetch =====
@@ -698,30 +586,8 @@ pub(crate) async fn fetch(
 /// Receives one batch on one lane: the builder's NARs, pipelined, each checked against the
 /// builder's metadata on arrival, stream into the local store's pipelined `AddToStoreNar`s.
 async fn fetch_batch(session: &mut PooledSession, job: Job<'_>, batch: &[usize]) -> Result<()> {
-    let Job {
-        local,
-        infos,
-        tally,
-        name,
-        ..
-    } = job;
-    let (mut writers, mut readers) = batch_pipes(batch.len(), tally);
-    let mut lease = local.lease().await?;
-    let paths: Vec<StorePath> = batch.iter().map(|&i| infos[i].path.clone()).collect();
-    let producer = async {
-        let check = |k: usize, sum: NarSummary| check_fetched(&infos[batch[k]], &sum, name);
-        match session.get().conv.nars(&paths, &mut writers, check).await {
-            Ok(()) => Ok::<(), Error>(()),
-            Err(NarsError::Session(e)) => Err(from_session(e).on(name)),
-            Err(NarsError::Caller(e)) => Err(e),
-        }
-    };
-    let consumer = lease.add_fetched(batch.iter().map(|&i| &infos[i]), &mut readers);
-    tokio::try_join!(producer, consumer)?;
-    lease.succeeded();
-    tally.paths.fetch_add(batch.len(), Ordering::Relaxed);
-    tally.tick();
-    Ok(())
+    let infos: Vec<&PathInfo> = batch.iter().map(|&i| &job.infos[i]).collect();
+    stream::download(job.local, session, &infos, job.tally, job.name).await
 }
 
 #[cfg(test)]
