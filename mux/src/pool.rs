@@ -19,7 +19,7 @@ use nixmux_session::Activity;
 use nixmux_transport::{ExecChannel, ExecOptions, FirstChannel};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::connections::{ConnectionSet, Opened};
+use crate::connections::{ConnectionSet, Opened, Slot};
 use crate::daemon_socket::{SocketOpenError, SocketRoute};
 use crate::error::{Error, ErrorKind, Initiator, Result};
 use crate::protocol::{SessionPath, WorkerRoute};
@@ -227,30 +227,10 @@ impl SessionPool {
                     let Some(slot) = self.set.reserve_if_free() else {
                         return Ok(None);
                     };
-                    let activity = Activity::new();
-                    let hook = self.set.target.hooks.channel.clone();
-                    let opening = remote::opening(&self.spec);
-                    let options =
-                        remote::exec_options(self.spec.protocol, &activity, hook, Some(&opening));
-                    let opened = slot
-                        .open(&self.spec.command, options)
-                        .await
-                        .map_err(|e| e.on(&self.name))?;
-                    let Opened::Ready(channel, ticket) = opened else {
-                        return Ok(None);
-                    };
-                    let s = remote::start(
-                        channel,
-                        Some(ticket),
-                        SessionPath::Exec,
-                        Some(opening),
-                        &self.spec,
-                        &self.name,
-                        activity,
-                    )
-                    .await?;
-                    self.counters.created.fetch_add(1, Ordering::Relaxed);
-                    s
+                    match self.open_exec(slot).await? {
+                        Some(s) => s,
+                        None => return Ok(None),
+                    }
                 }
             },
         };
@@ -281,32 +261,39 @@ impl SessionPool {
                 s = self.next_returned() => return Ok(s),
             };
             let slot = reserved.map_err(|e| e.on(&self.name))?;
-            let activity = Activity::new();
-            let hook = self.set.target.hooks.channel.clone();
-            let opening = remote::opening(&self.spec);
-            let options = remote::exec_options(self.spec.protocol, &activity, hook, Some(&opening));
-            match slot
-                .open(&self.spec.command, options)
-                .await
-                .map_err(|e| e.on(&self.name))?
-            {
-                Opened::Ready(channel, ticket) => {
-                    let s = remote::start(
-                        channel,
-                        Some(ticket),
-                        SessionPath::Exec,
-                        Some(opening),
-                        &self.spec,
-                        &self.name,
-                        activity,
-                    )
-                    .await?;
-                    self.counters.created.fetch_add(1, Ordering::Relaxed);
-                    return Ok(s);
-                }
-                Opened::Retry => continue,
+            if let Some(s) = self.open_exec(slot).await? {
+                return Ok(s);
             }
         }
+    }
+
+    /// A new session exec'd on a reserved channel slot, with the handshake's opening sent
+    /// along with the exec request. `None`: sshd refused the channel or its connection died
+    /// under it ([`Opened::Retry`]).
+    async fn open_exec(&self, slot: Slot) -> Result<Option<RemoteSession>> {
+        let activity = Activity::new();
+        let hook = self.set.target.hooks.channel.clone();
+        let opening = remote::opening(&self.spec);
+        let options = remote::exec_options(self.spec.protocol, &activity, hook, Some(&opening));
+        let opened = slot
+            .open(&self.spec.command, options)
+            .await
+            .map_err(|e| e.on(&self.name))?;
+        let Opened::Ready(channel, ticket) = opened else {
+            return Ok(None);
+        };
+        let s = remote::start(
+            channel,
+            Some(ticket),
+            SessionPath::Exec,
+            Some(opening),
+            &self.spec,
+            &self.name,
+            activity,
+        )
+        .await?;
+        self.counters.created.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(s))
     }
 
     /// A new worker session over a channel to the daemon's socket, when the builder's route
