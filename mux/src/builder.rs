@@ -163,6 +163,22 @@ impl Drop for BuildSlot<'_> {
     }
 }
 
+/// Counts one build in `builds_waiting` while it lives.
+struct Waiting<'a>(&'a AtomicU64);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicU64) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A builder. Cheap to clone; all clones share its connection and sessions.
 #[derive(Clone)]
 pub struct Builder {
@@ -276,9 +292,11 @@ impl Builder {
         let permit = match &inner.build_slots {
             None => None,
             Some(slots) => {
-                inner.builds_waiting.fetch_add(1, Ordering::Relaxed);
+                // Counted as waiting by a guard: a caller that gives up (drops this future)
+                // must not stay in the builder's load for ever.
+                let waiting = Waiting::new(&inner.builds_waiting);
                 let p = slots.clone().acquire_owned().await;
-                inner.builds_waiting.fetch_sub(1, Ordering::Relaxed);
+                drop(waiting);
                 Some(p.map_err(|_| {
                     crate::Error::local(crate::ErrorKind::Cancelled, "the builder was removed")
                 })?)

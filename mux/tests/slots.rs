@@ -110,3 +110,27 @@ async fn builds_never_exceed_max_jobs() {
     );
     pool.shutdown().await;
 }
+
+/// A build that gives up while it waits for a slot (its future dropped: a deadline, a
+/// cancelled job) leaves the builder's load as it was: `Pool::select` reads waiting builds as
+/// load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_for_a_slot_given_up_leaves_no_load_behind() {
+    let rig = rig(RigConfig::with_builders(1));
+    let mut cfg = config(&rig, 0, Protocol::Worker);
+    cfg.machine.max_jobs = 1;
+    let pool = Pool::new();
+    let b = pool.add(cfg);
+    let held = b.build_slot().await.expect("the only slot");
+    let gave_up = tokio::time::timeout(Duration::from_millis(100), b.build_slot()).await;
+    assert!(
+        gave_up.is_err(),
+        "the slot is taken: the second caller waits"
+    );
+    let st = b.stats();
+    assert_eq!((st.builds_running, st.builds_waiting), (1, 0), "{st:?}");
+    drop(held);
+    let st = b.stats();
+    assert_eq!((st.builds_running, st.builds_waiting), (0, 0), "{st:?}");
+    pool.shutdown().await;
+}
