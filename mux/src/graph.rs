@@ -13,8 +13,10 @@
 //! derivations early, and they then hold slots while the leaves of the last group wait; the
 //! last group, its middle derivation and the root end up a round later than needed. Nix's own
 //! scheduler (`Worker::run` in Nix's `build/worker.cc`) has no such order: it starts goals as
-//! they become runnable. A simulation of a 137-derivation graph (128 leaves, 8 middle, 1 root)
-//! on 16 slots ended 6 % sooner with heights than with the walk's order.
+//! they become runnable. On the graph bench's 137 derivations (128 leaves, 8 middle, 1 root)
+//! on 16 slots, the last middle derivation started 0.3 s after the others with the first
+//! ready one taken (its last leaf went in the last round of leaves); with heights, every
+//! middle derivation becomes ready with the last round of leaves.
 //!
 //! [`BuildQueue`] only orders: the caller starts, runs and reports each job.
 

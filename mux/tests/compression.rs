@@ -7,20 +7,11 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{config, instantiate, local_store, random_path, rig, shell_drv, sp};
+use common::{config, instantiate, local_store, random_path, rig, shell_drv, sp, verify};
 use nixmux::ops::BuildOptions;
-use nixmux::proto::store_path::{StoreDir, StorePath};
+use nixmux::proto::store_path::StorePath;
 use nixmux::{Pool, Protocol, log_channel};
 use nixmux_rig::{PrivateStore, Rig, RigConfig};
-
-fn verify(store: &PrivateStore, p: &StorePath) {
-    store
-        .run(
-            "nix-store",
-            ["--verify-path", &p.to_absolute(&StoreDir::default())],
-        )
-        .unwrap_or_else(|e| panic!("{p} verifies: {e}"));
-}
 
 /// A text file (compressible) of about `size` bytes added to `store`.
 fn text_path(store: &PrivateStore, name: &str, size: usize) -> StorePath {

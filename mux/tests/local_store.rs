@@ -60,6 +60,7 @@ async fn a_burst_of_callers_shares_a_few_sessions() {
         r.expect("task");
     }
     let n = starts.load(Ordering::SeqCst);
+    println!("{n} nix-daemon processes started for 16 queries");
     // Four start at once (the sharing threshold), a few more if callers race past the count.
     assert!(
         (1..=8).contains(&n),

@@ -11,34 +11,13 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{local_store, random_path, relayed_config, rig, sp};
+use common::{abs, is_valid, local_store, nar_hash, random_path, relayed_config, rig, sp, verify};
 use nixmux::bulk::BulkCompression;
 use nixmux::parallel::ParallelMode;
-use nixmux::proto::store_path::{StoreDir, StorePath};
+use nixmux::proto::store_path::StorePath;
 use nixmux::{Builder, BuilderConfig, Pool, Protocol};
 use nixmux_rig::relay::{Link, Relay};
 use nixmux_rig::{PrivateStore, Rig, RigConfig};
-
-fn abs(p: &StorePath) -> String {
-    p.to_absolute(&StoreDir::default())
-}
-
-fn verify(store: &PrivateStore, p: &StorePath) {
-    store
-        .run("nix-store", ["--verify-path", &abs(p)])
-        .unwrap_or_else(|e| panic!("{p} verifies: {e}"));
-}
-
-fn nar_hash(store: &PrivateStore, p: &StorePath) -> String {
-    let out = store
-        .run("nix-store", ["--query", "--hash", &abs(p)])
-        .unwrap_or_else(|e| panic!("hash of {p}: {e}"));
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn is_valid(store: &PrivateStore, p: &StorePath) -> bool {
-    store.is_valid(&abs(p)).expect("query validity")
-}
 
 /// The closure of `p` in `store`.
 fn closure(store: &PrivateStore, p: &StorePath) -> Vec<StorePath> {

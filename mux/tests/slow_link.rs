@@ -12,16 +12,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nixmux::local::LocalStore;
-use nixmux::proto::store_path::{StoreDir, StorePath};
+use nixmux::proto::store_path::StorePath;
 use nixmux::{Builder, BuilderConfig, ErrorKind, Pool, Protocol};
 use nixmux_rig::relay::{Link, Relay};
 use nixmux_rig::{Rig, RigConfig};
 
 use common::*;
-
-fn abs(p: &StorePath) -> String {
-    p.to_absolute(&StoreDir::default())
-}
 
 const IDLE: Duration = Duration::from_secs(2);
 const MIB: usize = 1 << 20;

@@ -9,36 +9,12 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use common::{config, instantiate, local_store, random_path, rig, sp};
+use common::{config, instantiate, is_valid, local_store, nar_hash, random_path, rig, sp, verify};
 use nixmux::bulk::BulkCompression;
 use nixmux::ops::BuildOptions;
-use nixmux::proto::store_path::{StoreDir, StorePath};
+use nixmux::proto::store_path::StorePath;
 use nixmux::{BuilderConfig, ErrorKind, Pool, Protocol, log_channel};
 use nixmux_rig::{PrivateStore, Rig, RigConfig};
-
-fn abs(p: &StorePath) -> String {
-    p.to_absolute(&StoreDir::default())
-}
-
-fn verify(store: &PrivateStore, p: &StorePath) {
-    store
-        .run("nix-store", ["--verify-path", &abs(p)])
-        .unwrap_or_else(|e| panic!("{p} verifies: {e}"));
-}
-
-/// The narHash a store has registered for `p`.
-fn nar_hash(store: &PrivateStore, p: &StorePath) -> String {
-    let out = store
-        .run("nix-store", ["--query", "--hash", &abs(p)])
-        .unwrap_or_else(|e| panic!("hash of {p}: {e}"));
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn is_valid(store: &PrivateStore, p: &StorePath) -> bool {
-    store
-        .run("nix-store", ["--check-validity", &abs(p)])
-        .is_ok()
-}
 
 /// A text file (compressible) of about `size` bytes added to `store`.
 fn text_path(store: &PrivateStore, name: &str, size: usize) -> StorePath {

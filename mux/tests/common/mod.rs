@@ -140,3 +140,28 @@ pub fn random_path(store: &PrivateStore, name: &str, size: usize, seed: u64) -> 
 pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.expect("blocking task")
 }
+
+/// `p` as an absolute path in the default store directory.
+pub fn abs(p: &StorePath) -> String {
+    p.to_absolute(&StoreDir::default())
+}
+
+/// Panics unless `store`'s Nix verifies `p` (contents against its registered hash).
+pub fn verify(store: &PrivateStore, p: &StorePath) {
+    store
+        .run("nix-store", ["--verify-path", &abs(p)])
+        .unwrap_or_else(|e| panic!("{p} verifies: {e}"));
+}
+
+/// The narHash `store` has registered for `p`.
+pub fn nar_hash(store: &PrivateStore, p: &StorePath) -> String {
+    let out = store
+        .run("nix-store", ["--query", "--hash", &abs(p)])
+        .unwrap_or_else(|e| panic!("hash of {p}: {e}"));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Whether `p` is valid in `store`.
+pub fn is_valid(store: &PrivateStore, p: &StorePath) -> bool {
+    store.is_valid(&abs(p)).expect("query validity")
+}
