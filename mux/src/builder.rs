@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use nixmux_proto::path_info::PathInfo;
 use nixmux_proto::store_path::{StoreDir, StorePath};
-use nixmux_session::{SessionConfig, WorkerConfig};
+use nixmux_session::{Lead, SessionConfig, WorkerConfig};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::connections::{ConnectionLimits, ConnectionSet, Registry};
@@ -280,7 +280,13 @@ impl Builder {
     }
 
     pub(crate) async fn acquire(&self) -> Result<PooledSession> {
-        self.inner.pool.acquire().await
+        self.inner.pool.acquire(None).await
+    }
+
+    /// A session whose first request will be `lead`: a session started for it sends the
+    /// request with its handshake ([`Lead`]).
+    pub(crate) async fn acquire_leading(&self, lead: &Lead) -> Result<PooledSession> {
+        self.inner.pool.acquire(Some(lead)).await
     }
 
     /// Waits for one of the builder's build slots (`machine.max_jobs`), for as long as the
@@ -354,7 +360,11 @@ impl Builder {
         substitute: bool,
     ) -> Result<BTreeSet<StorePath>> {
         self.bounded("query_valid_paths", async {
-            let mut s = self.acquire().await?;
+            let lead = Lead::QueryValidPaths {
+                paths: paths.clone(),
+                substitute,
+            };
+            let mut s = self.acquire_leading(&lead).await?;
             let r = s
                 .get()
                 .conv

@@ -240,7 +240,7 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
     report.compression = ssh.compression().map(str::to_owned);
 
     let activity = nixmux_session::Activity::new();
-    let opening = remote::opening(&spec);
+    let opening = remote::opening(&spec, None);
     let options = || remote::exec_options(spec.protocol, &activity, None, Some(&opening));
     let mut opened = None;
     if spec.route != WorkerRoute::Exec {

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use nixmux_session::Activity;
+use nixmux_session::{Activity, Lead};
 use nixmux_transport::{ExecChannel, ExecOptions, FirstChannel};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
@@ -109,7 +109,7 @@ impl PooledSession {
     /// this checkout's place in the builder's session limit; the old one is closed once the
     /// new one is there (if none can be had, the old one stays, and fails what is tried on it).
     pub(crate) async fn renew(&mut self) -> Result<()> {
-        let new = self.pool.session_for_permit().await?;
+        let new = self.pool.session_for_permit(None).await?;
         if self.session.replace(new).is_some() {
             self.pool.counters.discarded.fetch_add(1, Ordering::Relaxed);
         }
@@ -185,8 +185,9 @@ impl SessionPool {
         pool
     }
 
-    /// A session for one operation.
-    pub(crate) async fn acquire(self: &Arc<Self>) -> Result<PooledSession> {
+    /// A session for one operation. `lead`: the operation's first request, sent with the
+    /// handshake if a new session is started for it ([`Lead`]).
+    pub(crate) async fn acquire(self: &Arc<Self>, lead: Option<&Lead>) -> Result<PooledSession> {
         let start = Instant::now();
         self.counters.acquires.fetch_add(1, Ordering::Relaxed);
         let permit = match self.permits.clone().try_acquire_owned() {
@@ -200,7 +201,7 @@ impl SessionPool {
             u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
-        let session = self.session_for_permit().await?;
+        let session = self.session_for_permit(lead).await?;
         Ok(PooledSession {
             session: Some(session),
             pool: self.clone(),
@@ -221,13 +222,13 @@ impl SessionPool {
         self.counters.acquires.fetch_add(1, Ordering::Relaxed);
         let session = match self.take_idle() {
             Some(s) => s,
-            None => match self.open_via_socket().await? {
+            None => match self.open_via_socket(None).await? {
                 Some(s) => s,
                 None => {
                     let Some(slot) = self.set.reserve_if_free() else {
                         return Ok(None);
                     };
-                    match self.open_exec(slot).await? {
+                    match self.open_exec(slot, None).await? {
                         Some(s) => s,
                         None => return Ok(None),
                     }
@@ -244,11 +245,11 @@ impl SessionPool {
 
     /// A session for a caller that holds a permit: an idle one, else a new one, unless an
     /// idle one comes back while we wait for a channel slot.
-    async fn session_for_permit(&self) -> Result<RemoteSession> {
+    async fn session_for_permit(&self, lead: Option<&Lead>) -> Result<RemoteSession> {
         if let Some(s) = self.take_idle() {
             return Ok(s);
         }
-        if let Some(s) = self.open_via_socket().await? {
+        if let Some(s) = self.open_via_socket(lead).await? {
             return Ok(s);
         }
         // Open a new session, unless a warm one comes back while we wait for a channel slot:
@@ -261,7 +262,7 @@ impl SessionPool {
                 s = self.next_returned() => return Ok(s),
             };
             let slot = reserved.map_err(|e| e.on(&self.name))?;
-            if let Some(s) = self.open_exec(slot).await? {
+            if let Some(s) = self.open_exec(slot, lead).await? {
                 return Ok(s);
             }
         }
@@ -270,10 +271,10 @@ impl SessionPool {
     /// A new session exec'd on a reserved channel slot, with the handshake's opening sent
     /// along with the exec request. `None`: sshd refused the channel or its connection died
     /// under it ([`Opened::Retry`]).
-    async fn open_exec(&self, slot: Slot) -> Result<Option<RemoteSession>> {
+    async fn open_exec(&self, slot: Slot, lead: Option<&Lead>) -> Result<Option<RemoteSession>> {
         let activity = Activity::new();
         let hook = self.set.target.hooks.channel.clone();
-        let opening = remote::opening(&self.spec);
+        let opening = remote::opening(&self.spec, lead);
         let options = remote::exec_options(self.spec.protocol, &activity, hook, Some(&opening));
         let opened = slot
             .open(&self.spec.command, options)
@@ -302,13 +303,13 @@ impl SessionPool {
     /// No channel slot is reserved: sshd's `MaxSessions` does not count such channels, so
     /// they all go on the host's first live connection; the pool's own `max_sessions` still
     /// bounds them.
-    async fn open_via_socket(&self) -> Result<Option<RemoteSession>> {
+    async fn open_via_socket(&self, lead: Option<&Lead>) -> Result<Option<RemoteSession>> {
         if !self.socket.should_try(Instant::now()) {
             return Ok(None);
         }
         let activity = Activity::new();
         let hook = self.set.target.hooks.channel.clone();
-        let opening = remote::opening(&self.spec);
+        let opening = remote::opening(&self.spec, lead);
         let options = remote::exec_options(self.spec.protocol, &activity, hook, Some(&opening));
         let Some(channel) = self.socket_channel(options).await? else {
             return Ok(None);

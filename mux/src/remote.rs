@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use nixmux_proto::store_path::StoreDir;
 use nixmux_session::{
-    Activity, Opening, RemoteDiagnostics, ServeSession, SessionConfig, SessionError, WorkerConfig,
-    WorkerSession,
+    Activity, Lead, Opening, RemoteDiagnostics, ServeSession, SessionConfig, SessionError,
+    WorkerConfig, WorkerSession,
 };
 use nixmux_transport::{ChannelObserver, ExecChannel, ExecOptions, ExecStatus, ExitStatus};
 
@@ -191,10 +191,13 @@ pub(crate) fn exec_options(
 /// right behind a socket channel's confirmation) through [`ExecOptions::first_input`]: the
 /// remote program finds them waiting when it starts, which saves the round trip of waiting
 /// for the exec's answer before saying hello.
-pub(crate) fn opening(spec: &SessionSpec) -> Opening {
+///
+/// `lead` is the first operation's request ([`Lead`]): the serve protocol sends it in the
+/// opening, the worker protocol once the daemon's version is known (in [`start`]).
+pub(crate) fn opening(spec: &SessionSpec, lead: Option<&Lead>) -> Opening {
     match spec.protocol {
-        Protocol::Serve => ServeSession::opening(),
-        Protocol::Worker => WorkerSession::opening(&spec.store_dir, &spec.worker),
+        Protocol::Serve => ServeSession::opening(&spec.store_dir, lead),
+        Protocol::Worker => WorkerSession::opening(&spec.store_dir, &spec.worker, lead),
     }
 }
 

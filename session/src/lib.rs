@@ -22,6 +22,7 @@
 mod activity;
 mod conn;
 mod error;
+mod lead;
 pub mod process;
 mod serve;
 mod worker;
@@ -29,5 +30,6 @@ mod worker;
 pub use activity::{Activity, PauseGuard, within_idle};
 pub use conn::{BoxReader, BoxWriter, RemoteDiagnostics, RoundTrips, SessionConfig};
 pub use error::SessionError;
+pub use lead::{Lead, Opening};
 pub use serve::{NarSummary, NarsError, ServeSession, Upload};
-pub use worker::{LogFn, Opening, WorkerConfig, WorkerSession};
+pub use worker::{LogFn, WorkerConfig, WorkerSession};

@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::activity::Patience;
 use crate::conn::{BoxReader, BoxWriter, Conn, SessionConfig, WRITE_CHUNK, read_upload_chunk};
 use crate::error::SessionError;
-use crate::worker::Opening;
+use crate::lead::{Lead, Opening};
 
 /// One NAR to upload: its metadata and a reader of exactly `info.nar_size` bytes.
 pub struct Upload<'a> {
@@ -61,6 +61,8 @@ pub struct ServeSession {
     conn: Conn,
     version: ProtocolVersion,
     dir: StoreDir,
+    /// Sent with the opening, answer not read yet ([`Lead`]).
+    lead: Option<Lead>,
 }
 
 impl std::fmt::Debug for ServeSession {
@@ -83,13 +85,18 @@ impl ServeSession {
         Self::handshake_from(reader, writer, dir, config, None).await
     }
 
-    /// What the handshake sends before it reads anything (the hello), for a caller that
-    /// sends it ahead with the SSH exec request that starts `nix-store --serve`, then calls
-    /// [`ServeSession::handshake_after`].
-    pub fn opening() -> Opening {
+    /// What the handshake sends before it reads anything (the hello, and `lead` behind
+    /// it: see [`Lead`]), for a caller that sends it ahead with the SSH exec request that
+    /// starts `nix-store --serve`, then calls [`ServeSession::handshake_after`].
+    pub fn opening(dir: &StoreDir, lead: Option<&Lead>) -> Opening {
         let mut buf = bytes::BytesMut::new();
         serve::write_client_hello(&mut buf, serve::OUR_VERSION);
-        Opening(buf.freeze())
+        if let Some(l) = lead {
+            // Encoded the same at every version we accept (`Lead`), so the one we announce
+            // does, before the server's is known.
+            l.serve_request().write(&mut buf, dir, serve::OUR_VERSION);
+        }
+        Opening::new(buf.freeze(), lead.cloned())
     }
 
     /// The handshake on a pipe to which `opening` ([`ServeSession::opening`]) was already
@@ -112,19 +119,28 @@ impl ServeSession {
         sent: Option<Opening>,
     ) -> Result<Self, SessionError> {
         let mut conn = Conn::new(reader, writer, config);
-        match sent {
-            Some(opening) => conn.bytes_out += opening.0.len() as u64,
+        let lead = match sent {
+            Some(opening) => {
+                conn.bytes_out += opening.bytes.len() as u64;
+                opening.lead
+            }
             None => {
                 serve::write_client_hello(&mut conn.wbuf, serve::OUR_VERSION);
                 conn.flush("serve handshake").await?;
+                None
             }
-        }
+        };
         let version = conn
             .read("serve handshake", |r| {
                 serve::read_server_hello(r, serve::OUR_VERSION)
             })
             .await?;
-        Ok(ServeSession { conn, version, dir })
+        Ok(ServeSession {
+            conn,
+            version,
+            dir,
+            lead,
+        })
     }
 
     /// The negotiated version.
@@ -171,6 +187,31 @@ impl ServeSession {
         self.conn.flush(during).await
     }
 
+    /// Reads and drops the answer to the [`Lead`] if no operation took it: the next
+    /// operation's answer comes after it.
+    async fn settle_lead(&mut self) -> Result<(), SessionError> {
+        const DURING: &str = "serve handshake's lead request";
+        let Some(lead) = self.lead.take() else {
+            return Ok(());
+        };
+        self.conn.begin()?;
+        let dir = self.dir.clone();
+        let r = match lead {
+            Lead::QueryValidPaths { .. } => self
+                .conn
+                .read(DURING, |r| serve::read_path_set(r, &dir))
+                .await
+                .map(drop),
+        };
+        self.conn.end(r)
+    }
+
+    /// Starts an operation: the lead's answer first.
+    async fn begin(&mut self) -> Result<(), SessionError> {
+        self.settle_lead().await?;
+        self.conn.begin()
+    }
+
     /// One request, one reply decoded by `decode` (the peer silent at most the idle limit of
     /// `patience`): the shape of most serve commands.
     async fn call<T>(
@@ -180,9 +221,19 @@ impl ServeSession {
         patience: Patience,
         decode: impl Fn(&mut WireReader<'_>, &StoreDir, ProtocolVersion) -> ReadResult<T>,
     ) -> Result<T, SessionError> {
-        self.conn.begin()?;
+        let led = match &self.lead {
+            Some(l) if l.serve_request() == req => self.lead.take().is_some(),
+            _ => false,
+        };
+        if led {
+            self.conn.begin()?;
+        } else {
+            self.begin().await?;
+        }
         let r = async {
-            self.send(&req, during).await?;
+            if !led {
+                self.send(&req, during).await?;
+            }
             let dir = self.dir.clone();
             let v = self.version;
             self.conn
@@ -219,7 +270,7 @@ impl ServeSession {
         &mut self,
         paths: &BTreeSet<StorePath>,
     ) -> Result<Vec<PathInfo>, SessionError> {
-        self.conn.begin()?;
+        self.begin().await?;
         let r = async {
             const DURING: &str = "serve QueryPathInfos";
             self.send(
@@ -279,7 +330,7 @@ impl ServeSession {
         path: &StorePath,
         sink: &mut (dyn AsyncWrite + Unpin + Send),
     ) -> Result<NarSummary, SessionError> {
-        self.conn.begin()?;
+        self.begin().await?;
         let r = async {
             const DURING: &str = "serve DumpStorePath";
             self.send(&Request::DumpStorePath { path: path.clone() }, DURING)
@@ -304,6 +355,7 @@ impl ServeSession {
     where
         W: AsyncWrite + Unpin + Send,
     {
+        self.settle_lead().await.map_err(NarsError::Session)?;
         let (dir, version) = (self.dir.clone(), self.version);
         let request = |p: &StorePath, out: &mut BytesMut| {
             Request::DumpStorePath { path: p.clone() }.write(out, &dir, version);
@@ -329,7 +381,7 @@ impl ServeSession {
         &mut self,
         uploads: &mut [Upload<'_>],
     ) -> Result<(), SessionError> {
-        self.conn.begin()?;
+        self.begin().await?;
         let r = self.add_to_store_nars_inner(uploads).await;
         self.conn.end(r)
     }
@@ -398,7 +450,7 @@ impl ServeSession {
         &mut self,
         uploads: &mut [(ExportTrailer, &mut (dyn AsyncRead + Unpin + Send), u64)],
     ) -> Result<(), SessionError> {
-        self.conn.begin()?;
+        self.begin().await?;
         let r = async {
             const DURING: &str = "serve ImportPaths";
             self.send(&Request::ImportPaths, DURING).await?;
@@ -429,7 +481,7 @@ impl ServeSession {
     where
         S: AsyncWrite + Unpin + Send,
     {
-        self.conn.begin()?;
+        self.begin().await?;
         let r = async {
             const DURING: &str = "serve ExportPaths";
             self.send(

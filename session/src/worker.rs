@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use nixmux_proto::build_result::BuildResult;
 use nixmux_proto::derivation::BasicDerivation;
 use nixmux_proto::derived_path::DerivedPath;
@@ -28,6 +28,7 @@ use crate::conn::{
     BoxReader, BoxWriter, Conn, ReadHalf, SessionConfig, WRITE_CHUNK, read_upload_chunk,
 };
 use crate::error::SessionError;
+use crate::lead::{Lead, Opening};
 use crate::serve::{NAR_WINDOW, NarSummary, NarsError, Upload};
 
 /// A log callback. It is called from inside the protocol loop, so it must return quickly.
@@ -63,6 +64,8 @@ pub struct WorkerSession {
     neg: Negotiated,
     info: DaemonInfo,
     dir: StoreDir,
+    /// Sent with the handshake, answer not read yet ([`Lead`]).
+    lead: Option<Lead>,
 }
 
 impl std::fmt::Debug for WorkerSession {
@@ -122,18 +125,6 @@ async fn stderr_loop(
     }
 }
 
-/// The first bytes of a handshake, sent ahead by the caller (see
-/// [`WorkerSession::opening`], [`crate::ServeSession::opening`]).
-#[derive(Debug, Clone)]
-pub struct Opening(pub(crate) Bytes);
-
-impl Opening {
-    /// The bytes to send.
-    pub fn bytes(&self) -> Bytes {
-        self.0.clone()
-    }
-}
-
 impl WorkerSession {
     /// Performs the handshake (and `SetOptions`, when configured) over a fresh pipe to
     /// `nix-daemon --stdio`.
@@ -153,10 +144,15 @@ impl WorkerSession {
     /// these bytes ahead (with the SSH exec request that starts the daemon, a round trip
     /// before the channel is ready) does so, then calls [`WorkerSession::handshake_after`]
     /// with the same `dir` and `wconfig`.
-    pub fn opening(dir: &StoreDir, wconfig: &WorkerConfig) -> Opening {
+    ///
+    /// `lead` is not among these bytes: the handshake sends it as soon as the daemon's
+    /// version is known, in the same write as the rest of the handshake ([`Lead`]). A lead
+    /// the negotiated version cannot express is not sent (the operation then says why when
+    /// it asks).
+    pub fn opening(dir: &StoreDir, wconfig: &WorkerConfig, lead: Option<&Lead>) -> Opening {
         let mut buf = BytesMut::new();
         Self::write_opening(&mut buf, dir, wconfig);
-        Opening(buf.freeze())
+        Opening::new(buf.freeze(), lead.cloned())
     }
 
     /// The handshake on a pipe to which `opening` ([`WorkerSession::opening`]) was already
@@ -203,34 +199,49 @@ impl WorkerSession {
         const DURING: &str = "worker handshake";
         let mut conn = Conn::new(reader, writer, config);
         let ours = wconfig.announce;
-        let pipelined = match sent {
+        let (pipelined, lead) = match sent {
             // Already on its way: only note it as sent.
             Some(opening) => {
-                conn.bytes_out += opening.0.len() as u64;
-                !ours.at_least(1, 38)
+                conn.bytes_out += opening.bytes.len() as u64;
+                (!ours.at_least(1, 38), opening.lead)
             }
             None => {
                 let pipelined = Self::write_opening(&mut conn.wbuf, &dir, wconfig);
                 conn.flush(DURING).await?;
-                pipelined
+                (pipelined, None)
             }
         };
         let version = conn
             .read(DURING, |r| worker::read_server_hello(r, ours))
             .await?;
         let mut neg = Negotiated::new(version);
+        let lead = lead.filter(|l| neg.check_request(&l.worker_request()).is_ok());
+        // Everything left to say goes in one write: our features (1.38), the rest of the
+        // handshake, SetOptions and the lead. None of it depends on the daemon's features
+        // (read after), and the daemon reads them in this order (its side of the handshake,
+        // src/libstore/worker-protocol-connection.cc, then `processConnection` in
+        // src/libstore/daemon.cc), so what it writes back after reading them (its features,
+        // its version string, STDERR_LAST for the handshake and for SetOptions, the lead's
+        // answer) leaves in one burst instead of one round trip after another.
+        let features = !pipelined && version.at_least(1, 38);
+        if features {
+            worker::write_features(&mut conn.wbuf, &wconfig.features);
+        }
         if !pipelined {
-            if version.at_least(1, 38) {
-                worker::write_features(&mut conn.wbuf, &wconfig.features);
-                conn.flush(DURING).await?;
-                let theirs = conn.read(DURING, worker::read_features).await?;
-                neg.features = wconfig.features.intersection(&theirs).cloned().collect();
-            }
             worker::write_client_tail(&mut conn.wbuf, version);
             if let Some(o) = &wconfig.options {
                 Request::SetOptions(o.clone()).write(&mut conn.wbuf, &dir, &neg);
             }
+        }
+        if let Some(l) = &lead {
+            l.worker_request().write(&mut conn.wbuf, &dir, &neg);
+        }
+        if !conn.wbuf.is_empty() {
             conn.flush(DURING).await?;
+        }
+        if features {
+            let theirs = conn.read(DURING, worker::read_features).await?;
+            neg.features = wconfig.features.intersection(&theirs).cloned().collect();
         }
         let info = conn
             .read(DURING, |r| worker::read_daemon_info(r, version))
@@ -240,6 +251,7 @@ impl WorkerSession {
             neg,
             info,
             dir,
+            lead,
         };
         {
             let t = Patience::Transfer;
@@ -309,6 +321,44 @@ impl WorkerSession {
         self.neg.check_request(req).map_err(unsupported)
     }
 
+    /// Reads and drops the answer to the [`Lead`] if no operation took it: the next
+    /// operation's answer comes after it. A refusal of the lead is dropped too (nobody asked).
+    async fn settle_lead(&mut self) -> Result<(), SessionError> {
+        const DURING: &str = "worker handshake's lead request";
+        let Some(lead) = self.lead.take() else {
+            return Ok(());
+        };
+        self.conn.begin()?;
+        let v = self.neg.version;
+        let dir = self.dir.clone();
+        let r = async {
+            let t = Patience::Transfer;
+            {
+                let (mut rh, _) = self.conn.halves();
+                match stderr_loop(&mut rh, v, DURING, t, &mut |_| {}).await {
+                    Ok(()) => {}
+                    Err(SessionError::Remote(_)) => return Ok(()),
+                    Err(e) => return Err(e),
+                }
+            }
+            match lead {
+                Lead::QueryValidPaths { .. } => self
+                    .conn
+                    .read(DURING, |r| worker::read_path_set(r, &dir))
+                    .await
+                    .map(drop),
+            }
+        }
+        .await;
+        self.conn.end(r)
+    }
+
+    /// Starts an operation other than [`WorkerSession::simple`]'s: the lead's answer first.
+    async fn begin(&mut self) -> Result<(), SessionError> {
+        self.settle_lead().await?;
+        self.conn.begin()
+    }
+
     /// Sends `req`, runs the stderr loop, and decodes the reply with `decode`.
     async fn simple<T>(
         &mut self,
@@ -323,10 +373,19 @@ impl WorkerSession {
         ) -> nixmux_proto::wire::ReadResult<T>,
     ) -> Result<T, SessionError> {
         self.check_request(&req)?;
+        let led = match &self.lead {
+            Some(l) if l.worker_request() == req => self.lead.take().is_some(),
+            _ => false,
+        };
+        if !led {
+            self.settle_lead().await?;
+        }
         self.conn.begin()?;
         let r = async {
-            req.write(&mut self.conn.wbuf, &self.dir, &self.neg);
-            self.conn.flush(during).await?;
+            if !led {
+                req.write(&mut self.conn.wbuf, &self.dir, &self.neg);
+                self.conn.flush(during).await?;
+            }
             let v = self.neg.version;
             {
                 let (mut rh, _) = self.conn.halves();
@@ -413,7 +472,7 @@ impl WorkerSession {
             substitute,
         };
         self.check_request(&query)?;
-        self.conn.begin()?;
+        self.begin().await?;
         let mut requests = BytesMut::new();
         for p in paths {
             Request::AddTempRoot { path: p.clone() }.write(&mut requests, &self.dir, &self.neg);
@@ -526,7 +585,7 @@ impl WorkerSession {
         logs: LogFn<'_>,
     ) -> Result<Vec<Option<T>>, SessionError> {
         self.check(op)?;
-        self.conn.begin()?;
+        self.begin().await?;
         let mut requests = BytesMut::new();
         for p in paths {
             request(p).write(&mut requests, &self.dir, &self.neg);
@@ -810,7 +869,7 @@ impl WorkerSession {
         logs: LogFn<'_>,
     ) -> Result<NarSummary, SessionError> {
         const DURING: &str = "worker NarFromPath";
-        self.conn.begin()?;
+        self.begin().await?;
         let r = async {
             Request::NarFromPath { path: path.clone() }.write(
                 &mut self.conn.wbuf,
@@ -843,6 +902,7 @@ impl WorkerSession {
     where
         W: AsyncWrite + Unpin + Send,
     {
+        self.settle_lead().await.map_err(NarsError::Session)?;
         let (dir, neg) = (self.dir.clone(), self.neg.clone());
         let request = |p: &StorePath, out: &mut BytesMut| {
             Request::NarFromPath { path: p.clone() }.write(out, &dir, &neg);
@@ -872,7 +932,7 @@ impl WorkerSession {
     ) -> Result<(), SessionError> {
         const DURING: &str = "worker AddToStoreNar";
         self.check(Op::AddToStoreNar)?;
-        self.conn.begin()?;
+        self.begin().await?;
         let req = Request::AddToStoreNar {
             info: upload.info.clone(),
             repair,
@@ -916,7 +976,7 @@ impl WorkerSession {
             return Ok(());
         }
         self.check(Op::AddToStoreNar)?;
-        self.conn.begin()?;
+        self.begin().await?;
         let total = uploads.len();
         let (dir, neg) = (self.dir.clone(), self.neg.clone());
         let v = neg.version;
@@ -976,7 +1036,7 @@ impl WorkerSession {
     ) -> Result<(), SessionError> {
         const DURING: &str = "worker AddMultipleToStore";
         self.check(Op::AddMultipleToStore)?;
-        self.conn.begin()?;
+        self.begin().await?;
         Request::AddMultipleToStore {
             repair,
             dont_check_sigs,
@@ -1001,7 +1061,7 @@ impl WorkerSession {
     ) -> Result<(), SessionError> {
         const DURING: &str = "worker AddBuildLog";
         self.check(Op::AddBuildLog)?;
-        self.conn.begin()?;
+        self.begin().await?;
         Request::AddBuildLog {
             drv_path: drv_path.clone(),
         }

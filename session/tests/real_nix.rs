@@ -19,7 +19,7 @@ use nixmux_proto::{Limits, ProtocolVersion};
 use nixmux_rig::PrivateStore;
 use nixmux_session::process::{self, ChildPipes};
 use nixmux_session::{
-    ServeSession, SessionConfig, SessionError, Upload, WorkerConfig, WorkerSession,
+    Lead, ServeSession, SessionConfig, SessionError, Upload, WorkerConfig, WorkerSession,
 };
 
 // ===== helpers =====
@@ -406,6 +406,60 @@ async fn serve_build_paths() {
     assert!(res.error_msg.contains("failed"), "{}", res.error_msg);
 }
 
+/// A serve session whose opening carried `lead` (see `nixmux_session::Lead`).
+async fn serve_leading(store: &PrivateStore, lead: Lead) -> Serve {
+    use tokio::io::AsyncWriteExt as _;
+    let mut p = spawn(store, &["nix-store", "--serve", "--write"]);
+    let cfg = config(&p);
+    let stderr = p.stderr.clone();
+    let opening = ServeSession::opening(&dir(), Some(&lead));
+    p.writer.write_all(&opening.bytes()).await.expect("opening");
+    p.writer.flush().await.expect("flush");
+    let s = ServeSession::handshake_after(opening, p.reader, p.writer, dir(), cfg)
+        .await
+        .expect("serve handshake");
+    Serve {
+        s,
+        _guard: p.guard,
+        stderr,
+    }
+}
+
+#[tokio::test]
+async fn serve_lead_request_goes_with_the_hello() {
+    let st = store();
+    let closure = build_closure(&st);
+    let missing = path("/nix/store/00000000000000000000000000000000-missing");
+    let mut ask: BTreeSet<_> = closure[..2].iter().cloned().collect();
+    ask.insert(missing.clone());
+    let lead = Lead::QueryValidPaths {
+        paths: ask.clone(),
+        substitute: false,
+    };
+    // The same question first: answered without a request of its own.
+    let mut s = serve_leading(&st, lead.clone()).await;
+    let valid =
+        s.s.query_valid_paths(&ask, false, false)
+            .await
+            .expect("qvp");
+    assert_eq!(valid, closure[..2].iter().cloned().collect());
+    assert_eq!(s.s.round_trips(), 0, "the answer came with the hello's");
+    let infos = s.s.query_path_infos(&ask).await.expect("infos");
+    assert_eq!(infos.len(), 2);
+    assert_eq!(s.s.round_trips(), 1);
+
+    // Another question first (here the same paths with `lock`, which the lead has not):
+    // the lead's answer is read and dropped before its own.
+    let mut s = serve_leading(&st, lead).await;
+    let other: BTreeSet<_> = [closure[2].clone(), missing].into();
+    let valid =
+        s.s.query_valid_paths(&other, true, false)
+            .await
+            .expect("qvp");
+    assert_eq!(valid, [closure[2].clone()].into());
+    assert!(s.s.is_usable(), "stderr: {}", s.stderr.text());
+}
+
 // ===== worker =====
 
 #[tokio::test]
@@ -425,6 +479,75 @@ async fn worker_handshake_reports_version_and_trust() {
     )
     .await;
     assert_eq!(w.s.version(), ProtocolVersion::new(1, 34));
+}
+
+/// A worker session started with a lead request (see `nixmux_session::Lead`), over a pipe
+/// to a new `nix-daemon --stdio`.
+async fn worker_leading(store: &PrivateStore, wc: &WorkerConfig, lead: Lead) -> Worker {
+    use tokio::io::AsyncWriteExt as _;
+    let mut p = spawn(store, &["nix-daemon", "--stdio"]);
+    let cfg = config(&p);
+    let opening = WorkerSession::opening(&dir(), wc, Some(&lead));
+    p.writer.write_all(&opening.bytes()).await.expect("opening");
+    p.writer.flush().await.expect("flush");
+    let s =
+        WorkerSession::handshake_after(opening, p.reader, p.writer, dir(), cfg, wc, &mut |_| {})
+            .await
+            .expect("worker handshake");
+    Worker { s, _guard: p.guard }
+}
+
+#[tokio::test]
+async fn worker_lead_request_is_answered_with_the_handshake() {
+    let st = store();
+    let closure = build_closure(&st);
+    let missing = path("/nix/store/00000000000000000000000000000000-missing");
+    let mut ask: BTreeSet<_> = closure[..2].iter().cloned().collect();
+    ask.insert(missing.clone());
+    let lead = Lead::QueryValidPaths {
+        paths: ask.clone(),
+        substitute: false,
+    };
+    let logs = &mut |_| {};
+    for announce in [ProtocolVersion::new(1, 38), ProtocolVersion::new(1, 37)] {
+        let wc = WorkerConfig {
+            announce,
+            ..WorkerConfig::default()
+        };
+        // The operation that asks what the lead asked takes its answer: no round trip of its
+        // own. (The session counts one for the handshake: the opening went out before the
+        // session existed, so the wait for the daemon's hello is not counted.)
+        // At 1.37 the daemon's whole answer may already be there when the lead goes out
+        // (a pipe has no Nagle), so whether that wait counts depends on timing: at most one.
+        let mut w = worker_leading(&st, &wc, lead.clone()).await;
+        let valid = w.s.query_valid_paths(&ask, false, logs).await.expect("qvp");
+        assert_eq!(valid, closure[..2].iter().cloned().collect(), "{announce}");
+        let rt = w.s.round_trips();
+        if announce.at_least(1, 38) {
+            assert_eq!(rt, 1, "{announce}");
+        } else {
+            assert!(rt <= 1, "{announce}: {rt}");
+        }
+        // The session goes on as any other.
+        assert!(w.s.is_valid_path(&closure[2], logs).await.expect("ivp"));
+        assert_eq!(w.s.round_trips(), rt + 1, "{announce}");
+
+        // Another operation first: the lead's answer is read and dropped before its own.
+        let mut w = worker_leading(&st, &wc, lead.clone()).await;
+        let info =
+            w.s.query_path_info(&closure[2], logs)
+                .await
+                .expect("qpi")
+                .expect("valid");
+        assert!(info.references.contains(&closure[1]), "{announce}");
+        let other: BTreeSet<_> = [closure[2].clone(), missing.clone()].into();
+        let valid =
+            w.s.query_valid_paths(&other, false, logs)
+                .await
+                .expect("qvp");
+        assert_eq!(valid, [closure[2].clone()].into(), "{announce}");
+        assert!(w.s.is_usable());
+    }
 }
 
 #[tokio::test]
