@@ -13,7 +13,10 @@
 //! session and up to [`ParallelSettings::max_extra_lanes`] more sessions of the same builder,
 //! taken from its pool only if they can be had without waiting (a caller holding a session
 //! must never wait for a second one). Every lane runs on the builder's shared connection, a
-//! channel each, so `n` lanes keep `n` windows in flight.
+//! channel each, so `n` lanes keep `n` windows in flight. Each extra lane opens its own
+//! session and starts as soon as it has one, while the lease's lane is already sending: a new
+//! session costs a few round trips (channel, handshake), and seven of them one after the
+//! other held a 1 GiB push at 100 ms back by about two seconds.
 //!
 //! Nix registers a path only when every path it references is valid already
 //! (`LocalStore::registerValidPaths` in Nix's src/libstore/local-store.cc looks up each
@@ -224,21 +227,17 @@ async fn plan_lanes(
     Ok(lanes)
 }
 
-/// Up to `want - 1` more sessions of the builder, only those to be had without waiting.
-async fn extra_sessions(builder: &Builder, want: usize) -> Vec<PooledSession> {
-    let mut extra = Vec::new();
-    while extra.len() + 1 < want {
-        match builder.inner.pool.try_acquire().await {
-            Ok(Some(s)) => extra.push(s),
-            Ok(None) => break,
-            Err(e) => {
-                // One lane fewer: the transfer itself may still succeed on the others.
-                tracing::debug!(builder = builder.name(), error = %e, "no extra session for a parallel transfer");
-                break;
-            }
+/// Another session of the builder for a lane, only if it can be had without waiting for
+/// the pool (opening one still takes its round trips). `None`: one lane fewer; the transfer
+/// goes on with the others.
+async fn extra_session(builder: &Builder) -> Option<PooledSession> {
+    match builder.inner.pool.try_acquire().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(builder = builder.name(), error = %e, "no extra session for a parallel transfer");
+            None
         }
     }
-    extra
 }
 
 // ===== scheduling =====
@@ -261,6 +260,8 @@ struct DagState {
     unstarted: usize,
     unstarted_bytes: u64,
     in_flight: usize,
+    /// Lanes sharing the work (a batch is a share of what is left per lane).
+    lanes: usize,
 }
 
 /// The reference graph of a transfer and what is started and acknowledged.
@@ -269,7 +270,6 @@ struct Dag {
     sizes: Vec<u64>,
     /// For each path, the paths of the transfer it references (never itself).
     deps: Vec<Vec<usize>>,
-    lanes: usize,
     state: Mutex<DagState>,
     changed: Notify,
 }
@@ -306,10 +306,10 @@ impl Dag {
                 unstarted: n,
                 unstarted_bytes: sizes.iter().sum(),
                 in_flight: 0,
+                lanes: lanes.max(1),
             }),
             sizes,
             deps,
-            lanes: lanes.max(1),
             changed: Notify::new(),
         }
     }
@@ -325,10 +325,10 @@ impl Dag {
         let n = self.sizes.len();
         // A share of what is left per lane: large batches early (fewer round trips waiting
         // for acknowledgements), small ones at the end (the lanes finish together).
-        let budget = if self.lanes == 1 {
+        let budget = if st.lanes == 1 {
             u64::MAX
         } else {
-            (st.unstarted_bytes / (2 * self.lanes as u64)).max(1)
+            (st.unstarted_bytes / (2 * st.lanes as u64)).max(1)
         };
         let mut ready: Vec<usize> = (0..n)
             .filter(|&i| !st.started[i] && self.deps[i].iter().all(|&d| st.done[d]))
@@ -376,6 +376,14 @@ impl Dag {
         Ok(Take::Batch(batch))
     }
 
+    /// A lane that was counted on will not run (it got no session): the others' batches
+    /// grow accordingly, up to the whole rest in one batch for a lane left alone.
+    fn lane_lost(&self) {
+        if let Ok(mut st) = self.state.lock() {
+            st.lanes = st.lanes.saturating_sub(1).max(1);
+        }
+    }
+
     /// A batch was acknowledged.
     fn finish(&self, batch: &[usize]) {
         if let Ok(mut st) = self.state.lock() {
@@ -421,31 +429,42 @@ async fn lane(job: Job<'_>, session: &mut PooledSession) -> Result<u64> {
     }
 }
 
-/// Runs a transfer on the lease's session and the extra ones; an extra session goes back to
-/// the pool only if its lane completed.
+/// A running lane: what it returns is how many lanes ran (1, or 0 for one that got no
+/// session) and how many batches it sent.
+type LaneFuture<'a> = Pin<Box<dyn Future<Output = Result<(usize, u64)>> + Send + 'a>>;
+
+/// Runs a transfer on the lease's session and on up to `extra` more, each opened by its own
+/// lane while the others already send: opened one after the other they would hold the
+/// transfer back by a few round trips each (channel open, handshake), seconds on a long link.
+/// An extra session goes back to the pool only if its lane completed. Returns the lanes that
+/// ran and the batches sent.
 async fn run_lanes(
+    builder: &Builder,
     job: Job<'_>,
     session: &mut PooledSession,
-    extra: &mut [PooledSession],
-) -> Result<u64> {
-    let mut futs: Vec<Pin<Box<dyn Future<Output = Result<u64>> + Send + '_>>> = Vec::new();
-    futs.push(Box::pin(lane(job, session)));
-    for s in extra.iter_mut() {
+    extra: usize,
+) -> Result<(usize, u64)> {
+    let mut futs: Vec<LaneFuture<'_>> = Vec::new();
+    futs.push(Box::pin(async move { Ok((1, lane(job, session).await?)) }));
+    for _ in 0..extra {
         futs.push(Box::pin(async move {
-            let n = lane(job, s).await?;
+            let Some(mut s) = extra_session(builder).await else {
+                job.dag.lane_lost();
+                return Ok((0, 0));
+            };
+            let n = lane(job, &mut s).await?;
             s.succeeded();
-            Ok(n)
+            Ok((1, n))
         }));
     }
     all_lanes(futs).await
 }
 
-/// Runs every lane at once; the first failure wins and drops the others.
-async fn all_lanes<'a>(
-    mut lanes: Vec<Pin<Box<dyn Future<Output = Result<u64>> + Send + 'a>>>,
-) -> Result<u64> {
+/// Runs every lane at once; the first failure wins and drops the others. Sums what they
+/// return (lanes that ran, batches).
+async fn all_lanes<'a>(mut lanes: Vec<LaneFuture<'a>>) -> Result<(usize, u64)> {
     let mut finished = vec![false; lanes.len()];
-    let mut batches = 0;
+    let mut total = (0, 0);
     std::future::poll_fn(|cx| {
         let mut pending = false;
         for (i, lane) in lanes.iter_mut().enumerate() {
@@ -453,9 +472,10 @@ async fn all_lanes<'a>(
                 continue;
             }
             match lane.as_mut().poll(cx) {
-                Poll::Ready(Ok(n)) => {
+                Poll::Ready(Ok((ran, n))) => {
                     finished[i] = true;
-                    batches += n;
+                    total.0 += ran;
+                    total.1 += n;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => pending = true,
@@ -464,7 +484,7 @@ async fn all_lanes<'a>(
         if pending {
             Poll::Pending
         } else {
-            Poll::Ready(Ok(batches))
+            Poll::Ready(Ok(total))
         }
     })
     .await
@@ -487,13 +507,8 @@ async fn transfer(
     if want < 2 {
         return Ok(None);
     }
-    let mut extra = extra_sessions(builder, want).await;
-    if extra.is_empty() {
-        return Ok(None);
-    }
-    let lanes = 1 + extra.len();
     let name = builder.name().to_owned();
-    let dag = Dag::new(infos, lanes);
+    let dag = Dag::new(infos, want);
     let tally = Tally::new(infos, progress);
     let job = Job {
         dir,
@@ -503,7 +518,7 @@ async fn transfer(
         tally: &tally,
         name: &name,
     };
-    let batches = run_lanes(job, session, &mut extra).await?;
+    let (lanes, batches) = run_lanes(builder, job, session, want - 1).await?;
     Ok(Some((lanes, batches)))
 }
 
@@ -675,6 +690,25 @@ mod tests {
         let mut order = Vec::new();
         run_all(&dag, &mut order);
         assert_eq!(order, vec![vec![0, 1, 2]]);
+    }
+
+    #[test]
+    fn lanes_that_get_no_session_leave_their_share_to_the_others() {
+        let infos: Vec<PathInfo> = (0..8).map(|i| info(&format!("p{i}"), 10, &[])).collect();
+        // Four lanes planned: a batch is an eighth of what is left.
+        let dag = Dag::new(&infos, 4);
+        let Take::Batch(first) = dag.take().expect("take") else {
+            panic!("a batch")
+        };
+        assert_eq!(first.len(), 1);
+        dag.finish(&first);
+        // Three extra lanes got no session: the lease's lane, alone, sends the rest at once.
+        for _ in 0..3 {
+            dag.lane_lost();
+        }
+        let mut order = Vec::new();
+        run_all(&dag, &mut order);
+        assert_eq!(order, vec![(1..8).collect::<Vec<_>>()]);
     }
 
     #[test]
