@@ -3,7 +3,8 @@
 //!
 //! Connect time, extra-channel time, and 1 GiB each way for each cipher, next to the
 //! OpenSSH client against the same sshd in the same minutes (the machine is shared, so only
-//! side-by-side numbers mean much).
+//! side-by-side numbers mean much); and eight upload channels on one connection through a
+//! long emulated link, the ceiling of a parallel closure push.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -151,5 +152,57 @@ async fn measure_against_openssh() {
             mib_s(GIB, od),
             mib_s(GIB, ou)
         );
+    }
+}
+
+/// What the parallel lanes of a closure push can reach at best: 8 upload channels (`cat >
+/// /dev/null`, 96 MiB each) on one connection through a 100 ms / 1 Gbit/s relay, next to
+/// the same straight to sshd. Each channel alone is held to sshd's 2 MiB window per round
+/// trip (about 20 MB/s); the link is the limit for 8.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_upload_channels_through_a_long_link() {
+    use nixmux_rig::relay::{Link, Relay};
+    const PER_CHANNEL: u64 = 96 << 20;
+    const CHANNELS: u64 = 8;
+    let sshd = Sshd::start();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], sshd.port));
+    let relay = Relay::start(addr, Link::new(100.0, 1000.0))
+        .await
+        .expect("relay");
+    let key = nixmux_transport::HostPublicKey::from_openssh(&sshd.host_pub).expect("host key");
+    let check = nixmux_transport::HostKeyCheck::pinned([key]);
+    for (label, endpoint) in [
+        ("straight to sshd", sshd.endpoint()),
+        (
+            "through the relay (100 ms, 1 Gbit/s)",
+            nixmux_transport::Endpoint::new("127.0.0.1", relay.port(), "root"),
+        ),
+    ] {
+        let c = nixmux_transport::connect(
+            &endpoint,
+            &sshd.identities(),
+            &check,
+            &config(),
+            nixmux_transport::NoopObserver,
+        )
+        .await
+        .expect("connect");
+        let t = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..CHANNELS {
+            let c = c.clone();
+            tasks.spawn(async move { up(&c, PER_CHANNEL).await });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.expect("channel");
+        }
+        let took = t.elapsed();
+        println!(
+            "{CHANNELS} channels × {} MiB up, one connection, {label}: {:.1} MiB/s",
+            PER_CHANNEL >> 20,
+            mib_s(CHANNELS * PER_CHANNEL, took)
+        );
+        c.disconnect().await;
     }
 }
