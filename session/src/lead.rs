@@ -14,12 +14,22 @@
 //!
 //! The operation that asks the same thing first takes the answer; any other operation first
 //! reads and drops it, so a lead never changes what a caller sees.
+//!
+//! Only small requests lead ([`MAX_LEAD_BYTES`]): the opening goes out with the SSH exec
+//! request (or right behind a channel's confirmation) under a timeout meant for the server's
+//! answer, which must not come to measure how long our upload takes on a slow link; and a
+//! large request gains little from one round trip less. A larger one is sent by its
+//! operation as usual.
 
 use std::collections::BTreeSet;
 
-use bytes::Bytes;
-use nixmux_proto::store_path::StorePath;
+use bytes::{Bytes, BytesMut};
+use nixmux_proto::ProtocolVersion;
+use nixmux_proto::store_path::{StoreDir, StorePath};
 use nixmux_proto::{serve, worker};
+
+/// Largest encoded request that goes with a handshake (about 200 store paths).
+pub(crate) const MAX_LEAD_BYTES: usize = 16 << 10;
 
 /// A request sent with the handshake (given to [`crate::ServeSession::opening`] or
 /// [`crate::WorkerSession::opening`]). Only requests whose encoding does not depend
@@ -43,6 +53,22 @@ impl Lead {
                 substitute: *substitute,
             },
         }
+    }
+
+    /// The worker request encoded for `neg`, if the version has it and it is small enough.
+    pub(crate) fn worker_bytes(&self, dir: &StoreDir, neg: &worker::Negotiated) -> Option<Bytes> {
+        let req = self.worker_request();
+        neg.check_request(&req).ok()?;
+        let mut buf = BytesMut::new();
+        req.write(&mut buf, dir, neg);
+        (buf.len() <= MAX_LEAD_BYTES).then(|| buf.freeze())
+    }
+
+    /// The serve request encoded for `version`, if it is small enough.
+    pub(crate) fn serve_bytes(&self, dir: &StoreDir, version: ProtocolVersion) -> Option<Bytes> {
+        let mut buf = BytesMut::new();
+        self.serve_request().write(&mut buf, dir, version);
+        (buf.len() <= MAX_LEAD_BYTES).then(|| buf.freeze())
     }
 
     pub(crate) fn serve_request(&self) -> serve::Request {

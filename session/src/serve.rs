@@ -91,12 +91,14 @@ impl ServeSession {
     pub fn opening(dir: &StoreDir, lead: Option<&Lead>) -> Opening {
         let mut buf = bytes::BytesMut::new();
         serve::write_client_hello(&mut buf, serve::OUR_VERSION);
-        if let Some(l) = lead {
-            // Encoded the same at every version we accept (`Lead`), so the one we announce
-            // does, before the server's is known.
-            l.serve_request().write(&mut buf, dir, serve::OUR_VERSION);
-        }
-        Opening::new(buf.freeze(), lead.cloned())
+        // Encoded the same at every version we accept (`Lead`), so the one we announce does,
+        // before the server's is known.
+        let lead = lead.and_then(|l| {
+            let bytes = l.serve_bytes(dir, serve::OUR_VERSION)?;
+            buf.extend_from_slice(&bytes);
+            Some(l.clone())
+        });
+        Opening::new(buf.freeze(), lead)
     }
 
     /// The handshake on a pipe to which `opening` ([`ServeSession::opening`]) was already

@@ -147,8 +147,8 @@ impl WorkerSession {
     ///
     /// `lead` is not among these bytes: the handshake sends it as soon as the daemon's
     /// version is known, in the same write as the rest of the handshake ([`Lead`]). A lead
-    /// the negotiated version cannot express is not sent (the operation then says why when
-    /// it asks).
+    /// the negotiated version cannot express, or a large one, is not sent (the operation
+    /// then sends it, or says why it cannot).
     pub fn opening(dir: &StoreDir, wconfig: &WorkerConfig, lead: Option<&Lead>) -> Opening {
         let mut buf = BytesMut::new();
         Self::write_opening(&mut buf, dir, wconfig);
@@ -215,7 +215,7 @@ impl WorkerSession {
             .read(DURING, |r| worker::read_server_hello(r, ours))
             .await?;
         let mut neg = Negotiated::new(version);
-        let lead = lead.filter(|l| neg.check_request(&l.worker_request()).is_ok());
+        let lead = lead.and_then(|l| Some((l.worker_bytes(&dir, &neg)?, l)));
         // Everything left to say goes in one write: our features (1.38), the rest of the
         // handshake, SetOptions and the lead. None of it depends on the daemon's features
         // (read after), and the daemon reads them in this order (its side of the handshake,
@@ -233,8 +233,8 @@ impl WorkerSession {
                 Request::SetOptions(o.clone()).write(&mut conn.wbuf, &dir, &neg);
             }
         }
-        if let Some(l) = &lead {
-            l.worker_request().write(&mut conn.wbuf, &dir, &neg);
+        if let Some((bytes, _)) = &lead {
+            conn.wbuf.extend_from_slice(bytes);
         }
         if !conn.wbuf.is_empty() {
             conn.flush(DURING).await?;
@@ -251,7 +251,7 @@ impl WorkerSession {
             neg,
             info,
             dir,
-            lead,
+            lead: lead.map(|(_, l)| l),
         };
         {
             let t = Patience::Transfer;

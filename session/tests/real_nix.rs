@@ -458,6 +458,34 @@ async fn serve_lead_request_goes_with_the_hello() {
             .expect("qvp");
     assert_eq!(valid, [closure[2].clone()].into());
     assert!(s.s.is_usable(), "stderr: {}", s.stderr.text());
+
+    // A large request does not lead (it would go out under the exec's timeout): its
+    // operation sends it, a round trip of its own.
+    let (large, lead) = large_lead(&closure[0]);
+    let mut s = serve_leading(&st, lead).await;
+    let valid =
+        s.s.query_valid_paths(&large, false, false)
+            .await
+            .expect("qvp");
+    assert_eq!(valid, [closure[0].clone()].into());
+    assert_eq!(s.s.round_trips(), 1);
+}
+
+/// A `QueryValidPaths` lead above `MAX_LEAD_BYTES`: 400 paths, `valid` among them.
+fn large_lead(valid: &StorePath) -> (BTreeSet<StorePath>, Lead) {
+    let mut paths: BTreeSet<StorePath> = (0..400)
+        .map(|i| {
+            path(&format!(
+                "/nix/store/00000000000000000000000000000000-missing-{i}"
+            ))
+        })
+        .collect();
+    paths.insert(valid.clone());
+    let lead = Lead::QueryValidPaths {
+        paths: paths.clone(),
+        substitute: false,
+    };
+    (paths, lead)
 }
 
 // ===== worker =====
@@ -548,6 +576,17 @@ async fn worker_lead_request_is_answered_with_the_handshake() {
         assert_eq!(valid, [closure[2].clone()].into(), "{announce}");
         assert!(w.s.is_usable());
     }
+
+    // A large request does not lead: its operation sends it, a round trip of its own.
+    let (large, lead) = large_lead(&closure[0]);
+    let mut w = worker_leading(&st, &WorkerConfig::default(), lead).await;
+    assert_eq!(w.s.round_trips(), 1);
+    let valid =
+        w.s.query_valid_paths(&large, false, logs)
+            .await
+            .expect("qvp");
+    assert_eq!(valid, [closure[0].clone()].into());
+    assert_eq!(w.s.round_trips(), 2);
 }
 
 #[tokio::test]
