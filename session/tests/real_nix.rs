@@ -428,14 +428,7 @@ async fn serve_leading(store: &PrivateStore, lead: Lead) -> Serve {
 #[tokio::test]
 async fn serve_lead_request_goes_with_the_hello() {
     let st = store();
-    let closure = build_closure(&st);
-    let missing = path("/nix/store/00000000000000000000000000000000-missing");
-    let mut ask: BTreeSet<_> = closure[..2].iter().cloned().collect();
-    ask.insert(missing.clone());
-    let lead = Lead::QueryValidPaths {
-        paths: ask.clone(),
-        substitute: false,
-    };
+    let (closure, missing, ask, lead) = lead_case(&st);
     // The same question first: answered without a request of its own.
     let mut s = serve_leading(&st, lead.clone()).await;
     let valid =
@@ -469,6 +462,20 @@ async fn serve_lead_request_goes_with_the_hello() {
             .expect("qvp");
     assert_eq!(valid, [closure[0].clone()].into());
     assert_eq!(s.s.round_trips(), 1);
+}
+
+/// The closure `c -> b -> a` built in `st` (dependencies first), a missing path, and a lead
+/// asking about `a`, `b` and the missing path (the paths it asks about, and the lead).
+fn lead_case(st: &PrivateStore) -> (Vec<StorePath>, StorePath, BTreeSet<StorePath>, Lead) {
+    let closure = build_closure(st);
+    let missing = path("/nix/store/00000000000000000000000000000000-missing");
+    let mut ask: BTreeSet<_> = closure[..2].iter().cloned().collect();
+    ask.insert(missing.clone());
+    let lead = Lead::QueryValidPaths {
+        paths: ask.clone(),
+        substitute: false,
+    };
+    (closure, missing, ask, lead)
 }
 
 /// A `QueryValidPaths` lead above `MAX_LEAD_BYTES`: 400 paths, `valid` among them.
@@ -528,14 +535,7 @@ async fn worker_leading(store: &PrivateStore, wc: &WorkerConfig, lead: Lead) -> 
 #[tokio::test]
 async fn worker_lead_request_is_answered_with_the_handshake() {
     let st = store();
-    let closure = build_closure(&st);
-    let missing = path("/nix/store/00000000000000000000000000000000-missing");
-    let mut ask: BTreeSet<_> = closure[..2].iter().cloned().collect();
-    ask.insert(missing.clone());
-    let lead = Lead::QueryValidPaths {
-        paths: ask.clone(),
-        substitute: false,
-    };
+    let (closure, missing, ask, lead) = lead_case(&st);
     let logs = &mut |_| {};
     for announce in [ProtocolVersion::new(1, 38), ProtocolVersion::new(1, 37)] {
         let wc = WorkerConfig {
