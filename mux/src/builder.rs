@@ -13,7 +13,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::connections::{ConnectionLimits, ConnectionSet, Registry};
 use crate::error::{Result, from_session};
-use crate::pool::{PoolSettings, PooledSession, SessionPool};
+use crate::pool::{LeadFn, PoolSettings, PooledSession, SessionPool};
 use crate::protocol::{DEFAULT_DAEMON_SOCKET, Protocol, RemoteInfo, WorkerRoute};
 use crate::remote::SessionSpec;
 use crate::stats::{BuilderStats, Health};
@@ -283,9 +283,9 @@ impl Builder {
         self.inner.pool.acquire(None).await
     }
 
-    /// A session whose first request will be `lead`: a session started for it sends the
-    /// request with its handshake ([`Lead`]).
-    pub(crate) async fn acquire_leading(&self, lead: &Lead) -> Result<PooledSession> {
+    /// A session whose first request will be `lead()`: a session started for it sends the
+    /// request with its handshake ([`Lead`]); an idle one does not need it built.
+    pub(crate) async fn acquire_leading(&self, lead: LeadFn<'_>) -> Result<PooledSession> {
         self.inner.pool.acquire(Some(lead)).await
     }
 
@@ -360,7 +360,7 @@ impl Builder {
         substitute: bool,
     ) -> Result<BTreeSet<StorePath>> {
         self.bounded("query_valid_paths", async {
-            let lead = Lead::QueryValidPaths {
+            let lead = || Lead::QueryValidPaths {
                 paths: paths.clone(),
                 substitute,
             };

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nixmux_transport::{ConnectEvent, ConnectEventKind, FirstChannel, TransportError};
+use nixmux_transport::{ConnectEvent, ConnectEventKind, TransportError};
 use serde::Serialize;
 
 use crate::builder::BuilderConfig;
@@ -216,11 +216,7 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
     let spec = config.session_spec();
     // The channel opened first below, sent with the authentication request if it can be.
     let mut target = t.clone();
-    target.transport.first_channel = Some(if spec.route != WorkerRoute::Exec {
-        FirstChannel::Streamlocal(spec.daemon_socket.clone())
-    } else {
-        FirstChannel::Session
-    });
+    target.transport.first_channel = Some(spec.first_channel());
     // Jump hosts (if any) are connected first, outside the timed stages of the target.
     let connected = target.connect(observer).await;
     let with_open = connected

@@ -15,11 +15,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use nixmux_session::{Activity, Lead};
-use nixmux_transport::{ExecChannel, ExecOptions, FirstChannel};
+use nixmux_session::{Activity, Lead, Opening};
+use nixmux_transport::{ExecChannel, ExecOptions};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::connections::{ConnectionSet, Opened, Slot};
+use crate::connections::{ChannelTicket, ConnectionSet, Opened, Slot};
 use crate::daemon_socket::{SocketOpenError, SocketRoute};
 use crate::error::{Error, ErrorKind, Initiator, Result};
 use crate::protocol::{SessionPath, WorkerRoute};
@@ -79,6 +79,17 @@ pub(crate) struct SessionPool {
     pub(crate) counters: PoolCounters,
     /// Whether worker sessions go to the daemon's socket, and what refusals taught.
     pub(crate) socket: SocketRoute,
+}
+
+/// The first request of the operation a new session is started for ([`Lead`]), built only
+/// if a session is started (an idle one needs none).
+pub(crate) type LeadFn<'a> = &'a (dyn Fn() -> Lead + Send + Sync);
+
+/// What a new session's handshake needs from the opening of its channel
+/// ([`SessionPool::starting`]).
+struct Starting {
+    activity: Activity,
+    opening: Opening,
 }
 
 /// A session checked out of the pool. Dropping it returns the session when it is healthy and
@@ -160,11 +171,7 @@ impl SessionPool {
         let socket = SocketRoute::new(spec.route, spec.daemon_socket.clone());
         // A new connection's first channel is this pool's first session, opened with the
         // authentication request when it can be (nixmux_transport::FirstChannel).
-        set.expect_first_channel(if spec.route == WorkerRoute::Exec {
-            FirstChannel::Session
-        } else {
-            FirstChannel::Streamlocal(spec.daemon_socket.clone())
-        });
+        set.expect_first_channel(spec.first_channel());
         let counters = PoolCounters::default();
         spec.session.round_trips = Some(counters.round_trips.clone());
         let pool = Arc::new(SessionPool {
@@ -187,7 +194,10 @@ impl SessionPool {
 
     /// A session for one operation. `lead`: the operation's first request, sent with the
     /// handshake if a new session is started for it ([`Lead`]).
-    pub(crate) async fn acquire(self: &Arc<Self>, lead: Option<&Lead>) -> Result<PooledSession> {
+    pub(crate) async fn acquire(
+        self: &Arc<Self>,
+        lead: Option<LeadFn<'_>>,
+    ) -> Result<PooledSession> {
         let start = Instant::now();
         self.counters.acquires.fetch_add(1, Ordering::Relaxed);
         let permit = match self.permits.clone().try_acquire_owned() {
@@ -245,7 +255,7 @@ impl SessionPool {
 
     /// A session for a caller that holds a permit: an idle one, else a new one, unless an
     /// idle one comes back while we wait for a channel slot.
-    async fn session_for_permit(&self, lead: Option<&Lead>) -> Result<RemoteSession> {
+    async fn session_for_permit(&self, lead: Option<LeadFn<'_>>) -> Result<RemoteSession> {
         if let Some(s) = self.take_idle() {
             return Ok(s);
         }
@@ -271,11 +281,12 @@ impl SessionPool {
     /// A new session exec'd on a reserved channel slot, with the handshake's opening sent
     /// along with the exec request. `None`: sshd refused the channel or its connection died
     /// under it ([`Opened::Retry`]).
-    async fn open_exec(&self, slot: Slot, lead: Option<&Lead>) -> Result<Option<RemoteSession>> {
-        let activity = Activity::new();
-        let hook = self.set.target.hooks.channel.clone();
-        let opening = remote::opening(&self.spec, lead);
-        let options = remote::exec_options(self.spec.protocol, &activity, hook, Some(&opening));
+    async fn open_exec(
+        &self,
+        slot: Slot,
+        lead: Option<LeadFn<'_>>,
+    ) -> Result<Option<RemoteSession>> {
+        let (start, options) = self.starting(lead);
         let opened = slot
             .open(&self.spec.command, options)
             .await
@@ -283,17 +294,9 @@ impl SessionPool {
         let Opened::Ready(channel, ticket) = opened else {
             return Ok(None);
         };
-        let s = remote::start(
-            channel,
-            Some(ticket),
-            SessionPath::Exec,
-            Some(opening),
-            &self.spec,
-            &self.name,
-            activity,
-        )
-        .await?;
-        self.counters.created.fetch_add(1, Ordering::Relaxed);
+        let s = self
+            .start(start, channel, Some(ticket), SessionPath::Exec)
+            .await?;
         Ok(Some(s))
     }
 
@@ -303,30 +306,52 @@ impl SessionPool {
     /// No channel slot is reserved: sshd's `MaxSessions` does not count such channels, so
     /// they all go on the host's first live connection; the pool's own `max_sessions` still
     /// bounds them.
-    async fn open_via_socket(&self, lead: Option<&Lead>) -> Result<Option<RemoteSession>> {
+    async fn open_via_socket(&self, lead: Option<LeadFn<'_>>) -> Result<Option<RemoteSession>> {
         if !self.socket.should_try(Instant::now()) {
             return Ok(None);
         }
-        let activity = Activity::new();
-        let hook = self.set.target.hooks.channel.clone();
-        let opening = remote::opening(&self.spec, lead);
-        let options = remote::exec_options(self.spec.protocol, &activity, hook, Some(&opening));
+        let (start, options) = self.starting(lead);
         let Some(channel) = self.socket_channel(options).await? else {
             return Ok(None);
         };
+        let s = self
+            .start(start, channel, None, SessionPath::DaemonSocket)
+            .await?;
+        self.counters.via_socket.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(s))
+    }
+
+    /// What a new session's channel is opened with: its opening (with the lead, if any) and
+    /// the exec options that send it.
+    fn starting(&self, lead: Option<LeadFn<'_>>) -> (Starting, ExecOptions) {
+        let activity = Activity::new();
+        let hook = self.set.target.hooks.channel.clone();
+        let lead = lead.map(|f| f());
+        let opening = remote::opening(&self.spec, lead.as_ref());
+        let options = remote::exec_options(self.spec.protocol, &activity, hook, Some(&opening));
+        (Starting { activity, opening }, options)
+    }
+
+    /// The handshake on a channel opened with `start`'s options.
+    async fn start(
+        &self,
+        start: Starting,
+        channel: ExecChannel,
+        ticket: Option<ChannelTicket>,
+        path: SessionPath,
+    ) -> Result<RemoteSession> {
         let s = remote::start(
             channel,
-            None,
-            SessionPath::DaemonSocket,
-            Some(opening),
+            ticket,
+            path,
+            Some(start.opening),
             &self.spec,
             &self.name,
-            activity,
+            start.activity,
         )
         .await?;
         self.counters.created.fetch_add(1, Ordering::Relaxed);
-        self.counters.via_socket.fetch_add(1, Ordering::Relaxed);
-        Ok(Some(s))
+        Ok(s)
     }
 
     /// A channel to the daemon's socket on the host's first live connection, when the

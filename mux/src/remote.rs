@@ -11,7 +11,9 @@ use nixmux_session::{
     Activity, Lead, Opening, RemoteDiagnostics, ServeSession, SessionConfig, SessionError,
     WorkerConfig, WorkerSession,
 };
-use nixmux_transport::{ChannelObserver, ExecChannel, ExecOptions, ExecStatus, ExitStatus};
+use nixmux_transport::{
+    ChannelObserver, ExecChannel, ExecOptions, ExecStatus, ExitStatus, FirstChannel,
+};
 
 use crate::connections::ChannelTicket;
 use crate::conversation::Conversation;
@@ -34,6 +36,19 @@ pub(crate) struct SessionSpec {
     pub(crate) store_dir: StoreDir,
     /// Longest wait for a channel slot.
     pub(crate) channel_wait: Duration,
+}
+
+impl SessionSpec {
+    /// The channel a session of this spec opens first: a channel to the daemon's socket
+    /// unless the route says exec, else a session channel. A new connection opens it with
+    /// the authentication request when it can (`nixmux_transport::FirstChannel`).
+    pub(crate) fn first_channel(&self) -> FirstChannel {
+        if self.route == WorkerRoute::Exec {
+            FirstChannel::Session
+        } else {
+            FirstChannel::Streamlocal(self.daemon_socket.clone())
+        }
+    }
 }
 
 /// A live session.
