@@ -142,6 +142,23 @@ impl ParallelState {
             f(&mut s);
         }
     }
+
+    /// A transfer that ran on `lanes` lanes. One whose extra lanes all went without a session
+    /// ran on one, like any other transfer: not counted.
+    fn record(&self, dir: Direction, lanes: usize, batches: u64) {
+        if lanes < 2 {
+            return;
+        }
+        self.update(|s| {
+            match dir {
+                Direction::Push => s.pushes += 1,
+                Direction::Fetch => s.fetches += 1,
+            }
+            s.extra_sessions += (lanes - 1) as u64;
+            s.last_lanes = lanes;
+            s.batches += batches;
+        });
+    }
 }
 
 impl Builder {
@@ -556,12 +573,10 @@ pub(crate) async fn push(
         )
         .on(name));
     }
-    builder.inner.parallel.update(|s| {
-        s.pushes += 1;
-        s.extra_sessions += (lanes - 1) as u64;
-        s.last_lanes = lanes;
-        s.batches += batches;
-    });
+    builder
+        .inner
+        .parallel
+        .record(Direction::Push, lanes, batches);
     Ok(true)
 }
 
@@ -589,12 +604,10 @@ pub(crate) async fn fetch(
     else {
         return Ok(false);
     };
-    builder.inner.parallel.update(|s| {
-        s.fetches += 1;
-        s.extra_sessions += (lanes - 1) as u64;
-        s.last_lanes = lanes;
-        s.batches += batches;
-    });
+    builder
+        .inner
+        .parallel
+        .record(Direction::Fetch, lanes, batches);
     Ok(true)
 }
 

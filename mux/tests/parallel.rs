@@ -263,6 +263,38 @@ async fn a_lane_killed_mid_push_fails_typed_and_leaves_nothing_partial() {
     s.pool.shutdown().await;
 }
 
+/// With no second session to be had (the pool holds one), the lanes counted on get none:
+/// the lease's lane sends everything, and the push is not counted as a parallel one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_without_sessions_leave_the_push_to_the_lease() {
+    let s = setup(Protocol::Worker, Link::new(40.0, 0.0), |c| {
+        c.pool.max_sessions = 1;
+    })
+    .await;
+    let local = local_store(&s.rig);
+    let client = s.rig.client_store();
+    let top = build_graph(client, "alone");
+    let paths = closure(client, &top);
+    s.builder
+        .push_closure(&local, &BTreeSet::from([top]), false, None)
+        .await
+        .expect("push");
+    for p in &paths {
+        verify(s.rig.builder(0).store(), p);
+    }
+    let par = s.builder.parallel_stats();
+    assert_eq!(par.pushes, 0, "{par:?}");
+    let choice = par.last_choice.unwrap_or_default();
+    assert!(choice.starts_with("4 lanes:"), "{choice}");
+    assert_eq!(
+        s.builder.stats().sessions_created,
+        1,
+        "{:?}",
+        s.builder.stats()
+    );
+    s.pool.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_keeps_one_lane_on_loopback() {
     let rig = rig(RigConfig::with_builders(1));
