@@ -223,15 +223,12 @@ impl ServeSession {
         patience: Patience,
         decode: impl Fn(&mut WireReader<'_>, &StoreDir, ProtocolVersion) -> ReadResult<T>,
     ) -> Result<T, SessionError> {
-        let led = match &self.lead {
-            Some(l) if l.serve_request() == req => self.lead.take().is_some(),
-            _ => false,
-        };
-        if led {
-            self.conn.begin()?;
-        } else {
-            self.begin().await?;
+        // Asked already with the hello: its answer is the next thing to read.
+        let led = self.lead.take_if(|l| l.serve_request() == req).is_some();
+        if !led {
+            self.settle_lead().await?;
         }
+        self.conn.begin()?;
         let r = async {
             if !led {
                 self.send(&req, during).await?;

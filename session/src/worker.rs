@@ -373,10 +373,8 @@ impl WorkerSession {
         ) -> nixmux_proto::wire::ReadResult<T>,
     ) -> Result<T, SessionError> {
         self.check_request(&req)?;
-        let led = match &self.lead {
-            Some(l) if l.worker_request() == req => self.lead.take().is_some(),
-            _ => false,
-        };
+        // Asked already with the handshake: its answer is the next thing to read.
+        let led = self.lead.take_if(|l| l.worker_request() == req).is_some();
         if !led {
             self.settle_lead().await?;
         }
