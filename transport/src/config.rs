@@ -171,10 +171,11 @@ pub struct TransportConfig {
     /// behind the `ssh-userauth` service request instead of after its acceptance, and key
     /// files send their signed request at once instead of asking whether the key would do
     /// (RFC 4252 §7 allows both; a refused key costs the same one round trip either way).
-    /// Agent keys ask first unless the same key was accepted by the same endpoint before in
-    /// this process or [`accepted_keys_file`](Self::accepted_keys_file) (an agent may ask its user to confirm every signature). Saves 2 round
-    /// trips per new connection. Default true; false gives OpenSSH's client sequence (service
-    /// request, query, signed request), for a server that mishandles pipelining.
+    /// Agent keys ask first unless the same key was accepted by the same endpoint before, in
+    /// this process or as [`accepted_keys_file`](Self::accepted_keys_file) remembers (an
+    /// agent may ask its user to confirm every signature). Saves 2 round trips per new
+    /// connection. Default true; false gives OpenSSH's client sequence (service request,
+    /// query, signed request), for a server that mishandles pipelining.
     pub fast_auth: bool,
     /// The channel this connection will open first, if the caller knows (a pool opening a
     /// connection for an `ssh-ng://` session over the daemon's socket, or for an exec). With

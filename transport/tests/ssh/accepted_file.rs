@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use nixmux_transport::{FirstChannel, Identity, TransportConfig, TransportError};
 
-use crate::round_trips::{Relayed, assert_rtts, echo_ok, exec_rtts, opening, relayed_dropbear};
+use crate::round_trips::{
+    Relayed, assert_rtts, connect_with_open_behind_auth, echo_ok, exec_rtts, opening,
+    relayed_dropbear,
+};
 use crate::support::{Agent, Sshd, keygen, pub_line};
 
 /// Opens a session first, remembering accepted keys in `file`.
@@ -69,17 +72,8 @@ async fn a_new_process_starts_with_the_accepted_keys() {
 
     // Process B: starts with A's file, so the open rides with the signed request.
     let b = fresh_copy(&file, "accepted-keys.b");
-    let (conn, n) = relayed
-        .connect(std::slice::from_ref(&ours), &remembering(&b))
-        .await
-        .expect("connect");
-    assert_rtts("B: auth with the open behind it", n, 1);
-    assert!(conn.first_channel_pipelined());
-    assert_rtts(
-        "B: exec on the channel opened with auth",
-        exec_rtts(&conn).await,
-        1,
-    );
+    let ours_only = std::slice::from_ref(&ours);
+    let conn = connect_with_open_behind_auth(&relayed, ours_only, &remembering(&b), "B").await;
     conn.disconnect().await;
     assert_eq!(entries(&b), recorded, "nothing new to write");
 
@@ -158,17 +152,13 @@ async fn agent_keys_are_signed_at_once_by_a_new_process() {
     conn.disconnect().await;
 
     let fresh = fresh_copy(&file, "accepted-keys.new");
-    let (conn, n) = relayed
-        .connect(&ids, &remembering(&fresh))
-        .await
-        .expect("connect");
-    assert_rtts("agent key, known from the file: signed, open behind", n, 1);
-    assert!(conn.first_channel_pipelined());
-    assert_rtts(
-        "exec on the channel opened with auth",
-        exec_rtts(&conn).await,
-        1,
-    );
+    let conn = connect_with_open_behind_auth(
+        &relayed,
+        &ids,
+        &remembering(&fresh),
+        "agent key known from the file (signed at once)",
+    )
+    .await;
     conn.disconnect().await;
 }
 

@@ -281,6 +281,26 @@ pub(crate) async fn exec_rtts(conn: &SshConnection) -> f64 {
     rtts(took)
 }
 
+/// Connects expecting the first channel's open to have gone behind the signed request:
+/// authentication and the open take one round trip together, and the exec on that channel
+/// one more (`what` names the case in the output). Returns the connection.
+pub(crate) async fn connect_with_open_behind_auth(
+    relayed: &Relayed,
+    identities: &[Identity],
+    cfg: &TransportConfig,
+    what: &str,
+) -> SshConnection {
+    let (conn, n) = relayed.connect(identities, cfg).await.expect("connect");
+    assert_rtts(&format!("{what}: auth with the open behind it"), n, 1);
+    assert!(conn.first_channel_pipelined(), "{what}");
+    assert_rtts(
+        &format!("{what}: exec on the channel opened with auth"),
+        exec_rtts(&conn).await,
+        1,
+    );
+    conn
+}
+
 /// Authentication and the first channel's open in one round trip once the key is known, for
 /// a session channel and a channel to a Unix socket; another kind of first open closes the
 /// early one unused.
@@ -302,14 +322,7 @@ async fn first_channel_rides_with_auth() {
     // Known: the open went with the signed request, so only the exec request is left. sshd's
     // privilege separation carried the open, read with the request, over to the
     // post-authentication process: otherwise it would never be confirmed.
-    let (conn, n) = relayed.connect(&ids, &session).await.expect("connect");
-    assert_rtts("auth with the open behind it", n, 1);
-    assert!(conn.first_channel_pipelined());
-    assert_rtts(
-        "exec on the channel opened with auth",
-        exec_rtts(&conn).await,
-        1,
-    );
+    let conn = connect_with_open_behind_auth(&relayed, &ids, &session, "known key").await;
     // Later channels are opened as usual.
     assert_rtts("a second open + exec", exec_rtts(&conn).await, 2);
     conn.disconnect().await;
@@ -448,17 +461,8 @@ async fn dropbear_early_open() {
         .expect("connect");
     assert!(!conn.first_channel_pipelined());
     conn.disconnect().await;
-    let (conn, n) = relayed
-        .connect(std::slice::from_ref(&ours), &session)
-        .await
-        .expect("connect");
-    assert_rtts("dropbear: auth with the open behind it", n, 1);
-    assert!(conn.first_channel_pipelined());
-    assert_rtts(
-        "dropbear: exec on the channel opened with auth",
-        exec_rtts(&conn).await,
-        1,
-    );
+    let ours_only = std::slice::from_ref(&ours);
+    let conn = connect_with_open_behind_auth(&relayed, ours_only, &session, "dropbear").await;
     conn.disconnect().await;
 
     // Refused after all: Dropbear hangs up over the open; a second connection, without it.
