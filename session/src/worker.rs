@@ -24,9 +24,7 @@ use nixmux_proto::{Misbehaved, ProtoError, ProtocolVersion};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use crate::activity::Patience;
-use crate::conn::{
-    BoxReader, BoxWriter, Conn, ReadHalf, SessionConfig, WRITE_CHUNK, read_upload_chunk,
-};
+use crate::conn::{BoxReader, BoxWriter, Conn, ReadHalf, SessionConfig, WRITE_CHUNK};
 use crate::error::SessionError;
 use crate::lead::{Lead, Opening};
 use crate::serve::{NAR_WINDOW, NarSummary, NarsError, Upload};
@@ -76,11 +74,6 @@ impl std::fmt::Debug for WorkerSession {
             .field("usable", &self.conn.is_usable())
             .finish_non_exhaustive()
     }
-}
-
-fn frame(out: &mut BytesMut, data: &[u8]) {
-    worker::write_frame_header(out, data.len());
-    out.extend_from_slice(data);
 }
 
 /// A request the session cannot send: nothing was sent, the session stays usable.
@@ -983,12 +976,7 @@ impl WorkerSession {
         let never = AtomicBool::new(false);
         self.conn.concurrent_turn();
         let (mut rh, wh) = self.conn.halves();
-        let mut sink = FrameSink {
-            wh,
-            buf: BytesMut::with_capacity(WRITE_CHUNK + 16),
-            stop: &never,
-            during: DURING,
-        };
+        let mut sink = FrameSink::new(wh, &never, DURING);
         let writer = async {
             let mut header = BytesMut::new();
             for up in uploads.iter_mut() {
@@ -1096,12 +1084,7 @@ impl WorkerSession {
         let dir = self.dir.clone();
         self.conn.concurrent_turn();
         let (mut rh, wh) = self.conn.halves();
-        let mut sink = FrameSink {
-            wh,
-            buf: BytesMut::with_capacity(WRITE_CHUNK + 16),
-            stop: &stop,
-            during,
-        };
+        let mut sink = FrameSink::new(wh, &stop, during);
         let writer = async {
             sink.wh.send(&header, during).await?;
             let produced = match payload {
@@ -1268,58 +1251,112 @@ async fn copy_sized(
     out: &mut FrameSink<'_, '_>,
 ) -> Result<(), SessionError> {
     let mut left = size;
-    let mut buf = vec![0u8; WRITE_CHUNK];
-    let activity = out.wh.activity().clone();
     while left > 0 {
-        let chunk = read_upload_chunk(src, &mut buf, left, &activity).await?;
-        out.push(chunk).await?;
-        left -= chunk.len() as u64;
+        left -= out.fill_from(src, left).await?;
     }
     Ok(())
 }
 
 /// Collects payload bytes into frames of up to [`WRITE_CHUNK`] and sends them.
+///
+/// A frame is built where it is sent from: `buf` starts with room for the frame's length,
+/// written when the frame is complete, and an upload's source is read straight into it
+/// (a NAR's bytes are copied once on their way from the source to the channel).
 pub(crate) struct FrameSink<'f, 's> {
     wh: crate::conn::WriteHalf<'s>,
+    /// The length word's room, then the payload so far.
     buf: BytesMut,
     stop: &'f AtomicBool,
     during: &'static str,
 }
 
-impl FrameSink<'_, '_> {
+/// Size of a frame's length word.
+const FRAME_HEADER: usize = 8;
+
+impl<'f, 's> FrameSink<'f, 's> {
+    fn new(wh: crate::conn::WriteHalf<'s>, stop: &'f AtomicBool, during: &'static str) -> Self {
+        let mut buf = BytesMut::with_capacity(FRAME_HEADER + WRITE_CHUNK + FRAME_HEADER);
+        buf.extend_from_slice(&[0; FRAME_HEADER]);
+        FrameSink {
+            wh,
+            buf,
+            stop,
+            during,
+        }
+    }
+
+    fn payload(&self) -> usize {
+        self.buf.len() - FRAME_HEADER
+    }
+
+    fn check_stop(&self) -> Result<(), SessionError> {
+        if self.stop.load(Ordering::Acquire) {
+            return Err(SessionError::RemoteStopped);
+        }
+        Ok(())
+    }
+
     /// Adds payload bytes. Fails with [`SessionError::RemoteStopped`] once the daemon has
     /// ended the operation (it will not read more data).
     pub(crate) async fn push(&mut self, mut data: &[u8]) -> Result<(), SessionError> {
         while !data.is_empty() {
-            if self.stop.load(Ordering::Acquire) {
-                return Err(SessionError::RemoteStopped);
-            }
-            let room = WRITE_CHUNK - self.buf.len();
-            let n = room.min(data.len());
+            self.check_stop()?;
+            let n = (WRITE_CHUNK - self.payload()).min(data.len());
             self.buf.extend_from_slice(&data[..n]);
             data = &data[n..];
-            if self.buf.len() == WRITE_CHUNK {
+            if self.payload() == WRITE_CHUNK {
                 self.emit().await?;
             }
         }
         Ok(())
     }
 
+    /// Reads the next piece of an upload with `left` bytes still announced from `src`
+    /// straight into the frame; returns its size. A source that ends early is the local
+    /// side's fault, not the peer's; the time spent waiting on it is not the peer's silence.
+    async fn fill_from(
+        &mut self,
+        src: &mut (dyn AsyncRead + Unpin + Send),
+        left: u64,
+    ) -> Result<u64, SessionError> {
+        self.check_stop()?;
+        let room = (WRITE_CHUNK - self.payload()) as u64;
+        let n = {
+            let _ours = self.wh.activity().pause();
+            (&mut *src)
+                .take(room.min(left))
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(SessionError::Source)?
+        };
+        if n == 0 {
+            return Err(SessionError::Source(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("the NAR ended {left} bytes before its announced size"),
+            )));
+        }
+        if self.payload() == WRITE_CHUNK {
+            self.emit().await?;
+        }
+        Ok(n as u64)
+    }
+
     async fn emit(&mut self) -> Result<(), SessionError> {
-        if self.buf.is_empty() {
+        let len = self.payload();
+        if len == 0 {
             return Ok(());
         }
-        let mut framed = BytesMut::with_capacity(self.buf.len() + 8);
-        frame(&mut framed, &self.buf);
-        self.buf.clear();
-        self.wh.send(&framed, self.during).await
+        self.buf[..FRAME_HEADER].copy_from_slice(&(len as u64).to_le_bytes());
+        let sent = self.wh.send(&self.buf, self.during).await;
+        self.buf.truncate(FRAME_HEADER);
+        sent
     }
 
     async fn finish(&mut self) -> Result<(), SessionError> {
         if !self.stop.load(Ordering::Acquire) {
             self.emit().await?;
         }
-        self.buf.clear();
+        self.buf.truncate(FRAME_HEADER);
         let mut end = BytesMut::new();
         worker::write_frame_end(&mut end);
         self.wh.send(&end, self.during).await
