@@ -63,6 +63,7 @@ pub mod error;
 pub mod graph;
 pub mod local;
 pub mod logs;
+mod nar_pipe;
 pub mod ops;
 mod options;
 pub mod parallel;
@@ -75,6 +76,7 @@ mod select;
 mod serve_log;
 pub mod setup;
 pub mod stats;
+mod store_files;
 mod stream;
 pub mod target;
 

@@ -18,6 +18,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 
 use crate::error::{Error, ErrorKind, Result, from_session};
+use crate::nar_pipe::ChunkWriter;
+use crate::store_files::{FilesError, StoreFiles};
 
 /// The default daemon socket of a multi-user Nix installation.
 pub const DEFAULT_DAEMON_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
@@ -88,6 +90,9 @@ pub struct LocalStore {
     starting: Arc<AtomicUsize>,
     /// Derivations already read and parsed ([`LocalStore::read_derivation`]).
     derivations: Mutex<HashMap<StorePath, Arc<Derivation>>>,
+    /// Where the store's files are on this machine, for pushes to read NARs from them
+    /// ([`crate::store_files`]); `None`: always through the daemon.
+    files: Option<StoreFiles>,
 }
 
 /// Most parsed derivations [`LocalStore`] keeps. A `.drv` is a few KiB parsed; a build graph
@@ -98,6 +103,7 @@ impl std::fmt::Debug for LocalStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalStore")
             .field("access", &self.access)
+            .field("files", &self.files.as_ref().map(StoreFiles::dir))
             .finish_non_exhaustive()
     }
 }
@@ -110,9 +116,27 @@ pub(crate) struct LocalLease<'a> {
 }
 
 impl LocalLease<'_> {
-    /// Streams the NAR of `info.path` into `sink` and checks it against `info`, the local
-    /// store's own metadata: what every push sends (the builder checks it again).
-    pub(crate) async fn read_nar_checked(
+    /// Streams the NAR of `info.path` into `out`, checked against `info`: read from the
+    /// store's files when it can be ([`LocalStore::with_store_files`]; the daemon still
+    /// serves a path missing there), else from the daemon.
+    pub(crate) async fn read_nar(&mut self, info: &PathInfo, out: &mut ChunkWriter) -> Result<()> {
+        if let Some(files) = self.store.files()
+            && let Some(tx) = out.sender()
+        {
+            match files.send(info, tx).await {
+                Ok(()) => return Ok(()),
+                Err(FilesError::Unavailable(e)) => {
+                    tracing::debug!(path = %info.path, error = %e, "not in the store's files: asking the daemon");
+                }
+                Err(e) => return Err(e.into_error(info)),
+            }
+        }
+        self.read_nar_checked(info, out).await
+    }
+
+    /// Streams the NAR of `info.path` from the daemon into `sink` and checks it against
+    /// `info`, the local store's own metadata (the builder checks it again).
+    async fn read_nar_checked(
         &mut self,
         info: &PathInfo,
         sink: &mut (dyn AsyncWrite + Unpin + Send),
@@ -201,7 +225,33 @@ impl LocalStore {
             open: Arc::new(AtomicUsize::new(0)),
             starting: Arc::new(AtomicUsize::new(0)),
             derivations: Mutex::new(HashMap::new()),
+            files: Some(StoreFiles::new(PathBuf::from(StoreDir::default().as_str()))),
         }
+    }
+
+    /// Where this store's paths are on this machine's file system, for pushes to read their
+    /// NARs directly as Nix does for a local store, instead of through the daemon (a third
+    /// of a loopback push's CPU). Default: the store directory itself (`/nix/store`). A
+    /// store whose files are elsewhere (a chroot store `local?root=DIR`, a private mount
+    /// namespace) names its real directory here; `None` always asks the daemon.
+    ///
+    /// NARs read from files are hashed and checked against the daemon's records until one
+    /// matches (then only their sizes are: the builder checks hashes); files that do not match
+    /// fail that transfer and are not read again; a path missing there is asked of the daemon.
+    #[must_use]
+    pub fn with_store_files(mut self, dir: Option<PathBuf>) -> Self {
+        self.files = dir.map(StoreFiles::new);
+        self
+    }
+
+    /// NARs pushes read from the store's files so far (the rest came through the daemon).
+    pub fn nars_read_from_files(&self) -> u64 {
+        self.files.as_ref().map_or(0, StoreFiles::sent)
+    }
+
+    /// The store's files, while NARs are read from them.
+    pub(crate) fn files(&self) -> Option<&StoreFiles> {
+        self.files.as_ref().filter(|f| f.usable())
     }
 
     /// The daemon socket if there is one, else `nix-daemon --stdio` (which serves the store

@@ -17,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncWriteExt, DuplexStream, ReadBuf};
 
 use crate::error::{Error, ErrorKind, Result, from_session};
 use crate::local::LocalStore;
+use crate::nar_pipe::{ChunkReader, ChunkWriter, nar_pipe};
 use crate::pool::PooledSession;
 
 /// Progress of a transfer, reported after every chunk.
@@ -77,12 +78,12 @@ impl Tally {
 }
 
 /// The reading end of a pipe; counts the bytes read through it.
-struct Counted {
-    inner: DuplexStream,
+struct Counted<R> {
+    inner: R,
     tally: Arc<Tally>,
 }
 
-impl AsyncRead for Counted {
+impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -99,8 +100,22 @@ impl AsyncRead for Counted {
     }
 }
 
-/// `n` pipes: their writing ends, and their counted reading ends.
-fn pipes(n: usize, tally: &Arc<Tally>) -> (Vec<DuplexStream>, Vec<Counted>) {
+/// `n` NAR pipes for an upload: their writing ends, and their counted reading ends.
+fn nar_pipes(n: usize, tally: &Arc<Tally>) -> (Vec<ChunkWriter>, Vec<Counted<ChunkReader>>) {
+    (0..n)
+        .map(|_| {
+            let (w, r) = nar_pipe();
+            let r = Counted {
+                inner: r,
+                tally: tally.clone(),
+            };
+            (w, r)
+        })
+        .unzip()
+}
+
+/// `n` pipes for a download: their writing ends, and their counted reading ends.
+fn pipes(n: usize, tally: &Arc<Tally>) -> (Vec<DuplexStream>, Vec<Counted<DuplexStream>>) {
     (0..n)
         .map(|_| {
             let (w, r) = tokio::io::duplex(PIPE);
@@ -114,7 +129,8 @@ fn pipes(n: usize, tally: &Arc<Tally>) -> (Vec<DuplexStream>, Vec<Counted>) {
 }
 
 /// Sends the NARs of `infos` (dependencies first) from `local` to the builder on `session`:
-/// each read from the local store and checked against its metadata, all uploaded in one
+/// each read from the local store's files or its daemon (`LocalLease::read_nar`), all
+/// uploaded in one
 /// pipelined batch (`AddToStoreNar` back to back; framed on the worker protocol).
 pub(crate) async fn upload(
     local: &LocalStore,
@@ -123,11 +139,11 @@ pub(crate) async fn upload(
     tally: &Arc<Tally>,
     builder: &str,
 ) -> Result<()> {
-    let (writers, mut readers) = pipes(infos.len(), tally);
+    let (writers, mut readers) = nar_pipes(infos.len(), tally);
     let mut lease = local.lease().await?;
     let producer = async {
         for (info, mut w) in infos.iter().zip(writers) {
-            lease.read_nar_checked(info, &mut w).await?;
+            lease.read_nar(info, &mut w).await?;
             let _ = w.shutdown().await;
             tally.path_done();
         }

@@ -31,7 +31,8 @@ fn setup_with(config: RigConfig) -> Setup {
     let c = client.clone();
     let local = LocalStore::new(LocalStoreAccess::Command(Arc::new(move || {
         tokio::process::Command::from(c.command("nix-daemon", ["--stdio"]))
-    })));
+    })))
+    .with_store_files(Some(client.store_dir()));
     Setup {
         rig,
         client,

@@ -37,8 +37,15 @@ pub fn config(rig: &Rig, i: usize, protocol: Protocol) -> BuilderConfig {
     )
 }
 
-/// The rig's client store as a [`LocalStore`] (`nix-daemon --stdio` in its namespace).
+/// The rig's client store as a [`LocalStore`] (`nix-daemon --stdio` in its namespace), pushes
+/// reading NARs from its files.
 pub fn local_store(rig: &Arc<Rig>) -> LocalStore {
+    local_store_via_daemon(rig).with_store_files(Some(rig.client_store().store_dir()))
+}
+
+/// [`local_store`] with pushes reading NARs through the daemon (the store's files are not
+/// where this process looks: `/nix/store` is the host's).
+pub fn local_store_via_daemon(rig: &Arc<Rig>) -> LocalStore {
     let r = rig.clone();
     LocalStore::new(LocalStoreAccess::Command(Arc::new(move || {
         tokio::process::Command::from(r.client_store().command("nix-daemon", ["--stdio"]))
