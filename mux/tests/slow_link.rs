@@ -251,7 +251,14 @@ async fn frozen_builder_fails_a_fetch_within_the_idle_timeout_over_ssh_ng() {
 async fn large_path_over_a_slow_link(protocol: Protocol) {
     let mut s = setup(protocol, Link::new(20.0, 16.0), |_| {}).await;
     let size = 150 * MIB;
-    let p = random_path(s.rig.client_store(), "big", size, 31);
+    // A path of its own per protocol: the two tests run at once, and Nix's garbage collector
+    // counts a path open by any process on the machine (the other test's, in its own mount
+    // namespace, sees the same `/nix/store/...` name) as alive, which would fail the delete.
+    let (name, seed) = match protocol {
+        Protocol::Serve => ("big-serve", 31),
+        Protocol::Worker => ("big-worker", 32),
+    };
+    let p = random_path(s.rig.client_store(), name, size, seed);
     let paths = BTreeSet::from([p.clone()]);
     let (r, took) = timed(s.builder.push_closure(&s.local, &paths, false, None)).await;
     let rep = r.unwrap_or_else(|e| panic!("push failed after {took:?}: {e}"));
