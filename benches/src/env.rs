@@ -49,6 +49,7 @@ pub struct Env {
 struct Fixtures {
     small: Option<Vec<StorePath>>,
     large: Vec<(u64, StorePath)>,
+    outputs: Vec<(u64, StorePath)>,
     real: Option<(Vec<StorePath>, u64)>,
 }
 
@@ -127,13 +128,16 @@ impl Env {
         }
         let local = rig.as_ref().map(|r| {
             let r = r.clone();
-            Arc::new(LocalStore::new(LocalStoreAccess::Command(Arc::new(
-                move || {
+            let files = r.client_store().store_dir();
+            Arc::new(
+                LocalStore::new(LocalStoreAccess::Command(Arc::new(move || {
                     tokio::process::Command::from(
                         r.client_store().command("nix-daemon", ["--stdio"]),
                     )
-                },
-            ))))
+                })))
+                // The daemon runs in the store's mount namespace; its files are here.
+                .with_store_files(Some(files)),
+            )
         });
         let ssh_config = tmp.path().join("ssh_config");
         let env = Env {
@@ -711,6 +715,44 @@ impl Env {
             .ok_or_else(|| anyhow!("nix-store --add printed no path"))?;
         if let Ok(mut f) = self.fixtures.lock() {
             f.large.push((size, sp.clone()));
+        }
+        Ok(sp)
+    }
+
+    /// A path of `size` random bytes that a build made in the client store: input-addressed,
+    /// as the outputs a build farm pushes mostly are (unlike [`Env::large_path`]'s
+    /// `nix-store --add`, content-addressed: Nix 2.8 re-reads and re-hashes those after
+    /// importing them, `LocalStore::addToStore`).
+    ///
+    /// # Errors
+    /// Not embedded, or the build fails.
+    pub async fn large_output(&self, size: u64) -> anyhow::Result<StorePath> {
+        if let Ok(f) = self.fixtures.lock()
+            && let Some((_, p)) = f.outputs.iter().find(|(s, _)| *s == size)
+        {
+            return Ok(p.clone());
+        }
+        let salt = format!("{}-{}", std::process::id(), self.next_seq());
+        let file = self.tmp.path().join(format!("large-output-{salt}.nix"));
+        std::fs::write(
+            &file,
+            format!(
+                r#"derivation {{ name = "large-output-{salt}"; system = builtins.currentSystem; builder = "/bin/sh"; args = ["-c" "/usr/bin/head -c {size} /dev/urandom > $out"]; }}"#
+            ),
+        )?;
+        let mut cmd = self.nix_command(
+            "nix-build",
+            [OsString::from("--no-out-link"), OsString::from(&file)],
+        )?;
+        let out = run_output(&mut cmd, Duration::from_secs(300)).await?;
+        let sp = String::from_utf8_lossy(&out)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(store_path)
+            .next_back()
+            .ok_or_else(|| anyhow!("nix-build printed no path"))??;
+        if let Ok(mut f) = self.fixtures.lock() {
+            f.outputs.push((size, sp.clone()));
         }
         Ok(sp)
     }

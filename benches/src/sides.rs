@@ -1193,11 +1193,20 @@ pub struct NixmuxPush {
     zstd: bool,
     /// One channel only (`parallel.max_extra_lanes = 0`): the yardstick for parallel lanes.
     one_channel: bool,
+    /// What the roots are, when a case pushes more than one kind (`nixmux-ssh-ng-<tag>`).
+    tag: Option<(&'static str, &'static str)>,
     pool: Option<(Pool, Builder)>,
     details: BTreeMap<String, String>,
 }
 
 impl NixmuxPush {
+    /// The same side, told apart by `tag` in its id and `what` in its label (what its roots
+    /// are).
+    pub fn tagged(mut self, tag: &'static str, what: &'static str) -> Self {
+        self.tag = Some((tag, what));
+        self
+    }
+
     /// The same side on the lease's channel alone (no parallel lanes, issue 11).
     pub fn one_channel(mut self) -> Self {
         self.one_channel = true;
@@ -1235,6 +1244,7 @@ impl NixmuxPush {
             compress: false,
             zstd: false,
             one_channel: false,
+            tag: None,
             pool: None,
             details: BTreeMap::new(),
         }
@@ -1243,7 +1253,9 @@ impl NixmuxPush {
 
 impl Side for NixmuxPush {
     fn id(&self) -> String {
-        if self.one_channel {
+        if let Some((tag, _)) = self.tag {
+            format!("nixmux-{}-{tag}", scheme(self.protocol))
+        } else if self.one_channel {
             format!("nixmux-{}-1ch", scheme(self.protocol))
         } else if self.zstd {
             format!("nixmux-{}-zstd", scheme(self.protocol))
@@ -1256,7 +1268,12 @@ impl Side for NixmuxPush {
         }
     }
     fn label(&self) -> String {
-        if self.one_channel {
+        if let Some((_, what)) = self.tag {
+            format!(
+                "nixmux {}: push_closure over a warm pooled connection, {what}",
+                scheme(self.protocol)
+            )
+        } else if self.one_channel {
             format!(
                 "nixmux {}: push_closure over a warm pooled connection, one channel (no parallel lanes)",
                 scheme(self.protocol)

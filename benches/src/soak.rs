@@ -1041,9 +1041,13 @@ pub async fn run(opts: SoakOptions, progress: &dyn Progress) -> anyhow::Result<S
         .tempdir()
         .context("scratch directory")?;
     let r = rig.clone();
-    let local = Arc::new(LocalStore::new(LocalStoreAccess::Command(Arc::new(
-        move || tokio::process::Command::from(r.client_store().command("nix-daemon", ["--stdio"])),
-    ))));
+    let files = r.client_store().store_dir();
+    let local = Arc::new(
+        LocalStore::new(LocalStoreAccess::Command(Arc::new(move || {
+            tokio::process::Command::from(r.client_store().command("nix-daemon", ["--stdio"]))
+        })))
+        .with_store_files(Some(files)),
+    );
     let pool = Pool::new();
     let mut handles = Vec::new();
     for i in 0..nb {

@@ -577,6 +577,17 @@ async fn spec(
                     true,
                 )));
             }
+            // The same size built rather than added: input-addressed, no re-hash on import.
+            if !big && env.embedded() {
+                let output = env.large_output(size).await?;
+                let roots: BTreeSet<StorePath> = [output].into_iter().collect();
+                for p in both() {
+                    sides.push(Box::new(
+                        NixmuxPush::new(env.clone(), 0, p, roots.clone(), true)
+                            .tagged("output", "a build output (input-addressed)"),
+                    ));
+                }
+            }
             // The NAR is a little larger than the file; raw SSH moves the same byte count.
             let nar = size + 200;
             if !big {
@@ -611,7 +622,7 @@ async fn spec(
                     )
                 },
                 description: format!(
-                    "One {} MiB path, builder store emptied before every sample (untimed). Raw yardsticks: the same byte count into `cat > /dev/null` through one channel of nixmux's transport and through `ssh -c aes128-gcm@openssh.com`. The push also hashes and writes the path on the builder, which raw transfers do not.",
+                    "One {} MiB path, builder store emptied before every sample (untimed): added with `nix-store --add` (content-addressed: the builder's Nix 2.8 reads it back and hashes it again after the import) and, in the `-output` rows, built by a derivation (input-addressed, as the build outputs a farm pushes mostly are). Raw yardsticks: the same byte count into `cat > /dev/null` through one channel of nixmux's transport and through `ssh -c aes128-gcm@openssh.com`. The push also hashes and writes the path on the builder, which raw transfers do not.",
                     size / MIB
                 ),
                 primary: Figure::Throughput,
@@ -953,6 +964,29 @@ pub fn goals(result: &WorkloadResult, wan: Option<WanSettings>) -> Vec<Goal> {
             }
         }
         "push-large" if lan => {
+            for (p, kind) in [
+                ("ssh-ng", ""),
+                ("ssh", ""),
+                ("ssh-ng", "-output"),
+                ("ssh", "-output"),
+            ] {
+                let push = med(case, &format!("nixmux-{p}{kind}"), Figure::Throughput);
+                let raw = med(case, "raw-nixmux", Figure::Throughput);
+                let what = if kind.is_empty() {
+                    "`nix-store --add`"
+                } else {
+                    "build output"
+                };
+                goal(
+                    &format!(
+                        "200 MiB push ({p}, {what}) ≥ 0.8× nixmux's raw channel in the same run"
+                    ),
+                    "#11",
+                    push.zip(raw).map(|(a, b)| a / b),
+                    &|x| x >= 0.8,
+                    &|x| format!("{x:.2}× raw"),
+                );
+            }
             for p in ["ssh-ng", "ssh"] {
                 let push = med(case, &format!("nixmux-{p}"), Figure::Throughput);
                 let raw = [
