@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,7 @@ use crate::exit_code;
 pub(crate) struct BuildArgs {
     pub(crate) drvs: Vec<String>,
     pub(crate) local_store: Option<String>,
+    pub(crate) local_store_files: Option<PathBuf>,
     pub(crate) options: BuildOptions,
     /// Builds at once (`None`: the builders' max-jobs summed).
     pub(crate) jobs: Option<usize>,
@@ -104,8 +106,10 @@ impl Ui {
     }
 }
 
-pub(crate) fn local_store(spec: Option<&str>) -> LocalStore {
-    match spec {
+/// The local store `spec` names (`--local-store`), its files where `files` says
+/// (`--local-store-files`: a directory, or `none`).
+pub(crate) fn local_store(spec: Option<&str>, files: Option<&Path>) -> LocalStore {
+    let store = match spec {
         None | Some("auto") => LocalStore::auto(),
         Some("stdio") => LocalStore::new(LocalStoreAccess::Command(Arc::new(|| {
             let mut c = tokio::process::Command::new("nix-daemon");
@@ -113,6 +117,11 @@ pub(crate) fn local_store(spec: Option<&str>) -> LocalStore {
             c
         }))),
         Some(socket) => LocalStore::new(LocalStoreAccess::Socket(socket.into())),
+    };
+    match files {
+        None => store,
+        Some(dir) if dir.as_os_str() == "none" => store.with_store_files(None),
+        Some(dir) => store.with_store_files(Some(dir.to_owned())),
     }
 }
 
@@ -298,7 +307,10 @@ pub(crate) async fn run(args: BuildArgs, builders: Vec<BuilderConfig>) -> anyhow
             })
         })
         .collect::<anyhow::Result<_>>()?;
-    let local = Arc::new(local_store(args.local_store.as_deref()));
+    let local = Arc::new(local_store(
+        args.local_store.as_deref(),
+        args.local_store_files.as_deref(),
+    ));
     let pool = Arc::new(Pool::new());
     for b in builders {
         pool.add(b);

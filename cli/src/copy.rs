@@ -27,6 +27,7 @@ pub(crate) struct CopyArgs {
     pub(crate) direction: Direction,
     pub(crate) paths: Vec<String>,
     pub(crate) local_store: Option<String>,
+    pub(crate) local_store_files: Option<std::path::PathBuf>,
     pub(crate) json: bool,
 }
 
@@ -43,6 +44,8 @@ struct Report<'a> {
     /// Protocol round trips with the builder, handshake included: a fixed few, whatever
     /// the number of paths.
     round_trips: u64,
+    /// NARs pushed from the local store's files (the others came through its daemon).
+    nars_from_files: u64,
     error: Option<String>,
 }
 
@@ -58,7 +61,10 @@ pub(crate) async fn run(args: CopyArgs, builder: BuilderConfig) -> anyhow::Resul
                 .with_context(|| format!("{p}: not a path in the store"))
         })
         .collect::<anyhow::Result<_>>()?;
-    let local = local_store(args.local_store.as_deref());
+    let local = local_store(
+        args.local_store.as_deref(),
+        args.local_store_files.as_deref(),
+    );
     let pool = Pool::new();
     let b = pool.add(builder);
     let ui = Ui::new();
@@ -91,6 +97,7 @@ pub(crate) async fn run(args: CopyArgs, builder: BuilderConfig) -> anyhow::Resul
                 bytes: r.bytes,
                 seconds,
                 round_trips,
+                nars_from_files: local.nars_read_from_files(),
                 error: None,
             },
         ),
@@ -106,6 +113,7 @@ pub(crate) async fn run(args: CopyArgs, builder: BuilderConfig) -> anyhow::Resul
                 bytes: 0,
                 seconds,
                 round_trips,
+                nars_from_files: local.nars_read_from_files(),
                 error: Some(e.to_string()),
             },
         ),

@@ -83,6 +83,11 @@ struct CopyCmd {
     /// daemon socket path.
     #[arg(long, value_name = "auto|stdio|SOCKET")]
     local_store: Option<String>,
+    /// Where the local store's paths are on this machine, for pushes to read NARs from
+    /// directly (default: the store directory, checked against the daemon on first use);
+    /// `none`: every NAR through the daemon.
+    #[arg(long, value_name = "DIR|none")]
+    local_store_files: Option<PathBuf>,
     /// Machine-readable report on stdout.
     #[arg(long)]
     json: bool,
@@ -164,6 +169,11 @@ struct BuildCmd {
     /// daemon socket path.
     #[arg(long, value_name = "auto|stdio|SOCKET")]
     local_store: Option<String>,
+    /// Where the local store's paths are on this machine, for pushes to read NARs from
+    /// directly (default: the store directory, checked against the daemon on first use);
+    /// `none`: every NAR through the daemon.
+    #[arg(long, value_name = "DIR|none")]
+    local_store_files: Option<PathBuf>,
     /// Kill the build after this many seconds without output.
     #[arg(long, value_name = "SECS")]
     max_silent_time: Option<u64>,
@@ -343,6 +353,7 @@ async fn run_copy(cmd: CopyCmd) -> anyhow::Result<i32> {
         direction,
         paths: cmd.paths,
         local_store: cmd.local_store,
+        local_store_files: cmd.local_store_files,
         json: cmd.json,
     };
     copy::run(args, builder).await
@@ -375,6 +386,7 @@ async fn run_build(cmd: BuildCmd) -> anyhow::Result<i32> {
     let args = build::BuildArgs {
         drvs: cmd.drvs,
         local_store: cmd.local_store,
+        local_store_files: cmd.local_store_files,
         options: nixmux::ops::BuildOptions {
             max_silent_time: secs(cmd.max_silent_time),
             timeout: secs(cmd.timeout),

@@ -1,13 +1,25 @@
 //! `nixmux copy --to` and `--from` through the real binary, each run inside a client store of
 //! its own, against a rig builder: a 200-path closure goes there and back over both
 //! protocols, and arrives valid (`nix-store --verify-path`), in a fixed few protocol round
-//! trips whatever the number of paths.
+//! trips whatever the number of paths; pushed NARs come from the store's files, or from its
+//! daemon with `--local-store-files none`.
 
 use std::process::Output;
 
 use nixmux_rig::{PrivateStore, Protocol, Rig, RigConfig};
 
 fn copy(rig: &Rig, client: &PrivateStore, flag: &str, proto: Protocol, paths: &[String]) -> Output {
+    copy_with(rig, client, flag, proto, paths, &[])
+}
+
+fn copy_with(
+    rig: &Rig,
+    client: &PrivateStore,
+    flag: &str,
+    proto: Protocol,
+    paths: &[String],
+    extra: &[&str],
+) -> Output {
     let url = rig.builder(0).store_url(proto);
     let machines = rig.machines();
     let mut args = vec![
@@ -20,6 +32,7 @@ fn copy(rig: &Rig, client: &PrivateStore, flag: &str, proto: Protocol, paths: &[
         "stdio",
         "--json",
     ];
+    args.extend_from_slice(extra);
     args.extend(paths.iter().map(String::as_str));
     let mut cmd = client.command(env!("CARGO_BIN_EXE_nixmux"), args);
     cmd.env_remove("SSH_AUTH_SOCK");
@@ -73,11 +86,18 @@ fn a_200_path_closure_goes_there_and_back_over_both_protocols() {
         let paths = two_hundred_paths(&source, &tag);
         assert_eq!(paths.len(), 200);
 
-        let out = copy(&rig, &source, "--to", proto, &paths);
+        // The NARs come from the store's files (nixmux runs in the client store's namespace,
+        // where they are at /nix/store) or, with `--local-store-files none`, from its daemon.
+        let (extra, from_files): (&[&str], u64) = match proto {
+            Protocol::Serve => (&[], 200),
+            Protocol::Worker => (&["--local-store-files", "none"], 0),
+        };
+        let out = copy_with(&rig, &source, "--to", proto, &paths, extra);
         let r = report(&out);
         assert_eq!(out.status.code(), Some(0), "{r}");
         assert_eq!(r["ok"], true, "{r}");
         assert_eq!(r["direction"], "to");
+        assert_eq!(r["nars_from_files"], from_files, "{r}");
         assert_eq!(r["closure"], 200, "{r}");
         assert_eq!(r["transferred"].as_array().map(Vec::len), Some(200), "{r}");
         // A fixed few round trips for 200 paths (handshake included), not one per path.
