@@ -36,7 +36,8 @@ pub struct TransferProgress {
 /// A progress callback. Called on the transfer's own task: it must return quickly.
 pub type ProgressFn = Arc<dyn Fn(TransferProgress) + Send + Sync>;
 
-/// Size of the in-memory pipe between the side that reads a NAR and the side that writes it.
+/// Size of a download's in-memory pipe, between the session reading a NAR from the builder
+/// and the local store's session adding it (an upload's pipe is a [`nar_pipe`]).
 const PIPE: usize = 1 << 20;
 
 /// Progress of one transfer, shared by its batches (the lanes of a parallel one).
@@ -130,8 +131,8 @@ fn pipes(n: usize, tally: &Arc<Tally>) -> (Vec<DuplexStream>, Vec<Counted<Duplex
 
 /// Sends the NARs of `infos` (dependencies first) from `local` to the builder on `session`:
 /// each read from the local store's files or its daemon (`LocalLease::read_nar`), all
-/// uploaded in one
-/// pipelined batch (`AddToStoreNar` back to back; framed on the worker protocol).
+/// uploaded in one pipelined batch (`AddToStoreNar` back to back; framed on the worker
+/// protocol).
 pub(crate) async fn upload(
     local: &LocalStore,
     session: &mut PooledSession,
