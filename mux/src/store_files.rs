@@ -26,7 +26,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use nixmux_proto::hash::{Hash, Sha256};
 use nixmux_proto::nar::NAR_MAGIC;
 use nixmux_proto::path_info::PathInfo;
@@ -206,7 +206,7 @@ fn dump_nar(
 ) -> Result<(), FilesError> {
     let top = std::fs::symlink_metadata(real).map_err(FilesError::Unavailable)?;
     let mut out = Dump {
-        buf: BytesMut::with_capacity(CHUNK),
+        buf: Vec::with_capacity(CHUNK),
         produced: 0,
         expected,
         emit,
@@ -224,8 +224,9 @@ fn dump_nar(
 }
 
 struct Dump<'e> {
-    /// Bytes not yet handed on.
-    buf: BytesMut,
+    /// Bytes not yet handed on. A `Vec` rather than a `BytesMut`: `Read::read_to_end` fills
+    /// its spare capacity without zeroing it first.
+    buf: Vec<u8>,
     /// Bytes handed on.
     produced: u64,
     expected: u64,
@@ -246,10 +247,8 @@ impl Dump<'_> {
             });
         }
         self.produced = after;
-        let chunk = self.buf.split().freeze();
-        // The chunk keeps its allocation; the next one gets a whole one of its own rather
-        // than growing from the leftover.
-        self.buf.reserve(CHUNK);
+        // The chunk keeps its allocation; the next one gets a whole one of its own.
+        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
         (self.emit)(chunk)
     }
 
@@ -329,16 +328,12 @@ impl Dump<'_> {
             }
             let room = (CHUNK - self.buf.len().min(CHUNK)).max(4096);
             let want = usize::try_from(left).map_or(room, |l| l.min(room));
-            let start = self.buf.len();
-            self.buf.resize(start + want, 0);
-            let n = loop {
-                match file.read(&mut self.buf[start..]) {
-                    Ok(n) => break n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(io(e)),
-                }
-            };
-            self.buf.truncate(start + n);
+            self.buf.reserve(want);
+            // At most `want` bytes, fewer only at the file's end.
+            let n = (&mut file)
+                .take(want as u64)
+                .read_to_end(&mut self.buf)
+                .map_err(io)?;
             if n == 0 {
                 return Err(io(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
