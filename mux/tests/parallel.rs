@@ -11,24 +11,15 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{abs, is_valid, local_store, nar_hash, random_path, relayed_config, rig, sp, verify};
+use common::{
+    closure, is_valid, local_store, nar_hash, random_path, relayed_config, rig, sp, verify,
+};
 use nixmux::bulk::BulkCompression;
 use nixmux::parallel::ParallelMode;
 use nixmux::proto::store_path::StorePath;
 use nixmux::{Builder, BuilderConfig, Pool, Protocol};
 use nixmux_rig::relay::{Link, Relay};
 use nixmux_rig::{PrivateStore, Rig, RigConfig};
-
-/// The closure of `p` in `store`.
-fn closure(store: &PrivateStore, p: &StorePath) -> Vec<StorePath> {
-    let out = store
-        .run("nix-store", ["--query", "--requisites", &abs(p)])
-        .expect("requisites");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(sp)
-        .collect()
-}
 
 /// Builds, in `store`, 24 paths of 1 to 2 MiB of random data: a base, a chain of 8 on it, 14
 /// that each reference the base and the chain's second link, and a top that references the

@@ -10,7 +10,9 @@ mod common;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use common::{abs, is_valid, local_store, local_store_via_daemon, nar_hash, random_path, rig, sp};
+use common::{
+    closure, is_valid, local_store, local_store_via_daemon, nar_hash, random_path, rig, sp,
+};
 use nixmux::proto::store_path::StorePath;
 use nixmux::{ErrorKind, Initiator, Pool, Protocol};
 use nixmux_rig::{PrivateStore, RigConfig};
@@ -33,16 +35,6 @@ in derivation { name = "files-top"; system = builtins.currentSystem; builder = "
         )
         .expect("nix-build");
     sp(String::from_utf8_lossy(&out.stdout).trim())
-}
-
-fn closure(store: &PrivateStore, p: &StorePath) -> Vec<StorePath> {
-    let out = store
-        .run("nix-store", ["--query", "--requisites", &abs(p)])
-        .expect("requisites");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(sp)
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

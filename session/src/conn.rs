@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use nixmux_proto::Limits;
 use nixmux_proto::hash::Hash;
 use nixmux_proto::nar::NarParser;
@@ -381,11 +381,14 @@ impl Conn {
         during: &'static str,
     ) -> Result<(), SessionError> {
         let mut left = len;
-        let mut buf = vec![0u8; WRITE_CHUNK];
+        let mut buf = BytesMut::with_capacity(WRITE_CHUNK);
         while left > 0 {
-            let chunk = read_upload_chunk(source, &mut buf, left, &self.activity).await?;
-            self.write_raw(chunk, during).await?;
-            left -= chunk.len() as u64;
+            buf.clear();
+            let activity = self.activity.clone();
+            let n =
+                read_upload_piece(source, &mut buf, WRITE_CHUNK as u64, left, &activity).await?;
+            self.write_raw(&buf, during).await?;
+            left -= n as u64;
         }
         Ok(())
     }
@@ -436,19 +439,21 @@ async fn write_chunked(
     Ok(())
 }
 
-/// Reads the next piece (at most `buf.len()` bytes) of an upload with `left` bytes still
-/// announced. A source that ends early is the local side's fault, not the peer's; the time
-/// spent waiting on it is not the peer's silence.
-pub(crate) async fn read_upload_chunk<'b>(
+/// Reads the next piece of an upload with `left` bytes still announced, at most `max` bytes,
+/// appended to `buf`; returns its size. A source that ends early is the local side's fault,
+/// not the peer's; the time spent waiting on it is not the peer's silence.
+pub(crate) async fn read_upload_piece<B: BufMut + Send>(
     src: &mut (dyn AsyncRead + Unpin + Send),
-    buf: &'b mut [u8],
+    buf: &mut B,
+    max: u64,
     left: u64,
     activity: &Activity,
-) -> Result<&'b [u8], SessionError> {
-    let want = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
+) -> Result<usize, SessionError> {
     let n = {
         let _ours = activity.pause();
-        src.read(&mut buf[..want])
+        (&mut *src)
+            .take(max.min(left))
+            .read_buf(buf)
             .await
             .map_err(SessionError::Source)?
     };
@@ -458,7 +463,7 @@ pub(crate) async fn read_upload_chunk<'b>(
             format!("the NAR ended {left} bytes before its announced size"),
         )));
     }
-    Ok(&buf[..n])
+    Ok(n)
 }
 
 /// What the remote has to say about its death, if anything.

@@ -19,7 +19,7 @@ use nixmux_proto::{ProtoError, ProtocolVersion};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::activity::Patience;
-use crate::conn::{BoxReader, BoxWriter, Conn, SessionConfig, WRITE_CHUNK, read_upload_chunk};
+use crate::conn::{BoxReader, BoxWriter, Conn, SessionConfig, WRITE_CHUNK, read_upload_piece};
 use crate::error::SessionError;
 use crate::lead::{Lead, Opening};
 
@@ -414,7 +414,7 @@ impl ServeSession {
         // costs one round trip.
         let writer = async {
             let mut header = BytesMut::new();
-            let mut buf = vec![0u8; WRITE_CHUNK];
+            let mut buf = BytesMut::with_capacity(WRITE_CHUNK);
             for up in uploads.iter_mut() {
                 header.clear();
                 Request::AddToStoreNar {
@@ -424,9 +424,17 @@ impl ServeSession {
                 wh.send(&header, DURING).await?;
                 let mut left = up.info.nar_size;
                 while left > 0 {
-                    let chunk = read_upload_chunk(up.nar, &mut buf, left, wh.activity()).await?;
-                    wh.send(chunk, DURING).await?;
-                    left -= chunk.len() as u64;
+                    buf.clear();
+                    let n = read_upload_piece(
+                        up.nar,
+                        &mut buf,
+                        WRITE_CHUNK as u64,
+                        left,
+                        wh.activity(),
+                    )
+                    .await?;
+                    wh.send(&buf, DURING).await?;
+                    left -= n as u64;
                 }
             }
             Ok(())

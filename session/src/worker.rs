@@ -24,7 +24,9 @@ use nixmux_proto::{Misbehaved, ProtoError, ProtocolVersion};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use crate::activity::Patience;
-use crate::conn::{BoxReader, BoxWriter, Conn, ReadHalf, SessionConfig, WRITE_CHUNK};
+use crate::conn::{
+    BoxReader, BoxWriter, Conn, ReadHalf, SessionConfig, WRITE_CHUNK, read_upload_piece,
+};
 use crate::error::SessionError;
 use crate::lead::{Lead, Opening};
 use crate::serve::{NAR_WINDOW, NarSummary, NarsError, Upload};
@@ -1312,8 +1314,7 @@ impl<'f, 's> FrameSink<'f, 's> {
     }
 
     /// Reads the next piece of an upload with `left` bytes still announced from `src`
-    /// straight into the frame; returns its size. A source that ends early is the local
-    /// side's fault, not the peer's; the time spent waiting on it is not the peer's silence.
+    /// straight into the frame; returns its size.
     async fn fill_from(
         &mut self,
         src: &mut (dyn AsyncRead + Unpin + Send),
@@ -1321,20 +1322,7 @@ impl<'f, 's> FrameSink<'f, 's> {
     ) -> Result<u64, SessionError> {
         self.check_stop()?;
         let room = (WRITE_CHUNK - self.payload()) as u64;
-        let n = {
-            let _ours = self.wh.activity().pause();
-            (&mut *src)
-                .take(room.min(left))
-                .read_buf(&mut self.buf)
-                .await
-                .map_err(SessionError::Source)?
-        };
-        if n == 0 {
-            return Err(SessionError::Source(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("the NAR ended {left} bytes before its announced size"),
-            )));
-        }
+        let n = read_upload_piece(src, &mut self.buf, room, left, self.wh.activity()).await?;
         if self.payload() == WRITE_CHUNK {
             self.emit().await?;
         }

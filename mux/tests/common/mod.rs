@@ -168,6 +168,17 @@ pub fn nar_hash(store: &PrivateStore, p: &StorePath) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// The closure of `p` in `store` (`nix-store --query --requisites`).
+pub fn closure(store: &PrivateStore, p: &StorePath) -> Vec<StorePath> {
+    let out = store
+        .run("nix-store", ["--query", "--requisites", &abs(p)])
+        .expect("requisites");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(sp)
+        .collect()
+}
+
 /// Whether `p` is valid in `store`.
 pub fn is_valid(store: &PrivateStore, p: &StorePath) -> bool {
     store.is_valid(&abs(p)).expect("query validity")
