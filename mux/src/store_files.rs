@@ -323,10 +323,9 @@ impl Dump<'_> {
         let mut file = File::open(path).map_err(io)?;
         let mut left = len;
         while left > 0 {
-            if self.buf.len() >= CHUNK {
-                self.flush()?;
-            }
-            let room = (CHUNK - self.buf.len().min(CHUNK)).max(4096);
+            self.flush_if_full()?;
+            // What fills the chunk: never more, so the buffer is never reallocated.
+            let room = CHUNK - self.buf.len();
             let want = usize::try_from(left).map_or(room, |l| l.min(room));
             self.buf.reserve(want);
             // At most `want` bytes, fewer only at the file's end.
