@@ -1193,6 +1193,8 @@ pub struct NixmuxPush {
     zstd: bool,
     /// One channel only (`parallel.max_extra_lanes = 0`): the yardstick for parallel lanes.
     one_channel: bool,
+    /// No send-ahead limit (`TransportConfig::send_ahead = None`): the yardstick for it.
+    unlimited_send_ahead: bool,
     /// What the roots are, when a case pushes more than one kind (`nixmux-ssh-ng-<tag>`).
     tag: Option<(&'static str, &'static str)>,
     pool: Option<(Pool, Builder)>,
@@ -1204,6 +1206,12 @@ impl NixmuxPush {
     /// are).
     pub fn tagged(mut self, tag: &'static str, what: &'static str) -> Self {
         self.tag = Some((tag, what));
+        self
+    }
+
+    /// The same side writing as far ahead as sshd's window allows (no send-ahead limit).
+    pub fn unlimited_send_ahead(mut self) -> Self {
+        self.unlimited_send_ahead = true;
         self
     }
 
@@ -1244,6 +1252,7 @@ impl NixmuxPush {
             compress: false,
             zstd: false,
             one_channel: false,
+            unlimited_send_ahead: false,
             tag: None,
             pool: None,
             details: BTreeMap::new(),
@@ -1315,6 +1324,9 @@ impl Side for NixmuxPush {
             let pool = Pool::new();
             let mut config = self.env.nixmux_config(self.builder, self.protocol)?;
             config.target.transport.compression = self.compress;
+            if self.unlimited_send_ahead {
+                config.target.transport.send_ahead = None;
+            }
             config.bulk.mode = if self.zstd {
                 nixmux::bulk::BulkCompression::Zstd
             } else {

@@ -587,6 +587,17 @@ async fn spec(
                             .tagged("output", "a build output (input-addressed)"),
                     ));
                 }
+                // The same without the send-ahead limit, to show what it does.
+                for p in both() {
+                    sides.push(Box::new(
+                        NixmuxPush::new(env.clone(), 0, p, roots.clone(), true)
+                            .tagged(
+                                "output-unlimited",
+                                "a build output, writing as far ahead as sshd's window allows (no send-ahead limit)",
+                            )
+                            .unlimited_send_ahead(),
+                    ));
+                }
             }
             // The NAR is a little larger than the file; raw SSH moves the same byte count.
             let nar = size + 200;

@@ -206,6 +206,66 @@ pub struct TransportConfig {
     /// whether it trusts a host: host keys are checked as always. A file that cannot be read
     /// or written is ignored (logged), never an error. Default `None`: no file I/O.
     pub accepted_keys_file: Option<PathBuf>,
+    /// How far ahead of the server's acknowledgements a channel writes, on a link whose
+    /// round trip is known. `None`: as far as the server's window allows (russh's own rule).
+    /// Default: [`SendAhead::default`].
+    pub send_ahead: Option<SendAhead>,
+}
+
+/// A limit on the data a channel has sent and the server has not yet acknowledged (by
+/// adjusting the window), below the window the server offers.
+///
+/// **Why.** OpenSSH's sshd keeps channel data its consumer has not taken yet (a
+/// `nix-daemon` writing a NAR to disk, slower than the link) in a buffer that grows by
+/// reallocation: each growth allocates the new size, copies the old buffer and zeroes it
+/// (`sshbuf_allocate` and `recallocarray` in OpenSSH's `sshbuf.c`). Filling its whole window
+/// (2 MiB per channel, `CHAN_SES_WINDOW_DEFAULT` in `channels.h`) that way made sshd spend
+/// more CPU on page faults and copies than on forwarding, on a loopback push. The data a
+/// fast link needs in flight is far less than the window; the rest then waits in our
+/// process, where it costs nothing.
+///
+/// The limit is `max(floor, 2 × link_rate × round trip)`, the round trip being the
+/// connection's shortest `keepalive@openssh.com` answer (measured by the transport shortly
+/// after connecting). It applies only to OpenSSH servers, whose window adjustments
+/// (`channel_check_window` in `channels.c`: as soon as more than three packets are
+/// unacknowledged and some were consumed) keep a writer below the limit moving; on links
+/// slow enough that the limit exceeds the server's window, it changes nothing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct SendAhead {
+    /// The least data allowed in flight, whatever the round trip. Default 256 KiB: eight of
+    /// sshd's 32 KiB packets, well above the three it waits for before acknowledging.
+    pub floor: u32,
+    /// The link rate the limit must sustain at the measured round trip, in bytes per second.
+    /// Default 125 000 000 (1 Gbit/s).
+    pub link_rate: f64,
+}
+
+impl Default for SendAhead {
+    fn default() -> Self {
+        SendAhead {
+            floor: 256 * 1024,
+            link_rate: 125e6,
+        }
+    }
+}
+
+impl SendAhead {
+    /// The limit for a link with round trip `rtt`.
+    pub fn limit(&self, rtt: Duration) -> u32 {
+        let bdp = 2.0 * self.link_rate * rtt.as_secs_f64();
+        if bdp.is_nan() {
+            return self.floor;
+        }
+        if bdp >= f64::from(u32::MAX) {
+            // A long round trip: more than any window.
+            return u32::MAX;
+        }
+        // In range: checked above.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let bdp = bdp as u32;
+        bdp.max(self.floor)
+    }
 }
 
 /// A channel a connection will open first: see [`TransportConfig::first_channel`].
@@ -259,6 +319,7 @@ impl Default for TransportConfig {
             fast_auth: true,
             first_channel: None,
             accepted_keys_file: None,
+            send_ahead: Some(SendAhead::default()),
         }
     }
 }
@@ -446,6 +507,29 @@ impl TransportConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn send_ahead_covers_twice_the_bandwidth_delay_product_above_its_floor() {
+        let s = SendAhead::default();
+        // Loopback and LAN round trips: the floor.
+        assert_eq!(s.limit(Duration::from_micros(100)), 256 * 1024);
+        assert_eq!(s.limit(Duration::ZERO), 256 * 1024);
+        assert_eq!(s.limit(Duration::from_millis(1)), 256 * 1024);
+        // 10 ms at 1 Gbit/s: 1.25 MB in flight, twice.
+        assert_eq!(s.limit(Duration::from_millis(10)), 2_500_000);
+        // Past any window: no limit in effect.
+        assert_eq!(s.limit(Duration::from_secs(100)), u32::MAX);
+        let odd = SendAhead {
+            floor: 1000,
+            link_rate: f64::NAN,
+        };
+        assert_eq!(odd.limit(Duration::from_millis(10)), 1000);
+        let infinite = SendAhead {
+            floor: 1000,
+            link_rate: f64::INFINITY,
+        };
+        assert_eq!(infinite.limit(Duration::from_millis(10)), u32::MAX);
+    }
 
     #[test]
     fn defaults_translate() {

@@ -372,18 +372,64 @@ where
         identity: identity.clone(),
     });
 
-    Ok(SshConnection {
-        inner: Arc::new(ConnInner {
-            handle,
-            shared,
-            endpoint: endpoint.clone(),
-            host_key,
-            identity,
-            config: config.clone(),
-            ahead: std::sync::Mutex::new(ahead),
-            first_channel_pipelined,
-        }),
-    })
+    let inner = Arc::new(ConnInner {
+        handle,
+        shared,
+        endpoint: endpoint.clone(),
+        host_key,
+        identity,
+        config: config.clone(),
+        ahead: std::sync::Mutex::new(ahead),
+        first_channel_pipelined,
+    });
+    if inner.shared.wants_send_ahead() {
+        tokio::spawn(measure_round_trips(Arc::downgrade(&inner)));
+    }
+    Ok(SshConnection { inner })
+}
+
+/// The pauses before each round-trip probe, after authentication: one at once, then more in
+/// case the first answers waited behind the server's work on the first channel (a fork, a
+/// daemon's handshake) or behind a transfer. The shortest answer counts.
+const ROUND_TRIP_PROBES: [Duration; 5] = [
+    Duration::ZERO,
+    Duration::from_millis(10),
+    Duration::from_millis(50),
+    Duration::from_millis(250),
+    Duration::from_secs(2),
+];
+
+/// How long a probe's answer may take before the probes stop (a server that does not
+/// answer `keepalive@openssh.com` leaves the round trip unknown; keepalive, not this,
+/// notices a dead one).
+const ROUND_TRIP_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Measures the connection's round trip with `keepalive@openssh.com` requests, which an
+/// OpenSSH server answers at once (REQUEST_FAILURE, `server_input_global_request` in
+/// `serverloop.c`), for [`crate::SendAhead`]. Holds the connection only while a probe is
+/// out.
+async fn measure_round_trips(conn: std::sync::Weak<ConnInner>) {
+    for pause in ROUND_TRIP_PROBES {
+        tokio::time::sleep(pause).await;
+        let Some(inner) = conn.upgrade() else { return };
+        if inner.shared.cause().is_some() {
+            return;
+        }
+        let started = std::time::Instant::now();
+        match tokio::time::timeout(ROUND_TRIP_PROBE_TIMEOUT, inner.handle.send_ping()).await {
+            // russh also returns Ok when the connection ended before the answer.
+            Ok(Ok(())) if inner.shared.cause().is_none() => {
+                let rtt = started.elapsed();
+                inner.shared.note_round_trip(rtt);
+                tracing::debug!(
+                    ?rtt,
+                    send_ahead = inner.shared.send_ahead_limit(),
+                    "round trip measured"
+                );
+            }
+            _ => return,
+        }
+    }
 }
 
 /// [`TransportError::ClosedAtStartup`] if the handshake failed because the server ended the
@@ -447,6 +493,11 @@ pub struct ConnectionStats {
     pub stderr_log_dropped_bytes: u64,
     /// Newline bytes among them: log lines whose end a consumer missed.
     pub stderr_log_dropped_lines: u64,
+    /// The shortest round trip measured on the connection (OpenSSH servers only, see
+    /// [`TransportConfig::send_ahead`](crate::TransportConfig::send_ahead)).
+    pub round_trip: Option<Duration>,
+    /// The limit on a channel's unacknowledged data now, if there is one.
+    pub send_ahead_limit: Option<u32>,
 }
 
 /// An authenticated SSH connection. Cheap to clone; all clones share one TCP connection and
@@ -686,6 +737,8 @@ impl SshConnection {
             stdout_spilled_bytes: c.stdout_spilled.load(Ordering::Relaxed),
             stderr_log_dropped_bytes: c.stderr_log_dropped_bytes.load(Ordering::Relaxed),
             stderr_log_dropped_lines: c.stderr_log_dropped_lines.load(Ordering::Relaxed),
+            round_trip: self.inner.shared.round_trip(),
+            send_ahead_limit: Some(self.inner.shared.send_ahead_limit()).filter(|&l| l > 0),
         }
     }
 

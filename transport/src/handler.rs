@@ -95,8 +95,13 @@ impl Handler for ClientHandler {
         &mut self,
         _shared_secret: Option<&[u8]>,
         names: &russh::Names,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if session.remote_sshid().starts_with(b"SSH-2.0-OpenSSH_") {
+            self.shared
+                .openssh_server
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let kex = names.kex.as_ref().to_string();
         let cipher = names.cipher.as_ref().to_string();
         let _ = self.shared.compression.set(match names.client_compression {

@@ -148,7 +148,9 @@ mod observer;
 mod shared;
 mod stream;
 
-pub use config::{Endpoint, ExecOptions, FirstChannel, Identity, StdoutSpill, TransportConfig};
+pub use config::{
+    Endpoint, ExecOptions, FirstChannel, Identity, SendAhead, StdoutSpill, TransportConfig,
+};
 pub use connection::{ConnectionStats, SshConnection, connect, connect_over};
 pub use error::{ChannelOpenRefusal, DisconnectCause, ErrorKind, Stage, TransportError};
 pub use exec::{

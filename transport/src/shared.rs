@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 
-use crate::config::TransportConfig;
+use crate::config::{SendAhead, TransportConfig};
 use crate::error::{ChannelOpenRefusal, DisconnectCause, Stage, TransportError, classify};
 use crate::host_key::HostKeySource;
 use crate::stream::{StreamEnd, StreamMonitor};
@@ -59,6 +59,11 @@ pub(crate) struct ConnShared {
     pub(crate) rejection: Mutex<Option<TransportError>>,
     pub(crate) open_failures: Mutex<VecDeque<(ChannelOpenRefusal, String)>>,
     pub(crate) open_failure_notify: Notify,
+    /// The server announced itself as OpenSSH (`SSH-2.0-OpenSSH_...`).
+    pub(crate) openssh_server: AtomicBool,
+    /// The shortest round trip measured on the connection, in nanoseconds (0: none yet).
+    round_trip_ns: AtomicU64,
+    send_ahead: Option<SendAhead>,
 }
 
 #[derive(Debug, Clone)]
@@ -86,6 +91,46 @@ impl ConnShared {
             rejection: Mutex::new(None),
             open_failures: Mutex::new(VecDeque::new()),
             open_failure_notify: Notify::new(),
+            openssh_server: AtomicBool::new(false),
+            round_trip_ns: AtomicU64::new(0),
+            send_ahead: config.send_ahead,
+        }
+    }
+
+    /// Records a round trip measured on the connection; the shortest one is kept.
+    pub(crate) fn note_round_trip(&self, rtt: Duration) {
+        let ns = u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX).max(1);
+        let _ = self
+            .round_trip_ns
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                (old == 0 || ns < old).then_some(ns)
+            });
+    }
+
+    /// The shortest round trip measured so far.
+    pub(crate) fn round_trip(&self) -> Option<Duration> {
+        match self.round_trip_ns.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(Duration::from_nanos(ns)),
+        }
+    }
+
+    /// Whether the connection's channels are to hold their writes below
+    /// [`TransportConfig::send_ahead`]'s limit: configured, and the server is OpenSSH (whose
+    /// buffering the limit spares and whose window adjustments it relies on).
+    pub(crate) fn wants_send_ahead(&self) -> bool {
+        self.send_ahead.is_some() && self.openssh_server.load(Ordering::Relaxed)
+    }
+
+    /// The limit on a channel's unacknowledged data now (0: none): see [`SendAhead`]. Until
+    /// the first round trip is measured, the floor: sshd's buffer grows once per channel, to
+    /// the largest backlog it ever holds, so the limit must hold from the first write.
+    pub(crate) fn send_ahead_limit(&self) -> u32 {
+        match self.send_ahead {
+            Some(s) if self.openssh_server.load(Ordering::Relaxed) => {
+                self.round_trip().map_or(s.floor, |rtt| s.limit(rtt))
+            }
+            _ => 0,
         }
     }
 
@@ -229,4 +274,40 @@ pub(crate) async fn classify_with(
         shared.cause()
     };
     classify(stage, e, cause)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_ahead_applies_to_openssh_only_and_follows_the_shortest_round_trip() {
+        let shared = ConnShared::detached();
+        shared.note_round_trip(Duration::from_millis(10));
+        // Not (yet) known as OpenSSH: no limit.
+        assert_eq!(shared.send_ahead_limit(), 0);
+        shared.openssh_server.store(true, Ordering::Relaxed);
+        assert_eq!(shared.send_ahead_limit(), 2_500_000);
+        // A longer round trip does not replace a shorter one.
+        shared.note_round_trip(Duration::from_millis(50));
+        assert_eq!(shared.round_trip(), Some(Duration::from_millis(10)));
+        shared.note_round_trip(Duration::from_micros(200));
+        assert_eq!(shared.send_ahead_limit(), 256 * 1024);
+
+        // Before any measurement, the floor.
+        let fresh = ConnShared::detached();
+        fresh.openssh_server.store(true, Ordering::Relaxed);
+        assert_eq!(fresh.round_trip(), None);
+        assert_eq!(fresh.send_ahead_limit(), 256 * 1024);
+
+        // Configured off.
+        let config = TransportConfig {
+            send_ahead: None,
+            ..TransportConfig::default()
+        };
+        let off = ConnShared::new(Arc::new(StreamMonitor::default()), &config);
+        off.openssh_server.store(true, Ordering::Relaxed);
+        off.note_round_trip(Duration::from_micros(200));
+        assert_eq!(off.send_ahead_limit(), 0);
+    }
 }

@@ -39,6 +39,8 @@ impl ChannelParts {
         let (rx, write) = channel.split();
         let (barrier_tx, barriers) = mpsc::unbounded_channel();
         let core = Arc::new(ChannelCore::new(conn, barrier_tx, observer));
+        // Holds its writes below `TransportConfig::send_ahead` once the limit is known.
+        let writer = write.make_writer_send_ahead(core.send_ahead.clone());
         let (abandon_tx, abandoned) = oneshot::channel();
         let lease = Arc::new(Lease {
             _abandon: abandon_tx,
@@ -52,7 +54,7 @@ impl ChannelParts {
         };
         ChannelParts {
             stdin: ChannelStdin {
-                inner: Box::new(write.make_writer()),
+                inner: Box::new(writer),
                 core: core.clone(),
                 _lease: lease.clone(),
             },

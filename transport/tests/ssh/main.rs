@@ -14,5 +14,6 @@ mod liveness;
 mod measure;
 mod rig;
 mod round_trips;
+mod send_ahead;
 mod startup;
 mod stderr_log;
