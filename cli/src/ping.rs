@@ -156,6 +156,9 @@ pub(crate) fn render_table(reports: &[PingReport], out: &mut impl Write) -> std:
         if let Some(bulk) = &r.bulk_compression {
             writeln!(out, "  bulk transfers: {bulk}")?;
         }
+        if let Some(ahead) = &r.send_ahead {
+            writeln!(out, "  writes ahead: {ahead}")?;
+        }
         if let Some(f) = &r.failure {
             writeln!(out, "  FAILED at {} ({}): {}", f.stage, f.kind, f.message)?;
             if let Some(h) = &f.hint {

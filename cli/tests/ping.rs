@@ -77,10 +77,21 @@ fn both_protocols_ping_and_json_reports_versions() {
             "handshake"
         ]
     );
+    // Both reach OpenSSH: channels hold their writes below a limit (its size follows the
+    // round trip, which a loaded machine measures longer).
+    for b in [serve, worker] {
+        let ahead = b["send_ahead"].as_str().expect("send_ahead reported");
+        assert!(ahead.contains("KiB unacknowledged at most"), "{ahead}");
+    }
     // The table for people works too.
     let out = nixmux(&["ping", "--machines", machines.to_str().expect("utf8")]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).contains("worker 1.34"));
+    assert!(
+        text(&out).contains("writes ahead: 256 KiB"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]

@@ -149,6 +149,9 @@ pub struct PingReport {
     pub zstd: Option<bool>,
     /// What bulk transfers would use and why (`bulk-compression`, see `nixmux::bulk`).
     pub bulk_compression: Option<String>,
+    /// How far ahead of sshd's acknowledgements a channel writes, and why
+    /// (`TransportConfig::send_ahead`).
+    pub send_ahead: Option<String>,
     /// The failure, if any.
     pub failure: Option<PingFailure>,
     /// The full error, for programs that want its kind (not serialised).
@@ -208,6 +211,7 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
         rtt_ms: None,
         zstd: None,
         bulk_compression: None,
+        send_ahead: None,
         failure: None,
         error_kind: None,
     };
@@ -361,9 +365,30 @@ pub async fn ping(config: &BuilderConfig, rounds: usize) -> PingReport {
     let (zstd, bulk) = crate::bulk::ping_report(config, &ssh, info.trusted, rtt).await;
     report.zstd = zstd;
     report.bulk_compression = Some(bulk);
+    report.send_ahead = Some(send_ahead_report(&ssh.stats()));
     report.ok = true;
     ssh.disconnect().await;
     report
+}
+
+/// The send-ahead limit in words, for `ping`.
+fn send_ahead_report(stats: &nixmux_transport::ConnectionStats) -> String {
+    match (stats.send_ahead_limit, stats.round_trip) {
+        (Some(u32::MAX), Some(rtt)) => format!(
+            "the server's window (round trip {:.2} ms: the limit exceeds any window)",
+            rtt.as_secs_f64() * 1e3
+        ),
+        (Some(limit), Some(rtt)) => format!(
+            "{} KiB unacknowledged at most (round trip {:.2} ms)",
+            limit / 1024,
+            rtt.as_secs_f64() * 1e3
+        ),
+        (Some(limit), None) => format!(
+            "{} KiB unacknowledged at most (round trip not measured yet)",
+            limit / 1024
+        ),
+        (None, _) => "the server's window (no limit: off, or not an OpenSSH server)".to_owned(),
+    }
 }
 
 fn record_events(report: &mut PingReport, events: &Mutex<Vec<ConnectEvent>>, with_open: bool) {
