@@ -382,9 +382,10 @@ impl Conn {
     ) -> Result<(), SessionError> {
         let mut left = len;
         let mut buf = BytesMut::with_capacity(WRITE_CHUNK);
+        // A handle of its own: `write_raw` borrows the whole connection.
+        let activity = self.activity.clone();
         while left > 0 {
             buf.clear();
-            let activity = self.activity.clone();
             let n =
                 read_upload_piece(source, &mut buf, WRITE_CHUNK as u64, left, &activity).await?;
             self.write_raw(&buf, during).await?;

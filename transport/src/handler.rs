@@ -98,9 +98,7 @@ impl Handler for ClientHandler {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         if session.remote_sshid().starts_with(b"SSH-2.0-OpenSSH_") {
-            self.shared
-                .openssh_server
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.shared.note_openssh_server();
         }
         let kex = names.kex.as_ref().to_string();
         let cipher = names.cipher.as_ref().to_string();

@@ -4,7 +4,7 @@
 //! none of them.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -60,10 +60,13 @@ pub(crate) struct ConnShared {
     pub(crate) open_failures: Mutex<VecDeque<(ChannelOpenRefusal, String)>>,
     pub(crate) open_failure_notify: Notify,
     /// The server announced itself as OpenSSH (`SSH-2.0-OpenSSH_...`).
-    pub(crate) openssh_server: AtomicBool,
+    openssh_server: AtomicBool,
     /// The shortest round trip measured on the connection, in nanoseconds (0: none yet).
     round_trip_ns: AtomicU64,
     send_ahead: Option<SendAhead>,
+    /// The limit on a channel's unacknowledged data (0: none), derived from the three fields
+    /// above whenever one changes; every channel's writer reads it at each write.
+    send_ahead_limit: Arc<AtomicU32>,
 }
 
 #[derive(Debug, Clone)]
@@ -94,17 +97,30 @@ impl ConnShared {
             openssh_server: AtomicBool::new(false),
             round_trip_ns: AtomicU64::new(0),
             send_ahead: config.send_ahead,
+            send_ahead_limit: Arc::new(AtomicU32::new(0)),
+        }
+    }
+
+    /// Records that the server is OpenSSH (from its identification string, at the key
+    /// exchange; again at each rekey, which changes nothing).
+    pub(crate) fn note_openssh_server(&self) {
+        if !self.openssh_server.swap(true, Ordering::Relaxed) {
+            self.update_send_ahead_limit();
         }
     }
 
     /// Records a round trip measured on the connection; the shortest one is kept.
     pub(crate) fn note_round_trip(&self, rtt: Duration) {
         let ns = u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX).max(1);
-        let _ = self
+        let shorter = self
             .round_trip_ns
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
                 (old == 0 || ns < old).then_some(ns)
-            });
+            })
+            .is_ok();
+        if shorter {
+            self.update_send_ahead_limit();
+        }
     }
 
     /// The shortest round trip measured so far.
@@ -122,16 +138,29 @@ impl ConnShared {
         self.send_ahead.is_some() && self.openssh_server.load(Ordering::Relaxed)
     }
 
-    /// The limit on a channel's unacknowledged data now (0: none): see [`SendAhead`]. Until
-    /// the first round trip is measured, the floor: sshd's buffer grows once per channel, to
-    /// the largest backlog it ever holds, so the limit must hold from the first write.
+    /// The limit on a channel's unacknowledged data now (0: none): see [`SendAhead`].
     pub(crate) fn send_ahead_limit(&self) -> u32 {
-        match self.send_ahead {
+        self.send_ahead_limit.load(Ordering::Relaxed)
+    }
+
+    /// The limit as channel writers read it (see [`ConnShared::send_ahead_limit`]).
+    pub(crate) fn send_ahead_limit_shared(&self) -> Arc<AtomicU32> {
+        self.send_ahead_limit.clone()
+    }
+
+    /// Derives the limit from what is known now. Until the first round trip is measured,
+    /// the floor: sshd's buffer grows once per channel, to the largest backlog it ever
+    /// holds, so the limit must hold from the first write. Its two callers do not run at
+    /// the same time: the server is known as OpenSSH at the first key exchange, before the
+    /// connection exists, and round trips are measured one after the other by one task.
+    fn update_send_ahead_limit(&self) {
+        let limit = match self.send_ahead {
             Some(s) if self.openssh_server.load(Ordering::Relaxed) => {
                 self.round_trip().map_or(s.floor, |rtt| s.limit(rtt))
             }
             _ => 0,
-        }
+        };
+        self.send_ahead_limit.store(limit, Ordering::Relaxed);
     }
 
     /// A connection's shared state with nothing behind it, for unit tests of the parts that
@@ -286,7 +315,7 @@ mod tests {
         shared.note_round_trip(Duration::from_millis(10));
         // Not (yet) known as OpenSSH: no limit.
         assert_eq!(shared.send_ahead_limit(), 0);
-        shared.openssh_server.store(true, Ordering::Relaxed);
+        shared.note_openssh_server();
         assert_eq!(shared.send_ahead_limit(), 2_500_000);
         // A longer round trip does not replace a shorter one.
         shared.note_round_trip(Duration::from_millis(50));
@@ -296,7 +325,7 @@ mod tests {
 
         // Before any measurement, the floor.
         let fresh = ConnShared::detached();
-        fresh.openssh_server.store(true, Ordering::Relaxed);
+        fresh.note_openssh_server();
         assert_eq!(fresh.round_trip(), None);
         assert_eq!(fresh.send_ahead_limit(), 256 * 1024);
 
@@ -306,7 +335,7 @@ mod tests {
             ..TransportConfig::default()
         };
         let off = ConnShared::new(Arc::new(StreamMonitor::default()), &config);
-        off.openssh_server.store(true, Ordering::Relaxed);
+        off.note_openssh_server();
         off.note_round_trip(Duration::from_micros(200));
         assert_eq!(off.send_ahead_limit(), 0);
     }

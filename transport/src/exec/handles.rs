@@ -54,7 +54,6 @@ impl AsyncWrite for ChannelStdin {
             return Poll::Ready(Ok(0));
         }
         let this = &mut *self;
-        this.core.refresh_send_ahead();
         match Pin::new(&mut this.inner).poll_write(cx, buf) {
             Poll::Ready(Ok(n)) => {
                 this.core.count_stdin(n as u64);

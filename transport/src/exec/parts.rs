@@ -39,8 +39,8 @@ impl ChannelParts {
         let (rx, write) = channel.split();
         let (barrier_tx, barriers) = mpsc::unbounded_channel();
         let core = Arc::new(ChannelCore::new(conn, barrier_tx, observer));
-        // Holds its writes below `TransportConfig::send_ahead` once the limit is known.
-        let writer = write.make_writer_send_ahead(core.send_ahead.clone());
+        // Holds its writes below the connection's `TransportConfig::send_ahead` limit.
+        let writer = write.make_writer_send_ahead(core.shared().send_ahead_limit_shared());
         let (abandon_tx, abandoned) = oneshot::channel();
         let lease = Arc::new(Lease {
             _abandon: abandon_tx,

@@ -1,7 +1,7 @@
 //! What a channel's drain task and its handles share: the buffers, the recorded outcome and
 //! the counters.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::task::AtomicWaker;
@@ -118,9 +118,6 @@ pub(crate) struct ChannelCore {
     pub(super) stderr_log_dropped_lines: AtomicU64,
     /// Told of everything the server sends on the channel.
     pub(super) observer: Option<Arc<dyn ChannelObserver>>,
-    /// The writer's limit on unacknowledged data (0: none), read by russh at each write and
-    /// kept up to date by [`ChannelCore::refresh_send_ahead`].
-    pub(super) send_ahead: Arc<AtomicU32>,
 }
 
 impl ChannelCore {
@@ -149,16 +146,6 @@ impl ChannelCore {
             stderr_log_dropped_lines: AtomicU64::new(0),
             observer,
             conn,
-            send_ahead: Arc::new(AtomicU32::new(0)),
-        }
-    }
-
-    /// Brings the writer's send-ahead limit up to date with the connection's measured round
-    /// trip (a write may come before the first measurement).
-    pub(super) fn refresh_send_ahead(&self) {
-        let limit = self.shared().send_ahead_limit();
-        if self.send_ahead.load(Ordering::Relaxed) != limit {
-            self.send_ahead.store(limit, Ordering::Relaxed);
         }
     }
 
