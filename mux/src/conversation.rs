@@ -127,8 +127,8 @@ impl Conversation {
         match self {
             Conversation::Serve(s) => s.add_to_store_nars(uploads).await,
             // Not `AddMultipleToStore`: another client may add one of the paths meanwhile,
-            // which makes Nix 2.8 lose its place in that stream (see `add_to_store_nars`).
-            Conversation::Worker(w) => w.add_to_store_nars(uploads, false, true, &mut |_| {}).await,
+            // which makes Nix 2.8 lose its place in that stream (see `WorkerSession::add_paths`).
+            Conversation::Worker(w) => w.add_paths(uploads, false, true, &mut |_| {}).await,
         }
     }
 

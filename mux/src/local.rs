@@ -173,7 +173,7 @@ impl LocalLease<'_> {
             })
             .collect();
         self.get()
-            .add_to_store_nars(&mut uploads, false, true, &mut |_| {})
+            .add_paths(&mut uploads, false, true, &mut |_| {})
             .await
             .map_err(|e| {
                 Error::local(

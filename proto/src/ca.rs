@@ -34,7 +34,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::derivation::{BasicDerivation, Derivation, DerivationOutput};
 use crate::hash::{Hash, nix32_encode};
-use crate::store_path::{StoreDir, StorePath};
+use crate::store_path::{StoreDir, StorePath, make_store_path};
 use crate::worker::DrvOutputId;
 
 /// Why a content-addressed computation cannot be done.
@@ -291,19 +291,8 @@ pub fn make_output_path(
     drv_name: &str,
 ) -> Result<StorePath, CaError> {
     let name = output_path_name(drv_name, output);
-    // `makeStorePath`: "<type>:sha256:<base16>:<store dir>:<name>", hashed, then folded to 20
-    // bytes (`compressHash`, src/libutil/hash.cc).
-    let text = format!(
-        "output:{output}:sha256:{}:{}:{name}",
-        hash.to_base16(),
-        dir.as_str()
-    );
-    let full = Hash::sha256_of(text.as_bytes());
-    let mut short = [0u8; 20];
-    for (i, b) in full.digest().iter().enumerate() {
-        short[i % 20] ^= b;
-    }
-    StorePath::new(short, name).map_err(|e| CaError::InvalidPath(e.to_string()))
+    make_store_path(dir, &format!("output:{output}"), hash, &name)
+        .map_err(|e| CaError::InvalidPath(e.to_string()))
 }
 
 /// `Derivation::tryResolve`: the derivation `drv` (stored at `drv_path`) with every input

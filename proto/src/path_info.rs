@@ -6,7 +6,7 @@ use bytes::BufMut;
 
 use crate::hash::{Hash, HashAlgo};
 use crate::store_path::{
-    StoreDir, StorePath, put_opt_store_path, put_store_path, put_store_path_set,
+    StoreDir, StorePath, make_source_path, put_opt_store_path, put_store_path, put_store_path_set,
     read_opt_store_path, read_store_path, read_store_path_set,
 };
 use crate::version::ProtocolVersion;
@@ -172,6 +172,34 @@ impl PathInfo {
         out.put_str(&self.nar_hash.to_nix32_prefixed());
         out.put_str(self.ca.as_deref().unwrap_or(""));
         out.put_str_list(&self.sigs);
+    }
+
+    /// Whether the receiving store can rebuild everything this record says from the NAR
+    /// alone, so that the worker protocol's `AddToStore` (by content) may carry it instead of
+    /// `AddToStoreNar`: a `fixed:r:sha256` path whose content hash is its NAR hash and whose
+    /// path follows from it (the `source` kind: `nix-store --add`, `builtins.path`, `./.` and
+    /// flake sources), with nothing that route would drop: no deriver, no signatures, no
+    /// references (Nix 2.4's daemon refuses references there, `src/libstore/daemon.cc`).
+    ///
+    /// Why it matters: Nix 2.8's `LocalStore::addToStore` hashes a content-addressed NAR while
+    /// unpacking it and then reads the unpacked path back to hash it again
+    /// (`hashCAPath`), where `addToStoreFromDump` hashes once, because for `fixed:r:sha256`
+    /// the content hash is the NAR hash (`src/libstore/local-store.cc`).
+    pub fn is_plain_source(&self, dir: &StoreDir) -> bool {
+        let Some(hash) = self
+            .ca
+            .as_deref()
+            .and_then(|ca| ca.strip_prefix("fixed:r:"))
+        else {
+            return false;
+        };
+        self.deriver.is_none()
+            && self.sigs.is_empty()
+            && self.references.is_empty()
+            && Hash::parse(hash, Some(HashAlgo::Sha256)).is_ok_and(|h| {
+                h == self.nar_hash
+                    && make_source_path(dir, &h, self.path.name()).is_ok_and(|p| p == self.path)
+            })
     }
 
     /// Encodes the fields of serve `AddToStoreNar` (command 9) and worker `AddToStoreNar`

@@ -24,7 +24,7 @@ use std::fmt;
 use bytes::BufMut;
 
 use crate::error::ProtoError;
-use crate::hash::{nix32_decode_into, nix32_encode};
+use crate::hash::{Hash, nix32_decode_into, nix32_encode};
 use crate::wire::{ReadError, ReadResult, WireReader, WireWrite};
 
 /// Length of the hash part of a store path, in nix32 characters.
@@ -189,6 +189,41 @@ impl StorePath {
     pub fn is_derivation(&self) -> bool {
         self.name.ends_with(DRV_EXTENSION)
     }
+}
+
+/// `Store::makeStorePath` (NixOS/nix `src/libstore/store-api.cc`): the path named `name`
+/// whose hash part is the SHA-256 of `<kind>:sha256:<base16 hash>:<store dir>:<name>`, folded
+/// to 20 bytes (`compressHash`, `src/libutil/hash.cc`).
+pub fn make_store_path(
+    dir: &StoreDir,
+    kind: &str,
+    hash: &Hash,
+    name: &str,
+) -> Result<StorePath, ProtoError> {
+    let text = format!(
+        "{kind}:{}:{}:{}:{name}",
+        hash.algo(),
+        hash.to_base16(),
+        dir.as_str()
+    );
+    let full = Hash::sha256_of(text.as_bytes());
+    let mut short = [0u8; HASH_BYTES];
+    for (i, b) in full.digest().iter().enumerate() {
+        short[i % HASH_BYTES] ^= b;
+    }
+    StorePath::new(short, name)
+}
+
+/// The path of a NAR added by content with SHA-256 and no references (`fixed:r:sha256`):
+/// `nix-store --add`, `builtins.path`, `./.` and flake sources. `Store::makeFixedOutputPath`
+/// gives these the `source` kind, whose hash is the NAR's own hash
+/// (`src/libstore/store-api.cc`).
+pub fn make_source_path(
+    dir: &StoreDir,
+    nar_hash: &Hash,
+    name: &str,
+) -> Result<StorePath, ProtoError> {
+    make_store_path(dir, "source", nar_hash, name)
 }
 
 impl StorePath {

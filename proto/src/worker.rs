@@ -62,6 +62,8 @@ pub const STDERR_RESULT: u64 = 0x5253_4c54;
 pub enum Op {
     /// 1
     IsValidPath = 1,
+    /// 7
+    AddToStore = 7,
     /// 9
     BuildPaths = 9,
     /// 10
@@ -106,6 +108,7 @@ impl Op {
         use Op::*;
         Some(match code {
             1 => IsValidPath,
+            7 => AddToStore,
             9 => BuildPaths,
             10 => EnsurePath,
             11 => AddTempRoot,
@@ -133,6 +136,10 @@ impl Op {
         let minor = match self {
             Op::QueryValidPaths => 12,
             Op::AddToStoreNar => 18,
+            // Older daemons read another layout (a bare name, flags and an unframed dump);
+            // only the 1.25 one, with the content-address method, references and a framed
+            // dump, is spoken here (src/libstore/daemon.cc).
+            Op::AddToStore => 25,
             Op::QueryMissing => 19,
             // RemoteStore::queryPartialDerivationOutputMap sends it from 1.22 (0x16) on
             // (src/libstore/remote-store.cc).
@@ -250,6 +257,7 @@ fn op_name(op: Op) -> &'static str {
         Op::AddSignatures => "AddSignatures",
         Op::NarFromPath => "NarFromPath",
         Op::AddToStoreNar => "AddToStoreNar",
+        Op::AddToStore => "AddToStore",
         Op::QueryMissing => "QueryMissing",
         Op::QueryDerivationOutputMap => "QueryDerivationOutputMap",
         Op::RegisterDrvOutput => "RegisterDrvOutput",
@@ -965,6 +973,20 @@ pub enum Request {
         /// The path.
         path: StorePath,
     },
+    /// `AddToStore` in its 1.25 layout: a framed dump follows, from which the daemon computes
+    /// the path itself (`addToStoreFromDump`). Reply (after `STDERR_LAST`): the path's keyed
+    /// info ([`PathInfo::read_worker_keyed`]).
+    AddToStore {
+        /// The name part of the path.
+        name: String,
+        /// How the dump is addressed: `fixed:r:sha256` (a NAR), `fixed:sha256` (a flat file's
+        /// bytes), `text:sha256`.
+        method: String,
+        /// References of the new path.
+        references: BTreeSet<StorePath>,
+        /// Repair an existing path.
+        repair: bool,
+    },
     /// A NAR follows (framed from 1.23). No reply.
     AddToStoreNar {
         /// Metadata.
@@ -1065,6 +1087,7 @@ impl Request {
             Request::AddSignatures { .. } => Op::AddSignatures,
             Request::NarFromPath { .. } => Op::NarFromPath,
             Request::AddToStoreNar { .. } => Op::AddToStoreNar,
+            Request::AddToStore { .. } => Op::AddToStore,
             Request::QueryMissing { .. } => Op::QueryMissing,
             Request::QueryDerivationOutputMap { .. } => Op::QueryDerivationOutputMap,
             Request::RegisterDrvOutput(_) => Op::RegisterDrvOutput,
@@ -1108,6 +1131,17 @@ impl Request {
             Request::AddSignatures { path, sigs } => {
                 put_store_path(out, dir, path);
                 out.put_str_list(sigs);
+            }
+            Request::AddToStore {
+                name,
+                method,
+                references,
+                repair,
+            } => {
+                out.put_str(name);
+                out.put_str(method);
+                put_store_path_set(out, dir, references);
+                out.put_flag(*repair);
             }
             Request::AddToStoreNar {
                 info,
@@ -1214,6 +1248,12 @@ impl Request {
                     .read_string_list("AddSignatures.sigs")?
                     .into_iter()
                     .collect(),
+            },
+            Op::AddToStore => Request::AddToStore {
+                name: r.read_string("AddToStore.name")?,
+                method: r.read_string("AddToStore.camStr")?,
+                references: read_store_path_set(r, dir, "AddToStore.references")?,
+                repair: r.read_bool()?,
             },
             Op::AddToStoreNar => Request::AddToStoreNar {
                 info: PathInfo::read_add_to_store_fields(r, dir)?,

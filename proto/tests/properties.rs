@@ -149,6 +149,18 @@ fn arb_worker_request(n: Negotiated) -> impl Strategy<Value = worker::Request> {
                 dont_check_sigs,
             }
         ),
+        (
+            "[a-z]{1,8}",
+            "fixed:r:sha256|fixed:sha256|text:sha256",
+            arb_paths(3),
+            any::<bool>()
+        )
+            .prop_map(|(name, method, references, repair)| R::AddToStore {
+                name,
+                method,
+                references,
+                repair,
+            }),
         targets().prop_map(|targets| R::QueryMissing { targets }),
         arb_realisation(id()).prop_map(R::RegisterDrvOutput),
         id().prop_map(R::QueryRealisation),

@@ -3,9 +3,11 @@
 use std::collections::BTreeSet;
 
 use nixmux_proto::Limits;
+use nixmux_proto::hash::Hash;
+use nixmux_proto::path_info::PathInfo;
 use nixmux_proto::store_path::{
-    StoreDir, StorePath, check_name, put_opt_store_path, put_store_path, put_store_path_set,
-    read_opt_store_path, read_store_path, read_store_path_set,
+    StoreDir, StorePath, check_name, make_source_path, put_opt_store_path, put_store_path,
+    put_store_path_set, read_opt_store_path, read_store_path, read_store_path_set,
 };
 use nixmux_proto::wire::{WireWrite, try_decode};
 use proptest::prelude::*;
@@ -163,6 +165,72 @@ fn wire_helpers() {
             try_decode(&buf[..cut], &limits, |r| read_store_path(r, &dir, "p")),
             Ok(None)
         );
+    }
+}
+
+/// A file added with `nix-store --add` (Nix 2.8): `hello.txt` holding `hello\n`. Its record
+/// in the store's database, as `AddToStore` by content must reproduce it.
+fn hello_source() -> PathInfo {
+    let d = StoreDir::new("/nix/store").expect("dir");
+    let nar_hash = Hash::parse(
+        "sha256:1c37d01af40be2e80691de3cc3df44377a699afbb17c68f080964b2fd071fc13",
+        None,
+    )
+    .expect("hash");
+    PathInfo {
+        path: StorePath::parse(&d, "/nix/store/i9pmrzmpshapij2kin22pff6fc2adavx-hello.txt")
+            .expect("path"),
+        deriver: None,
+        nar_hash,
+        references: BTreeSet::new(),
+        registration_time: 0,
+        nar_size: 120,
+        ultimate: false,
+        sigs: BTreeSet::new(),
+        ca: Some("fixed:r:sha256:04zwf782yjwnh3q6hz5izfd6jyip8kgw6g6yj43fiqhbyhdd0dqw".into()),
+    }
+}
+
+#[test]
+fn source_paths_follow_from_their_nar_hash() {
+    let d = StoreDir::new("/nix/store").expect("dir");
+    let info = hello_source();
+    let made = make_source_path(&d, &info.nar_hash, "hello.txt").expect("path");
+    assert_eq!(made, info.path);
+    assert!(info.is_plain_source(&d));
+
+    // Anything the by-content route would not carry, or a record it would not reproduce,
+    // keeps the path on `AddToStoreNar`.
+    let other = StoreDir::new("/other/store").expect("dir");
+    assert!(
+        !info.is_plain_source(&other),
+        "the path depends on the store dir"
+    );
+    type Change = fn(&mut PathInfo);
+    let variants: [(&str, Change); 7] = [
+        ("a deriver", |i| i.deriver = Some(i.path.clone())),
+        ("a signature", |i| {
+            i.sigs.insert("cache.example.org-1:c2ln".into());
+        }),
+        ("a reference", |i| {
+            i.references.insert(i.path.clone());
+        }),
+        ("no content address", |i| i.ca = None),
+        ("a flat file hash", |i| {
+            i.ca = Some("fixed:sha256:04zwf782yjwnh3q6hz5izfd6jyip8kgw6g6yj43fiqhbyhdd0dqw".into())
+        }),
+        ("another NAR hash", |i| {
+            i.nar_hash = Hash::sha256_of(b"something else");
+        }),
+        ("another name", |i| {
+            i.path = StorePath::from_base_name("i9pmrzmpshapij2kin22pff6fc2adavx-hello2.txt")
+                .expect("path");
+        }),
+    ];
+    for (what, change) in variants {
+        let mut i = hello_source();
+        change(&mut i);
+        assert!(!i.is_plain_source(&d), "{what}");
     }
 }
 

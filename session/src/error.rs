@@ -64,7 +64,8 @@ pub enum SessionError {
     /// The local source of an upload failed or ended early.
     #[error("reading the NAR to upload failed: {0}")]
     Source(#[source] std::io::Error),
-    /// A downloaded NAR did not match the metadata the remote gave.
+    /// A downloaded NAR did not match the metadata the remote gave, or the builder found an
+    /// uploaded one to be another path than its record said.
     #[error("NAR of {path} does not match its metadata: {detail}")]
     NarMismatch {
         /// The path.

@@ -942,18 +942,24 @@ impl WorkerSession {
         self.conn.end(r)
     }
 
-    /// `AddToStoreNar` for each of `uploads` (dependencies first), pipelined: from 1.23 the
-    /// requests and their framed NARs are written while the daemon's answers are read, so the
-    /// batch costs one round trip (before 1.23 the daemon pulls each NAR: one at a time).
+    /// Adds each of `uploads` (dependencies first), pipelined: from 1.23 the requests and
+    /// their framed NARs are written while the daemon's answers are read, so the batch costs
+    /// one round trip (before 1.23 the daemon pulls each NAR: one at a time).
+    ///
+    /// Each path goes as a framed `AddToStoreNar`, except, from 1.25, a plain source path
+    /// ([`PathInfo::is_plain_source`]), which goes by content (`AddToStore`): the daemon then
+    /// computes its path from the NAR, which it hashes once instead of twice, and answers
+    /// with the path's record, which must be the one uploaded (else the NAR was not what its
+    /// record says, and the path fails with [`SessionError::NarMismatch`]).
     ///
     /// Safer than [`WorkerSession::add_multiple_to_store`] when a path may already be valid
     /// (another client added it meanwhile): Nix 2.8's `LocalStore::addToStore` skips a valid
     /// path without reading its NAR (src/libstore/local-store.cc), which inside
     /// `AddMultipleToStore`'s single stream makes the daemon read that NAR as the next
-    /// entry's metadata; a framed `AddToStoreNar` is drained by the daemon's `FramedSource`
-    /// whatever `addToStore` read (src/libstore/daemon.cc). A path the daemon refuses fails
-    /// with its error after every answer was read: the session stays in step.
-    pub async fn add_to_store_nars(
+    /// entry's metadata; a framed request is drained by the daemon's `FramedSource` whatever
+    /// the store read (src/libstore/daemon.cc). A path the daemon refuses fails with its error
+    /// after every answer was read: the session stays in step.
+    pub async fn add_paths(
         &mut self,
         uploads: &mut [Upload<'_>],
         repair: bool,
@@ -970,9 +976,14 @@ impl WorkerSession {
         }
         self.check(Op::AddToStoreNar)?;
         self.begin().await?;
-        let total = uploads.len();
         let (dir, neg) = (self.dir.clone(), self.neg.clone());
         let v = neg.version;
+        // What each answer must say: `Some` for a path sent by content, whose record comes
+        // back; `None` for an `AddToStoreNar`, which has no answer.
+        let by_content: Vec<Option<PathInfo>> = uploads
+            .iter()
+            .map(|up| (v.at_least(1, 25) && up.info.is_plain_source(&dir)).then(|| up.info.clone()))
+            .collect();
         // The daemon drains each framed NAR even when it refuses the path, so the writer
         // never has to stop early.
         let never = AtomicBool::new(false);
@@ -981,14 +992,22 @@ impl WorkerSession {
         let mut sink = FrameSink::new(wh, &never, DURING);
         let writer = async {
             let mut header = BytesMut::new();
-            for up in uploads.iter_mut() {
+            for (up, content) in uploads.iter_mut().zip(&by_content) {
                 header.clear();
-                Request::AddToStoreNar {
-                    info: up.info.clone(),
-                    repair,
-                    dont_check_sigs,
-                }
-                .write(&mut header, &dir, &neg);
+                let request = match content {
+                    Some(info) => Request::AddToStore {
+                        name: info.path.name().to_owned(),
+                        method: SOURCE_METHOD.to_owned(),
+                        references: BTreeSet::new(),
+                        repair,
+                    },
+                    None => Request::AddToStoreNar {
+                        info: up.info.clone(),
+                        repair,
+                        dont_check_sigs,
+                    },
+                };
+                request.write(&mut header, &dir, &neg);
                 sink.wh.send(&header, DURING).await?;
                 copy_sized(&mut *up.nar, up.info.nar_size, &mut sink).await?;
                 sink.finish().await?;
@@ -996,17 +1015,30 @@ impl WorkerSession {
             Ok(())
         };
         let reader = async {
-            let mut refused = None;
-            for _ in 0..total {
+            let mut failed = None;
+            for content in &by_content {
                 match stderr_loop(&mut rh, v, DURING, Patience::Transfer, logs).await {
                     Ok(()) => {}
                     Err(SessionError::Remote(e)) => {
-                        refused.get_or_insert(e);
+                        failed.get_or_insert(SessionError::Remote(e));
+                        continue;
                     }
                     Err(other) => return Err(other),
                 }
+                let Some(want) = content else { continue };
+                let got = rh
+                    .read("worker AddToStore", Patience::Transfer, |r| {
+                        PathInfo::read_worker_keyed(r, &dir, v)
+                    })
+                    .await?;
+                if let Some(detail) = source_mismatch(want, &got, &dir) {
+                    failed.get_or_insert(SessionError::NarMismatch {
+                        path: want.path.to_absolute(&dir),
+                        detail,
+                    });
+                }
             }
-            refused.map_or(Ok(()), |e| Err(SessionError::Remote(e)))
+            failed.map_or(Ok(()), Err)
         };
         let r = tokio::try_join!(writer, reader).map(drop);
         self.conn.end(r)
@@ -1244,6 +1276,33 @@ async fn write_multiple(
         copy_sized(&mut *up.nar, up.info.nar_size, out).await?;
     }
     Ok(())
+}
+
+/// The content-address method of a plain source path on `AddToStore`: a NAR, hashed with
+/// SHA-256 (`renderContentAddressMethod`, src/libstore/content-address.cc).
+const SOURCE_METHOD: &str = "fixed:r:sha256";
+
+/// How the record the daemon made of a path added by content differs from the record
+/// uploaded, if it does.
+fn source_mismatch(want: &PathInfo, got: &PathInfo, dir: &StoreDir) -> Option<String> {
+    if got.path != want.path {
+        Some(format!(
+            "the builder hashed it to {} (NAR hash {}), not to its recorded hash {}",
+            got.path.to_absolute(dir),
+            got.nar_hash.to_nix32_prefixed(),
+            want.nar_hash.to_nix32_prefixed()
+        ))
+    } else if (got.nar_hash, got.nar_size) != (want.nar_hash, want.nar_size) {
+        Some(format!(
+            "the builder recorded NAR hash {} and size {}, not {} and {}",
+            got.nar_hash.to_nix32_prefixed(),
+            got.nar_size,
+            want.nar_hash.to_nix32_prefixed(),
+            want.nar_size
+        ))
+    } else {
+        None
+    }
 }
 
 /// Copies exactly `size` bytes from `src` into the frame sink.

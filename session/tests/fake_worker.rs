@@ -31,8 +31,8 @@ use nixmux_proto::worker::{
 use nixmux_proto::{Incompatible, Malformed, Misbehaved, ProtoError, ProtocolVersion};
 use nixmux_session::{SessionConfig, SessionError, Upload, WorkerConfig, WorkerSession};
 use support::fake::{
-    Fault, HUGE, UNKNOWN_STDERR_CODE, W, WorkerFake, WorkerReport, dir, old_id, pipe, sample, sp,
-    wire,
+    Fault, HUGE, UNKNOWN_STDERR_CODE, W, WorkerFake, WorkerReport, dir, old_id, pipe, sample,
+    sample_source, sp, wire,
 };
 use tokio::task::JoinHandle;
 
@@ -1180,6 +1180,23 @@ async fn every_operation_at_every_version() {
                 .await
                 .expect(&ctx)
         );
+        // A plain source, with a path that goes as a NAR: by content from 1.25.
+        let source = sample_source("source", b"source\n");
+        let (mut src1, mut src2): (&[u8], &[u8]) = (&source.1, &f.c_item.1);
+        let mut ups = [
+            Upload {
+                info: source.0.clone(),
+                nar: &mut src1,
+            },
+            Upload {
+                info: f.c_item.0.clone(),
+                nar: &mut src2,
+            },
+        ];
+        s.add_paths(&mut ups, false, true, &mut log)
+            .await
+            .expect(&ctx);
+        assert!(s.is_valid_path(&source.0.path, &mut log).await.expect(&ctx));
 
         // Builds.
         let res = s
@@ -1259,6 +1276,13 @@ async fn every_operation_at_every_version() {
         assert_eq!(rep.end, Some(support::fake::End::Eof), "{ctx}");
         assert!(rep.store.temp_roots.contains(&f.a));
         assert!(rep.store.paths[&f.a].0.sigs.contains("k:new"));
+        let by_content = rep
+            .requests
+            .iter()
+            .filter(|r| matches!(r, worker::Request::AddToStore { .. }))
+            .count();
+        assert_eq!(by_content, usize::from(daemon >= 25), "{ctx}");
+        assert_eq!(rep.store.paths[&source.0.path].0.ca, source.0.ca, "{ctx}");
     }
 }
 

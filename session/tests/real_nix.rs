@@ -708,7 +708,7 @@ async fn worker_batch_upload_with_an_already_valid_path() {
     let dst = store();
     let mut d = worker(&dst).await;
     let mut first = with_cursors(fetched[..1].to_vec());
-    d.s.add_to_store_nars(&mut uploads(&mut first), false, true, logs)
+    d.s.add_paths(&mut uploads(&mut first), false, true, logs)
         .await
         .expect("the first path");
     verify(&dst, &closure[0]);
@@ -725,7 +725,7 @@ async fn worker_batch_upload_with_an_already_valid_path() {
 
     let mut items = with_cursors(fetched.clone());
     let before = d.s.round_trips();
-    d.s.add_to_store_nars(&mut uploads(&mut items), false, true, logs)
+    d.s.add_paths(&mut uploads(&mut items), false, true, logs)
         .await
         .expect("the batch, with its first path already valid");
     assert_eq!(d.s.round_trips() - before, 1);
@@ -774,6 +774,107 @@ async fn worker_upload_with_a_wrong_hash_fails_and_the_session_survives() {
     .await
     .expect("the session still works");
     verify(&dst, &closure[0]);
+}
+
+/// Adds `nix-store --add` sources to `store`: a tree (a file, an executable, a symlink, a
+/// subdirectory) and a lone file. Returns their paths.
+fn add_sources(store: &PrivateStore) -> Vec<StorePath> {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tree = tmp.path().join("src-tree");
+    std::fs::create_dir_all(tree.join("sub")).expect("mkdir");
+    write_file(&tree, "README", "a source tree\n");
+    let run = write_file(&tree.join("sub"), "run.sh", "#!/bin/sh\necho hi\n");
+    std::fs::set_permissions(&run, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    std::os::unix::fs::symlink("sub/run.sh", tree.join("run")).expect("symlink");
+    let lone = write_file(tmp.path(), "lone.txt", "one file\n");
+    [tree, lone]
+        .iter()
+        .map(|p| {
+            let out = store
+                .run("nix-store", ["--add", p.to_str().expect("utf8")])
+                .expect("nix-store --add");
+            path(&String::from_utf8_lossy(&out.stdout))
+        })
+        .collect()
+}
+
+/// Plain sources (`nix-store --add`) go by content (`AddToStore`), in the same pipelined
+/// batch as the paths that go as `AddToStoreNar`; the builder's record matches the source's.
+/// A NAR that is not what its record says makes the builder store another path: that path
+/// fails, the one named is not made valid.
+#[tokio::test]
+async fn worker_adds_plain_sources_by_content() {
+    let src = store();
+    let closure = build_closure(&src);
+    let sources = add_sources(&src);
+    let all: Vec<StorePath> = closure.iter().chain(&sources).cloned().collect();
+    let fetched = fetch_all(&src, &all).await;
+    for (info, _) in &fetched {
+        assert_eq!(
+            info.is_plain_source(&dir()),
+            sources.contains(&info.path),
+            "{info:?}"
+        );
+    }
+    let logs = &mut |_| {};
+
+    let dst = store();
+    let mut d = worker(&dst).await;
+    let mut items = with_cursors(fetched.clone());
+    let before = d.s.round_trips();
+    d.s.add_paths(&mut uploads(&mut items), false, true, logs)
+        .await
+        .expect("the batch");
+    assert_eq!(d.s.round_trips() - before, 1);
+    for p in &all {
+        verify(&dst, p);
+    }
+    let set: BTreeSet<StorePath> = sources.iter().cloned().collect();
+    let mut got = d.s.query_path_infos(&set, logs).await.expect("infos");
+    got.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut want: Vec<PathInfo> = fetched
+        .iter()
+        .filter(|(i, _)| set.contains(&i.path))
+        .map(|(i, _)| i.clone())
+        .collect();
+    want.sort_by(|a, b| a.path.cmp(&b.path));
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(
+            (&g.path, &g.nar_hash, g.nar_size, &g.ca),
+            (&w.path, &w.nar_hash, w.nar_size, &w.ca)
+        );
+    }
+
+    // The tree's record with the lone file's NAR.
+    let (tree, lone) = (&fetched[3], &fetched[4]);
+    let dst2 = store();
+    let mut d2 = worker(&dst2).await;
+    let mut items = vec![(
+        tree.0.clone(),
+        lone.1.clone(),
+        std::io::Cursor::new(lone.1.clone()),
+    )];
+    items[0].0.nar_size = lone.0.nar_size;
+    let e =
+        d2.s.add_paths(&mut uploads(&mut items), false, true, logs)
+            .await
+            .expect_err("another content");
+    match &e {
+        SessionError::NarMismatch { path, detail } => {
+            assert_eq!(path, &tree.0.path.to_absolute(&dir()));
+            assert!(
+                detail.contains(&lone.0.nar_hash.to_nix32_prefixed()),
+                "{detail}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        !dst2
+            .is_valid(&tree.0.path.to_absolute(&dir()))
+            .expect("check")
+    );
 }
 
 #[tokio::test]

@@ -24,7 +24,7 @@ use nixmux_proto::build_result::{BuildResult, BuildStatus, OutputsEncoding};
 use nixmux_proto::nar::NarParser;
 use nixmux_proto::path_info::PathInfo;
 use nixmux_proto::serve::{self, ExportItem, ExportTrailer};
-use nixmux_proto::store_path::{StoreDir, StorePath, put_store_path_set};
+use nixmux_proto::store_path::{StoreDir, StorePath, make_source_path, put_store_path_set};
 use nixmux_proto::wire::{ReadResult, WireReader, WireWrite, try_decode_hint};
 use nixmux_proto::worker::{
     self, DaemonInfo, DrvOutputId, Missing, Negotiated, Realisation, RemoteError, StderrMsg,
@@ -252,6 +252,40 @@ impl FakeStore {
             visit(self, p, &mut seen, &mut out);
         }
         out
+    }
+
+    /// The record `AddToStore` makes of a dump, as Nix's `addToStoreFromDump` does for a NAR
+    /// hashed with SHA-256 and no references (the only kind the fake takes).
+    fn by_content(
+        name: &str,
+        method: &str,
+        references: &BTreeSet<StorePath>,
+        nar: Vec<u8>,
+    ) -> Result<Vec<Item>, String> {
+        if method != "fixed:r:sha256" || !references.is_empty() {
+            return Err(format!(
+                "the fake adds only plain NARs by content, not {method}"
+            ));
+        }
+        let mut p = NarParser::new(Limits::DEFAULT);
+        let used = p.feed(&nar).map_err(|e| e.to_string())?;
+        if !p.is_done() || used != nar.len() {
+            return Err("NAR is incomplete or has trailing bytes".into());
+        }
+        let hash = p.nar_hash();
+        let path = make_source_path(&dir(), &hash, name).map_err(|e| e.to_string())?;
+        let info = PathInfo {
+            path,
+            deriver: None,
+            nar_hash: hash,
+            references: BTreeSet::new(),
+            registration_time: 0,
+            nar_size: p.nar_size(),
+            ultimate: false,
+            sigs: BTreeSet::new(),
+            ca: Some(format!("fixed:r:{}", hash.to_nix32_prefixed())),
+        };
+        Ok(vec![(info, nar)])
     }
 
     /// Checks a received NAR against its metadata and adds the path.
@@ -517,6 +551,19 @@ impl WorkerFake {
                 rep.uploads.push(seen);
                 received = Some(Ok(vec![(info.clone(), data)]));
             }
+            R::AddToStore {
+                name,
+                method,
+                references,
+                ..
+            } => {
+                let (seen, data) = self.read_framed(io, v, fault.as_ref()).await?;
+                upload_failed = seen.failed;
+                rep.uploads.push(seen);
+                if !upload_failed {
+                    received = Some(FakeStore::by_content(name, method, references, data));
+                }
+            }
             R::AddMultipleToStore { .. } => {
                 let (seen, data) = self.read_framed(io, v, fault.as_ref()).await?;
                 upload_failed = seen.failed;
@@ -609,6 +656,17 @@ impl WorkerFake {
                         Err(e) => failure = Some(e),
                     }
                 }
+                R::AddToStore { .. } => match received.take().unwrap_or(Ok(Vec::new())) {
+                    Ok(items) => {
+                        for (info, nar) in items {
+                            info.put_worker_keyed(&mut body, &d, v);
+                            if let Err(e) = self.store.import(info, nar) {
+                                failure = Some(e);
+                            }
+                        }
+                    }
+                    Err(e) => failure = Some(e),
+                },
                 R::QueryMissing { .. } => worker::write_missing(&mut body, &d, &self.store.missing),
                 // The fake store holds no derivations: no output paths to tell.
                 R::QueryDerivationOutputMap { .. } => {
@@ -1073,6 +1131,18 @@ pub fn sample(path: StorePath, contents: &[u8], refs: &[&StorePath]) -> (PathInf
         sigs: BTreeSet::new(),
         ca: None,
     };
+    (info, nar)
+}
+
+/// A plain source path (as `nix-store --add` makes it) holding one file of `contents`.
+pub fn sample_source(name: &str, contents: &[u8]) -> (PathInfo, Vec<u8>) {
+    let (mut info, nar) = sample(
+        StorePath::new([0; 20], name).expect("valid name"),
+        contents,
+        &[],
+    );
+    info.path = make_source_path(&dir(), &info.nar_hash, name).expect("valid name");
+    info.ca = Some(format!("fixed:r:{}", info.nar_hash.to_nix32_prefixed()));
     (info, nar)
 }
 
