@@ -633,7 +633,7 @@ async fn spec(
                     )
                 },
                 description: format!(
-                    "One {} MiB path, builder store emptied before every sample (untimed): added with `nix-store --add` (content-addressed: the builder's Nix 2.8 reads it back and hashes it again after the import) and, in the `-output` rows, built by a derivation (input-addressed, as the build outputs a farm pushes mostly are). Raw yardsticks: the same byte count into `cat > /dev/null` through one channel of nixmux's transport and through `ssh -c aes128-gcm@openssh.com`. The push also hashes and writes the path on the builder, which raw transfers do not.",
+                    "One {} MiB path, builder store emptied before every sample (untimed): added with `nix-store --add` (content-addressed: given as a NAR, `ssh://` and `nix copy`, the builder's Nix 2.8 reads it back and hashes it again after the import; nixmux over `ssh-ng://` sends it by content, `AddToStore`, which Nix hashes once) and, in the `-output` rows, built by a derivation (input-addressed, as the build outputs a farm pushes mostly are). Raw yardsticks: the same byte count into `cat > /dev/null` through one channel of nixmux's transport and through `ssh -c aes128-gcm@openssh.com`. The push also hashes and writes the path on the builder, which raw transfers do not.",
                     size / MIB
                 ),
                 primary: Figure::Throughput,
