@@ -71,7 +71,9 @@ async fn suite(ssh_server: SshServer, nix: NixPeer) {
             }
         }
 
-        // Push a closure bigger than many of Dropbear's 24 KiB windows, then query it.
+        // Push a closure bigger than many of Dropbear's 24 KiB windows, then query it. The
+        // path is a plain source (`nix-store --add`): over ssh-ng it goes by content
+        // (`AddToStore`), which each Nix must answer with the same record.
         let big = random_path(
             rig.client_store(),
             "interop-push",
@@ -91,6 +93,26 @@ async fn suite(ssh_server: SshServer, nix: NixPeer) {
         let infos = b.query_path_infos(&roots).await.expect("infos");
         assert_eq!(infos.len(), 1);
         assert!(infos[0].nar_size > 6 << 20, "{:?}", infos[0]);
+        let here = rig
+            .client_store()
+            .run(
+                "nix-store",
+                ["-q", "--hash", &big.to_absolute(&StoreDir::default())],
+            )
+            .expect("local hash");
+        assert_eq!(
+            infos[0].nar_hash.to_nix32_prefixed(),
+            String::from_utf8_lossy(&here.stdout).trim(),
+            "{protocol:?}"
+        );
+        assert!(
+            infos[0]
+                .ca
+                .as_deref()
+                .is_some_and(|ca| ca.starts_with("fixed:r:sha256:")),
+            "{protocol:?}: {:?}",
+            infos[0]
+        );
         assert!(
             rig.builder(0)
                 .store()
