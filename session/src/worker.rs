@@ -967,6 +967,7 @@ impl WorkerSession {
         logs: LogFn<'_>,
     ) -> Result<(), SessionError> {
         const DURING: &str = "worker AddToStoreNar";
+        const BY_CONTENT: &str = "worker AddToStore";
         if !self.neg.version.at_least(1, 23) {
             for up in uploads.iter_mut() {
                 self.add_to_store_nar(up, repair, dont_check_sigs, logs)
@@ -1017,7 +1018,12 @@ impl WorkerSession {
         let reader = async {
             let mut failed = None;
             for content in &by_content {
-                match stderr_loop(&mut rh, v, DURING, Patience::Transfer, logs).await {
+                let during = if content.is_some() {
+                    BY_CONTENT
+                } else {
+                    DURING
+                };
+                match stderr_loop(&mut rh, v, during, Patience::Transfer, logs).await {
                     Ok(()) => {}
                     Err(SessionError::Remote(e)) => {
                         failed.get_or_insert(SessionError::Remote(e));
@@ -1027,7 +1033,7 @@ impl WorkerSession {
                 }
                 let Some(want) = content else { continue };
                 let got = rh
-                    .read("worker AddToStore", Patience::Transfer, |r| {
+                    .read(BY_CONTENT, Patience::Transfer, |r| {
                         PathInfo::read_worker_keyed(r, &dir, v)
                     })
                     .await?;
