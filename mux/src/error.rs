@@ -292,6 +292,8 @@ pub(crate) fn from_session(e: SessionError) -> Error {
             (ErrorKind::LocalStore, Initiator::Local)
         }
         SessionError::NarMismatch { .. } => (ErrorKind::Verification, Initiator::Builder),
+        // The builder hashed what we sent; our NAR did not match our own record.
+        SessionError::UploadMismatch { .. } => (ErrorKind::Verification, Initiator::Local),
         SessionError::Poisoned => (ErrorKind::Protocol, Initiator::Local),
         _ => (ErrorKind::Protocol, Initiator::Builder),
     };

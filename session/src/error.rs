@@ -8,9 +8,10 @@ use nixmux_proto::{Incompatible, ProtoError};
 /// Why an operation on a session failed.
 ///
 /// [`SessionError::is_fatal`] tells whether the session can still be used: only a
-/// [`SessionError::Remote`] error (the worker protocol's per-operation `STDERR_ERROR`) and an
-/// [`SessionError::Unsupported`] operation leave it usable; everything else means the byte
-/// stream is no longer in a known state.
+/// [`SessionError::Remote`] error (the worker protocol's per-operation `STDERR_ERROR`), an
+/// [`SessionError::Unsupported`] operation and an [`SessionError::UploadMismatch`] (an
+/// answered upload) leave it usable; everything else means the byte stream is no longer in a
+/// known state.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SessionError {
@@ -64,13 +65,22 @@ pub enum SessionError {
     /// The local source of an upload failed or ended early.
     #[error("reading the NAR to upload failed: {0}")]
     Source(#[source] std::io::Error),
-    /// A downloaded NAR did not match the metadata the remote gave, or the builder found an
-    /// uploaded one to be another path than its record said.
+    /// A downloaded NAR did not match the metadata the remote gave.
     #[error("NAR of {path} does not match its metadata: {detail}")]
     NarMismatch {
         /// The path.
         path: String,
         /// What differed.
+        detail: String,
+    },
+    /// The builder made another path of an uploaded NAR than its record said (a path sent by
+    /// content, whose address the builder computes): the NAR was not what the local record
+    /// claims. Every answer was read, so the session stays usable.
+    #[error("the builder found the NAR uploaded for {path} to be another path: {detail}")]
+    UploadMismatch {
+        /// The path named in the upload.
+        path: String,
+        /// What the builder made of it.
         detail: String,
     },
     /// The daemon ended an upload before all data was sent, without saying why.
@@ -84,6 +94,11 @@ pub enum SessionError {
 impl SessionError {
     /// Whether the session must be discarded after this error.
     pub fn is_fatal(&self) -> bool {
-        !matches!(self, SessionError::Remote(_) | SessionError::Unsupported(_))
+        !matches!(
+            self,
+            SessionError::Remote(_)
+                | SessionError::Unsupported(_)
+                | SessionError::UploadMismatch { .. }
+        )
     }
 }

@@ -950,7 +950,7 @@ impl WorkerSession {
     /// ([`PathInfo::is_plain_source`]), which goes by content (`AddToStore`): the daemon then
     /// computes its path from the NAR, which it hashes once instead of twice, and answers
     /// with the path's record, which must be the one uploaded (else the NAR was not what its
-    /// record says, and the path fails with [`SessionError::NarMismatch`]).
+    /// record says, and the path fails with [`SessionError::UploadMismatch`]).
     ///
     /// Safer than [`WorkerSession::add_multiple_to_store`] when a path may already be valid
     /// (another client added it meanwhile): Nix 2.8's `LocalStore::addToStore` skips a valid
@@ -1038,7 +1038,7 @@ impl WorkerSession {
                     })
                     .await?;
                 if let Some(detail) = source_mismatch(want, &got, &dir) {
-                    failed.get_or_insert(SessionError::NarMismatch {
+                    failed.get_or_insert(SessionError::UploadMismatch {
                         path: want.path.to_absolute(&dir),
                         detail,
                     });

@@ -861,7 +861,7 @@ async fn worker_adds_plain_sources_by_content() {
             .await
             .expect_err("another content");
     match &e {
-        SessionError::NarMismatch { path, detail } => {
+        SessionError::UploadMismatch { path, detail } => {
             assert_eq!(path, &tree.0.path.to_absolute(&dir()));
             assert!(
                 detail.contains(&lone.0.nar_hash.to_nix32_prefixed()),
@@ -874,6 +874,13 @@ async fn worker_adds_plain_sources_by_content() {
         !dst2
             .is_valid(&tree.0.path.to_absolute(&dir()))
             .expect("check")
+    );
+    assert!(d2.s.is_usable(), "every answer was read");
+    assert!(
+        !d2.s
+            .is_valid_path(&tree.0.path, logs)
+            .await
+            .expect("in step")
     );
 }
 
