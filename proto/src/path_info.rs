@@ -179,7 +179,9 @@ impl PathInfo {
     /// `AddToStoreNar`: a `fixed:r:sha256` path whose content hash is its NAR hash and whose
     /// path follows from it (the `source` kind: `nix-store --add`, `builtins.path`, `./.` and
     /// flake sources), with nothing that route would drop: no deriver, no signatures, no
-    /// references (Nix 2.4's daemon refuses references there, `src/libstore/daemon.cc`).
+    /// references (Nix 2.4's daemon refuses references there, `src/libstore/daemon.cc`). The
+    /// one field that differs on arrival is the registration time, which the receiving store
+    /// then sets to its own clock.
     ///
     /// Why it matters: Nix 2.8's `LocalStore::addToStore` hashes a content-addressed NAR while
     /// unpacking it and then reads the unpacked path back to hash it again
