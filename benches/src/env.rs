@@ -53,6 +53,18 @@ struct Fixtures {
     real: Option<(Vec<StorePath>, u64)>,
 }
 
+/// The local store the bench uses on the rig's client store: sessions are `nix-daemon --stdio`
+/// in the store's mount namespace, and the store's files are read directly.
+fn client_local_store(rig: &Arc<Rig>) -> LocalStore {
+    let r = rig.clone();
+    let files = r.client_store().store_dir();
+    LocalStore::new(LocalStoreAccess::Command(Arc::new(move || {
+        tokio::process::Command::from(r.client_store().command("nix-daemon", ["--stdio"]))
+    })))
+    // The daemon runs in the store's mount namespace; its files are here.
+    .with_store_files(Some(files))
+}
+
 impl std::fmt::Debug for Env {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Env")
@@ -126,19 +138,7 @@ impl Env {
                 );
             }
         }
-        let local = rig.as_ref().map(|r| {
-            let r = r.clone();
-            let files = r.client_store().store_dir();
-            Arc::new(
-                LocalStore::new(LocalStoreAccess::Command(Arc::new(move || {
-                    tokio::process::Command::from(
-                        r.client_store().command("nix-daemon", ["--stdio"]),
-                    )
-                })))
-                // The daemon runs in the store's mount namespace; its files are here.
-                .with_store_files(Some(files)),
-            )
-        });
+        let local = rig.as_ref().map(|r| Arc::new(client_local_store(r)));
         let ssh_config = tmp.path().join("ssh_config");
         let env = Env {
             rig,
@@ -248,6 +248,13 @@ impl Env {
     /// The client's local store (embedded rig only: the rig's private client store).
     pub fn local(&self) -> Option<Arc<LocalStore>> {
         self.local.clone()
+    }
+
+    /// A local store of its own on the client's private store (embedded rig only), whose
+    /// daemon sessions end when it is dropped: what a side uses when the temporary roots its
+    /// sessions hold must not outlive a sample (a fetched path deleted before the next).
+    pub fn fresh_local(&self) -> Option<LocalStore> {
+        self.rig.as_ref().map(client_local_store)
     }
 
     /// The client's private store (embedded rig only).
@@ -755,6 +762,95 @@ impl Env {
             f.outputs.push((size, sp.clone()));
         }
         Ok(sp)
+    }
+
+    /// Paths for fetch workloads, on builder `i` and not in the client store: a source of
+    /// `size` random bytes (`nix-store --add`, content-addressed) and a build output of `size`
+    /// random bytes (input-addressed), made in the client store, pushed to the builder, then
+    /// deleted here. Named apart from the push fixtures, which stay in the client store.
+    ///
+    /// # Errors
+    /// Not embedded, or a step fails.
+    pub async fn fetch_paths(&self, i: usize, size: u64) -> anyhow::Result<Vec<StorePath>> {
+        let salt = format!("{}-{}", std::process::id(), self.next_seq());
+        let file = self.tmp.path().join(format!("fetch-source-{salt}"));
+        let path = file.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
+            let mut rng = Rng::seeded();
+            let mut left = size;
+            while left > 0 {
+                let n = left.min(1 << 20);
+                f.write_all(&rng.bytes(usize::try_from(n).unwrap_or(1 << 20)))?;
+                left -= n;
+            }
+            f.flush()
+        })
+        .await??;
+        let mut paths = self.add_to_client(vec![file.clone()]).await?;
+        let _ = std::fs::remove_file(&file);
+        let expr = self.tmp.path().join(format!("fetch-output-{salt}.nix"));
+        std::fs::write(
+            &expr,
+            format!(
+                r#"derivation {{ name = "fetch-output-{salt}"; system = builtins.currentSystem; builder = "/bin/sh"; args = ["-c" "/usr/bin/head -c {size} /dev/urandom > $out"]; }}"#
+            ),
+        )?;
+        let mut cmd = self.nix_command(
+            "nix-build",
+            [OsString::from("--no-out-link"), OsString::from(&expr)],
+        )?;
+        let out = run_output(&mut cmd, Duration::from_secs(300)).await?;
+        paths.push(
+            String::from_utf8_lossy(&out)
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(store_path)
+                .next_back()
+                .ok_or_else(|| anyhow!("nix-build printed no path"))??,
+        );
+        let local = self.local().ok_or_else(|| anyhow!("no local store"))?;
+        let set: BTreeSet<StorePath> = paths.iter().cloned().collect();
+        let pool = nixmux::Pool::new();
+        let b = pool.add(self.nixmux_config(i, Protocol::Worker)?);
+        let pushed = b.push_closure(&local, &set, false, None).await;
+        pool.shutdown().await;
+        pushed.context("pushing the fetch paths to the builder")?;
+        self.delete_from_client(&set).await?;
+        Ok(paths)
+    }
+
+    /// Deletes those of `paths` that are valid in the client store (nothing may refer to
+    /// them).
+    ///
+    /// # Errors
+    /// Not embedded, or `nix-store --delete` fails.
+    pub async fn delete_from_client(&self, paths: &BTreeSet<StorePath>) -> anyhow::Result<()> {
+        let local = self.local().ok_or_else(|| anyhow!("no local store"))?;
+        let valid = local.query_valid_paths(paths).await?;
+        if valid.is_empty() {
+            return Ok(());
+        }
+        let dir = StoreDir::default();
+        // A session that fetched a path held a temporary root on it until its daemon process
+        // ended, which may be a moment after the session was dropped.
+        let mut tries = 0;
+        loop {
+            let mut cmd = self.nix_command(
+                "nix-store",
+                std::iter::once(OsString::from("--delete"))
+                    .chain(valid.iter().map(|p| OsString::from(p.to_absolute(&dir)))),
+            )?;
+            match run_output(&mut cmd, Duration::from_secs(120)).await {
+                Ok(_) => return Ok(()),
+                Err(e) if tries >= 10 => return Err(e.context("deleting fetched paths")),
+                Err(_) => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
     }
 
     /// `count` distinct paths of `size` random bytes each in the client store (a closure of

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use futures::future::BoxFuture;
+use nixmux::local::LocalStore;
 use nixmux::ops::BuildOptions;
 use nixmux::proto::build_result::BuildStatus;
 use nixmux::proto::store_path::{StoreDir, StorePath};
@@ -23,10 +24,6 @@ use crate::runner::{Sample, Side, SideResultT};
 
 /// Shared environment handle.
 pub type EnvRef = Arc<Env>;
-
-fn ok<'a>() -> BoxFuture<'a, SideResultT<()>> {
-    Box::pin(async { Ok(()) })
-}
 
 fn scheme(p: Protocol) -> &'static str {
     p.scheme()
@@ -1115,12 +1112,14 @@ impl Side for SshStream {
 // ===================================================================== commands
 
 /// What to do before each sample of a command side.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Before {
     /// Nothing.
     Nothing,
     /// Empty builder `i`'s store.
     ResetStore(usize),
+    /// Delete these paths from the client store.
+    DeleteLocal(BTreeSet<StorePath>),
 }
 
 /// A command run to completion per sample (`ssh true`, `nix store ping`, `nix copy`),
@@ -1160,10 +1159,13 @@ impl Side for CommandSide {
         self.unavailable.clone()
     }
     fn before(&mut self) -> BoxFuture<'_, SideResultT<()>> {
-        match self.before {
-            Before::Nothing => ok(),
-            Before::ResetStore(i) => Box::pin(async move { self.env.reset_store(i).await }),
-        }
+        Box::pin(async move {
+            match &self.before {
+                Before::Nothing => Ok(()),
+                Before::ResetStore(i) => self.env.reset_store(*i).await,
+                Before::DeleteLocal(paths) => self.env.delete_from_client(paths).await,
+            }
+        })
     }
     fn run(&mut self) -> BoxFuture<'_, SideResultT<Sample>> {
         Box::pin(async move {
@@ -1384,6 +1386,121 @@ impl Side for NixmuxPush {
                 }
                 p.shutdown().await;
             }
+        })
+    }
+    fn details(&self) -> BTreeMap<String, String> {
+        self.details.clone()
+    }
+}
+
+// ===================================================================== fetch
+
+/// nixmux: fetch paths from a builder into a client store that lacks them.
+pub struct NixmuxFetch {
+    env: EnvRef,
+    builder: usize,
+    protocol: Protocol,
+    paths: BTreeSet<StorePath>,
+    /// A local store of this sample's own: its sessions' temporary roots on the fetched
+    /// paths end with it, so the next sample can delete them.
+    local: Option<LocalStore>,
+    pool: Option<(Pool, Builder)>,
+    details: BTreeMap<String, String>,
+}
+
+impl NixmuxFetch {
+    /// A fetch side: `paths` are on builder `builder` (and deleted here before each sample).
+    pub fn new(
+        env: EnvRef,
+        builder: usize,
+        protocol: Protocol,
+        paths: BTreeSet<StorePath>,
+    ) -> Self {
+        NixmuxFetch {
+            env,
+            builder,
+            protocol,
+            paths,
+            local: None,
+            pool: None,
+            details: BTreeMap::new(),
+        }
+    }
+}
+
+impl Side for NixmuxFetch {
+    fn id(&self) -> String {
+        format!("nixmux-{}", scheme(self.protocol))
+    }
+    fn label(&self) -> String {
+        format!(
+            "nixmux {}: fetch_outputs over a warm pooled connection into the client store",
+            scheme(self.protocol)
+        )
+    }
+    fn role(&self) -> Role {
+        Role::Subject
+    }
+    fn unavailable(&self) -> Option<String> {
+        self.env
+            .local()
+            .is_none()
+            .then(|| "needs the embedded rig (a client store to empty)".to_owned())
+    }
+    fn before(&mut self) -> BoxFuture<'_, SideResultT<()>> {
+        Box::pin(async move {
+            // The previous sample's local sessions go first: they hold temporary roots.
+            self.local = None;
+            self.env.delete_from_client(&self.paths).await?;
+            let local = self
+                .env
+                .fresh_local()
+                .ok_or_else(|| anyhow!("no local store"))?;
+            // Both ends warm, as a daemon's would be.
+            local.query_valid_paths(&BTreeSet::new()).await?;
+            let pool = Pool::new();
+            let b = pool.add(self.env.nixmux_config(self.builder, self.protocol)?);
+            b.query_valid_paths(&BTreeSet::new(), false).await?;
+            self.local = Some(local);
+            self.pool = Some((pool, b));
+            Ok(())
+        })
+    }
+    fn run(&mut self) -> BoxFuture<'_, SideResultT<Sample>> {
+        Box::pin(async move {
+            let (_, b) = self.pool.as_ref().ok_or_else(|| anyhow!("not prepared"))?;
+            let local = self.local.as_ref().ok_or_else(|| anyhow!("not prepared"))?;
+            let before = b.stats().round_trips;
+            let r = b.fetch_outputs(local, &self.paths, None).await?;
+            self.details.insert(
+                "round_trips_per_fetch".into(),
+                format!(
+                    "{} ({} paths)",
+                    b.stats().round_trips - before,
+                    r.transferred.len()
+                ),
+            );
+            if r.transferred.len() != self.paths.len() {
+                bail!(
+                    "fetched {} of {} paths: the client store was not empty",
+                    r.transferred.len(),
+                    self.paths.len()
+                );
+            }
+            Ok(Sample::bytes(r.bytes))
+        })
+    }
+    fn after(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some((p, b)) = self.pool.take() {
+                self.details.insert(
+                    "channels_opened".into(),
+                    b.stats().channels_opened.to_string(),
+                );
+                p.shutdown().await;
+            }
+            // Its sessions' temporary roots go with it.
+            self.local = None;
         })
     }
     fn details(&self) -> BTreeMap<String, String> {

@@ -20,7 +20,8 @@ use crate::report::{
 use crate::runner::{Case, Event, Progress, case_samples, run_case};
 use crate::sides::{
     Before, CmExec, CommandSide, Direction, EnvRef, NixBuild, NixmuxBuild, NixmuxCold, NixmuxExec,
-    NixmuxNewChannel, NixmuxPush, NixmuxStream, NixmuxWarm, SshHeld, SshSessions, SshStream, Via,
+    NixmuxFetch, NixmuxNewChannel, NixmuxPush, NixmuxStream, NixmuxWarm, SshHeld, SshSessions,
+    SshStream, Via,
 };
 
 const MIB: u64 = 1 << 20;
@@ -34,6 +35,7 @@ pub const ALL: &[&str] = &[
     "throughput",
     "push-small",
     "push-large",
+    "fetch-large",
     "build",
     "concurrency",
     "builders",
@@ -51,7 +53,7 @@ pub fn default_workloads(wan: bool) -> Vec<String> {
             // On demand only: push-1gib (long), push-real (reads system files) and graph
             // (minutes of builds).
             let on_demand = ["push-1gib", "push-closure-1gib", "push-real", "graph"].contains(w);
-            !(on_demand || wan && **w == "push-large")
+            !(on_demand || wan && ["push-large", "fetch-large"].contains(w))
         })
         .map(|w| (*w).to_owned())
         .collect()
@@ -235,6 +237,51 @@ fn nix_copy(
             Ok(vec![e2.nix_command("nix", a)?])
         }),
         before: Before::ResetStore(builder),
+        env: env.clone(),
+        timeout: Duration::from_secs(900),
+        bytes,
+    }
+}
+
+/// `nix copy --from` of `paths` from builder `builder` into the client store, which lacks
+/// them before every sample (untimed).
+fn nix_copy_from(
+    env: &EnvRef,
+    builder: usize,
+    protocol: Protocol,
+    paths: &BTreeSet<StorePath>,
+    bytes: u64,
+) -> CommandSide {
+    let url = env.nix_url(builder, protocol);
+    let mut unavailable = url.as_ref().err().map(|e| format!("{e:#}"));
+    if !env.embedded() {
+        unavailable = Some("needs the embedded rig (a client store to empty)".into());
+    }
+    let e2 = env.clone();
+    let args: Vec<OsString> = paths
+        .iter()
+        .map(|p| OsString::from(p.to_absolute(&StoreDir::default())))
+        .collect();
+    CommandSide {
+        id: format!("nix-copy-{}", protocol.scheme()),
+        label: format!(
+            "nix copy --no-check-sigs --from {}://builder (Nix's own client; the build hook imports outputs unchecked too)",
+            protocol.scheme()
+        ),
+        role: Role::Baseline,
+        unavailable,
+        make: Box::new(move || {
+            let url = url.as_ref().map_err(|e| anyhow!("{e:#}"))?;
+            let mut a: Vec<OsString> = vec![
+                "copy".into(),
+                "--no-check-sigs".into(),
+                "--from".into(),
+                url.into(),
+            ];
+            a.extend(args.iter().cloned());
+            Ok(vec![e2.nix_command("nix", a)?])
+        }),
+        before: Before::DeleteLocal(paths.clone()),
         env: env.clone(),
         timeout: Duration::from_secs(900),
         bytes,
@@ -540,6 +587,55 @@ async fn spec(
                 primary: Figure::Wall,
                 cases: vec![plan.case("", None, sides, reps)],
                 notes: floor.into_iter().collect(),
+            }
+        }
+        "fetch-large" => {
+            let size = if plan.quick { 16 * MIB } else { 200 * MIB };
+            progress.event(&Event::Note(format!(
+                "putting a {0} MiB source and a {0} MiB build output on builder 0",
+                size / MIB
+            )));
+            let paths: BTreeSet<StorePath> = if env.embedded() {
+                env.fetch_paths(0, size).await?.into_iter().collect()
+            } else {
+                BTreeSet::new()
+            };
+            let reps = plan.reps((1, 5), (0, 1), (0, 1));
+            let mut sides: Vec<Box<dyn crate::runner::Side>> = Vec::new();
+            for p in both() {
+                sides.push(Box::new(NixmuxFetch::new(env.clone(), 0, p, paths.clone())));
+            }
+            // Two NARs, each a little larger than its file.
+            let nar = 2 * (size + 200);
+            for p in [Protocol::Serve, Protocol::Worker] {
+                sides.push(Box::new(nix_copy_from(env, 0, p, &paths, nar)));
+            }
+            sides.push(Box::new(NixmuxStream::new(
+                env.clone(),
+                0,
+                Direction::Down,
+                nar,
+                "raw-nixmux",
+                Role::Reference,
+            )));
+            sides.push(Box::new(SshStream::new(
+                env.clone(),
+                0,
+                Direction::Down,
+                nar,
+                "aes128-gcm@openssh.com",
+                "raw-openssh",
+                Role::Reference,
+            )));
+            Spec {
+                title: format!(
+                    "Fetch: a {0} MiB source and a {0} MiB build output into an empty client store",
+                    size / MIB
+                ),
+                description: "Two paths on the builder: one added with `nix-store --add` (content-addressed) and one built (input-addressed). Before every sample (untimed) the client store loses them. nixmux: fetch_outputs on a warm pooled connection into a local store whose sessions are new for the sample (a session's temporary roots on what it imported last until it ends). The local daemon checks each NAR's hash and size on import. Raw yardsticks: the same byte count out of `head -c N /dev/zero` through one channel of nixmux's transport and through `ssh -c aes128-gcm@openssh.com`.".into(),
+                primary: Figure::Throughput,
+                cases: vec![plan.case("", Some(nar as f64), sides, reps)],
+                notes: Vec::new(),
             }
         }
         "push-large" | "push-1gib" => {

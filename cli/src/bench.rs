@@ -34,10 +34,10 @@ pub(crate) struct BenchArgs {
     #[arg(long = "known-hosts", value_name = "FILE")]
     known_hosts: Vec<PathBuf>,
     /// Workloads to run (repeatable or comma-separated). Default: cold-session, warm-op,
-    /// new-channel, query, throughput, push-small, push-large (not under --wan), build,
-    /// concurrency, builders, agent-connect. On demand: push-1gib, push-closure-1gib
-    /// (long), push-real (reads system files), graph (minutes of builds); and `soak`
-    /// (alone: see --duration).
+    /// new-channel, query, throughput, push-small, push-large and fetch-large (not under
+    /// --wan), build, concurrency, builders, agent-connect. On demand: push-1gib,
+    /// push-closure-1gib (long), push-real (reads system files), graph (minutes of builds);
+    /// and `soak` (alone: see --duration).
     #[arg(long = "workload", value_name = "NAME", value_delimiter = ',')]
     workloads: Vec<String>,
     /// Soak: how long operations run (`60s`, `10m`, `1h`), with faults on a schedule;

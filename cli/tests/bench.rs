@@ -38,6 +38,41 @@ fn quick_bench_writes_table_json_and_charts() {
     }
 }
 
+/// The fetch workload on small paths: every side (nixmux over both protocols, `nix copy
+/// --from` over both, the raw yardsticks) measures each sample, which needs the client store
+/// emptied of the fetched paths before each one (untimed).
+#[test]
+fn quick_fetch_bench_measures_every_side() {
+    nixmux_rig::ensure_peers_installed().expect("peers");
+    let dir = tempfile::tempdir().expect("tmp");
+    let json = dir.path().join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_nixmux"))
+        .env("NIXMUX_NO_STATE", "1")
+        .args(["bench", "--quick", "--builders", "1", "--repeat", "2"])
+        .args(["--workload", "fetch-large", "--json"])
+        .arg(&json)
+        .env_remove("SSH_AUTH_SOCK")
+        .output()
+        .expect("run nixmux");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let report = Report::from_json(&std::fs::read_to_string(&json).expect("json")).expect("schema");
+    let fetch = report.workload("fetch-large").expect("fetch-large");
+    for id in [
+        "nixmux-ssh-ng",
+        "nixmux-ssh",
+        "nix-copy-ssh-ng",
+        "nix-copy-ssh",
+        "raw-nixmux",
+        "raw-openssh",
+    ] {
+        let s = fetch.cases[0].side(id).expect(id);
+        assert_eq!(s.outcome, Outcome::Measured, "{id}: {stdout}");
+        assert_eq!(s.failures, 0, "{id}: {stdout}");
+    }
+}
+
 #[test]
 fn bad_arguments_are_refused() {
     let out = Command::new(env!("CARGO_BIN_EXE_nixmux"))
