@@ -19,7 +19,9 @@ use nixmux_proto::derived_path::{DerivedPath, OutputsSpec};
 use nixmux_proto::path_info::PathInfo;
 use nixmux_proto::store_path::StorePath;
 use nixmux_proto::worker::{BuildMode, Trust};
-use nixmux_session::{NarSummary, NarsError, ServeSession, SessionError, Upload, WorkerSession};
+use nixmux_session::{
+    NarHashing, NarSummary, NarsError, ServeSession, SessionError, Upload, WorkerSession,
+};
 use nixmux_transport::ExecStatus;
 use tokio::io::AsyncWrite;
 
@@ -133,19 +135,21 @@ impl Conversation {
     }
 
     /// Streams the NAR of each of `paths` into its sink, pipelined (a fixed number of round
-    /// trips whatever the number of paths); `after` checks each before the next.
+    /// trips whatever the number of paths), hashed as `hashing` says; `after` checks each
+    /// before the next.
     pub(crate) async fn nars<W, E>(
         &mut self,
         paths: &[StorePath],
         sinks: &mut [W],
+        hashing: NarHashing,
         after: impl FnMut(usize, NarSummary) -> Result<(), E> + Send,
     ) -> Result<(), NarsError<E>>
     where
         W: AsyncWrite + Unpin + Send,
     {
         match self {
-            Conversation::Serve(s) => s.dump_store_paths(paths, sinks, after).await,
-            Conversation::Worker(w) => w.nars_from_paths(paths, sinks, after).await,
+            Conversation::Serve(s) => s.dump_store_paths(paths, sinks, hashing, after).await,
+            Conversation::Worker(w) => w.nars_from_paths(paths, sinks, hashing, after).await,
         }
     }
 

@@ -13,7 +13,9 @@ use nixmux_proto::derivation::Derivation;
 use nixmux_proto::path_info::PathInfo;
 use nixmux_proto::store_path::{StoreDir, StorePath};
 use nixmux_session::process::{self, ChildGuard};
-use nixmux_session::{BoxReader, BoxWriter, SessionConfig, Upload, WorkerConfig, WorkerSession};
+use nixmux_session::{
+    BoxReader, BoxWriter, SessionConfig, SessionError, Upload, WorkerConfig, WorkerSession,
+};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 
@@ -146,7 +148,7 @@ impl LocalLease<'_> {
             .nar_from_path(&info.path, sink, &mut |_| {})
             .await
             .map_err(|e| read_failed(&info.path, e))?;
-        if sum.nar_hash != info.nar_hash || sum.nar_size != info.nar_size {
+        if sum.nar_hash != Some(info.nar_hash) || sum.nar_size != info.nar_size {
             return Err(nar_mismatch(&info.path));
         }
         Ok(())
@@ -176,13 +178,31 @@ impl LocalLease<'_> {
             .add_paths(&mut uploads, false, true, &mut |_| {})
             .await
             .map_err(|e| {
-                Error::local(
-                    ErrorKind::LocalStore,
-                    format!(
-                        "adding fetched paths to the local store: {}",
-                        from_session(e).message()
-                    ),
-                )
+                // The local store hashes every NAR before it registers the path; a NAR it
+                // finds to be something else came from the builder so.
+                let fetched_wrong = match &e {
+                    SessionError::UploadMismatch { .. } => true,
+                    SessionError::Remote(r) => {
+                        let text = r.plain_message();
+                        text.contains("hash mismatch importing path")
+                            || text.contains("size mismatch importing path")
+                    }
+                    _ => false,
+                };
+                let message = from_session(e).message().to_owned();
+                if fetched_wrong {
+                    Error::remote(
+                        ErrorKind::Verification,
+                        format!(
+                            "a fetched NAR does not match the builder's metadata (the local store says: {message})"
+                        ),
+                    )
+                } else {
+                    Error::local(
+                        ErrorKind::LocalStore,
+                        format!("adding fetched paths to the local store: {message}"),
+                    )
+                }
             })
     }
 

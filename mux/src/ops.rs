@@ -180,8 +180,10 @@ impl Builder {
     }
 
     /// Copies `paths` and everything they reference that the local store lacks from the
-    /// builder into `local`, dependencies first, checking every NAR's hash and size while it
-    /// streams. A path whose transfer fails is not registered locally.
+    /// builder into `local`, dependencies first. Every NAR's size is checked against the
+    /// builder's record while it streams, and its hash by the local store before it registers
+    /// the path (through the zstd bulk channel, also here). A path whose transfer fails is not
+    /// registered locally.
     pub async fn fetch_outputs(
         &self,
         local: &LocalStore,

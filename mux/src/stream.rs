@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 
 use nixmux_proto::path_info::PathInfo;
 use nixmux_proto::store_path::StorePath;
-use nixmux_session::{NarSummary, NarsError, Upload};
+use nixmux_session::{NarHashing, NarSummary, NarsError, Upload};
 use tokio::io::{AsyncRead, AsyncWriteExt, DuplexStream, ReadBuf};
 
 use crate::error::{Error, ErrorKind, Result, from_session};
@@ -194,29 +194,51 @@ pub(crate) async fn download(
             tally.path_done();
             Ok(())
         };
-        match session.get().conv.nars(&paths, &mut writers, check).await {
+        // Not hashed here: the local store hashes each NAR and refuses one that does not
+        // match the builder's record before it registers anything (`add_fetched`).
+        let conv = &mut session.get().conv;
+        match conv
+            .nars(&paths, &mut writers, NarHashing::Skip, check)
+            .await
+        {
             Ok(()) => Ok::<(), Error>(()),
             Err(NarsError::Session(e)) => Err(from_session(e).on(builder)),
             Err(NarsError::Caller(e)) => Err(e),
         }
     };
-    let consumer = lease.add_fetched(infos.iter().copied(), &mut readers);
+    let consumer = async {
+        lease
+            .add_fetched(infos.iter().copied(), &mut readers)
+            .await
+            .map_err(|e| {
+                if e.kind() == ErrorKind::Verification {
+                    e.on(builder)
+                } else {
+                    e
+                }
+            })
+    };
     // As in `upload`: the first failure drops the other side.
     tokio::try_join!(producer, consumer)?;
     lease.succeeded();
     Ok(())
 }
 
-/// Checks a NAR fetched from `builder` against the metadata the builder reported for it.
+/// Checks a NAR fetched from `builder` against the metadata the builder reported for it: its
+/// size always, its hash when it was hashed here.
 fn check_fetched(info: &PathInfo, sum: &NarSummary, builder: &str) -> Result<()> {
-    if sum.nar_hash == info.nar_hash && sum.nar_size == info.nar_size {
+    let hash_ok = sum.nar_hash.is_none_or(|h| h == info.nar_hash);
+    if hash_ok && sum.nar_size == info.nar_size {
         return Ok(());
     }
+    let got = sum
+        .nar_hash
+        .map_or_else(|| "not hashed".to_owned(), |h| h.to_string());
     Err(Error::remote(
         ErrorKind::Verification,
         format!(
-            "the NAR of {} ({} bytes, {}) does not match the builder's metadata ({} bytes, {})",
-            info.path, sum.nar_size, sum.nar_hash, info.nar_size, info.nar_hash
+            "the NAR of {} ({} bytes, {got}) does not match the builder's metadata ({} bytes, {})",
+            info.path, sum.nar_size, info.nar_size, info.nar_hash
         ),
     )
     .on(builder))

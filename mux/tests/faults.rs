@@ -475,3 +475,75 @@ async fn unread_build_log_does_not_block_a_parallel_fetch_over_ssh() {
 async fn unread_build_log_does_not_block_a_parallel_fetch_over_ssh_ng() {
     head_of_line(Protocol::Worker).await;
 }
+
+/// Flips one byte of the file that is store path `p` in `store` (its NAR no longer matches
+/// the store's record; its size does).
+fn corrupt_file(store: &nixmux_rig::PrivateStore, p: &nixmux::proto::store_path::StorePath) {
+    use std::os::unix::fs::PermissionsExt;
+    let file = store.store_dir().join(p.to_string());
+    let mut bytes = std::fs::read(&file).expect("read the stored file");
+    bytes[100] ^= 0xff;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    std::fs::write(&file, &bytes).expect("corrupt it");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o444)).expect("chmod");
+}
+
+/// A builder whose store was corrupted on disk sends NARs that do not match its records.
+/// Fetches do not hash them here: the local store hashes each one before registering it.
+/// Both routes into it (a built output as `AddToStoreNar`, a plain source by content) must
+/// fail the fetch as the builder's verification error, register nothing under the fetched
+/// path, and leave the pool usable.
+async fn corrupted_builder_store(protocol: Protocol) {
+    let rig = rig(RigConfig::with_builders(1));
+    let local = local_store(&rig);
+    let pool = Pool::new();
+    let b = pool.add(config(&rig, 0, protocol));
+    let builder = rig.builder(0).store();
+    let source = random_path(builder, "corrupt-source", 300_000, 17);
+    let drv = instantiate(
+        builder,
+        &format!(
+            r#"derivation {{ name = "corrupt-output-{}"; system = builtins.currentSystem; builder = "/bin/sh"; args = ["-c" "/usr/bin/head -c 300000 /dev/urandom > $out"]; }}"#,
+            protocol.scheme()
+        ),
+    );
+    let out = builder
+        .run("nix-store", ["--realise", &abs(&drv)])
+        .expect("build on the builder");
+    let output = sp(String::from_utf8_lossy(&out.stdout).trim());
+    for p in [&source, &output] {
+        corrupt_file(builder, p);
+        let err = b
+            .fetch_outputs(&local, &[p.clone()].into(), None)
+            .await
+            .expect_err("a NAR that does not match its record");
+        assert_eq!(
+            err.kind(),
+            ErrorKind::Verification,
+            "{protocol:?} {p}: {err}"
+        );
+        assert_eq!(
+            err.initiator(),
+            nixmux::Initiator::Builder,
+            "{protocol:?} {p}: {err}"
+        );
+        assert!(!is_valid(rig.client_store(), p), "{p} is not valid locally");
+    }
+    // The same builder still serves what is intact.
+    let intact = random_path(builder, "intact-source", 300_000, 18);
+    b.fetch_outputs(&local, &[intact.clone()].into(), None)
+        .await
+        .expect("an intact path");
+    assert!(is_valid(rig.client_store(), &intact));
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_builder_store_fails_fetches_as_the_builders_fault_over_ssh() {
+    corrupted_builder_store(Protocol::Serve).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_builder_store_fails_fetches_as_the_builders_fault_over_ssh_ng() {
+    corrupted_builder_store(Protocol::Worker).await;
+}

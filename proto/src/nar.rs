@@ -184,13 +184,14 @@ pub struct NarParser {
     executable: bool,
     /// One entry per open directory: the last entry name seen in it.
     dirs: Vec<Vec<u8>>,
-    hasher: Sha256,
+    /// `None` for a parser that only delimits and checks ([`NarParser::without_hash`]).
+    hasher: Option<Sha256>,
     size: u64,
     error: Option<ProtoError>,
 }
 
 impl NarParser {
-    /// A parser at the start of an archive.
+    /// A parser at the start of an archive, hashing what it consumes.
     pub fn new(limits: Limits) -> Self {
         Self {
             limits,
@@ -203,9 +204,19 @@ impl NarParser {
             file_size: 0,
             executable: false,
             dirs: Vec::new(),
-            hasher: Sha256::new(),
+            hasher: Some(Sha256::new()),
             size: 0,
             error: None,
+        }
+    }
+
+    /// A parser that delimits and checks an archive without hashing it: for a NAR whose
+    /// receiver hashes it anyway (a local Nix store checks `narHash` before registering a
+    /// path), where hashing it here too would double the CPU a transfer costs.
+    pub fn without_hash(limits: Limits) -> Self {
+        Self {
+            hasher: None,
+            ..Self::new(limits)
         }
     }
 
@@ -220,9 +231,9 @@ impl NarParser {
     }
 
     /// SHA-256 of the bytes consumed so far; once [`is_done`](Self::is_done), the archive's
-    /// `narHash`.
-    pub fn nar_hash(&self) -> Hash {
-        self.hasher.current()
+    /// `narHash`. `None` for a parser made [`without_hash`](Self::without_hash).
+    pub fn nar_hash(&self) -> Option<Hash> {
+        self.hasher.as_ref().map(Sha256::current)
     }
 
     /// Current directory nesting (0 at the root).
@@ -253,7 +264,9 @@ impl NarParser {
             Ok(used) => {
                 // Hash in one call per feed: contents are never touched byte by byte.
                 let consumed = input.get(..used).unwrap_or(input);
-                self.hasher.update(consumed);
+                if let Some(h) = &mut self.hasher {
+                    h.update(consumed);
+                }
                 self.size = self.size.saturating_add(consumed.len() as u64);
                 Ok(used)
             }
@@ -570,9 +583,10 @@ pub struct NarInfo {
 pub fn parse_nar(input: &[u8], limits: Limits) -> Result<Option<NarInfo>, ProtoError> {
     let mut p = NarParser::new(limits);
     p.feed(input)?;
-    Ok(p.is_done().then(|| NarInfo {
+    // `new` hashes, so the hash is there once the archive is complete.
+    Ok(p.nar_hash().filter(|_| p.is_done()).map(|hash| NarInfo {
         size: p.nar_size(),
-        hash: p.nar_hash(),
+        hash,
     }))
 }
 

@@ -169,7 +169,7 @@ fn read_nar(r: &mut WireReader<'_>) -> ReadResult<DecodedNar> {
     r.read_raw(used)?;
     Ok(DecodedNar {
         size: p.nar_size(),
-        hash: p.nar_hash(),
+        hash: p.nar_hash().expect("hashed"),
         tree: b.root.expect("a complete NAR has a root"),
     })
 }

@@ -17,6 +17,27 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use crate::activity::{Activity, Patience, within_idle};
 use crate::error::SessionError;
 
+/// A downloaded NAR's size and hash, as computed while streaming.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NarSummary {
+    /// Bytes.
+    pub nar_size: u64,
+    /// SHA-256; `None` when the download was asked not to hash ([`NarHashing::Skip`]).
+    pub nar_hash: Option<Hash>,
+}
+
+/// Whether a NAR download hashes what it streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NarHashing {
+    /// Hash it (the summary carries `nar_hash`).
+    Hash,
+    /// Only delimit and size it, for a NAR whose receiver hashes it anyway: a local Nix
+    /// store checks `narHash` before it registers a path (`LocalStore::addToStore`,
+    /// NixOS/nix `src/libstore/local-store.cc`), and hashing here too would double the CPU a
+    /// fetch costs.
+    Skip,
+}
+
 /// Explains why a remote went away: the stderr tail and exit status of the remote command.
 /// The serve protocol has no error frames, so this is the only error text it ever gives.
 pub trait RemoteDiagnostics: Send + Sync {
@@ -345,15 +366,20 @@ impl Conn {
         self.read_with(during, Patience::Transfer, decode).await
     }
 
-    /// Streams one self-delimiting NAR from the peer into `sink`, returning its size and hash.
-    /// Only the NAR's bytes are consumed; what follows stays buffered for the next message.
-    /// Time spent waiting on `sink` does not count as the peer's silence.
+    /// Streams one self-delimiting NAR from the peer into `sink`, returning its size and
+    /// (unless `hashing` says to skip it) its hash. Only the NAR's bytes are consumed; what
+    /// follows stays buffered for the next message. Time spent waiting on `sink` does not count
+    /// as the peer's silence.
     pub(crate) async fn read_nar(
         &mut self,
         sink: &mut (dyn AsyncWrite + Unpin + Send),
         during: &'static str,
-    ) -> Result<(u64, Hash), SessionError> {
-        let mut parser = NarParser::new(self.config.limits);
+        hashing: NarHashing,
+    ) -> Result<NarSummary, SessionError> {
+        let mut parser = match hashing {
+            NarHashing::Hash => NarParser::new(self.config.limits),
+            NarHashing::Skip => NarParser::without_hash(self.config.limits),
+        };
         let (mut rh, _) = self.halves();
         loop {
             if !rh.rbuf.is_empty() {
@@ -367,7 +393,10 @@ impl Conn {
             if parser.is_done() {
                 let _ours = rh.activity.pause();
                 sink.flush().await.map_err(SessionError::Sink)?;
-                return Ok((parser.nar_size(), parser.nar_hash()));
+                return Ok(NarSummary {
+                    nar_size: parser.nar_size(),
+                    nar_hash: parser.nar_hash(),
+                });
             }
             rh.fill(1, during, Patience::Transfer).await?;
         }

@@ -28,8 +28,10 @@ mod serve;
 mod worker;
 
 pub use activity::{Activity, PauseGuard, within_idle};
-pub use conn::{BoxReader, BoxWriter, RemoteDiagnostics, RoundTrips, SessionConfig};
+pub use conn::{
+    BoxReader, BoxWriter, NarHashing, NarSummary, RemoteDiagnostics, RoundTrips, SessionConfig,
+};
 pub use error::SessionError;
 pub use lead::{Lead, Opening};
-pub use serve::{NarSummary, NarsError, ServeSession, Upload};
+pub use serve::{NarsError, ServeSession, Upload};
 pub use worker::{LogFn, WorkerConfig, WorkerSession};

@@ -10,7 +10,6 @@ use bytes::BytesMut;
 use nixmux_proto::build_result::BuildResult;
 use nixmux_proto::derivation::BasicDerivation;
 use nixmux_proto::derived_path::DerivedPath;
-use nixmux_proto::hash::Hash;
 use nixmux_proto::path_info::PathInfo;
 use nixmux_proto::serve::{self, BuildOptions, ExportItem, ExportTrailer, Request};
 use nixmux_proto::store_path::{StoreDir, StorePath};
@@ -19,7 +18,10 @@ use nixmux_proto::{ProtoError, ProtocolVersion};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::activity::Patience;
-use crate::conn::{BoxReader, BoxWriter, Conn, SessionConfig, WRITE_CHUNK, read_upload_piece};
+use crate::conn::{
+    BoxReader, BoxWriter, Conn, NarHashing, NarSummary, SessionConfig, WRITE_CHUNK,
+    read_upload_piece,
+};
 use crate::error::SessionError;
 use crate::lead::{Lead, Opening};
 
@@ -29,15 +31,6 @@ pub struct Upload<'a> {
     pub info: PathInfo,
     /// The NAR bytes.
     pub nar: &'a mut (dyn AsyncRead + Unpin + Send),
-}
-
-/// A downloaded NAR's size and hash, as computed while streaming.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NarSummary {
-    /// Bytes.
-    pub nar_size: u64,
-    /// SHA-256.
-    pub nar_hash: Hash,
 }
 
 /// How a batch of pipelined NAR downloads ([`ServeSession::dump_store_paths`],
@@ -334,8 +327,7 @@ impl ServeSession {
             const DURING: &str = "serve DumpStorePath";
             self.send(&Request::DumpStorePath { path: path.clone() }, DURING)
                 .await?;
-            let (nar_size, nar_hash) = self.conn.read_nar(sink, DURING).await?;
-            Ok(NarSummary { nar_size, nar_hash })
+            self.conn.read_nar(sink, DURING, NarHashing::Hash).await
         }
         .await;
         self.conn.end(r)
@@ -343,12 +335,13 @@ impl ServeSession {
 
     /// `DumpStorePath` for each of `paths`, pipelined (see [`NAR_WINDOW`]): the NAR of
     /// `paths[i]` is streamed into `sinks[i]`, which is then shut down, and `after(i, sum)`
-    /// checks it before the next is read. Every path must be valid on the server (an
-    /// invalid one kills it).
+    /// checks it before the next is read (hashed as `hashing` says). Every path must be valid
+    /// on the server (an invalid one kills it).
     pub async fn dump_store_paths<W, E>(
         &mut self,
         paths: &[StorePath],
         sinks: &mut [W],
+        hashing: NarHashing,
         after: impl FnMut(usize, NarSummary) -> Result<(), E> + Send,
     ) -> Result<(), NarsError<E>>
     where
@@ -365,6 +358,7 @@ impl ServeSession {
             None,
             paths,
             sinks,
+            hashing,
             request,
             after,
         )
@@ -512,13 +506,16 @@ impl ServeSession {
                             });
                         }
                         let mut sink = sink_for(out.len());
-                        let (nar_size, nar_hash) = self.conn.read_nar(&mut sink, DURING).await?;
+                        let summary = self
+                            .conn
+                            .read_nar(&mut sink, DURING, NarHashing::Hash)
+                            .await?;
                         let dir = self.dir.clone();
                         let trailer = self
                             .conn
                             .read(DURING, |r| serve::read_export_trailer(r, &dir))
                             .await?;
-                        out.push((trailer, NarSummary { nar_size, nar_hash }, sink));
+                        out.push((trailer, summary, sink));
                     }
                 }
             }

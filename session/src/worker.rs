@@ -25,11 +25,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use crate::activity::Patience;
 use crate::conn::{
-    BoxReader, BoxWriter, Conn, ReadHalf, SessionConfig, WRITE_CHUNK, read_upload_piece,
+    BoxReader, BoxWriter, Conn, NarHashing, NarSummary, ReadHalf, SessionConfig, WRITE_CHUNK,
+    read_upload_piece,
 };
 use crate::error::SessionError;
 use crate::lead::{Lead, Opening};
-use crate::serve::{NAR_WINDOW, NarSummary, NarsError, Upload};
+use crate::serve::{NAR_WINDOW, NarsError, Upload};
 
 /// A log callback. It is called from inside the protocol loop, so it must return quickly.
 pub type LogFn<'a> = &'a mut (dyn FnMut(LogEvent) + Send);
@@ -876,8 +877,7 @@ impl WorkerSession {
                 let (mut rh, _) = self.conn.halves();
                 stderr_loop(&mut rh, v, DURING, t, logs).await?;
             }
-            let (nar_size, nar_hash) = self.conn.read_nar(sink, DURING).await?;
-            Ok(NarSummary { nar_size, nar_hash })
+            self.conn.read_nar(sink, DURING, NarHashing::Hash).await
         }
         .await;
         self.conn.end(r)
@@ -885,11 +885,12 @@ impl WorkerSession {
 
     /// `NarFromPath` for each of `paths`, pipelined (see `NAR_WINDOW`): the NAR of
     /// `paths[i]` is streamed into `sinks[i]`, which is then shut down, and `after(i, sum)`
-    /// checks it before the next is read.
+    /// checks it before the next is read (hashed as `hashing` says).
     pub async fn nars_from_paths<W, E>(
         &mut self,
         paths: &[StorePath],
         sinks: &mut [W],
+        hashing: NarHashing,
         after: impl FnMut(usize, NarSummary) -> Result<(), E> + Send,
     ) -> Result<(), NarsError<E>>
     where
@@ -906,6 +907,7 @@ impl WorkerSession {
             Some(self.neg.version),
             paths,
             sinks,
+            hashing,
             request,
             after,
         )
@@ -1208,12 +1210,14 @@ impl WorkerSession {
 /// `paths[i]` is streamed into `sinks[i]`, which is then shut down, and `after(i, sum)` checks
 /// it before the next is read; a refusal poisons the session (replies are still in flight).
 /// Shared by serve `DumpStorePath` and worker `NarFromPath`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn nar_batch<W, E>(
     conn: &mut Conn,
     during: &'static str,
     stderr: Option<ProtocolVersion>,
     paths: &[StorePath],
     sinks: &mut [W],
+    hashing: NarHashing,
     request: impl Fn(&StorePath, &mut BytesMut),
     mut after: impl FnMut(usize, NarSummary) -> Result<(), E> + Send,
 ) -> Result<(), NarsError<E>>
@@ -1237,11 +1241,11 @@ where
                 let (mut rh, _) = conn.halves();
                 stderr_loop(&mut rh, v, during, Patience::Transfer, &mut |_| {}).await?;
             }
-            let (nar_size, nar_hash) = conn.read_nar(sink, during).await?;
+            let summary = conn.read_nar(sink, during, hashing).await?;
             tokio::io::AsyncWriteExt::shutdown(sink)
                 .await
                 .map_err(SessionError::Sink)?;
-            if let Err(e) = after(i, NarSummary { nar_size, nar_hash }) {
+            if let Err(e) = after(i, summary) {
                 refused = Some(e);
                 return Ok(());
             }

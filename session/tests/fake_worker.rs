@@ -1140,7 +1140,7 @@ async fn every_operation_at_every_version() {
         assert_eq!(sink, f.b_item.1);
         assert_eq!(
             (sum.nar_size, sum.nar_hash),
-            (f.b_item.0.nar_size, f.b_item.0.nar_hash)
+            (f.b_item.0.nar_size, Some(f.b_item.0.nar_hash))
         );
         let e = s
             .nar_from_path(&f.absent, &mut Vec::new(), &mut log)

@@ -180,7 +180,7 @@ impl Splitter<'_> {
             let fed = parser.feed(data);
             let done = parser.is_done();
             let size = parser.nar_size();
-            let hash = done.then(|| parser.nar_hash());
+            let hash = parser.nar_hash().filter(|_| done);
             let used = fed.map_err(|e| {
                 Error::remote(
                     ErrorKind::Verification,

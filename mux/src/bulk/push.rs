@@ -145,7 +145,7 @@ async fn send_push(
                         crate::local::read_failed(&info.path, e)
                     }
                 })?;
-            if sum.nar_hash != info.nar_hash
+            if sum.nar_hash != Some(info.nar_hash)
                 || sum.nar_size != info.nar_size
                 || sink.raw - before != info.nar_size
             {
