@@ -181,27 +181,29 @@ impl LocalLease<'_> {
                 // The local store hashes every NAR before it registers the path; a NAR it
                 // finds to be something else came from the builder so.
                 let fetched_wrong = match &e {
-                    SessionError::UploadMismatch { .. } => true,
+                    SessionError::UploadMismatch { .. } => Some(e.to_string()),
                     SessionError::Remote(r) => {
                         let text = r.plain_message();
-                        text.contains("hash mismatch importing path")
-                            || text.contains("size mismatch importing path")
+                        (text.contains("hash mismatch importing path")
+                            || text.contains("size mismatch importing path"))
+                        .then(|| text.trim_end().to_owned())
                     }
-                    _ => false,
+                    _ => None,
                 };
-                let message = from_session(e).message().to_owned();
-                if fetched_wrong {
-                    Error::remote(
+                match fetched_wrong {
+                    Some(said) => Error::remote(
                         ErrorKind::Verification,
                         format!(
-                            "a fetched NAR does not match the builder's metadata (the local store says: {message})"
+                            "a fetched NAR does not match the builder's metadata; the local store says: {said}"
                         ),
-                    )
-                } else {
-                    Error::local(
+                    ),
+                    None => Error::local(
                         ErrorKind::LocalStore,
-                        format!("adding fetched paths to the local store: {message}"),
-                    )
+                        format!(
+                            "adding fetched paths to the local store: {}",
+                            from_session(e).message()
+                        ),
+                    ),
                 }
             })
     }

@@ -527,6 +527,11 @@ async fn corrupted_builder_store(protocol: Protocol) {
             nixmux::Initiator::Builder,
             "{protocol:?} {p}: {err}"
         );
+        assert!(
+            err.to_string()
+                .contains("does not match the builder's metadata"),
+            "{protocol:?} {p}: {err}"
+        );
         assert!(!is_valid(rig.client_store(), p), "{p} is not valid locally");
     }
     // The same builder still serves what is intact.

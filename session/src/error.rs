@@ -76,7 +76,7 @@ pub enum SessionError {
     /// The builder made another path of an uploaded NAR than its record said (a path sent by
     /// content, whose address the builder computes): the NAR was not what the local record
     /// claims. Every answer was read, so the session stays usable.
-    #[error("the builder found the NAR uploaded for {path} to be another path: {detail}")]
+    #[error("the receiving store made another path of the NAR uploaded for {path}: {detail}")]
     UploadMismatch {
         /// The path named in the upload.
         path: String,

@@ -1297,14 +1297,14 @@ const SOURCE_METHOD: &str = "fixed:r:sha256";
 fn source_mismatch(want: &PathInfo, got: &PathInfo, dir: &StoreDir) -> Option<String> {
     if got.path != want.path {
         Some(format!(
-            "the builder hashed it to {} (NAR hash {}), not to its recorded hash {}",
+            "it hashes to {} (NAR hash {}), not to its recorded hash {}",
             got.path.to_absolute(dir),
             got.nar_hash.to_nix32_prefixed(),
             want.nar_hash.to_nix32_prefixed()
         ))
     } else if (got.nar_hash, got.nar_size) != (want.nar_hash, want.nar_size) {
         Some(format!(
-            "the builder recorded NAR hash {} and size {}, not {} and {}",
+            "it was recorded with NAR hash {} and size {}, not {} and {}",
             got.nar_hash.to_nix32_prefixed(),
             got.nar_size,
             want.nar_hash.to_nix32_prefixed(),
