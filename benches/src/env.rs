@@ -700,19 +700,8 @@ impl Env {
         }
         let p = self.tmp.path().join(format!("large-{size}"));
         let path = p.clone();
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
-            let mut rng = Rng::seeded();
-            let mut left = size;
-            while left > 0 {
-                let n = left.min(1 << 20);
-                f.write_all(&rng.bytes(usize::try_from(n).unwrap_or(1 << 20)))?;
-                left -= n;
-            }
-            f.flush()
-        })
-        .await??;
+        tokio::task::spawn_blocking(move || write_random_file(&path, size, &mut Rng::seeded()))
+            .await??;
         let paths = self.add_to_client(vec![p.clone()]).await?;
         // The file is in the store now; the scratch copy is not needed.
         let _ = std::fs::remove_file(&p);
@@ -740,24 +729,9 @@ impl Env {
             return Ok(p.clone());
         }
         let salt = format!("{}-{}", std::process::id(), self.next_seq());
-        let file = self.tmp.path().join(format!("large-output-{salt}.nix"));
-        std::fs::write(
-            &file,
-            format!(
-                r#"derivation {{ name = "large-output-{salt}"; system = builtins.currentSystem; builder = "/bin/sh"; args = ["-c" "/usr/bin/head -c {size} /dev/urandom > $out"]; }}"#
-            ),
-        )?;
-        let mut cmd = self.nix_command(
-            "nix-build",
-            [OsString::from("--no-out-link"), OsString::from(&file)],
-        )?;
-        let out = run_output(&mut cmd, Duration::from_secs(300)).await?;
-        let sp = String::from_utf8_lossy(&out)
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(store_path)
-            .next_back()
-            .ok_or_else(|| anyhow!("nix-build printed no path"))??;
+        let sp = self
+            .build_random_output(&format!("large-output-{salt}"), size)
+            .await?;
         if let Ok(mut f) = self.fixtures.lock() {
             f.outputs.push((size, sp.clone()));
         }
@@ -775,40 +749,13 @@ impl Env {
         let salt = format!("{}-{}", std::process::id(), self.next_seq());
         let file = self.tmp.path().join(format!("fetch-source-{salt}"));
         let path = file.clone();
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
-            let mut rng = Rng::seeded();
-            let mut left = size;
-            while left > 0 {
-                let n = left.min(1 << 20);
-                f.write_all(&rng.bytes(usize::try_from(n).unwrap_or(1 << 20)))?;
-                left -= n;
-            }
-            f.flush()
-        })
-        .await??;
+        tokio::task::spawn_blocking(move || write_random_file(&path, size, &mut Rng::seeded()))
+            .await??;
         let mut paths = self.add_to_client(vec![file.clone()]).await?;
         let _ = std::fs::remove_file(&file);
-        let expr = self.tmp.path().join(format!("fetch-output-{salt}.nix"));
-        std::fs::write(
-            &expr,
-            format!(
-                r#"derivation {{ name = "fetch-output-{salt}"; system = builtins.currentSystem; builder = "/bin/sh"; args = ["-c" "/usr/bin/head -c {size} /dev/urandom > $out"]; }}"#
-            ),
-        )?;
-        let mut cmd = self.nix_command(
-            "nix-build",
-            [OsString::from("--no-out-link"), OsString::from(&expr)],
-        )?;
-        let out = run_output(&mut cmd, Duration::from_secs(300)).await?;
         paths.push(
-            String::from_utf8_lossy(&out)
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(store_path)
-                .next_back()
-                .ok_or_else(|| anyhow!("nix-build printed no path"))??,
+            self.build_random_output(&format!("fetch-output-{salt}"), size)
+                .await?,
         );
         let local = self.local().ok_or_else(|| anyhow!("no local store"))?;
         let set: BTreeSet<StorePath> = paths.iter().cloned().collect();
@@ -859,20 +806,12 @@ impl Env {
         let dir = self.tmp.path().join(format!("many-{count}-{size}"));
         let d = dir.clone();
         let files = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<PathBuf>> {
-            use std::io::Write;
             std::fs::create_dir_all(&d)?;
             let mut rng = Rng::seeded();
             let mut files = Vec::with_capacity(count);
             for i in 0..count {
                 let path = d.join(format!("part-{i}"));
-                let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
-                let mut left = size;
-                while left > 0 {
-                    let n = left.min(1 << 20);
-                    f.write_all(&rng.bytes(usize::try_from(n).unwrap_or(1 << 20)))?;
-                    left -= n;
-                }
-                f.flush()?;
+                write_random_file(&path, size, &mut rng)?;
                 files.push(path);
             }
             Ok(files)
@@ -882,6 +821,29 @@ impl Env {
         // In the store now (or failed): the scratch copies are not needed.
         let _ = std::fs::remove_dir_all(&dir);
         paths
+    }
+
+    /// Builds, in the client store, the derivation `name` whose output is `size` random
+    /// bytes (input-addressed), and returns that output.
+    async fn build_random_output(&self, name: &str, size: u64) -> anyhow::Result<StorePath> {
+        let file = self.tmp.path().join(format!("{name}.nix"));
+        std::fs::write(
+            &file,
+            format!(
+                r#"derivation {{ name = "{name}"; system = builtins.currentSystem; builder = "/bin/sh"; args = ["-c" "/usr/bin/head -c {size} /dev/urandom > $out"]; }}"#
+            ),
+        )?;
+        let mut cmd = self.nix_command(
+            "nix-build",
+            [OsString::from("--no-out-link"), OsString::from(&file)],
+        )?;
+        let out = run_output(&mut cmd, Duration::from_secs(300)).await?;
+        String::from_utf8_lossy(&out)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(store_path)
+            .next_back()
+            .ok_or_else(|| anyhow!("nix-build printed no path"))?
     }
 
     async fn add_to_client(&self, files: Vec<PathBuf>) -> anyhow::Result<Vec<StorePath>> {
@@ -966,6 +928,19 @@ impl Env {
             let _ = tokio::task::spawn_blocking(move || drop(rig)).await;
         }
     }
+}
+
+/// Writes `size` bytes of `rng`'s output to a new file at `path` (blocking).
+fn write_random_file(path: &Path, size: u64, rng: &mut Rng) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(1 << 20);
+        f.write_all(&rng.bytes(usize::try_from(n).unwrap_or(1 << 20)))?;
+        left -= n;
+    }
+    f.flush()
 }
 
 /// Runs a command to completion with a timeout (killed on expiry), returning stdout.

@@ -1449,8 +1449,7 @@ impl Side for NixmuxFetch {
     }
     fn before(&mut self) -> BoxFuture<'_, SideResultT<()>> {
         Box::pin(async move {
-            // The previous sample's local sessions go first: they hold temporary roots.
-            self.local = None;
+            // The previous sample's local store went in `after`, with its temporary roots.
             self.env.delete_from_client(&self.paths).await?;
             let local = self
                 .env

@@ -193,21 +193,42 @@ fn ssh_true(env: &EnvRef, builder: usize) -> CommandSide {
     }
 }
 
+/// `nix copy` of `paths` between the client store and builder `builder`: `--to` it
+/// (`Direction::Up`, into a builder store emptied before every sample) or `--from` it
+/// (`Direction::Down`, into a client store that loses the paths before every sample); the
+/// resets are untimed.
 fn nix_copy(
     env: &EnvRef,
     builder: usize,
     protocol: Protocol,
-    paths: &[StorePath],
+    direction: Direction,
+    paths: &BTreeSet<StorePath>,
     bytes: u64,
 ) -> CommandSide {
     let url = env.nix_url(builder, protocol);
     let mut unavailable = url.as_ref().err().map(|e| format!("{e:#}"));
+    // Pushes: the daemon enforces require-sigs for untrusted input; these paths are unsigned.
+    // Fetches: the local store requires signatures too; the build hook imports unchecked.
+    let no_check_sigs = direction == Direction::Down || protocol == Protocol::Worker;
+    let (flag, before, needs, label_tail) = match direction {
+        Direction::Up => (
+            "--to",
+            Before::ResetStore(builder),
+            "fresh builder stores",
+            "Nix's own client",
+        ),
+        Direction::Down => (
+            "--from",
+            Before::DeleteLocal(paths.clone()),
+            "a client store to empty",
+            "Nix's own client; the build hook imports outputs unchecked too",
+        ),
+    };
     if !env.embedded() {
-        unavailable = Some("needs the embedded rig (fresh builder stores)".into());
+        unavailable = Some(format!("needs the embedded rig ({needs})"));
     }
     let mut args: Vec<OsString> = vec!["copy".into()];
-    if protocol == Protocol::Worker {
-        // The daemon enforces require-sigs for untrusted input; these paths are unsigned.
+    if no_check_sigs {
         args.push("--no-check-sigs".into());
     }
     let e2 = env.clone();
@@ -218,8 +239,8 @@ fn nix_copy(
     CommandSide {
         id: format!("nix-copy-{}", protocol.scheme()),
         label: format!(
-            "nix copy{} --to {}://builder (Nix's own client)",
-            if protocol == Protocol::Worker {
+            "nix copy{} {flag} {}://builder ({label_tail})",
+            if no_check_sigs {
                 " --no-check-sigs"
             } else {
                 ""
@@ -231,57 +252,12 @@ fn nix_copy(
         make: Box::new(move || {
             let url = url.as_ref().map_err(|e| anyhow!("{e:#}"))?;
             let mut a = args.clone();
-            a.push("--to".into());
+            a.push(flag.into());
             a.push(url.into());
             a.extend(paths.iter().cloned());
             Ok(vec![e2.nix_command("nix", a)?])
         }),
-        before: Before::ResetStore(builder),
-        env: env.clone(),
-        timeout: Duration::from_secs(900),
-        bytes,
-    }
-}
-
-/// `nix copy --from` of `paths` from builder `builder` into the client store, which lacks
-/// them before every sample (untimed).
-fn nix_copy_from(
-    env: &EnvRef,
-    builder: usize,
-    protocol: Protocol,
-    paths: &BTreeSet<StorePath>,
-    bytes: u64,
-) -> CommandSide {
-    let url = env.nix_url(builder, protocol);
-    let mut unavailable = url.as_ref().err().map(|e| format!("{e:#}"));
-    if !env.embedded() {
-        unavailable = Some("needs the embedded rig (a client store to empty)".into());
-    }
-    let e2 = env.clone();
-    let args: Vec<OsString> = paths
-        .iter()
-        .map(|p| OsString::from(p.to_absolute(&StoreDir::default())))
-        .collect();
-    CommandSide {
-        id: format!("nix-copy-{}", protocol.scheme()),
-        label: format!(
-            "nix copy --no-check-sigs --from {}://builder (Nix's own client; the build hook imports outputs unchecked too)",
-            protocol.scheme()
-        ),
-        role: Role::Baseline,
-        unavailable,
-        make: Box::new(move || {
-            let url = url.as_ref().map_err(|e| anyhow!("{e:#}"))?;
-            let mut a: Vec<OsString> = vec![
-                "copy".into(),
-                "--no-check-sigs".into(),
-                "--from".into(),
-                url.into(),
-            ];
-            a.extend(args.iter().cloned());
-            Ok(vec![e2.nix_command("nix", a)?])
-        }),
-        before: Before::DeleteLocal(paths.clone()),
+        before,
         env: env.clone(),
         timeout: Duration::from_secs(900),
         bytes,
@@ -526,7 +502,7 @@ async fn spec(
                 false,
             )));
             for p in [Protocol::Serve, Protocol::Worker] {
-                sides.push(Box::new(nix_copy(env, 0, p, &paths, 0)));
+                sides.push(Box::new(nix_copy(env, 0, p, Direction::Up, &roots, 0)));
             }
             Spec {
                 title: "Closure push: 200 small paths (~1.7 MB) to an empty builder store".into(),
@@ -608,7 +584,7 @@ async fn spec(
             // Two NARs, each a little larger than its file.
             let nar = 2 * (size + 200);
             for p in [Protocol::Serve, Protocol::Worker] {
-                sides.push(Box::new(nix_copy_from(env, 0, p, &paths, nar)));
+                sides.push(Box::new(nix_copy(env, 0, p, Direction::Down, &paths, nar)));
             }
             sides.push(Box::new(NixmuxStream::new(
                 env.clone(),
@@ -657,7 +633,6 @@ async fn spec(
                 None
             };
             let roots: BTreeSet<StorePath> = path.iter().cloned().collect();
-            let paths: Vec<StorePath> = path.iter().cloned().collect();
             let reps = if big {
                 plan.reps((0, 1), (0, 1), (0, 1))
             } else {
@@ -699,7 +674,7 @@ async fn spec(
             let nar = size + 200;
             if !big {
                 for p in [Protocol::Serve, Protocol::Worker] {
-                    sides.push(Box::new(nix_copy(env, 0, p, &paths, nar)));
+                    sides.push(Box::new(nix_copy(env, 0, p, Direction::Up, &roots, nar)));
                 }
             }
             sides.push(Box::new(NixmuxStream::new(

@@ -5,28 +5,36 @@ use std::process::Command;
 
 use nixmux_benches::report::{Outcome, Report};
 
-#[test]
-fn quick_bench_writes_table_json_and_charts() {
+/// Runs a quick `nixmux bench` of `workloads` against one rig builder it starts itself,
+/// `repeat` samples per side, its JSON report in `dir`; asserts it exits 0. Returns stdout,
+/// stderr and the report.
+fn quick_bench(dir: &std::path::Path, workloads: &str, repeat: &str) -> (String, String, Report) {
     nixmux_rig::ensure_peers_installed().expect("peers");
-    let dir = tempfile::tempdir().expect("tmp");
-    let json = dir.path().join("bench.json");
+    let json = dir.join("bench.json");
     let out = Command::new(env!("CARGO_BIN_EXE_nixmux"))
         .env("NIXMUX_NO_STATE", "1")
-        .args(["bench", "--quick", "--builders", "1", "--repeat", "1"])
-        .args(["--workload", "cold-session,warm-op", "--json"])
+        .args(["bench", "--quick", "--builders", "1", "--repeat", repeat])
+        .args(["--workload", workloads, "--json"])
         .arg(&json)
         .env_remove("SSH_AUTH_SOCK")
         .output()
         .expect("run nixmux");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let report = Report::from_json(&std::fs::read_to_string(&json).expect("json")).expect("schema");
+    (stdout, stderr, report)
+}
+
+#[test]
+fn quick_bench_writes_table_json_and_charts() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (stdout, stderr, report) = quick_bench(dir.path(), "cold-session,warm-op", "1");
     assert!(
         stdout.contains("== cold-session") && stdout.contains("== warm-op"),
         "{stdout}"
     );
     assert!(stdout.contains("(ref)") && stdout.contains("×"), "{stdout}");
-    let report = Report::from_json(&std::fs::read_to_string(&json).expect("json")).expect("schema");
     assert_eq!(report.workloads.len(), 2);
     let warm = report.workload("warm-op").expect("warm-op");
     let s = warm.cases[0].side("nixmux-ssh-ng").expect("nixmux side");
@@ -43,21 +51,8 @@ fn quick_bench_writes_table_json_and_charts() {
 /// emptied of the fetched paths before each one (untimed).
 #[test]
 fn quick_fetch_bench_measures_every_side() {
-    nixmux_rig::ensure_peers_installed().expect("peers");
     let dir = tempfile::tempdir().expect("tmp");
-    let json = dir.path().join("bench.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_nixmux"))
-        .env("NIXMUX_NO_STATE", "1")
-        .args(["bench", "--quick", "--builders", "1", "--repeat", "2"])
-        .args(["--workload", "fetch-large", "--json"])
-        .arg(&json)
-        .env_remove("SSH_AUTH_SOCK")
-        .output()
-        .expect("run nixmux");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
-    let report = Report::from_json(&std::fs::read_to_string(&json).expect("json")).expect("schema");
+    let (stdout, _, report) = quick_bench(dir.path(), "fetch-large", "2");
     let fetch = report.workload("fetch-large").expect("fetch-large");
     for id in [
         "nixmux-ssh-ng",

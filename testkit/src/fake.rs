@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::BytesMut;
 use nixmux_proto::build_result::{BuildResult, BuildStatus, OutputsEncoding};
-use nixmux_proto::nar::NarParser;
+use nixmux_proto::nar::{NarInfo, NarParser, parse_nar};
 use nixmux_proto::path_info::PathInfo;
 use nixmux_proto::serve::{self, ExportItem, ExportTrailer};
 use nixmux_proto::store_path::{StoreDir, StorePath, make_source_path, put_store_path_set};
@@ -267,12 +267,7 @@ impl FakeStore {
                 "the fake adds only plain NARs by content, not {method}"
             ));
         }
-        let mut p = NarParser::new(Limits::DEFAULT);
-        let used = p.feed(&nar).map_err(|e| e.to_string())?;
-        if !p.is_done() || used != nar.len() {
-            return Err("NAR is incomplete or has trailing bytes".into());
-        }
-        let hash = p.nar_hash().ok_or("the parser was made to hash")?;
+        let NarInfo { size, hash } = whole_nar(&nar)?;
         let path = make_source_path(&dir(), &hash, name).map_err(|e| e.to_string())?;
         let info = PathInfo {
             path,
@@ -280,7 +275,7 @@ impl FakeStore {
             nar_hash: hash,
             references: BTreeSet::new(),
             registration_time: 0,
-            nar_size: p.nar_size(),
+            nar_size: size,
             ultimate: false,
             sigs: BTreeSet::new(),
             ca: Some(format!("fixed:r:{}", hash.to_nix32_prefixed())),
@@ -290,18 +285,14 @@ impl FakeStore {
 
     /// Checks a received NAR against its metadata and adds the path.
     fn import(&mut self, info: PathInfo, nar: Vec<u8>) -> Result<(), String> {
-        let mut p = NarParser::new(Limits::DEFAULT);
-        let used = p.feed(&nar).map_err(|e| e.to_string())?;
-        if !p.is_done() || used != nar.len() {
-            return Err("NAR is incomplete or has trailing bytes".into());
-        }
-        if p.nar_size() != info.nar_size {
+        let NarInfo { size, hash } = whole_nar(&nar)?;
+        if size != info.nar_size {
             return Err(format!(
                 "size mismatch importing path '{}'",
                 info.path.to_absolute(&dir())
             ));
         }
-        if p.nar_hash() != Some(info.nar_hash) {
+        if hash != info.nar_hash {
             return Err(format!(
                 "hash mismatch importing path '{}'",
                 info.path.to_absolute(&dir())
@@ -309,6 +300,14 @@ impl FakeStore {
         }
         self.add(info, nar);
         Ok(())
+    }
+}
+
+/// The size and hash of `nar`, which must be exactly one whole archive.
+fn whole_nar(nar: &[u8]) -> Result<NarInfo, String> {
+    match parse_nar(nar, Limits::DEFAULT).map_err(|e| e.to_string())? {
+        Some(info) if info.size == nar.len() as u64 => Ok(info),
+        _ => Err("NAR is incomplete or has trailing bytes".into()),
     }
 }
 
